@@ -1,0 +1,265 @@
+"""GPT-2 in Flax linen, with GPT-2's parameter names and an explicit KV cache.
+
+Parameter tree (names follow OpenAI/Hugging Face GPT-2, so loading weights is a rename):
+
+    wte/embedding [vocab, d]      wpe/embedding [context, d]
+    h_{i}/ln_1/{scale,bias}       h_{i}/attn/c_attn/{kernel [d, 3d], bias}
+    h_{i}/attn/c_proj/{kernel [d, d], bias}
+    h_{i}/ln_2/{scale,bias}       h_{i}/mlp/c_fc/{kernel [d, 4d], bias}
+    h_{i}/mlp/c_proj/{kernel [4d, d], bias}
+    ln_f/{scale,bias}             lm_head/kernel [d, vocab]   (only when not tied)
+
+Dense kernels are `[in, out]`, the same layout as GPT-2's Conv1D weights.
+
+The KV cache is a plain pytree passed in and returned (`init_cache`), not a mutable
+collection, so decoding is an ordinary pure function that `jit`, `lax.scan` and
+`lax.while_loop` can carry.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxgpt.config import ModelConfig
+
+Array = jax.Array
+Cache = dict[str, Any]
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(config: ModelConfig):
+    return _DTYPES[config.dtype]
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int | None = None) -> Cache:
+    """An empty KV cache for `batch_size` rows and `max_len` slots (default: the context).
+
+    `layers[i]["k"|"v"]`: `[batch, max_len, n_head, head_dim]` in the compute dtype;
+    `valid`: `[batch, max_len]` bool, True where a slot holds a real (non-padding) token;
+    `index`: int32 scalar, the next slot to write (shared by all rows: prompts are
+    left-padded so they end together).
+    """
+    max_len = max_len or config.context_length
+    shape = (batch_size, max_len, config.n_head, config.head_dim)
+    dtype = compute_dtype(config)
+    layers = tuple(
+        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)
+    )
+    return {
+        "layers": layers,
+        "valid": jnp.zeros((batch_size, max_len), bool),
+        "index": jnp.zeros((), jnp.int32),
+    }
+
+
+def reference_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
+    """Plain softmax attention, the numerical reference for the fused kernels.
+
+    q: `[batch, q_len, heads, head_dim]`, k/v: `[batch, kv_len, heads, head_dim]`,
+    mask: `[batch, 1, q_len, kv_len]` bool (True = may attend). Scores and softmax run in
+    float32 whatever the input dtype. Returns `[batch, q_len, heads, head_dim]`.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1)
+    if dropout_rate > 0.0 and dropout_rng is not None:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+
+
+def fused_attention(q, k, v, mask, *, implementation: str | None, is_causal: bool):
+    """`jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on NVIDIA GPUs).
+
+    With `is_causal` the mask is implied and not materialised, which the cuDNN kernel needs.
+    """
+    impl = None if implementation == "xla" else implementation
+    if is_causal:
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def _dense(features: int, name: str, *, config: ModelConfig, use_bias=True, std=0.02):
+    return nn.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=compute_dtype(config),
+        param_dtype=jnp.float32,
+        kernel_init=nn.initializers.normal(std),
+        name=name,
+    )
+
+
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention with a fused qkv projection (`c_attn`)."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, is_causal, cache_layer=None, cache_index=None):
+        """x: `[batch, seq, n_embd]`; mask: `[batch, 1, seq, kv_len]` bool.
+
+        With a cache layer, this call's keys and values are written at `cache_index` and the
+        query attends over the whole cache (`kv_len = max_len`).
+        """
+        cfg = self.config
+        b, t, _ = x.shape
+        qkv = _dense(3 * cfg.n_embd, "c_attn", config=cfg, use_bias=cfg.qkv_bias)(x)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in (q, k, v))  # [b, t, h, hd]
+        new_cache = None
+        if cache_layer is not None:
+            k = jax.lax.dynamic_update_slice(cache_layer["k"], k.astype(cache_layer["k"].dtype), (0, cache_index, 0, 0))
+            v = jax.lax.dynamic_update_slice(cache_layer["v"], v.astype(cache_layer["v"].dtype), (0, cache_index, 0, 0))
+            new_cache = {"k": k, "v": v}
+        attn_dropout = 0.0 if self.deterministic else cfg.dropout
+        if cfg.attention == "reference" or attn_dropout > 0.0:
+            # The fused kernels have no dropout on attention weights; training with dropout
+            # takes the reference path so the regulariser is not silently dropped.
+            rng = self.make_rng("dropout") if attn_dropout > 0.0 else None
+            y = reference_attention(q, k, v, mask, dropout_rate=attn_dropout, dropout_rng=rng)
+        else:
+            y = fused_attention(q, k, v, mask, implementation=cfg.attention, is_causal=is_causal)
+        y = y.reshape(b, t, cfg.n_embd)
+        y = _dense(cfg.n_embd, "c_proj", config=cfg, std=0.02 / math.sqrt(2 * cfg.n_layer))(y)
+        return y, new_cache
+
+
+class MLP(nn.Module):
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        h = _dense(4 * cfg.n_embd, "c_fc", config=cfg)(x)
+        h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
+        return _dense(cfg.n_embd, "c_proj", config=cfg, std=0.02 / math.sqrt(2 * cfg.n_layer))(h)
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
+
+    config: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, is_causal, cache_layer=None, cache_index=None):
+        cfg = self.config
+        ln = lambda name: nn.LayerNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), name=name)
+        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
+        y, new_cache = CausalSelfAttention(cfg, self.deterministic, name="attn")(
+            ln("ln_1")(x), mask, is_causal, cache_layer, cache_index
+        )
+        x = x + drop(y)
+        x = x + drop(MLP(cfg, name="mlp")(ln("ln_2")(x)))
+        return x, new_cache
+
+
+class GPT(nn.Module):
+    """GPT-2 language model.
+
+    `apply(params, tokens)` -> logits `[batch, seq, vocab]` (float32).
+    `apply(params, tokens, cache=cache)` -> `(logits, new_cache)` for incremental decoding.
+    `return_hidden=True` returns the final-LayerNorm hidden states `[batch, seq, n_embd]`
+    instead of logits, for heads other than the LM head.
+
+    tokens: `[batch, seq]` int. positions: `[batch, seq]` (default: 0.. or, with a cache,
+    counted on from the cache index). attention_mask: `[batch, seq]` bool, False on padding
+    tokens, which no query may attend to.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens,
+        *,
+        positions=None,
+        attention_mask=None,
+        cache: Cache | None = None,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+    ):
+        cfg = self.config
+        b, t = tokens.shape
+        dtype = compute_dtype(cfg)
+        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
+                       embedding_init=nn.initializers.normal(0.02), name="wte")
+        wpe = nn.Embed(cfg.context_length, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
+                       embedding_init=nn.initializers.normal(0.01), name="wpe")
+
+        # The fused kernels take the cheaper implicit causal mask when nothing else masks.
+        is_causal = cache is None and attention_mask is None
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        attention_mask = attention_mask.astype(bool)
+        if cache is None:
+            start = 0
+            q_slots = jnp.arange(t)
+            key_valid = attention_mask  # [b, t]
+            k_slots = q_slots
+        else:
+            start = cache["index"]
+            max_len = cache["valid"].shape[1]
+            q_slots = start + jnp.arange(t)
+            key_valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, start))
+            k_slots = jnp.arange(max_len)
+        if positions is None:
+            positions = jnp.broadcast_to(q_slots[None, :], (b, t))
+        causal = k_slots[None, :] <= q_slots[:, None]  # [q, kv]
+        mask = causal[None, None, :, :] & key_valid[:, None, None, :]  # [b, 1, q, kv]
+
+        x = wte(tokens) + wpe(positions)
+        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
+
+        block_cls = Block
+        if cfg.remat:
+            policy = getattr(jax.checkpoint_policies, cfg.remat_policy)
+            block_cls = nn.remat(Block, policy=policy, static_argnums=(3,))
+        new_layers = []
+        for i in range(cfg.n_layer):
+            layer_cache = None if cache is None else cache["layers"][i]
+            x, new_layer = block_cls(cfg, deterministic, name=f"h_{i}")(
+                x, mask, is_causal, layer_cache, start if cache is not None else None
+            )
+            new_layers.append(new_layer)
+        x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="ln_f")(x)
+
+        if return_hidden:
+            out = x
+        elif cfg.tie_embeddings:
+            out = wte.attend(x)
+        else:
+            out = _dense(cfg.vocab_size, "lm_head", config=cfg, use_bias=False)(x)
+        out = out.astype(jnp.float32)
+        if cache is None:
+            return out
+        new_cache = {"layers": tuple(new_layers), "valid": key_valid, "index": start + t}
+        return out, new_cache
+
+
+def init_params(config: ModelConfig, key: Array, seq_len: int = 8):
+    """Float32 params for `config` (a plain dict pytree, no `{"params": ...}` wrapper)."""
+    model = GPT(config)
+    tokens = jnp.zeros((1, min(seq_len, config.context_length)), jnp.int32)
+    return model.init({"params": key}, tokens)["params"]
+
+
+def param_shapes(config: ModelConfig):
+    """Parameter shapes without allocating (for presets and weight-loading checks)."""
+    model = GPT(config)
+    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    shapes = jax.eval_shape(lambda t: model.init({"params": jax.random.key(0)}, t), tokens)
+    return shapes["params"]
+
+
+def count_params(params) -> int:
+    return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
