@@ -1,0 +1,97 @@
+"""Orbax checkpoints of a run directory: `RUN/checkpoints/<step>/{state,meta}`.
+
+`state` holds params, optimiser state and step (host numpy, unreplicated: Orbax cannot
+save pmap's per-device arrays); `meta` is JSON with the data position and the PRNG key data
+(typed keys do not round-trip through Orbax, so the raw `key_data` is stored). Orbax
+writes each step into a temporary directory and renames it only when complete, so a save
+interrupted mid-write is never listed as the latest step.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from jaxgpt.config import Config, load_config, read_yaml
+from jaxgpt.errors import UserError
+
+CHECKPOINT_DIR = "checkpoints"
+CONFIG_FILE = "config.yaml"
+
+
+def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+    return ocp.CheckpointManager(
+        Path(run_dir).absolute() / CHECKPOINT_DIR, options=options, item_names=("state", "meta")
+    )
+
+
+def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
+    """Save host-side `state` (a pytree of arrays) and JSON-able `meta` at `step`, and wait."""
+    manager.save(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+        force=True,
+    )
+    manager.wait_until_finished()
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    path = Path(run_dir) / CHECKPOINT_DIR
+    if not path.is_dir():
+        return None
+    return checkpoint_manager(run_dir, read_only=True).latest_step()
+
+
+def restore(run_dir: str | Path, target: Any, step: int | None = None) -> tuple[Any, dict]:
+    """Restore `(state, meta)`; `target` is an abstract pytree (from `jax.eval_shape`)
+    giving the structure, shapes and dtypes to restore into."""
+    step = latest_step(run_dir) if step is None else step
+    if step is None:
+        raise UserError(f"{run_dir} has no checkpoint to resume from (looked in {Path(run_dir) / CHECKPOINT_DIR})")
+    manager = checkpoint_manager(run_dir, read_only=True)
+    abstract = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target
+    )
+    try:
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+        )
+    except (ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"checkpoint {step} in {run_dir} does not match this model/optimiser: {first}") from None
+    return restored["state"], restored["meta"]
+
+
+def read_run_config(run_dir: str | Path, overrides=()) -> Config:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a jaxgpt run directory (no {CONFIG_FILE})")
+    return load_config(path, overrides)
+
+
+def load_params(run_dir: str | Path, config_cls=Config) -> tuple[Any, Any]:
+    """`(config, params)` from the latest checkpoint of a run, for inference or as `--init`.
+
+    Sections of the run's config.yaml that `config_cls` lacks (a fine-tuning task's own
+    settings) are skipped, so any run can be loaded as a `Config` whose `.model` is exact.
+    """
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a jaxgpt run directory (no {CONFIG_FILE})")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    sections = {k: v for k, v in read_yaml(path).items() if k in known}
+    cfg = load_config(None, cls=config_cls, base=sections)
+    step = latest_step(run_dir)
+    if step is None:
+        raise UserError(f"{run_dir} has no checkpoint (looked in {run_dir / CHECKPOINT_DIR})")
+    manager = checkpoint_manager(run_dir, read_only=True)
+    # No target: Orbax restores the saved tree as it was written (host arrays).
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return cfg, state["params"]

@@ -1,0 +1,124 @@
+"""`python -m jaxgpt.generate`: continue prompts with a trained or pretrained model.
+
+    python -m jaxgpt.generate --init runs/my-run --prompt "Every effort moves you"
+    python -m jaxgpt.generate --init runs/my-run --prompt-file prompts.txt \\
+        --max-new-tokens 100 --temperature 0.8 --top-k 50 --seed 1
+
+Each prompt's continuation is printed as prompt + generated text, prompts separated by a
+blank line. All prompts run as one left-padded batch through `jaxgpt.sampling.generate`.
+Bad input (a missing run directory, out-of-range values, a prompt too long for the context)
+is one line on stderr and exit code 2.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from jaxgpt.cli import exit_on_user_error, main_entry
+from jaxgpt.config import ModelConfig
+from jaxgpt.errors import UserError
+
+
+def load_init(spec: str) -> tuple[ModelConfig, Any]:
+    """`--init` -> (ModelConfig, params): the one place that turns a spec into weights.
+
+    Uses `jaxgpt.weights.resolve_init` (run directories, Hugging Face directories, preset
+    names like "gpt2") when that module exists, otherwise `jaxgpt.checkpoint.load_params`
+    (the latest checkpoint of a training run directory).
+    """
+    if importlib.util.find_spec("jaxgpt.weights") is not None:
+        from jaxgpt.weights import resolve_init
+
+        cfg, params = resolve_init(spec)
+    else:
+        if not Path(spec).is_dir():
+            raise UserError(f"--init {spec}: no such run directory")
+        from jaxgpt.checkpoint import load_params
+
+        cfg, params = load_params(spec)
+    return (cfg.model if hasattr(cfg, "model") else cfg), params
+
+
+def get_tokenizer():
+    """The GPT-2 BPE (`jaxgpt.tokenizer`); a function so tests can swap it."""
+    from jaxgpt.tokenizer import get_encoding
+
+    return get_encoding()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; other commands (instruction prompts, ...) extend it."""
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxgpt.generate",
+        description="Generate text continuations from a GPT-2 model (KV-cached, batched, jitted).",
+    )
+    parser.add_argument("--init", required=True, metavar="SPEC",
+                        help="weights to load: a training run directory (its latest checkpoint), "
+                             "or a Hugging Face GPT-2 directory / preset name such as gpt2")
+    src = parser.add_argument_group("prompts (at least one; all run as one batch)")
+    src.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                     help="a prompt to continue (repeatable)")
+    src.add_argument("--prompt-file", metavar="FILE",
+                     help="a UTF-8 text file with one prompt per line (blank lines skipped)")
+    smp = parser.add_argument_group("sampling")
+    smp.add_argument("--max-new-tokens", type=int, default=50, metavar="N",
+                     help="tokens to generate per prompt (default: 50)")
+    smp.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                     help="0 = greedy (default); e.g. 0.8 for varied text")
+    smp.add_argument("--top-k", type=int, default=None, metavar="K",
+                     help="sample only from the K most likely tokens")
+    smp.add_argument("--top-p", type=float, default=None, metavar="P",
+                     help="nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1]")
+    smp.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
+    smp.add_argument("--ignore-eos", action="store_true",
+                     help="keep generating past <|endoftext|> instead of stopping there")
+    return parser
+
+
+def read_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts named by `--prompt` and `--prompt-file`, in that order."""
+    prompts = list(args.prompt)
+    if args.prompt_file:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise UserError(f"--prompt-file {path}: no such file")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UserError(f"--prompt-file {path} is not UTF-8 text") from None
+        prompts += [line for line in lines if line.strip()]
+    if not prompts:
+        raise UserError("no prompt given; use --prompt TEXT or --prompt-file FILE")
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise UserError(f"prompt {empty[0] + 1} is empty")
+    return prompts
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from jaxgpt.sampling import check_sampling_args, generate
+
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    prompts = read_prompts(args)
+    config, params = load_init(args.init)
+    texts = generate(
+        params, config, prompts,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, stop_at_eos=not args.ignore_eos,
+        tokenizer=get_tokenizer(),
+    )
+    for i, (prompt, text) in enumerate(zip(prompts, texts)):
+        if i:
+            print()
+        print(prompt + text)
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    main_entry(main)

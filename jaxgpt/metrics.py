@@ -1,0 +1,135 @@
+"""Run outputs: JSONL metrics, the summary JSON, loss plots, FLOP counts and MFU."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import jax
+
+from jaxgpt.config import ModelConfig
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to `metrics.jsonl` (flushed, so a crash keeps them).
+
+    `enabled=False` (every process but 0 in a multi-host run) makes it a no-op.
+    """
+
+    def __init__(self, path: str | Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        self.records: list[dict] = []
+
+    def write(self, record: Mapping) -> None:
+        record = {k: _plain(v) for k, v in record.items()}
+        self.records.append(record)
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _plain(v):
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None if math.isnan(v) else v
+    return v
+
+
+def write_json(path: str | Path, data: Mapping) -> None:
+    """Write atomically (temp file + rename) so a reader never sees half a summary."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps({k: _plain(v) for k, v in data.items()}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def plot_curves(
+    path: str | Path,
+    records: Iterable[Mapping],
+    x: str,
+    ys: Iterable[str],
+    ylabel: str,
+    xlabel: str | None = None,
+) -> None:
+    """Line plot of `ys` against `x` from metrics records (missing values skipped)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = list(records)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for y in ys:
+        pts = [(r[x], r[y]) for r in records if r.get(y) is not None and r.get(x) is not None]
+        if pts:
+            ax.plot(*zip(*pts), label=y, marker="o" if len(pts) < 30 else None, markersize=3)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = Path(path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
+    """Model FLOPs per token: 6N (forward + backward matmuls; 2N for inference) plus attention
+    scores and values, 12 * n_layer * n_embd * seq (6 * ... for inference); PaLM appendix B.
+
+    N counts the non-embedding matmul weights plus the LM head (the embedding lookups do
+    no FLOPs, but the head is a real `[n_embd, vocab]` matmul, tied or not).
+    """
+    t = seq_len or cfg.context_length
+    d, layers = cfg.n_embd, cfg.n_layer
+    n_matmul = layers * 12 * d * d + d * cfg.vocab_size
+    mult = 6 if training else 2
+    return mult * n_matmul + (mult * 2) * layers * d * t
+
+
+# Dense peak FLOP/s per device by `device_kind` substring: bf16 for accelerators (what MFU is
+# quoted against); CPU has no published figure, so it is taken as cores x 2.5 GHz x 32 fp32
+# FLOP/cycle (AVX2 FMA x 2 ports) unless JAXGPT_PEAK_FLOPS says otherwise.
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,
+    "A100": 312e12,
+    "L4": 121e12,
+    "A10": 125e12,
+    "TPU v6": 918e12,
+    "TPU v5p": 459e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5e": 197e12,
+    "TPU v4": 275e12,
+}
+
+
+def peak_flops_per_device() -> float:
+    if os.environ.get("JAXGPT_PEAK_FLOPS"):
+        return float(os.environ["JAXGPT_PEAK_FLOPS"])
+    device = jax.devices()[0]
+    kind = getattr(device, "device_kind", "")
+    for name, peak in PEAK_FLOPS.items():
+        if name.lower() in kind.lower():
+            return peak
+    if device.platform == "cpu":
+        return (os.cpu_count() or 1) * 2.5e9 * 32 / max(jax.local_device_count(), 1)
+    return float("nan")
+
+
+def mfu(tokens_per_sec: float, cfg: ModelConfig, seq_len: int, num_devices: int) -> float:
+    """Model FLOPs utilisation: achieved model FLOP/s over the devices' summed peak."""
+    peak = peak_flops_per_device() * num_devices
+    return tokens_per_sec * flops_per_token(cfg, seq_len) / peak

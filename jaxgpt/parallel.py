@@ -1,0 +1,121 @@
+"""Data parallelism: the only module that calls `jax.pmap`.
+
+A global batch of `B` rows becomes `[devices, accum_steps, B / (devices * accum_steps), ...]`;
+state is replicated on every local device; gradients are summed across devices inside the
+step (`lax.psum` over `AXIS`). With one device the same step function is simply jitted and
+the leading device axis is left out, so CPU, GPU and TPU run identical step code.
+
+`jax.pmap` is in maintenance mode in JAX 0.10 (it is built on jit + shard_map); keeping
+every use here means a later move to `jit` + `Mesh` sharding touches this file alone.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import flax.jax_utils
+import jax
+import numpy as np
+
+from jaxgpt.errors import UserError
+
+AXIS = "batch"
+
+
+def resolve_num_devices(requested: int) -> int:
+    """`train.num_devices`: 0 = every local device; more than exist is an error."""
+    available = jax.local_device_count()
+    if requested == 0:
+        return available
+    if requested > available:
+        raise UserError(
+            f"train.num_devices={requested} but only {available} local device(s) exist; "
+            "use 0 for all of them"
+        )
+    return requested
+
+
+@dataclass(frozen=True)
+class DataParallel:
+    """How one process lays out state and batches over its local devices."""
+
+    num_devices: int
+
+    @property
+    def devices(self):
+        return jax.local_devices()[: self.num_devices]
+
+    # -- state -------------------------------------------------------------------------
+    def replicate(self, tree: Any) -> Any:
+        """A fresh on-device copy: steps donate the state, which must not delete the caller's
+        arrays (a DPO reference model may be the very params training starts from)."""
+        if self.num_devices == 1:
+            return jax.device_put(tree, self.devices[0], may_alias=False)
+        return flax.jax_utils.replicate(tree, devices=self.devices)
+
+    def unreplicate(self, tree: Any) -> Any:
+        """Device 0's copy, fetched to host numpy (what checkpoints and exports take)."""
+        if self.num_devices == 1:
+            return jax.device_get(tree)
+        return jax.device_get(jax.tree_util.tree_map(lambda x: x[0], tree))
+
+    # -- batches -----------------------------------------------------------------------
+    def check_batch_size(self, batch_size: int, accum_steps: int = 1) -> None:
+        per = self.num_devices * accum_steps
+        if batch_size % per:
+            raise UserError(
+                f"train.batch_size={batch_size} must be divisible by devices x grad_accum_steps "
+                f"= {self.num_devices} x {accum_steps}; change train.batch_size or train.num_devices"
+            )
+
+    def shard_train(self, batch: dict, accum_steps: int) -> dict:
+        """`[B, ...]` -> `[devices, accum, B/(devices*accum), ...]` (no device axis with one)."""
+        self.check_batch_size(len(next(iter(batch.values()))), accum_steps)
+
+        def reshape(x):
+            x = np.asarray(x)
+            shape = (accum_steps, -1) + x.shape[1:]
+            if self.num_devices > 1:
+                shape = (self.num_devices,) + shape
+            return x.reshape(shape)
+
+        return {k: reshape(v) for k, v in batch.items()}
+
+    def shard_eval(self, batch: dict) -> dict:
+        """`[B, ...]` -> `[devices, B/devices, ...]` (unchanged with one device)."""
+        if self.num_devices == 1:
+            return batch
+        return {k: np.asarray(v).reshape((self.num_devices, -1) + np.shape(v)[1:]) for k, v in batch.items()}
+
+    def first(self, tree: Any) -> Any:
+        """Metrics that are identical on every device (psum'd): take device 0's."""
+        if self.num_devices == 1:
+            return tree
+        return jax.tree_util.tree_map(lambda x: x[0], tree)
+
+    # -- compiled steps ----------------------------------------------------------------
+    def compile_train_step(self, step_fn: Callable, **static) -> Callable:
+        """`step_fn(state, batch, key, *, axis_name, **static)` -> jitted or pmapped callable.
+
+        The state argument is donated: its buffers are reused for the new state.
+        """
+        if self.num_devices == 1:
+            return jax.jit(functools.partial(step_fn, axis_name=None, **static), donate_argnums=0)
+        return jax.pmap(
+            functools.partial(step_fn, axis_name=AXIS, **static),
+            axis_name=AXIS,
+            in_axes=(0, 0, None),
+            donate_argnums=0,
+            devices=self.devices,
+        )
+
+    def compile_eval_step(self, eval_fn: Callable, **static) -> Callable:
+        """`eval_fn(params, batch, *, axis_name, **static)` -> jitted or pmapped callable."""
+        if self.num_devices == 1:
+            return jax.jit(functools.partial(eval_fn, axis_name=None, **static))
+        return jax.pmap(
+            functools.partial(eval_fn, axis_name=AXIS, **static),
+            axis_name=AXIS,
+            devices=self.devices,
+        )

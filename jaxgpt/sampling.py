@@ -1,0 +1,398 @@
+"""Text generation: logit filtering, a jitted KV-cache decode loop, and a string-level API.
+
+Three layers, each usable on its own from research code:
+
+* `sample_logits(logits [batch, vocab], key, ...)` -> tokens `[batch]`: greedy (temperature
+  0), temperature, top-k and top-p (nucleus) sampling with static shapes, so it can sit
+  inside `jit`, `lax.scan` or `lax.while_loop`.
+* `generate_tokens(params, config, prompt_tokens, prompt_mask, key, ...)` -> a dict of
+  `tokens`, `mask`, `logprobs`, `lengths` (`[batch, max_new_tokens]` / `[batch]`). One
+  jitted function: it prefills a fixed-size KV cache (`P + max_new_tokens` slots) with the
+  whole left-padded prompt in one model call, then decodes one token per
+  `lax.while_loop` step through the cache. The loop exits early once every row has emitted
+  `eos_id`. This is also the rollout engine for RL fine-tuning: completion masks and the
+  sampled tokens' log-probs come out of the same call.
+* `generate(params, config, prompts, ...)` -> `list[str]`: tokenize, left-pad (prompt length
+  rounded up to a bucket so different lengths reuse compilations), generate, decode.
+
+Prompts are LEFT-padded so that every row's last prompt token sits in the same cache slot
+and all rows share one cache write index; positions are `cumsum(mask) - 1`, so the padding
+does not shift a row's positions and a padded row decodes exactly like the same prompt alone.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxgpt.config import ModelConfig
+from jaxgpt.errors import UserError
+from jaxgpt.model import GPT, compute_dtype, init_cache
+
+Array = jax.Array
+
+PROMPT_BUCKET = 16  # prompt lengths are rounded up to a multiple of this (see `pad_prompts`)
+
+# Incremented each time the decode loop is traced (i.e. compiled); tests read it.
+_TRACE_COUNT = 0
+
+
+def trace_count() -> int:
+    """How many times the jitted generation function has been traced so far."""
+    return _TRACE_COUNT
+
+
+# ---------------------------------------------------------------------------------------
+# Sampling one token from logits
+
+
+def _mask_vocab(logits: Array, vocab_limit: int | None) -> Array:
+    """-inf on ids >= vocab_limit (padded embedding rows that are no real token)."""
+    if vocab_limit is None or vocab_limit >= logits.shape[-1]:
+        return logits
+    ids = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+    return jnp.where(ids < vocab_limit, logits, -jnp.inf)
+
+
+def _sample(logits, key, *, temperature, greedy: bool, top_k, top_p, vocab_limit):
+    """(tokens [b] int32, logprobs [b] float32) for logits `[b, V]` float32.
+
+    `greedy`, `top_k` and whether `top_p` is None are static; `temperature` and the top-p
+    value may be traced (changing them does not recompile). `logprobs` are the sampled
+    tokens' log-probabilities under the model's own distribution (temperature 1, no
+    filtering), which is what policy-gradient losses recompute at training time.
+    """
+    logits = _mask_vocab(logits.astype(jnp.float32), vocab_limit)
+    logprobs_all = jax.nn.log_softmax(logits, axis=-1)
+    if greedy:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    else:
+        temperature = jnp.asarray(temperature, jnp.float32)
+        safe_t = jnp.where(temperature > 0, temperature, 1.0)
+        if top_k is None and top_p is None:
+            sampled = jax.random.categorical(key, logits / safe_t, axis=-1)
+        else:
+            # Work in sorted (descending) space: lax.top_k with k = V is a full sort.
+            # Ties keep the lower id first, and exactly k entries survive top-k.
+            k = min(top_k or logits.shape[-1], logits.shape[-1])
+            vals, ids = jax.lax.top_k(logits, k)  # [b, k], sorted descending
+            vals = vals / safe_t
+            if top_p is not None:
+                probs = jax.nn.softmax(vals, axis=-1)
+                # Mass strictly before each entry; keep entries while it is < p, i.e. the
+                # smallest prefix whose cumulative probability reaches p (always >= 1 token).
+                before = jnp.cumsum(probs, axis=-1) - probs
+                keep = (before < top_p).at[:, 0].set(True)
+                vals = jnp.where(keep, vals, -jnp.inf)
+            choice = jax.random.categorical(key, vals, axis=-1)
+            sampled = jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+        # A traced temperature of 0 still means greedy.
+        tokens = jnp.where(temperature > 0, sampled, jnp.argmax(logits, axis=-1))
+        tokens = tokens.astype(jnp.int32)
+    logprobs = jnp.take_along_axis(logprobs_all, tokens[:, None], axis=-1)[:, 0]
+    return tokens, logprobs
+
+
+def sample_logits(
+    logits: Array,
+    key: Array,
+    *,
+    temperature: float | Array = 1.0,
+    top_k: int | None = None,
+    top_p: float | Array | None = None,
+    vocab_limit: int | None = None,
+) -> Array:
+    """Sample one token per row from logits `[batch, vocab]` (float32) -> `[batch]` int32.
+
+    temperature: 0 means greedy argmax (a Python 0 skips sampling entirely; a traced 0
+    selects the argmax). top_k: keep the k most likely tokens (static int). top_p: keep the
+    smallest set of most likely tokens whose cumulative probability (after temperature and
+    top-k) is >= p; the top token is always kept. vocab_limit: ids >= this are never
+    sampled (for vocabularies padded beyond the tokenizer's). Shapes are static, so this is
+    jit-friendly.
+    """
+    greedy = _is_number(temperature) and temperature == 0
+    tokens, _ = _sample(logits, key, temperature=temperature, greedy=greedy, top_k=top_k,
+                        top_p=top_p, vocab_limit=vocab_limit)
+    return tokens
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+
+
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
+    """UserError (naming the CLI flag) for out-of-range sampling settings.
+
+    Array-valued temperature / top_p (traced settings from research code) are not checked.
+    """
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if _is_number(temperature) and not (math.isfinite(temperature) and temperature >= 0):
+        raise UserError(f"--temperature must be >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, (int, np.integer)) or top_k < 1):
+        raise UserError(f"--top-k must be an integer >= 1, got {top_k!r}")
+    if top_p is not None and _is_number(top_p) and not 0.0 < top_p <= 1.0:
+        raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+
+
+# ---------------------------------------------------------------------------------------
+# The jitted decode loop
+
+
+def _lm_head(params, config: ModelConfig, hidden: Array) -> Array:
+    """Logits `[b, V]` float32 from final hidden states `[b, d]`, as `GPT`'s head does.
+
+    Prefill asks the model for hidden states and projects only the last position, so a long
+    prompt never materialises `[b, P, V]` float32 logits.
+    """
+    dtype = compute_dtype(config)
+    if config.tie_embeddings:
+        w = params["wte"]["embedding"].astype(dtype).T
+    else:
+        w = params["lm_head"]["kernel"].astype(dtype)
+    return jnp.dot(hidden.astype(dtype), w).astype(jnp.float32)
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id",
+                     "pad_id", "vocab_limit"),
+)
+def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, config,
+                  max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, vocab_limit):
+    global _TRACE_COUNT
+    _TRACE_COUNT += 1
+    b, p = prompt_tokens.shape
+    n = max_new_tokens
+    model = GPT(config)
+    mask = prompt_mask.astype(bool)
+    n_real = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [b]
+    positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)  # [b, P]
+    sample = functools.partial(_sample, temperature=temperature, greedy=greedy, top_k=top_k,
+                               top_p=top_p if use_top_p else None, vocab_limit=vocab_limit)
+
+    # Prefill: the whole prompt in one call; the last column is every row's last real token.
+    cache = init_cache(config, b, p + n)
+    hidden, cache = model.apply({"params": params}, prompt_tokens, positions=positions,
+                                attention_mask=mask, cache=cache, return_hidden=True)
+    tok, lp = sample(_lm_head(params, config, hidden[:, -1]), jax.random.fold_in(key, 0))
+    tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
+    logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
+    cmask = jnp.zeros((b, n), bool).at[:, 0].set(True)
+    done = (tok == eos_id) if eos_id is not None else jnp.zeros((b,), bool)
+
+    def cond(carry):
+        i, _, _, done, *_ = carry
+        return (i < n) & ~jnp.all(done)
+
+    def body(carry):
+        i, cache, prev, done, tokens, logprobs, cmask = carry
+        # Feed the previous token (at position n_real + i - 1), sample token i.
+        h, cache = model.apply({"params": params}, prev[:, None],
+                               positions=(n_real + i - 1)[:, None],
+                               attention_mask=jnp.ones((b, 1), bool), cache=cache,
+                               return_hidden=True)
+        tok, lp = sample(_lm_head(params, config, h[:, 0]), jax.random.fold_in(key, i))
+        tok = jnp.where(done, pad_id, tok)  # finished rows emit padding, not counted
+        lp = jnp.where(done, 0.0, lp)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
+        logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
+        cmask = jax.lax.dynamic_update_slice(cmask, ~done[:, None], (0, i))
+        if eos_id is not None:
+            done = done | (tok == eos_id)
+        return i + 1, cache, tok, done, tokens, logprobs, cmask
+
+    carry = (jnp.int32(1), cache, tok, done, tokens, logprobs, cmask)
+    _, _, _, _, tokens, logprobs, cmask = jax.lax.while_loop(cond, body, carry)
+    return {"tokens": tokens, "mask": cmask, "logprobs": logprobs,
+            "lengths": jnp.sum(cmask, axis=1, dtype=jnp.int32)}
+
+
+def generate_tokens(
+    params,
+    config: ModelConfig,
+    prompt_tokens: Array,
+    prompt_mask: Array,
+    key: Array,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    pad_id: int | None = None,
+    vocab_limit: int | None = None,
+) -> dict[str, Array]:
+    """Sample `max_new_tokens` continuation tokens for a left-padded batch of prompts.
+
+    prompt_tokens: `[batch, P]` int32, LEFT-padded; prompt_mask: `[batch, P]` bool, True on
+    real tokens (each row needs at least one). `P + max_new_tokens` must not exceed
+    `config.context_length` (that is the cache size).
+
+    Returns a dict:
+      tokens `[batch, max_new_tokens]` int32: sampled ids; after a row emits `eos_id` it
+        emits `pad_id` (default: `eos_id`, else 0).
+      mask `[batch, max_new_tokens]` bool: True on completion tokens (the eos included).
+      logprobs `[batch, max_new_tokens]` float32: log p(token) under the model's
+        untempered, unfiltered distribution; 0 where mask is False.
+      lengths `[batch]` int32: completion lengths, `mask.sum(1)`.
+
+    Compiled once per (config, shapes, max_new_tokens, top_k, greedy-or-not, top-p on/off,
+    eos_id); temperature, the top-p value, the key and the params are traced.
+    """
+    prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
+    prompt_mask = jnp.asarray(prompt_mask, bool)
+    if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
+        raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
+                         f"{prompt_mask.shape} must both be [batch, P]")
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    b, p = prompt_tokens.shape
+    if p + max_new_tokens > config.context_length:
+        raise UserError(f"prompt of {p} tokens plus --max-new-tokens {max_new_tokens} exceeds "
+                        f"the model's context of {config.context_length}; shorten the prompt "
+                        "or lower --max-new-tokens")
+    if pad_id is None:
+        pad_id = eos_id if eos_id is not None else 0
+    if max_new_tokens == 0:
+        return {"tokens": jnp.zeros((b, 0), jnp.int32), "mask": jnp.zeros((b, 0), bool),
+                "logprobs": jnp.zeros((b, 0), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32)}
+    # top_p = 1 keeps everything: skip the sort. An array top_p is always applied.
+    use_top_p = top_p is not None and not (_is_number(top_p) and top_p >= 1.0)
+    greedy = _is_number(temperature) and temperature == 0
+    return _generate_jit(
+        params, prompt_tokens, prompt_mask, key,
+        jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p if use_top_p else 1.0, jnp.float32),
+        config=config, max_new_tokens=int(max_new_tokens), greedy=greedy,
+        top_k=None if top_k is None else int(top_k), use_top_p=use_top_p,
+        eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id),
+        vocab_limit=None if vocab_limit is None else int(vocab_limit),
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Token lists and strings
+
+
+def pad_prompts(
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    context_length: int,
+    pad_id: int = 0,
+    bucket: int = PROMPT_BUCKET,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Left-pad token lists into `([batch, P] int32, [batch, P] bool)`.
+
+    P is the longest prompt rounded up to a multiple of `bucket`, so prompts of nearby
+    lengths share one compilation of `generate_tokens`; the rounding never pushes
+    `P + max_new_tokens` past `context_length`. Raises UserError on an empty prompt or one
+    that does not fit in the context with `max_new_tokens` (no silent truncation).
+    """
+    if not prompts:
+        raise UserError("no prompt given")
+    longest = 0
+    for ids in prompts:
+        if len(ids) == 0:
+            raise UserError("empty prompt; give at least one token of text")
+        if len(ids) + max_new_tokens > context_length:
+            raise UserError(f"prompt of {len(ids)} tokens plus --max-new-tokens {max_new_tokens} "
+                            f"exceeds the model's context of {context_length}; shorten the "
+                            "prompt or lower --max-new-tokens")
+        longest = max(longest, len(ids))
+    p = max(longest, min(-(-longest // bucket) * bucket, context_length - max_new_tokens))
+    tokens = np.full((len(prompts), p), pad_id, np.int32)
+    mask = np.zeros((len(prompts), p), bool)
+    for row, ids in enumerate(prompts):
+        tokens[row, p - len(ids):] = ids
+        mask[row, p - len(ids):] = True
+    return tokens, mask
+
+
+def _default_tokenizer():
+    from jaxgpt.tokenizer import get_encoding
+
+    return get_encoding()
+
+
+def _eot_id() -> int:
+    try:
+        from jaxgpt.tokenizer import EOT_ID
+    except ImportError:  # the tokenizer module is optional for token-id callers
+        return 50256  # GPT-2's <|endoftext|>
+    return EOT_ID
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    try:  # tiktoken refuses special-token text unless allowed
+        return list(tokenizer.encode(text, allowed_special="all"))
+    except TypeError:
+        return list(tokenizer.encode(text))
+
+
+def generate(
+    params,
+    config: ModelConfig,
+    prompts: str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int = 50,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int = 0,
+    key: Array | None = None,
+    stop_at_eos: bool = True,
+    eos_id: int | None = None,
+    tokenizer: Any = None,
+) -> list[str]:
+    """Continue each prompt; returns the generated text only, one string per prompt.
+
+    prompts: a string, a list of strings, a list of token ids, or a list of such lists
+    (a single prompt still returns a one-element list). Text is encoded with the GPT-2 BPE
+    (`jaxgpt.tokenizer`, or any `tokenizer` with `encode`/`decode`). The batch is
+    left-padded with the prompt length bucketed (see `pad_prompts`) and run through
+    `generate_tokens`; the continuation is cut before the first eos (`eos_id`, default
+    `<|endoftext|>` = 50256) when `stop_at_eos`. A prompt that does not fit in the context
+    together with `max_new_tokens` is an error (UserError), not truncated.
+    """
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    prompts = list(prompts)
+    if prompts and all(isinstance(t, (int, np.integer)) for t in prompts):
+        prompts = [prompts]  # one prompt given as token ids
+    if not prompts:
+        raise UserError("no prompt given")
+    if tokenizer is None:
+        tokenizer = _default_tokenizer()
+    token_lists = [_encode(tokenizer, p) if isinstance(p, str) else [int(t) for t in p]
+                   for p in prompts]
+    for ids in token_lists:
+        bad = [t for t in ids if not 0 <= t < config.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the model's vocabulary of {config.vocab_size}")
+    if stop_at_eos and eos_id is None:
+        eos_id = _eot_id()
+    if not stop_at_eos:
+        eos_id = None
+    tokens, mask = pad_prompts(token_lists, max_new_tokens=max_new_tokens,
+                               context_length=config.context_length)
+    if key is None:
+        key = jax.random.key(seed)
+    n_vocab = getattr(tokenizer, "n_vocab", None)
+    vocab_limit = n_vocab if n_vocab is not None and n_vocab < config.vocab_size else None
+    out = generate_tokens(params, config, tokens, mask, key, max_new_tokens=max_new_tokens,
+                          temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
+                          vocab_limit=vocab_limit)
+    new_tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
+    texts = []
+    for row, length in zip(new_tokens, lengths):
+        ids = row[:length].tolist()
+        if eos_id is not None and ids and ids[-1] == eos_id:
+            ids = ids[:-1]
+        texts.append(tokenizer.decode(ids))
+    return texts

@@ -1,0 +1,560 @@
+"""Convert GPT-2 weights between jaxgpt and Hugging Face / OpenAI checkpoints.
+
+jaxgpt's parameter names are GPT-2's (see `jaxgpt.model`), so conversion is a rename:
+
+    HF key (with or without `transformer.`)     jaxgpt path                shape
+    wte.weight                                   wte/embedding              [V, d]
+    wpe.weight                                   wpe/embedding              [ctx, d]
+    h.{i}.ln_1.weight | .bias                    h_{i}/ln_1/scale | bias    [d]
+    h.{i}.attn.c_attn.weight | .bias             h_{i}/attn/c_attn/kernel   [d, 3d] | [3d]
+    h.{i}.attn.c_proj.weight | .bias             h_{i}/attn/c_proj/kernel   [d, d] | [d]
+    h.{i}.ln_2.weight | .bias                    h_{i}/ln_2/scale | bias    [d]
+    h.{i}.mlp.c_fc.weight | .bias                h_{i}/mlp/c_fc/kernel      [d, 4d] | [4d]
+    h.{i}.mlp.c_proj.weight | .bias              h_{i}/mlp/c_proj/kernel    [4d, d] | [d]
+    ln_f.weight | .bias                          ln_f/scale | bias          [d]
+    lm_head.weight                               lm_head/kernel (transposed) [V, d] -> [d, V]
+
+GPT-2's `Conv1D` stores its weight as `[in, out]` (it computes `x @ W + b`), which is
+already flax's `Dense` kernel layout, so no transpose is needed except for `lm_head`, an
+`nn.Linear` (`[out, in]`). The fused `c_attn` keeps q|k|v concatenated along the output
+axis in that order in both. The `attn.bias` / `attn.masked_bias` entries of older
+checkpoints are causal-mask buffers, not parameters, and are skipped. With tied embeddings
+the head is `wte` itself: `lm_head.weight` must be absent or equal to `wte.weight`.
+
+OpenAI's original TensorFlow checkpoints use `model/wte`, `model/h0/ln_1/g|b`,
+`model/h0/attn/c_attn/w` (`[1, d, 3d]`, a 1x1 convolution; the leading 1 is squeezed) and
+so on; `OPENAI_NAMES` maps them.
+
+Memory: loaders stream. Each tensor is read on its own (`safetensors.safe_open` with
+`framework="numpy"` reads one tensor from the memory-mapped file), shape-checked before its
+data is read, converted to float32, moved into a jax array, and the host copy dropped before
+the next tensor is read. Peak host memory is therefore one full set of float32 params plus
+one tensor in flight (plus, for a tied checkpoint that also stores `lm_head.weight`, one
+`[V, d]` tensor for the equality check), never two full copies of a 1558M model.
+`pytorch_model.bin` is opened with `torch.load(mmap=True)` for the same reason.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from jaxgpt.config import ModelConfig
+from jaxgpt.errors import UserError
+from jaxgpt.model import param_shapes
+
+Params = dict[str, Any]
+
+# ---------------------------------------------------------------------------------------
+# Configs
+
+#: GPT2Config defaults used for keys a config.json leaves out (never the shape keys).
+HF_DEFAULTS: dict[str, Any] = {
+    "layer_norm_epsilon": 1e-5,
+    "activation_function": "gelu_new",
+    "resid_pdrop": 0.1,
+    "tie_word_embeddings": True,
+    "scale_attn_weights": True,
+    "scale_attn_by_inverse_layer_idx": False,
+    "add_cross_attention": False,
+    "n_inner": None,
+}
+# Both names denote the same tanh approximation of GELU that jaxgpt's MLP computes.
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
+_SHAPE_KEYS = {  # ModelConfig field -> accepted config.json keys, first preferred
+    "vocab_size": ("vocab_size",),
+    "context_length": ("n_positions", "max_position_embeddings", "n_ctx"),
+    "n_embd": ("n_embd", "hidden_size"),
+    "n_layer": ("n_layer", "num_hidden_layers"),
+    "n_head": ("n_head", "num_attention_heads"),
+}
+GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos and eos
+
+
+def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
+    """A `ModelConfig` from a Hugging Face GPT-2 config.json dict.
+
+    Shapes (`vocab_size`, `n_positions` -> `context_length`, `n_embd`, `n_layer`, `n_head`)
+    must be present; other keys default as in `transformers.GPT2Config`. Options that
+    jaxgpt's model does not implement raise `UserError` rather than load a model that would
+    silently compute something else.
+    """
+    model_type = hf.get("model_type", "gpt2")
+    if model_type != "gpt2":
+        raise UserError(f"{where}: model_type is {model_type!r}; only GPT-2 (model_type gpt2) can be loaded")
+    shape = {}
+    for field, keys in _SHAPE_KEYS.items():
+        found = [k for k in keys if hf.get(k) is not None]
+        if not found:
+            raise UserError(f"{where}: missing {keys[0]}")
+        value = hf[found[0]]
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise UserError(f"{where}: {found[0]} must be a positive integer, got {value!r}")
+        shape[field] = value
+    if shape["n_embd"] % shape["n_head"]:
+        raise UserError(f"{where}: n_embd ({shape['n_embd']}) is not divisible by n_head ({shape['n_head']})")
+    get = lambda k: hf[k] if hf.get(k) is not None or k == "n_inner" and k in hf else HF_DEFAULTS[k]
+    act = get("activation_function")
+    if act not in _TANH_GELUS:
+        raise UserError(f"{where}: activation_function is {act!r}; jaxgpt's GPT-2 MLP computes gelu_new")
+    n_inner = hf.get("n_inner")
+    if n_inner is not None and n_inner != 4 * shape["n_embd"]:
+        raise UserError(f"{where}: n_inner is {n_inner}; jaxgpt's MLP width is 4 * n_embd = {4 * shape['n_embd']}")
+    for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                           ("add_cross_attention", False)):
+        if bool(get(key)) != supported:
+            raise UserError(f"{where}: {key}={get(key)} is not supported (jaxgpt implements {key}={supported})")
+    return ModelConfig(
+        **shape,
+        dropout=float(get("resid_pdrop")),
+        qkv_bias=True,  # HF GPT-2 always has a c_attn bias
+        tie_embeddings=bool(get("tie_word_embeddings")),
+        layer_norm_epsilon=float(get("layer_norm_epsilon")),
+    )
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """A config.json dict that `transformers.GPT2LMHeadModel.from_pretrained` accepts.
+
+    The token ids are GPT-2's `<|endoftext|>` (50256), left out (null) when the vocabulary
+    is too small to hold it.
+    """
+    eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.context_length,
+        "n_ctx": config.context_length,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "use_cache": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "tie_word_embeddings": config.tie_embeddings,
+        "dtype": "float32",
+    }
+
+
+def config_from_openai(hparams: Mapping[str, Any], where: str = "hparams.json") -> ModelConfig:
+    """OpenAI's hparams.json (`n_vocab`, `n_ctx`, `n_embd`, `n_head`, `n_layer`): always
+    gelu_new, epsilon 1e-5, tied embeddings."""
+    try:
+        return config_from_hf(
+            {"vocab_size": hparams["n_vocab"], "n_positions": hparams["n_ctx"], "n_embd": hparams["n_embd"],
+             "n_layer": hparams["n_layer"], "n_head": hparams["n_head"]}, where)
+    except KeyError as e:
+        raise UserError(f"{where}: missing {e.args[0]}") from None
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path} not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} must hold a JSON object")
+    return data
+
+
+# ---------------------------------------------------------------------------------------
+# Names
+
+
+class Target(NamedTuple):
+    """Where a checkpoint tensor goes: a jaxgpt param path, or `None` to skip it."""
+
+    path: tuple[str, ...] | None
+    transform: str = ""  # "" | "T" (transpose [out, in] -> [in, out]) | "squeeze0" (drop a leading 1)
+
+
+_HF_LAYER = re.compile(r"h\.(\d+)\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)")
+_HF_BUFFER = re.compile(r"h\.\d+\.(attn|crossattention)\.(bias|masked_bias)")
+
+
+def hf_target(key: str) -> Target | None:
+    """Map a HF GPT-2 state-dict key to its jaxgpt path; `None` if it is not GPT-2's."""
+    name = key[len("transformer."):] if key.startswith("transformer.") else key
+    if name in ("wte.weight", "wpe.weight"):
+        return Target((name.split(".")[0], "embedding"))
+    if name in ("ln_f.weight", "ln_f.bias"):
+        return Target(("ln_f", "scale" if name.endswith("weight") else "bias"))
+    if key == "lm_head.weight":
+        return Target(("lm_head", "kernel"), "T")
+    if _HF_BUFFER.fullmatch(name):
+        return Target(None)
+    m = _HF_LAYER.fullmatch(name)
+    if m is None:
+        return None
+    layer, module, kind = m.groups()
+    leaf = ("scale" if kind == "weight" else "bias") if module.startswith("ln") else (
+        "kernel" if kind == "weight" else "bias")
+    return Target((f"h_{layer}", *module.split("."), leaf))
+
+
+_TF_LAYER = re.compile(r"model/h(\d+)/(ln_1|ln_2|attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)/([gbw])")
+
+
+def openai_target(name: str) -> Target | None:
+    """Map an OpenAI TF variable (`model/h0/attn/c_attn/w`, ...) to its jaxgpt path."""
+    if name in ("model/wte", "model/wpe"):
+        return Target((name.split("/")[1], "embedding"))
+    if name in ("model/ln_f/g", "model/ln_f/b"):
+        return Target(("ln_f", "scale" if name.endswith("g") else "bias"))
+    m = _TF_LAYER.fullmatch(name)
+    if m is None:
+        return None
+    layer, module, kind = m.groups()
+    if module.startswith("ln"):
+        if kind == "w":
+            return None
+        return Target((f"h_{layer}", module, "scale" if kind == "g" else "bias"))
+    if kind == "g":
+        return None
+    if kind == "w":
+        return Target((f"h_{layer}", *module.split("/"), "kernel"), "squeeze0")
+    return Target((f"h_{layer}", *module.split("/"), "bias"))
+
+
+def hf_key(path: tuple[str, ...], prefix: str = "transformer.") -> str:
+    """The HF key of a jaxgpt param path (inverse of `hf_target`)."""
+    if path == ("lm_head", "kernel"):
+        return "lm_head.weight"
+    if path[0] in ("wte", "wpe"):
+        return f"{prefix}{path[0]}.weight"
+    leaf = {"scale": "weight", "kernel": "weight", "bias": "bias"}[path[-1]]
+    if path[0] == "ln_f":
+        return f"{prefix}ln_f.{leaf}"
+    layer = path[0].removeprefix("h_")
+    return f"{prefix}h.{layer}.{'.'.join(path[1:-1])}.{leaf}"
+
+
+# ---------------------------------------------------------------------------------------
+# Streaming conversion
+
+
+class Tensor(NamedTuple):
+    """One checkpoint tensor, not yet read: `load()` returns it as a numpy-compatible array."""
+
+    name: str
+    shape: tuple[int, ...]
+    load: Callable[[], Any]
+
+
+def _fmt(shape) -> str:
+    return "[" + ", ".join(str(int(s)) for s in shape) + "]"
+
+
+def _target_shape(shape: tuple[int, ...], transform: str) -> tuple[int, ...]:
+    if transform == "T" and len(shape) == 2:
+        return shape[::-1]
+    if transform == "squeeze0" and len(shape) >= 1 and shape[0] == 1:
+        return shape[1:]
+    return shape
+
+
+def _to_f32(array: Any, transform: str) -> np.ndarray:
+    """float32, C-contiguous numpy in jaxgpt layout (bf16/f16 sources are upcast exactly)."""
+    if hasattr(array, "detach"):  # torch tensor (pytorch_model.bin): numpy has no bfloat16
+        import torch
+
+        array = array.detach().to(torch.float32).numpy()
+    a = np.asarray(array, dtype=np.float32)
+    if transform == "T":
+        a = a.T
+    elif transform == "squeeze0":
+        a = a.reshape(a.shape[1:])
+    return np.ascontiguousarray(a)
+
+
+def convert_tensors(
+    tensors: Iterable[Tensor],
+    config: ModelConfig,
+    target: Callable[[str], Target | None],
+    source: str,
+) -> Params:
+    """Assemble jaxgpt params for `config` from a stream of checkpoint tensors.
+
+    Each tensor is named-mapped by `target`, shape-checked against `param_shapes(config)`
+    before it is read, read, converted to float32 and put on the default device; the host
+    copy is then dropped. Any unknown, duplicate, missing or mis-shaped tensor is a one-line
+    `UserError` naming it (and both shapes). For tied configs an `lm_head.weight` is
+    accepted only if it equals `wte`.
+    """
+    expected = traverse_util.flatten_dict(param_shapes(config))
+    out: dict[tuple[str, ...], jax.Array] = {}
+    tied_head: Tensor | None = None
+    for t in tensors:
+        tgt = target(t.name)
+        if tgt is None:
+            raise UserError(f"{source}: unexpected tensor {t.name} {_fmt(t.shape)} (not a GPT-2 parameter)")
+        if tgt.path is None:
+            continue  # attention-mask buffer
+        if tgt.path == ("lm_head", "kernel") and config.tie_embeddings:
+            tied_head = t
+            continue
+        name = "/".join(tgt.path)
+        if tgt.path not in expected:
+            raise UserError(f"{source}: unexpected tensor {t.name} {_fmt(t.shape)} ({name} is not in a model "
+                            f"with n_layer={config.n_layer}, tie_embeddings={config.tie_embeddings})")
+        if tgt.path in out:
+            raise UserError(f"{source}: {name} is stored twice (second time as {t.name})")
+        have, want = _target_shape(tuple(t.shape), tgt.transform), tuple(expected[tgt.path].shape)
+        if have != want:
+            raise UserError(f"{name}: checkpoint has {_fmt(have)}, model expects {_fmt(want)} ({source}: {t.name})")
+        host = _to_f32(t.load(), tgt.transform)
+        if host.shape != want:  # the reader disagreed with its own header
+            raise UserError(f"{name}: checkpoint has {_fmt(host.shape)}, model expects {_fmt(want)} ({source}: {t.name})")
+        out[tgt.path] = jnp.asarray(host)
+        del host
+    missing = [p for p in expected if p not in out]
+    if missing:
+        names = ", ".join("/".join(p) for p in missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise UserError(f"{source}: missing tensor {names} (the checkpoint does not match its config: "
+                        f"n_layer={config.n_layer}, tie_embeddings={config.tie_embeddings})")
+    if tied_head is not None:
+        wte = out[("wte", "embedding")]
+        head = _to_f32(tied_head.load(), "")
+        if head.shape != wte.shape or not np.array_equal(head, np.asarray(wte)):
+            raise UserError(f"{source}: lm_head.weight differs from wte.weight but the config ties them "
+                            f"(tie_word_embeddings true); set it to false to load an untied head")
+    return traverse_util.unflatten_dict(out)
+
+
+def check_params(params: Params, config: ModelConfig, source: str = "params") -> None:
+    """Raise a one-line `UserError` unless `params` has exactly `param_shapes(config)`."""
+    have = traverse_util.flatten_dict(params)
+    want = traverse_util.flatten_dict(param_shapes(config))
+    for path, spec in want.items():
+        name = "/".join(path)
+        if path not in have:
+            raise UserError(f"{source}: missing parameter {name} {_fmt(spec.shape)}")
+        if tuple(have[path].shape) != tuple(spec.shape):
+            raise UserError(f"{name}: checkpoint has {_fmt(have[path].shape)}, model expects {_fmt(spec.shape)}")
+    extra = [p for p in have if p not in want]
+    if extra:
+        raise UserError(f"{source}: unexpected parameter {'/'.join(extra[0])} {_fmt(have[extra[0]].shape)}")
+
+
+# ---------------------------------------------------------------------------------------
+# Hugging Face loaders
+
+
+def _safetensors_tensors(files: list[Path]) -> Iterator[Tensor]:
+    """Tensors of one or more .safetensors files, read one at a time from the mmap."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="numpy") as f:
+            for key in f.keys():
+                sl = f.get_slice(key)
+                dtype = sl.get_dtype()
+
+                def load(key=key, dtype=dtype, file=file, f=f):
+                    if dtype in ("BF16", "F8_E4M3", "F8_E5M2"):  # numpy has no such dtype; jax does
+                        with safe_open(str(file), framework="flax") as g:
+                            return np.asarray(g.get_tensor(key).astype(jnp.float32))
+                    return f.get_tensor(key)
+
+                yield Tensor(key, tuple(sl.get_shape()), load)
+
+
+def _torch_tensors(state_dict: Mapping[str, Any]) -> Iterator[Tensor]:
+    for key, value in state_dict.items():
+        yield Tensor(key, tuple(value.shape), lambda value=value: value)
+
+
+def load_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any] | Any,
+                       source: str = "state dict") -> tuple[ModelConfig, Params]:
+    """jaxgpt `(config, params)` from an in-memory HF GPT-2 state dict (torch tensors or
+    numpy arrays) and its config (a config.json dict or a `transformers.GPT2Config`)."""
+    if not isinstance(hf_config, Mapping):
+        hf_config = hf_config.to_dict()
+    config = config_from_hf(hf_config)
+    return config, convert_tensors(_torch_tensors(state_dict), config, hf_target, source)
+
+
+def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
+    """jaxgpt `(config, params)` from a HF GPT-2 directory: config.json plus
+    model.safetensors (or a sharded model.safetensors.index.json, or pytorch_model.bin when
+    torch is installed)."""
+    path = Path(path)
+    config = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
+    index = path / "model.safetensors.index.json"
+    if (path / "model.safetensors").is_file():
+        files = [path / "model.safetensors"]
+    elif index.is_file():
+        weight_map = read_json(index).get("weight_map", {})
+        files = [path / f for f in dict.fromkeys(weight_map.values())]
+        for f in files:
+            if not f.is_file():
+                raise UserError(f"{index} lists {f.name}, which is not in {path}")
+    else:
+        files = []
+    if files:
+        try:
+            return config, convert_tensors(_safetensors_tensors(files), config, hf_target, str(files[0]))
+        except UserError:
+            raise
+        except Exception as e:  # a truncated or corrupt file
+            raise UserError(f"cannot read {files[0]}: {e}") from None
+    bin_file = path / "pytorch_model.bin"
+    if bin_file.is_file():
+        try:
+            import torch
+        except ImportError:
+            raise UserError(f"{bin_file} needs torch to read (pip install torch), or convert it to "
+                            "model.safetensors") from None
+        try:
+            state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:
+            raise UserError(f"cannot read {bin_file}: {e}") from None
+        return config, convert_tensors(_torch_tensors(state), config, hf_target, str(bin_file))
+    raise UserError(f"{path} has config.json but no model.safetensors (or pytorch_model.bin) next to it")
+
+
+# ---------------------------------------------------------------------------------------
+# OpenAI TensorFlow checkpoints
+
+
+def load_openai_variables(names_and_shapes: Iterable[tuple[str, Any]], read: Callable[[str], Any],
+                          hparams: Mapping[str, Any], source: str = "checkpoint") -> tuple[ModelConfig, Params]:
+    """jaxgpt `(config, params)` from OpenAI GPT-2 variables given as `(name, shape)` pairs
+    and a `read(name)` function (`tf.train.load_variable` bound to the checkpoint, or a dict
+    lookup in tests). Non-parameter variables (optimizer slots etc.) must not be present."""
+    config = config_from_openai(hparams)
+    tensors = (Tensor(n, tuple(s), lambda n=n: read(n)) for n, s in names_and_shapes)
+    return config, convert_tensors(tensors, config, openai_target, source)
+
+
+def load_openai_dir(path: str | Path) -> tuple[ModelConfig, Params]:
+    """OpenAI's original release directory (hparams.json, checkpoint, model.ckpt.*)."""
+    path = Path(path)
+    hparams = read_json(path / "hparams.json")
+    try:
+        import tensorflow as tf  # noqa: F401
+    except ImportError:
+        raise UserError(f"{path} is an OpenAI TensorFlow checkpoint: reading it needs TensorFlow "
+                        "(pip install tensorflow), or use the converted Hugging Face weights instead "
+                        "(--init gpt2 or a directory with config.json and model.safetensors)") from None
+    prefix = tf.train.latest_checkpoint(str(path)) or str(path / "model.ckpt")
+    try:
+        names = tf.train.list_variables(prefix)
+    except Exception as e:
+        raise UserError(f"cannot read TensorFlow checkpoint {prefix}: {e}") from None
+    return load_openai_variables(names, lambda n: tf.train.load_variable(prefix, n), hparams, prefix)
+
+
+# ---------------------------------------------------------------------------------------
+# Export
+
+
+def _has_lora(params: Params) -> bool:
+    return any(k in ("lora_a", "lora_b") for path in traverse_util.flatten_dict(params) for k in path)
+
+
+def merge_lora_if_needed(params: Params) -> Params:
+    """Fold LoRA adapters into their base kernels (`jaxgpt.lora.merge_lora`) so the export is
+    a plain GPT-2; params without adapters are returned as they are."""
+    if not _has_lora(params):
+        return params
+    try:
+        from jaxgpt.lora import merge_lora
+    except ImportError:
+        raise UserError("params hold LoRA adapters (lora_a/lora_b) but jaxgpt.lora.merge_lora is not "
+                        "available to merge them before export") from None
+    return merge_lora(params)
+
+
+def hf_state_dict(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """Float32, C-contiguous numpy arrays under HF `GPT2LMHeadModel` keys.
+
+    Tied models store only `transformer.wte.weight` (as `save_pretrained` does; the head is
+    re-tied on load). Untied models add `lm_head.weight` `[V, d]` (the kernel transposed).
+    `qkv_bias=False` is written as zero c_attn biases, since HF GPT-2 always has that bias:
+    adding zeros is exactly the same function.
+    """
+    params = merge_lora_if_needed(params)
+    check_params(params, config)
+    out: dict[str, np.ndarray] = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        a = np.asarray(jax.device_get(value), dtype=np.float32)
+        out[hf_key(path)] = np.ascontiguousarray(a.T if path == ("lm_head", "kernel") else a)
+    if not config.qkv_bias:
+        for i in range(config.n_layer):
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = np.zeros(3 * config.n_embd, np.float32)
+    return dict(sorted(out.items()))
+
+
+def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Write a Hugging Face GPT-2 directory: config.json + model.safetensors.
+
+    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it. Files are written into
+    a temporary sibling directory that is renamed into place, so an interrupted export
+    leaves nothing half-written at `out_dir`. A non-empty `out_dir` is refused unless
+    `force`, in which case it is replaced as a whole.
+    """
+    from safetensors.numpy import save_file
+
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} is not empty; pass --force to replace it")
+    tensors = hf_state_dict(params, model_config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(model_config), indent=2) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def num_params_hf(config: ModelConfig) -> int:
+    """Parameter count by arithmetic (as HF counts it: the tied head counted once)."""
+    d, V, L = config.n_embd, config.vocab_size, config.n_layer
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    head = 0 if config.tie_embeddings else V * d
+    return V * d + config.context_length * d + L * block + 2 * d + head
+
+
+__all__ = [
+    "config_from_hf", "config_to_hf", "config_from_openai", "hf_target", "openai_target", "hf_key",
+    "convert_tensors", "check_params", "load_hf_state_dict", "load_hf_dir", "load_openai_variables",
+    "load_openai_dir", "hf_state_dict", "export_hf", "merge_lora_if_needed", "num_params_hf", "math",
+]

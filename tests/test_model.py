@@ -1,0 +1,126 @@
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxgpt.config import PRESETS, ModelConfig, load_config
+from jaxgpt.model import GPT, count_params, init_cache, init_params, param_shapes, reference_attention
+
+
+def test_gpt2_124m_parameter_counts():
+    gpt2 = load_config(None, ["model.preset=gpt2-124m"]).model
+    assert count_params(param_shapes(gpt2)) == 124_439_808  # as GPT-2 has them
+    book = dataclasses.replace(gpt2, qkv_bias=False, tie_embeddings=False)
+    assert count_params(param_shapes(book)) == 163_009_536  # the book's GPTModel
+
+
+def test_gpt2_parameter_names(tiny_model_cfg):
+    params = init_params(tiny_model_cfg, jax.random.key(0))
+    assert set(params) == {"wte", "wpe", "h_0", "h_1", "ln_f"}
+    block = params["h_0"]
+    assert set(block) == {"ln_1", "attn", "ln_2", "mlp"}
+    assert block["attn"]["c_attn"]["kernel"].shape == (32, 96)
+    assert block["mlp"]["c_fc"]["kernel"].shape == (32, 128)
+    untied = init_params(dataclasses.replace(tiny_model_cfg, tie_embeddings=False, qkv_bias=False), jax.random.key(0))
+    assert untied["lm_head"]["kernel"].shape == (32, 97)
+    assert "bias" not in untied["h_0"]["attn"]["c_attn"]
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+
+
+def _tokens(cfg, b=3, t=20, seed=1):
+    return jax.random.randint(jax.random.key(seed), (b, t), 0, cfg.vocab_size)
+
+
+def test_causality(tiny_model_cfg):
+    """Changing a later token never changes earlier logits."""
+    cfg = tiny_model_cfg
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(cfg)
+    changed = tokens.at[:, 10].set((tokens[:, 10] + 1) % cfg.vocab_size)
+    a = GPT(cfg).apply({"params": params}, tokens)
+    b = GPT(cfg).apply({"params": params}, changed)
+    np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-6)
+    assert np.abs(np.asarray(a[:, 10:] - b[:, 10:])).max() > 1e-4
+
+
+def test_fused_attention_matches_reference(tiny_model_cfg):
+    """jax.nn.dot_product_attention (XLA) agrees with the plain einsum attention."""
+    params = init_params(tiny_model_cfg, jax.random.key(0))
+    tokens = _tokens(tiny_model_cfg)
+    ref = GPT(tiny_model_cfg).apply({"params": params}, tokens)
+    xla = GPT(dataclasses.replace(tiny_model_cfg, attention="xla")).apply({"params": params}, tokens)
+    np.testing.assert_allclose(xla, ref, atol=2e-5, rtol=1e-5)
+    # With a padding mask too (the explicit-mask path of the fused kernel).
+    mask = jnp.arange(20)[None, :] < jnp.array([[20], [15], [7]])
+    ref = GPT(tiny_model_cfg).apply({"params": params}, tokens, attention_mask=mask)
+    xla = GPT(dataclasses.replace(tiny_model_cfg, attention="xla")).apply({"params": params}, tokens, attention_mask=mask)
+    np.testing.assert_allclose(xla, ref, atol=2e-5, rtol=1e-5)
+
+
+def test_reference_attention_closed_form():
+    """One query, two keys: weights are softmax(q.k / sqrt(d)) by hand."""
+    q = jnp.array([1.0, 0.0]).reshape(1, 1, 1, 2)
+    k = jnp.array([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 2, 1, 2)
+    v = jnp.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 2, 1, 2)
+    w = np.exp([1 / np.sqrt(2), 0.0])
+    w = w / w.sum()
+    out = reference_attention(q, k, v, jnp.ones((1, 1, 1, 2), bool))
+    np.testing.assert_allclose(out.reshape(2), w @ np.array([[1.0, 2.0], [3.0, 4.0]]), rtol=1e-6)
+
+
+def test_kv_cache_matches_full_forward(tiny_model_cfg):
+    cfg = tiny_model_cfg
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(cfg, b=2, t=12)
+    full = GPT(cfg).apply({"params": params}, tokens)
+    cache = init_cache(cfg, 2, 16)
+    logits, cache = GPT(cfg).apply({"params": params}, tokens[:, :5], cache=cache)
+    outs = [logits]
+    for i in range(5, 12):
+        logits, cache = GPT(cfg).apply({"params": params}, tokens[:, i : i + 1], cache=cache)
+        outs.append(logits)
+    np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
+    assert int(cache["index"]) == 12
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits(tiny_model_cfg):
+    cfg = dataclasses.replace(tiny_model_cfg, dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(params))
+    tokens = _tokens(cfg)
+    logits = GPT(cfg).apply({"params": params}, tokens)
+    assert logits.dtype == jnp.float32
+    ref = GPT(tiny_model_cfg).apply({"params": params}, tokens)
+    assert np.abs(np.asarray(logits - ref)).max() < 0.1  # bf16 rounding, same function
+
+
+def test_remat_same_values_and_grads(tiny_model_cfg):
+    params = init_params(tiny_model_cfg, jax.random.key(0))
+    tokens = _tokens(tiny_model_cfg)
+    loss = lambda cfg: lambda p: GPT(cfg).apply({"params": p}, tokens).mean()
+    g1 = jax.grad(loss(tiny_model_cfg))(params)
+    g2 = jax.grad(loss(dataclasses.replace(tiny_model_cfg, remat=True)))(params)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), g1, g2)
+
+
+def test_dropout_is_active_only_in_training(tiny_model_cfg):
+    cfg = dataclasses.replace(tiny_model_cfg, dropout=0.5)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = _tokens(cfg)
+    model = GPT(cfg)
+    eval1 = model.apply({"params": params}, tokens)
+    eval2 = model.apply({"params": params}, tokens)
+    np.testing.assert_array_equal(eval1, eval2)
+    train = model.apply({"params": params}, tokens, deterministic=False, rngs={"dropout": jax.random.key(3)})
+    assert np.abs(np.asarray(train - eval1)).max() > 1e-3
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_shapes(name):
+    cfg = load_config(None, [f"model.preset={name}"]).model
+    shapes = param_shapes(cfg)
+    d = cfg.n_embd
+    assert shapes["h_0"]["attn"]["c_attn"]["kernel"].shape == (d, 3 * d)
+    assert len([k for k in shapes if k.startswith("h_")]) == cfg.n_layer

@@ -1,0 +1,130 @@
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxgpt.config import TrainConfig
+from jaxgpt.losses import token_cross_entropy
+from jaxgpt.model import GPT, init_params
+from jaxgpt.optim import FREEZE, TRAIN, count_trainable, decay_mask, label_params, lr_schedule, make_optimizer
+from jaxgpt.parallel import DataParallel
+from jaxgpt.steps import create_train_state, eval_step, lm_loss_fn, train_step
+
+
+def _batches(cfg, n=5, batch=8, seq=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        {
+            "inputs": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32),
+            "targets": rng.integers(0, cfg.vocab_size, (batch, seq)).astype(np.int32),
+        }
+        for _ in range(n)
+    ]
+
+
+def _train(cfg, tcfg, num_devices, accum, batches):
+    params = init_params(cfg, jax.random.key(0))
+    tx = make_optimizer(tcfg)
+    dp = DataParallel(num_devices)
+    state = dp.replicate(create_train_state(params, tx))
+    step = dp.compile_train_step(train_step, loss_fn=lm_loss_fn(GPT(cfg)), tx=tx)
+    losses = []
+    for b in batches:
+        state, metrics = step(state, dp.shard_train(b, accum), jax.random.key(1))
+        losses.append(float(dp.first(metrics)["loss"]))
+    return dp.unreplicate(state), losses
+
+
+def test_pmap_over_4_devices_equals_single_device(tiny_model_cfg):
+    """5 pmapped steps on 4 fake CPU devices == 5 jitted single-device steps, same global batch.
+
+    Tolerance: 1e-5 absolute on every parameter. The only difference is the order of the
+    float32 sums (per device, then psum), which Adam's normalised update turns into ~1e-6.
+    """
+    assert jax.local_device_count() >= 4, "conftest sets 4 host devices"
+    tcfg = TrainConfig(lr=1e-3, warmup_steps=1, max_steps=5)
+    batches = _batches(tiny_model_cfg)
+    single, l1 = _train(tiny_model_cfg, tcfg, 1, 1, batches)
+    multi, l4 = _train(tiny_model_cfg, tcfg, 4, 1, batches)
+    np.testing.assert_allclose(l1, l4, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), single.params, multi.params)
+    assert int(multi.step) == 5
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_model_cfg):
+    tcfg = TrainConfig(lr=1e-3, warmup_steps=1, max_steps=3)
+    batches = _batches(tiny_model_cfg, n=3)
+    big, _ = _train(tiny_model_cfg, tcfg, 1, 1, batches)
+    acc, _ = _train(tiny_model_cfg, tcfg, 2, 2, batches)  # 2 devices x 2 micro-batches x 2 rows
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), big.params, acc.params)
+
+
+def test_loss_decreases_on_a_repeated_batch(tiny_model_cfg):
+    tcfg = TrainConfig(lr=1e-2, warmup_steps=0, max_steps=20)
+    batches = _batches(tiny_model_cfg, n=1) * 20
+    _, losses = _train(tiny_model_cfg, tcfg, 1, 1, batches)
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_cross_entropy_closed_form():
+    vocab = 10
+    logits = jnp.zeros((2, 3, vocab))
+    targets = jnp.zeros((2, 3), jnp.int32)
+    loss_sum, count = token_cross_entropy(logits, targets)
+    assert count == 6 and np.isclose(loss_sum / count, math.log(vocab))
+    # p(target) = 0.5 exactly on two unmasked tokens
+    logits = jnp.log(jnp.array([[[0.5, 0.25, 0.25]] * 3]))
+    mask = jnp.array([[1, 0, 1]])
+    loss_sum, count = token_cross_entropy(logits, jnp.zeros((1, 3), jnp.int32), mask)
+    assert count == 2 and np.isclose(loss_sum, 2 * math.log(2.0), atol=1e-6)
+
+
+def test_eval_step_sums_match_manual(tiny_model_cfg):
+    params = init_params(tiny_model_cfg, jax.random.key(0))
+    b = _batches(tiny_model_cfg, n=1)[0]
+    out = eval_step(params, b, loss_fn=lm_loss_fn(GPT(tiny_model_cfg)))
+    logits = GPT(tiny_model_cfg).apply({"params": params}, b["inputs"])
+    manual = optax.softmax_cross_entropy_with_integer_labels(logits, b["targets"]).mean()
+    np.testing.assert_allclose(out["loss"] / out["count"], manual, rtol=1e-6)
+
+
+def test_schedule_warmup_then_cosine():
+    t = TrainConfig(lr=1.0, warmup_steps=10, max_steps=110, min_lr_ratio=0.1)
+    s = lr_schedule(t)
+    assert float(s(0)) == 0.0 and np.isclose(float(s(5)), 0.5) and np.isclose(float(s(10)), 1.0)
+    assert np.isclose(float(s(60)), 0.1 + 0.9 * 0.5, atol=1e-6)  # half-way down the cosine
+    assert np.isclose(float(s(110)), 0.1)
+
+
+def test_weight_decay_only_on_matrices(tiny_model_cfg):
+    params = init_params(tiny_model_cfg, jax.random.key(0))
+    mask = decay_mask(params)
+    assert mask["h_0"]["attn"]["c_attn"]["kernel"] and mask["wte"]["embedding"]
+    assert not mask["h_0"]["attn"]["c_attn"]["bias"] and not mask["ln_f"]["scale"]
+
+
+def test_frozen_params_bitwise_unchanged_and_stateless(tiny_model_cfg):
+    params = init_params(tiny_model_cfg, jax.random.key(0))
+    labels = label_params(params, lambda path, _: path[0] == "h_1")
+    tx = make_optimizer(TrainConfig(lr=1e-2, warmup_steps=0), labels)
+    state = create_train_state(params, tx)
+    # No Adam moments for frozen leaves: only the trainable block's leaves carry state.
+    n_state = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0)
+    assert n_state == 2 * count_trainable(params, labels)
+    step = jax.jit(lambda s, b, k: train_step(s, b, k, loss_fn=lm_loss_fn(GPT(tiny_model_cfg)), tx=tx))
+    for b in _batches(tiny_model_cfg, n=3):
+        state, _ = step(state, jax.tree_util.tree_map(lambda x: x[None], b), jax.random.key(0))
+    for name in ("h_0", "wte", "wpe", "ln_f"):
+        jax.tree_util.tree_map(np.testing.assert_array_equal, state.params[name], params[name])
+    assert not np.array_equal(state.params["h_1"]["mlp"]["c_fc"]["kernel"], params["h_1"]["mlp"]["c_fc"]["kernel"])
+    assert labels["h_1"]["ln_1"]["scale"] == TRAIN and labels["h_0"]["ln_1"]["scale"] == FREEZE
+
+
+def test_bad_batch_division_is_a_user_error():
+    from jaxgpt.errors import UserError
+
+    with pytest.raises(UserError, match="divisible"):
+        DataParallel(4).check_batch_size(6, 1)
