@@ -24,9 +24,14 @@ CONFIG_FILE = "config.yaml"
 
 
 def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only, read_only=read_only)
+    if read_only:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+    else:
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
     return ocp.CheckpointManager(
-        Path(run_dir).absolute() / CHECKPOINT_DIR, options=options, item_names=("state", "meta")
+        Path(run_dir).absolute() / CHECKPOINT_DIR,
+        options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
     )
 
 
@@ -54,18 +59,41 @@ def restore(run_dir: str | Path, target: Any, step: int | None = None) -> tuple[
     if step is None:
         raise UserError(f"{run_dir} has no checkpoint to resume from (looked in {Path(run_dir) / CHECKPOINT_DIR})")
     manager = checkpoint_manager(run_dir, read_only=True)
-    abstract = jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target
+    _check_shapes(manager.item_metadata(step)["state"], target, f"checkpoint {step} in {run_dir}")
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
     )
-    try:
-        restored = manager.restore(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-        )
-    except (ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"checkpoint {step} in {run_dir} does not match this model/optimiser: {first}") from None
     return restored["state"], restored["meta"]
+
+
+def _path_shapes(tree) -> dict[str, tuple]:
+    def name(k):
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                return str(getattr(k, attr))
+        return str(k)
+
+    leaves = jax.tree_util.tree_leaves_with_path(getattr(tree, "tree", tree))
+    return {"/".join(name(k) for k in path): tuple(np.shape(leaf) if not hasattr(leaf, "shape") else leaf.shape)
+            for path, leaf in leaves}
+
+
+def _check_shapes(saved_metadata, target, where: str) -> None:
+    """Orbax would silently pad or truncate mismatched arrays: refuse instead, naming the
+    first parameter that differs and both shapes."""
+    saved, wanted = _path_shapes(saved_metadata), _path_shapes(target)
+    for path in sorted(set(saved) | set(wanted)):
+        if path not in saved:
+            raise UserError(f"{where} does not match this model/optimiser: it lacks {path}")
+        if path not in wanted:
+            raise UserError(f"{where} does not match this model/optimiser: unexpected {path}")
+        if tuple(saved[path]) != tuple(wanted[path]):
+            raise UserError(
+                f"{where} does not match this model/optimiser: {path} is {list(saved[path])} "
+                f"in the checkpoint but {list(wanted[path])} here"
+            )
 
 
 def read_run_config(run_dir: str | Path, overrides=()) -> Config:

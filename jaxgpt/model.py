@@ -168,7 +168,9 @@ class GPT(nn.Module):
     `apply(params, tokens)` -> logits `[batch, seq, vocab]` (float32).
     `apply(params, tokens, cache=cache)` -> `(logits, new_cache)` for incremental decoding.
     `return_hidden=True` returns the final-LayerNorm hidden states `[batch, seq, n_embd]`
-    instead of logits, for heads other than the LM head.
+    instead of logits, for heads other than the LM head. `last_only=True` applies the head
+    to the last position only (`[batch, 1, vocab]`): decoding never needs the prompt's
+    `[batch, prompt, vocab]` logits.
 
     tokens: `[batch, seq]` int. positions: `[batch, seq]` (default: 0.. or, with a cache,
     counted on from the cache index). attention_mask: `[batch, seq]` bool, False on padding
@@ -187,6 +189,7 @@ class GPT(nn.Module):
         cache: Cache | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
+        last_only: bool = False,
     ):
         cfg = self.config
         b, t = tokens.shape
@@ -216,6 +219,10 @@ class GPT(nn.Module):
             positions = jnp.broadcast_to(q_slots[None, :], (b, t))
         causal = k_slots[None, :] <= q_slots[:, None]  # [q, kv]
         mask = causal[None, None, :, :] & key_valid[:, None, None, :]  # [b, 1, q, kv]
+        # Every query may see its own slot, so a padding query never has an all-masked row
+        # (fused kernels can return NaN there, which would leak through 0 * NaN). Real
+        # tokens' rows are unchanged: they already see themselves.
+        mask = mask | (k_slots[None, :] == q_slots[:, None])[None, None]
 
         x = wte(tokens) + wpe(positions)
         x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
@@ -232,6 +239,8 @@ class GPT(nn.Module):
             )
             new_layers.append(new_layer)
         x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="ln_f")(x)
+        if last_only:
+            x = x[:, -1:]
 
         if return_hidden:
             out = x

@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPT, compute_dtype, init_cache
+from jaxgpt.model import GPT, init_cache
 
 Array = jax.Array
 
@@ -144,20 +144,6 @@ def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
 # The jitted decode loop
 
 
-def _lm_head(params, config: ModelConfig, hidden: Array) -> Array:
-    """Logits `[b, V]` float32 from final hidden states `[b, d]`, as `GPT`'s head does.
-
-    Prefill asks the model for hidden states and projects only the last position, so a long
-    prompt never materialises `[b, P, V]` float32 logits.
-    """
-    dtype = compute_dtype(config)
-    if config.tie_embeddings:
-        w = params["wte"]["embedding"].astype(dtype).T
-    else:
-        w = params["lm_head"]["kernel"].astype(dtype)
-    return jnp.dot(hidden.astype(dtype), w).astype(jnp.float32)
-
-
 @functools.partial(
     jax.jit,
     static_argnames=("config", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id",
@@ -178,9 +164,10 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, *
 
     # Prefill: the whole prompt in one call; the last column is every row's last real token.
     cache = init_cache(config, b, p + n)
-    hidden, cache = model.apply({"params": params}, prompt_tokens, positions=positions,
-                                attention_mask=mask, cache=cache, return_hidden=True)
-    tok, lp = sample(_lm_head(params, config, hidden[:, -1]), jax.random.fold_in(key, 0))
+    # last_only: the head runs on the final position alone, never on `[b, P, V]`.
+    logits, cache = model.apply({"params": params}, prompt_tokens, positions=positions,
+                                attention_mask=mask, cache=cache, last_only=True)
+    tok, lp = sample(logits[:, 0], jax.random.fold_in(key, 0))
     tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
     cmask = jnp.zeros((b, n), bool).at[:, 0].set(True)
@@ -193,11 +180,10 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, *
     def body(carry):
         i, cache, prev, done, tokens, logprobs, cmask = carry
         # Feed the previous token (at position n_real + i - 1), sample token i.
-        h, cache = model.apply({"params": params}, prev[:, None],
-                               positions=(n_real + i - 1)[:, None],
-                               attention_mask=jnp.ones((b, 1), bool), cache=cache,
-                               return_hidden=True)
-        tok, lp = sample(_lm_head(params, config, h[:, 0]), jax.random.fold_in(key, i))
+        logits, cache = model.apply({"params": params}, prev[:, None],
+                                    positions=(n_real + i - 1)[:, None],
+                                    attention_mask=jnp.ones((b, 1), bool), cache=cache)
+        tok, lp = sample(logits[:, 0], jax.random.fold_in(key, i))
         tok = jnp.where(done, pad_id, tok)  # finished rows emit padding, not counted
         lp = jnp.where(done, 0.0, lp)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))

@@ -196,11 +196,11 @@ def test_bad_arguments_raise_user_error(kwargs, message):
 def test_bad_prompts_raise_user_error():
     tok = CharTokenizer()
     with pytest.raises(UserError, match="empty prompt"):
-        generate(_params(CFG), CFG, ["ok", ""], tokenizer=tok)
+        generate(_params(CFG), CFG, ["ok", ""], max_new_tokens=5, tokenizer=tok)
     with pytest.raises(UserError, match="no prompt"):
-        generate(_params(CFG), CFG, [], tokenizer=tok)
+        generate(_params(CFG), CFG, [], max_new_tokens=5, tokenizer=tok)
     with pytest.raises(UserError, match="outside the model's vocabulary"):
-        generate(_params(CFG), CFG, [1, 2, 500], tokenizer=tok)
+        generate(_params(CFG), CFG, [1, 2, 500], max_new_tokens=5, tokenizer=tok)
 
 
 def test_cli(monkeypatch, tmp_path, capsys):
