@@ -1,0 +1,329 @@
+"""Corpus -> on-disk token file, tokenized once, streamed, reused while the source is unchanged.
+
+A *source* (`data.path`) is one of
+
+* a bundled corpus name (`"the-verdict"`, see `jaxgpt.datasets`),
+* a UTF-8 text file,
+* a folder: every `*.txt` below it, recursively, in sorted relative-path order,
+* `"tfds:NAME"` or `"tfds:NAME:SPLIT"` (split defaults to `train`; NAME may carry a config
+  and version, `"tfds:wiki/en:1.0.0:train[:10%]"`), read with `tensorflow_datasets.data_source`
+  (random access over array_record; no TensorFlow). Each record's `text_field` is a document.
+
+Documents (folder files, tfds records) are joined with one `<|endoftext|>` (50256) between
+them, none before the first or after the last; a single file is one document, so its tokens
+are exactly `tokenizer.encode(file_text)` (a literal `<|endoftext|>` in the text is the
+special token, as in the book's `GPTDatasetV1`).
+
+The token file is a flat little-endian uint16 array (`<name>-<key>.bin`) with a JSON sidecar
+(`.json`: source, fingerprint, token count, dtype). Text is read and encoded in ~1 MB chunks
+cut only where BPE cannot merge across the cut, and tokens are appended to a temporary file
+that is renamed into place when complete, then the sidecar is written the same way: a
+killed run leaves at most an ignored `*.tmp-*` file, never a truncated file that is trusted.
+A later call reuses the file when the sidecar's fingerprint matches the source now.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+
+from jaxgpt import tokenizer
+from jaxgpt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DTYPE = "<u2"  # GPT-2's 50,257 ids fit in uint16
+CHUNK_CHARS = 1 << 20  # text handed to the encoder per piece
+HASH_LIMIT = 16 << 20  # files up to this size are fingerprinted by content, larger by size+mtime
+
+
+# ---------------------------------------------------------------------------------------
+# Cutting text where BPE gives the same tokens either side
+
+
+def _safe_cut(text: str, start: int) -> int:
+    """Largest p >= start with text[p] whitespace and text[p-1] not, else -1.
+
+    GPT-2's pre-tokenizer never joins a non-space character with the whitespace after it,
+    and only *trailing* whitespace behaves differently at the end of a string (`\\s++$`:
+    "a\\n\\n" ends in token 628, but "a\\n\\nb" has 198, 198). Cutting *before* a whitespace
+    run that follows a non-space character therefore gives the same pre-tokens, hence the
+    same tokens, as encoding the whole text at once. Newlines are preferred, then spaces.
+    """
+    for sep in ("\n", " "):
+        p = len(text)
+        while True:
+            p = text.rfind(sep, start, p)
+            if p <= 0:
+                break
+            if not text[p - 1].isspace():  # str.isspace covers every regex \s character
+                return p
+    return -1
+
+
+_FORWARD_CUT = re.compile(r"(?<=\S)[\n ]")
+
+
+def split_text(text: str, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
+    """Pieces of `text` of about `max_chars`, cut as `_safe_cut` allows (longer where it can't)."""
+    while len(text) > max_chars:
+        p = _safe_cut(text[: max_chars + 1], 1)
+        if p <= 0:
+            m = _FORWARD_CUT.search(text, max_chars)
+            if m is None:
+                break
+            p = m.start()
+        yield text[:p]
+        text = text[p:]
+    if text:
+        yield text
+
+
+def read_text_chunks(path: Path, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
+    """A UTF-8 file as safe-cut pieces of ~`max_chars`, never holding the whole file.
+
+    A file with no safe cut for `8 * max_chars` characters is cut there anyway (the tokens
+    at that one seam may then differ from one-shot encoding; real text never does this).
+    """
+    carry = ""
+    try:
+        with open(path, encoding="utf-8") as f:  # universal newlines, as the book reads it
+            while True:
+                block = f.read(max_chars)
+                if not block:
+                    break
+                carry += block
+                if len(carry) <= max_chars:
+                    continue
+                p = _safe_cut(carry, 1)
+                if p <= 0 and len(carry) >= 8 * max_chars:
+                    p = len(carry)
+                if p > 0:
+                    yield carry[:p]
+                    carry = carry[p:]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    if carry:
+        yield carry
+
+
+# ---------------------------------------------------------------------------------------
+# Sources
+
+
+@dataclass
+class Source:
+    """A resolved corpus: a stable key (names the cache file), a fingerprint of its current
+    contents, and a factory for its documents (each an iterable of text pieces)."""
+
+    spec: str  # as the user wrote it
+    key: str  # canonical identity, e.g. "file:/abs/path"
+    slug: str  # readable part of the cache file name
+    fingerprint: dict
+    documents: Callable[[], Iterable[Iterable[str]]] = field(repr=False)
+
+
+def _file_fingerprint(path: Path, rel: str) -> list:
+    st = path.stat()
+    if st.st_size <= HASH_LIMIT:
+        return [rel, st.st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+    return [rel, st.st_size, st.st_mtime_ns]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.")[:48] or "corpus"
+
+
+def resolve_source(
+    spec: str, text_field: str = "text", tfds_data_dir: str | None = None, chunk_chars: int = CHUNK_CHARS
+) -> Source:
+    """Interpret `data.path`; UserError if it names nothing usable."""
+    from jaxgpt import datasets
+
+    if not spec or not spec.strip():
+        raise UserError("data.path is empty; give a bundled corpus name, a text file, a folder or tfds:NAME")
+    if spec.startswith("tfds:"):
+        from jaxgpt.data.tfds_source import tfds_source
+
+        return tfds_source(spec, text_field, tfds_data_dir, chunk_chars)
+    if spec in datasets.BUNDLED:
+        entry = datasets.BUNDLED[spec]
+        if entry.kind != "text":
+            raise UserError(
+                f"bundled data set {spec!r} is {entry.kind} data, not a text corpus; "
+                f"text corpora: {', '.join(datasets.bundled_names('text'))}"
+            )
+        path = datasets.bundled_path(spec)
+        return Source(spec, f"bundled:{spec}", _slug(spec), {"files": [_file_fingerprint(path, entry.file)]},
+                      lambda: [read_text_chunks(path, chunk_chars)])
+    path = Path(spec).expanduser()
+    if path.is_file():
+        path = path.resolve()
+        return Source(spec, f"file:{path}", _slug(path.stem), {"files": [_file_fingerprint(path, path.name)]},
+                      lambda: [read_text_chunks(path, chunk_chars)])
+    if path.is_dir():
+        path = path.resolve()
+        files = sorted((p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+        if not files:
+            raise UserError(f"folder {path} has no .txt files; data.path needs a folder of *.txt documents")
+        fp = {"files": [_file_fingerprint(p, p.relative_to(path).as_posix()) for p in files]}
+        return Source(spec, f"dir:{path}", _slug(path.name), fp,
+                      lambda: (read_text_chunks(p, chunk_chars) for p in files))
+    raise UserError(
+        f"data.path {spec!r} is neither a bundled corpus ({', '.join(datasets.bundled_names('text'))}) "
+        "nor an existing file or folder, nor tfds:NAME"
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizing into the cache
+
+
+def default_cache_dir() -> Path:
+    """`$JAXGPT_CACHE/tokens` if that variable is set, else `~/.cache/jaxgpt/tokens`."""
+    root = os.environ.get("JAXGPT_CACHE")
+    return Path(root).expanduser() / "tokens" if root else Path.home() / ".cache" / "jaxgpt" / "tokens"
+
+
+def _pieces(documents: Iterable[Iterable[str]]) -> Iterator[str | None]:
+    """Text pieces, with None where an <|endoftext|> goes (between non-empty documents)."""
+    first = True
+    for doc in documents:
+        it = iter(doc)
+        head = next((piece for piece in it if piece), None)
+        if head is None:
+            continue
+        if not first:
+            yield None
+        first = False
+        yield head
+        yield from it
+
+
+def _write_tokens(source: Source, out, chunk_chars: int, num_threads: int) -> int:
+    """Encode `source` into the open binary file `out`; returns the token count."""
+    count = 0
+    batch: list[str | None] = []
+    chars = 0
+
+    def flush() -> None:
+        nonlocal count, chars
+        encoded = iter(tokenizer.encode_batch([p for p in batch if p is not None], num_threads=num_threads))
+        ids: list[int] = []
+        for piece in batch:
+            ids.extend([tokenizer.EOT_ID] if piece is None else next(encoded))
+        np.asarray(ids, dtype=DTYPE).tofile(out)
+        count += len(ids)
+        batch.clear()
+        chars = 0
+
+    for piece in _pieces(source.documents()):
+        batch.append(piece)
+        chars += len(piece) if piece else 1
+        if chars >= chunk_chars * num_threads or len(batch) >= 4096:
+            flush()
+    if batch:
+        flush()
+    return count
+
+
+def _atomic_write(path: Path, write: Callable) -> object:
+    """Run `write(file)` on a unique temp file beside `path`, then rename it over `path`."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "wb") as f:
+            result = write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return result
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def token_file_paths(source: Source, cache_dir: str | Path = "") -> tuple[Path, Path]:
+    """(`.bin`, `.json`) cache paths of `source` (named by its key and the tokenizer)."""
+    cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, "gpt2", source.key]).encode()).hexdigest()[:16]
+    stem = f"{source.slug}-{digest}"
+    return cache / f"{stem}.bin", cache / f"{stem}.json"
+
+
+def _cached_count(bin_path: Path, meta_path: Path, fingerprint: dict) -> int | None:
+    try:
+        meta = json.loads(meta_path.read_text())
+        n = int(meta["tokens"])
+        ok = (meta.get("format") == FORMAT_VERSION and meta.get("dtype") == DTYPE
+              and meta.get("fingerprint") == fingerprint and n > 0 and bin_path.stat().st_size == 2 * n)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return n if ok else None
+
+
+def prepare_token_file(
+    source: str,
+    cache_dir: str | Path = "",
+    text_field: str = "text",
+    *,
+    tfds_data_dir: str | None = None,
+    chunk_chars: int = CHUNK_CHARS,
+    num_threads: int = 0,
+) -> tuple[Path, int]:
+    """Tokenize `source` into the cache unless an up-to-date token file exists.
+
+    Returns (path of the uint16 `.bin`, number of tokens). `num_threads` 0 = up to 4.
+    """
+    src = resolve_source(source, text_field, tfds_data_dir, chunk_chars)
+    fingerprint = json.loads(json.dumps(src.fingerprint))  # as it reads back from JSON
+    bin_path, meta_path = token_file_paths(src, cache_dir)
+    n = _cached_count(bin_path, meta_path, fingerprint)
+    if n is not None:
+        return bin_path, n
+    try:
+        bin_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create token cache folder {bin_path.parent} ({e.strerror}); set data.cache_dir") from None
+    threads = num_threads or max(1, min(4, os.cpu_count() or 1))
+    t0 = time.time()
+    n = _atomic_write(bin_path, lambda f: _write_tokens(src, f, chunk_chars, threads))
+    if n == 0:
+        bin_path.unlink(missing_ok=True)
+        raise UserError(f"corpus {source!r} is empty (0 tokens); point data.path at a corpus with text in it")
+    meta = {"format": FORMAT_VERSION, "source": src.key, "spec": source, "fingerprint": fingerprint,
+            "tokens": n, "dtype": DTYPE, "tokenizer": "gpt2", "seconds": round(time.time() - t0, 3)}
+    _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    log.info("tokenized %s: %d tokens -> %s", source, n, bin_path)
+    return bin_path, n
+
+
+def prepare_tokens(
+    source: str,
+    cache_dir: str | Path = "",
+    text_field: str = "text",
+    *,
+    tfds_data_dir: str | None = None,
+    chunk_chars: int = CHUNK_CHARS,
+    num_threads: int = 0,
+) -> np.ndarray:
+    """The corpus as a read-only memmap of uint16 token ids, shape [N] (tokenized once).
+
+    `source` is `data.path`, `cache_dir` is `data.cache_dir` ("" = `default_cache_dir()`),
+    `text_field` is `data.text_field` (tfds sources only), `tfds_data_dir` is tfds'
+    data_dir (None = tfds' default, `$TFDS_DATA_DIR` or ~/tensorflow_datasets).
+    """
+    path, n = prepare_token_file(source, cache_dir, text_field, tfds_data_dir=tfds_data_dir,
+                                 chunk_chars=chunk_chars, num_threads=num_threads)
+    return np.memmap(path, dtype=DTYPE, mode="r", shape=(n,))
