@@ -32,15 +32,15 @@ the next tensor is read. Peak host memory is therefore one full set of float32 p
 one tensor in flight (plus, for a tied checkpoint that also stores `lm_head.weight`, one
 `[V, d]` tensor for the equality check), never two full copies of a 1558M model.
 `pytorch_model.bin` is opened with `torch.load(mmap=True)` for the same reason.
+
+Related modules: `jaxgpt.hub.resolve_init` is the one `--init SPEC` resolver (run directory,
+HF directory, OpenAI TF directory or preset download); `jaxgpt.export.export_hf` writes the
+HF format back. Both are re-exported here.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
@@ -78,7 +78,6 @@ _SHAPE_KEYS = {  # ModelConfig field -> accepted config.json keys, first preferr
     "n_layer": ("n_layer", "num_hidden_layers"),
     "n_head": ("n_head", "num_attention_heads"),
 }
-GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos and eos
 
 
 def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
@@ -103,7 +102,7 @@ def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> ModelCo
         shape[field] = value
     if shape["n_embd"] % shape["n_head"]:
         raise UserError(f"{where}: n_embd ({shape['n_embd']}) is not divisible by n_head ({shape['n_head']})")
-    get = lambda k: hf[k] if hf.get(k) is not None or k == "n_inner" and k in hf else HF_DEFAULTS[k]
+    get = lambda k: hf[k] if hf.get(k) is not None else HF_DEFAULTS[k]
     act = get("activation_function")
     if act not in _TANH_GELUS:
         raise UserError(f"{where}: activation_function is {act!r}; jaxgpt's GPT-2 MLP computes gelu_new")
@@ -121,41 +120,6 @@ def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> ModelCo
         tie_embeddings=bool(get("tie_word_embeddings")),
         layer_norm_epsilon=float(get("layer_norm_epsilon")),
     )
-
-
-def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """A config.json dict that `transformers.GPT2LMHeadModel.from_pretrained` accepts.
-
-    The token ids are GPT-2's `<|endoftext|>` (50256), left out (null) when the vocabulary
-    is too small to hold it.
-    """
-    eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.context_length,
-        "n_ctx": config.context_length,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": config.layer_norm_epsilon,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "add_cross_attention": False,
-        "use_cache": True,
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "tie_word_embeddings": config.tie_embeddings,
-        "dtype": "float32",
-    }
 
 
 def config_from_openai(hparams: Mapping[str, Any], where: str = "hparams.json") -> ModelConfig:
@@ -307,7 +271,7 @@ def convert_tensors(
     """
     expected = traverse_util.flatten_dict(param_shapes(config))
     out: dict[tuple[str, ...], jax.Array] = {}
-    tied_head: Tensor | None = None
+    tied_head: np.ndarray | None = None
     for t in tensors:
         tgt = target(t.name)
         if tgt is None:
@@ -315,7 +279,7 @@ def convert_tensors(
         if tgt.path is None:
             continue  # attention-mask buffer
         if tgt.path == ("lm_head", "kernel") and config.tie_embeddings:
-            tied_head = t
+            tied_head = _to_f32(t.load(), "")  # compared with wte once that is read
             continue
         name = "/".join(tgt.path)
         if tgt.path not in expected:
@@ -338,7 +302,7 @@ def convert_tensors(
                         f"n_layer={config.n_layer}, tie_embeddings={config.tie_embeddings})")
     if tied_head is not None:
         wte = out[("wte", "embedding")]
-        head = _to_f32(tied_head.load(), "")
+        head = tied_head
         if head.shape != wte.shape or not np.array_equal(head, np.asarray(wte)):
             raise UserError(f"{source}: lm_head.weight differs from wte.weight but the config ties them "
                             f"(tie_word_embeddings true); set it to false to load an untied head")
@@ -349,7 +313,7 @@ def check_params(params: Params, config: ModelConfig, source: str = "params") ->
     """Raise a one-line `UserError` unless `params` has exactly `param_shapes(config)`."""
     have = traverse_util.flatten_dict(params)
     want = traverse_util.flatten_dict(param_shapes(config))
-    for path, spec in want.items():
+    for path, spec in sorted(want.items(), key=lambda kv: (kv[0][:-1], kv[0][-1] == "bias")):
         name = "/".join(path)
         if path not in have:
             raise UserError(f"{source}: missing parameter {name} {_fmt(spec.shape)}")
@@ -466,83 +430,12 @@ def load_openai_dir(path: str | Path) -> tuple[ModelConfig, Params]:
         names = tf.train.list_variables(prefix)
     except Exception as e:
         raise UserError(f"cannot read TensorFlow checkpoint {prefix}: {e}") from None
+    names = [(n, s) for n, s in names if n.startswith("model/")]  # skip e.g. a global step
     return load_openai_variables(names, lambda n: tf.train.load_variable(prefix, n), hparams, prefix)
 
 
 # ---------------------------------------------------------------------------------------
-# Export
-
-
-def _has_lora(params: Params) -> bool:
-    return any(k in ("lora_a", "lora_b") for path in traverse_util.flatten_dict(params) for k in path)
-
-
-def merge_lora_if_needed(params: Params) -> Params:
-    """Fold LoRA adapters into their base kernels (`jaxgpt.lora.merge_lora`) so the export is
-    a plain GPT-2; params without adapters are returned as they are."""
-    if not _has_lora(params):
-        return params
-    try:
-        from jaxgpt.lora import merge_lora
-    except ImportError:
-        raise UserError("params hold LoRA adapters (lora_a/lora_b) but jaxgpt.lora.merge_lora is not "
-                        "available to merge them before export") from None
-    return merge_lora(params)
-
-
-def hf_state_dict(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
-    """Float32, C-contiguous numpy arrays under HF `GPT2LMHeadModel` keys.
-
-    Tied models store only `transformer.wte.weight` (as `save_pretrained` does; the head is
-    re-tied on load). Untied models add `lm_head.weight` `[V, d]` (the kernel transposed).
-    `qkv_bias=False` is written as zero c_attn biases, since HF GPT-2 always has that bias:
-    adding zeros is exactly the same function.
-    """
-    params = merge_lora_if_needed(params)
-    check_params(params, config)
-    out: dict[str, np.ndarray] = {}
-    for path, value in traverse_util.flatten_dict(params).items():
-        a = np.asarray(jax.device_get(value), dtype=np.float32)
-        out[hf_key(path)] = np.ascontiguousarray(a.T if path == ("lm_head", "kernel") else a)
-    if not config.qkv_bias:
-        for i in range(config.n_layer):
-            out[f"transformer.h.{i}.attn.c_attn.bias"] = np.zeros(3 * config.n_embd, np.float32)
-    return dict(sorted(out.items()))
-
-
-def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write a Hugging Face GPT-2 directory: config.json + model.safetensors.
-
-    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it. Files are written into
-    a temporary sibling directory that is renamed into place, so an interrupted export
-    leaves nothing half-written at `out_dir`. A non-empty `out_dir` is refused unless
-    `force`, in which case it is replaced as a whole.
-    """
-    from safetensors.numpy import save_file
-
-    out = Path(out_dir).expanduser().absolute()
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UserError(f"{out} is not empty; pass --force to replace it")
-    tensors = hf_state_dict(params, model_config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(model_config), indent=2) + "\n")
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        del tensors
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+# Counting and the resolver
 
 
 def num_params_hf(config: ModelConfig) -> int:
@@ -553,8 +446,15 @@ def num_params_hf(config: ModelConfig) -> int:
     return V * d + config.context_length * d + L * block + 2 * d + head
 
 
-__all__ = [
-    "config_from_hf", "config_to_hf", "config_from_openai", "hf_target", "openai_target", "hf_key",
-    "convert_tensors", "check_params", "load_hf_state_dict", "load_hf_dir", "load_openai_variables",
-    "load_openai_dir", "hf_state_dict", "export_hf", "merge_lora_if_needed", "num_params_hf", "math",
-]
+def resolve_init(spec: str, expect: ModelConfig | None = None) -> tuple[ModelConfig, Params]:
+    """Same as `jaxgpt.hub.resolve_init` (the one `--init` resolver), re-exported here."""
+    from jaxgpt.hub import resolve_init as _resolve
+
+    return _resolve(spec, expect)
+
+
+def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Same as `jaxgpt.export.export_hf` (write a Hugging Face GPT-2 directory), re-exported here."""
+    from jaxgpt.export import export_hf as _export
+
+    return _export(params, model_config, out_dir, force=force)

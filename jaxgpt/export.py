@@ -1,0 +1,219 @@
+"""Export GPT-2 weights to a Hugging Face directory: `export_hf` and its command line.
+
+    python -m jaxgpt.export --init SPEC --to-hf OUTDIR [--force]
+
+SPEC is anything `--init` accepts (a jaxgpt run directory, a Hugging Face or OpenAI GPT-2
+directory, or a preset such as `gpt2`). OUTDIR receives config.json and model.safetensors,
+loadable with `transformers.GPT2LMHeadModel.from_pretrained(OUTDIR)`. LoRA adapters are
+merged first. The export is written to a temporary directory and renamed into place, so an
+interrupted run leaves no half-written OUTDIR; a non-empty OUTDIR is refused unless --force.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from flax import traverse_util
+
+from jaxgpt.cli import exit_on_user_error, main_entry
+from jaxgpt.config import ModelConfig
+from jaxgpt.errors import UserError
+from jaxgpt.hub import ACCEPTED, resolve_init
+from jaxgpt.weights import check_params, hf_key
+
+Params = dict[str, Any]
+GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos and eos
+
+
+def config_to_hf(config: ModelConfig) -> dict[str, Any]:
+    """A config.json dict that `transformers.GPT2LMHeadModel.from_pretrained` accepts.
+
+    The token ids are GPT-2's `<|endoftext|>` (50256), left out (null) when the vocabulary
+    is too small to hold it.
+    """
+    eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "vocab_size": config.vocab_size,
+        "n_positions": config.context_length,
+        "n_ctx": config.context_length,
+        "n_embd": config.n_embd,
+        "n_layer": config.n_layer,
+        "n_head": config.n_head,
+        "n_inner": None,
+        "activation_function": "gelu_new",
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "resid_pdrop": config.dropout,
+        "embd_pdrop": config.dropout,
+        "attn_pdrop": config.dropout,
+        "initializer_range": 0.02,
+        "scale_attn_weights": True,
+        "scale_attn_by_inverse_layer_idx": False,
+        "reorder_and_upcast_attn": False,
+        "add_cross_attention": False,
+        "use_cache": True,
+        "bos_token_id": eot,
+        "eos_token_id": eot,
+        "tie_word_embeddings": config.tie_embeddings,
+        "dtype": "float32",
+    }
+
+
+
+def _has_lora(params: Params) -> bool:
+    return any(k in ("lora_a", "lora_b") for path in traverse_util.flatten_dict(params) for k in path)
+
+
+def merge_lora_if_needed(params: Params) -> Params:
+    """Fold LoRA adapters into their base kernels (`jaxgpt.lora.merge_lora`) so the export is
+    a plain GPT-2; params without adapters are returned as they are."""
+    if not _has_lora(params):
+        return params
+    try:
+        from jaxgpt.lora import merge_lora
+    except ImportError:
+        raise UserError("params hold LoRA adapters (lora_a/lora_b) but jaxgpt.lora.merge_lora is not "
+                        "available to merge them before export") from None
+    return merge_lora(params)
+
+
+def hf_tensors(params: Params, config: ModelConfig) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
+    """HF `GPT2LMHeadModel` key -> (shape, load), in key order; `load()` gives that one tensor
+    as float32, C-contiguous numpy (so a writer can hold one tensor at a time).
+
+    Tied models store only `transformer.wte.weight` (as `save_pretrained` does; the head is
+    re-tied on load). Untied models add `lm_head.weight` `[V, d]` (the kernel transposed).
+    `qkv_bias=False` is written as zero c_attn biases `[3d]`, since HF GPT-2 always has that
+    bias and has no option to drop it: adding zeros is exactly the same function.
+    """
+    params = merge_lora_if_needed(params)
+    check_params(params, config)
+    out: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
+    for path, value in traverse_util.flatten_dict(params).items():
+        transpose = path == ("lm_head", "kernel")
+
+        def load(value=value, transpose=transpose):
+            a = np.asarray(jax.device_get(value), dtype=np.float32)
+            return np.ascontiguousarray(a.T if transpose else a)
+
+        shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
+        out[hf_key(path)] = (shape, load)
+    if not config.qkv_bias:
+        for i in range(config.n_layer):
+            n = 3 * config.n_embd
+            out[f"transformer.h.{i}.attn.c_attn.bias"] = ((n,), lambda n=n: np.zeros(n, np.float32))
+    return dict(sorted(out.items()))
+
+
+def hf_state_dict(params: Params, config: ModelConfig) -> dict[str, np.ndarray]:
+    """`hf_tensors`, all loaded: HF key -> float32 numpy array."""
+    return {k: load() for k, (_, load) in hf_tensors(params, config).items()}
+
+
+def write_safetensors(path: str | Path, tensors: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write float32 tensors in the safetensors format one at a time.
+
+    The format is an 8-byte little-endian header length, a JSON header (name -> dtype, shape,
+    byte offsets; padded with spaces to a multiple of 8) and the raw little-endian data in
+    header order. Streaming it here, instead of `safetensors.numpy.save_file` (which first
+    turns every array into `bytes`), keeps a 1558M export at one host tensor in flight.
+    """
+    header: dict[str, Any] = {"__metadata__": dict(metadata or {})}
+    offset = 0
+    for key, (shape, _) in tensors.items():
+        size = 4 * int(np.prod(shape, dtype=np.int64))
+        header[key] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for key, (shape, load) in tensors.items():
+            a = np.ascontiguousarray(load(), dtype="<f4")
+            if a.shape != tuple(shape):
+                raise ValueError(f"{key}: shape {a.shape}, header says {tuple(shape)}")
+            f.write(memoryview(a).cast("B"))
+            del a
+
+
+def check_out_dir(out_dir: str | Path, force: bool = False) -> Path:
+    """The absolute export directory; `UserError` if it is a file, or non-empty without `force`."""
+    out = Path(out_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} is not empty; pass --force to replace it")
+    return out
+
+
+def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *, force: bool = False) -> Path:
+    """Write a Hugging Face GPT-2 directory: config.json + model.safetensors.
+
+    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it. Files are written into
+    a temporary sibling directory that is renamed into place, so an interrupted export
+    leaves nothing half-written at `out_dir`. A non-empty `out_dir` is refused unless
+    `force`, in which case it is replaced as a whole. Host memory: one tensor at a time
+    beyond the params themselves (see `write_safetensors`).
+    """
+    out = check_out_dir(out_dir, force)
+    tensors = hf_tensors(params, model_config)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        (tmp / "config.json").write_text(json.dumps(config_to_hf(model_config), indent=2) + "\n")
+        write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)  # mkdtemp made it private; an export is an ordinary folder
+        for f in tmp.iterdir():
+            os.chmod(f, 0o666 & ~mask)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m jaxgpt.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--init", required=True, metavar="SPEC", help=f"weights to export: {ACCEPTED}")
+    p.add_argument("--to-hf", required=True, metavar="OUTDIR", dest="to_hf",
+                   help="directory to write config.json and model.safetensors into")
+    p.add_argument("--force", action="store_true", help="replace OUTDIR if it is not empty")
+    return p
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_out_dir(args.to_hf, args.force)  # fail before a long load, not after
+    config, params = resolve_init(args.init)
+    out = export_hf(params, config, args.to_hf, force=args.force)
+    print(f"wrote {out} (config.json, model.safetensors): n_layer={config.n_layer} n_head={config.n_head} "
+          f"n_embd={config.n_embd} vocab_size={config.vocab_size} tied={config.tie_embeddings}")
+    return 0
+
+
+if __name__ == "__main__":
+    main_entry(main)
