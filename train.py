@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.cli import add_config_args, exit_on_user_error
+from jaxgpt.cli import add_config_args, add_distributed_args, exit_on_user_error, initialize_distributed
 from jaxgpt.config import load_config
 
 
@@ -17,7 +17,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="run directory (default: runs/train-<timestamp>)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
     parser.add_argument("--init", metavar="SPEC", help="start from weights: a run directory, an HF GPT-2 directory, or gpt2/gpt2-medium/...")
+    add_distributed_args(parser)
     args = parser.parse_args(argv)
+    initialize_distributed(args)
 
     from jaxgpt import trainer  # heavy imports after --help
 
@@ -25,7 +27,7 @@ def main(argv=None) -> int:
     if args.resume:
         if args.config or args.out or args.init:
             parser.error("--resume takes its config and directory from the run; use only --set with it")
-        cfg = trainer.checkpoint.read_run_config(args.resume, overrides)
+        cfg = trainer.resume_config(args.resume, overrides)
         trainer.pretrain(cfg, args.resume, resume=True)
         return 0
     params = None

@@ -9,6 +9,7 @@ interrupted mid-write is never listed as the latest step.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +29,18 @@ def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = Fal
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
     else:
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(
-        Path(run_dir).absolute() / CHECKPOINT_DIR,
-        options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
-    )
+    # Orbax warns on every read-only manager that the directory is read-only; that is the point.
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)
+    try:
+        return ocp.CheckpointManager(
+            Path(run_dir).absolute() / CHECKPOINT_DIR,
+            options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+        )
+    finally:
+        absl_logger.setLevel(level)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:

@@ -35,6 +35,20 @@ def add_config_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_distributed_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("multi-host (TPU pods and SLURM are detected without these)")
+    group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
+    group.add_argument("--num-processes", type=int, metavar="N", help="number of processes (hosts)")
+    group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    """Start jax.distributed from the flags (or the environment) before any device is used."""
+    from jaxgpt.distributed import initialize
+
+    initialize(args.coordinator, args.num_processes, args.process_id)
+
+
 def main_entry(main: Callable[[Sequence[str] | None], int]) -> None:
     """`if __name__ == "__main__": main_entry(main)`."""
     sys.exit(main(None))

@@ -59,6 +59,7 @@ class DataConfig:
     """Where tokens come from and how windows are cut from them."""
 
     path: str = "the-verdict"  # bundled corpus name | text file | folder of .txt | tfds:NAME[:SPLIT]
+    context_length: int = 0  # window length; 0 = model.context_length (may be shorter, never longer)
     stride: int = 0  # 0 means stride = context_length (non-overlapping windows)
     val_ratio: float = 0.1  # the last fraction of the token stream is the validation split
     seed: int = 0  # shuffling seed (separate from train.seed so data order can be held fixed)
@@ -278,8 +279,13 @@ def validate(cfg) -> None:
             raise UserError(f"model.attention must be reference, xla or cudnn, got {m.attention!r}")
     d = getattr(cfg, "data", None)
     if isinstance(d, DataConfig):
-        if d.stride < 0:
-            raise UserError(f"data.stride must be >= 0, got {d.stride}")
+        if d.stride < 0 or d.context_length < 0:
+            raise UserError(f"data.stride and data.context_length must be >= 0, got {d.stride}, {d.context_length}")
+        if isinstance(m, ModelConfig) and d.context_length > m.context_length:
+            raise UserError(
+                f"data.context_length={d.context_length} is longer than the model's context "
+                f"(model.context_length={m.context_length}); use at most {m.context_length}"
+            )
         if not 0.0 <= d.val_ratio < 1.0:
             raise UserError(f"data.val_ratio must be in [0, 1), got {d.val_ratio}")
     t = getattr(cfg, "train", None)

@@ -46,6 +46,16 @@ class DataParallel:
     def devices(self):
         return jax.local_devices()[: self.num_devices]
 
+    @property
+    def pmap_devices(self):
+        """pmap's `devices`: None (every device of every process) in a multi-process run, where
+        JAX requires the same global list on each process; else this process's subset."""
+        if jax.process_count() > 1:
+            if self.num_devices != jax.local_device_count():
+                raise UserError("multi-process runs use every local device; leave train.num_devices at 0")
+            return None
+        return self.devices
+
     # -- state -------------------------------------------------------------------------
     def replicate(self, tree: Any) -> Any:
         """A fresh on-device copy: steps donate the state, which must not delete the caller's
@@ -107,7 +117,7 @@ class DataParallel:
             axis_name=AXIS,
             in_axes=(0, 0, None),
             donate_argnums=0,
-            devices=self.devices,
+            devices=self.pmap_devices,
         )
 
     def compile_eval_step(self, eval_fn: Callable, **static) -> Callable:
@@ -117,5 +127,5 @@ class DataParallel:
         return jax.pmap(
             functools.partial(eval_fn, axis_name=AXIS, **static),
             axis_name=AXIS,
-            devices=self.devices,
+            devices=self.pmap_devices,
         )

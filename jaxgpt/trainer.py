@@ -39,6 +39,13 @@ def init_from(spec: str, cfg: Config) -> tuple[Config, Any]:
     return dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, **keep)), params
 
 
+def resume_config(run_dir: str | Path, overrides=()) -> Config:
+    """The saved config of a run to resume (with `--set` overrides, e.g. more steps)."""
+    if checkpoint.latest_step(run_dir) is None:
+        raise UserError(f"--resume {run_dir}: no checkpoint there to resume from")
+    return checkpoint.read_run_config(run_dir, overrides)
+
+
 def is_main_process() -> bool:
     return jax.process_index() == 0
 
@@ -286,6 +293,11 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = F
     }
     if is_main_process():
         write_json(run.path / "metrics.json", summary)
+        log(f"done: step {summary['step']} | train loss {summary['train_loss']:.3f} | "
+            f"val loss {summary['val_loss'] if summary['val_loss'] is None else round(summary['val_loss'], 3)} | "
+            f"{summary['tokens_per_sec']:.0f} tokens/s | run: {run.path}")
+        if summary["sample"]:
+            log(f"sample: {summary['sample']!r}")
         records = read_jsonl(run.metrics_jsonl)
         plot_curves(run.path / "loss.png", records, "tokens_seen", ["train_loss", "val_loss"], "loss")
     return summary

@@ -1,7 +1,8 @@
 """Pretraining data: corpus -> cached token file -> windows -> resumable batches.
 
     tokens = prepare_tokens(cfg.data.path, cfg.data.cache_dir, cfg.data.text_field)  # uint16 [N]
-    splits = make_splits(tokens, cfg.model.context_length, cfg.data.stride, cfg.data.val_ratio)
+    context_length = cfg.data.context_length or cfg.model.context_length
+    splits = make_splits(tokens, context_length, cfg.data.stride, cfg.data.val_ratio)
     sampler = BatchSampler(splits.train, cfg.train.batch_size, seed=cfg.data.seed)
     batch = sampler.batch(step)            # {"inputs", "targets"}: int32 [B, T]
     for b in eval_batches(splits.val, B):  # + "mask": float32 [B, T]
@@ -82,12 +83,14 @@ class PretrainingData:
 
 def pretraining_data(cfg, process_index: int = 0, process_count: int = 1, *,
                      tfds_data_dir: str | None = None) -> PretrainingData:
-    """Token file, splits and sampler for a full `Config` (data, model.context_length, train.batch_size).
+    """Token file, splits and sampler for a full `Config` (data, train.batch_size; windows are
+    `data.context_length` long, or the model's context when that is 0).
 
     Val batches use the training batch size (so they shard over devices the same way).
     """
     tokens = prepare_tokens(cfg.data.path, cfg.data.cache_dir, cfg.data.text_field, tfds_data_dir=tfds_data_dir)
-    splits = make_splits(tokens, cfg.model.context_length, cfg.data.stride, cfg.data.val_ratio,
+    context_length = cfg.data.context_length or cfg.model.context_length
+    splits = make_splits(tokens, context_length, cfg.data.stride, cfg.data.val_ratio,
                          name=repr(cfg.data.path))
     sampler = BatchSampler(splits.train, cfg.train.batch_size, seed=cfg.data.seed,
                            process_index=process_index, process_count=process_count)

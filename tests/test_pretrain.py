@@ -1,0 +1,125 @@
+"""End-to-end pretraining on tiny models: run directory, resume, bad input, generate CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxgpt.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.context_length=32",
+    "model.dropout=0.1", "data.stride=16", "train.batch_size=4", "train.max_steps=6",
+    "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=3", "train.sample_tokens=4",
+    "train.lr=1e-3",
+]
+
+
+def tiny_cfg(tmp_path, *extra):
+    return load_config(None, TINY + [f"data.cache_dir={tmp_path / 'cache'}", *extra])
+
+
+def test_run_directory_contents(tmp_path):
+    from jaxgpt.trainer import pretrain
+
+    summary = pretrain(tiny_cfg(tmp_path), tmp_path / "run")
+    run = tmp_path / "run"
+    assert {"config.yaml", "metrics.jsonl", "metrics.json", "loss.png", "checkpoints"} <= {p.name for p in run.iterdir()}
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for key in ("step", "tokens_seen", "train_loss", "lr", "tokens_per_sec", "mfu"):
+        assert key in records[0]
+    assert "val_loss" in records[2] and "val_loss" not in records[0]
+    assert records[-1]["tokens_seen"] == 6 * 4 * 32
+    saved = json.loads((run / "metrics.json").read_text())
+    for key in ("step", "tokens_seen", "train_loss", "val_loss", "tokens_per_sec"):
+        assert saved[key] is not None
+    assert saved == pytest.approx(summary) or saved["step"] == summary["step"] == 6
+    assert load_config(run / "config.yaml") == tiny_cfg(tmp_path)
+
+
+def test_resume_gives_identical_losses(tmp_path):
+    """2N steps straight == N steps, stop, resume, N steps (dropout on, so PRNG state matters)."""
+    from jaxgpt.trainer import pretrain
+
+    cfg = tiny_cfg(tmp_path)
+    pretrain(cfg, tmp_path / "straight")
+    pretrain(cfg, tmp_path / "split", stop_after=3)
+    first = (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()
+    assert len(first) == 3
+    pretrain(load_config(tmp_path / "split" / "config.yaml"), tmp_path / "split", resume=True)
+    losses = lambda run: [json.loads(l)["train_loss"] for l in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert losses("straight") == losses("split")  # exact equality on CPU
+    val = lambda run: json.loads((tmp_path / run / "metrics.json").read_text())["val_loss"]
+    assert val("straight") == val("split")
+
+
+def _main(argv):
+    import train
+
+    return train.main(argv)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--data", "{tmp}/missing.txt"], "nor an existing file"),
+        (["--data", "{tmp}/empty.txt"], "empty"),
+        (["--data", "{tmp}/short.txt"], "window"),
+        (["--set", "model.n_layers=2"], "unknown config key model.n_layers"),
+        (["--set", "model.preset=gpt9"], "unknown model preset"),
+        (["--set", "train.lr=-0.1"], "train.lr must be positive"),
+        (["--set", "data.context_length=64"], "longer than the model's context"),
+        (["--resume", "{tmp}"], "no checkpoint"),
+        (["--config", "{tmp}/nope.yaml"], "not found"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("Only a few words here.")
+    args = [a.format(tmp=tmp_path) for a in args]
+    out = tmp_path / "out"
+    extra = [] if "--resume" in args else ["--out", str(out)]
+    argv = [x for s in TINY for x in ("--set", s)] + ["--set", f"data.cache_dir={tmp_path / 'cache'}"] + extra + args
+    if "--resume" in args:
+        argv = args
+    assert _main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not out.exists()
+
+
+def test_existing_run_needs_resume(tmp_path, capsys):
+    from jaxgpt.trainer import pretrain
+
+    pretrain(tiny_cfg(tmp_path), tmp_path / "run", stop_after=1)
+    argv = ["--out", str(tmp_path / "run")] + [x for s in TINY for x in ("--set", s)]
+    assert _main(argv) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_cli_train_then_generate(tmp_path):
+    """The README's commands as subprocesses: train, resume to more steps, generate."""
+    env_args = [x for s in TINY for x in ("--set", s)] + ["--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    run = tmp_path / "run"
+    subprocess.run([sys.executable, "train.py", "--out", str(run), *env_args], cwd=ROOT, check=True,
+                   capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "train.py", "--resume", str(run), "--set", "train.max_steps=8"],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run / "metrics.json").read_text())["step"] == 8
+    gen = subprocess.run(
+        [sys.executable, "-m", "jaxgpt.generate", "--init", str(run), "--prompt", "Every effort moves you",
+         "--max-new-tokens", "5"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert gen.returncode == 0, gen.stderr
+    assert gen.stdout.startswith("Every effort moves you")
+    bad = subprocess.run(
+        [sys.executable, "-m", "jaxgpt.generate", "--init", str(run), "--prompt", "word " * 40,
+         "--max-new-tokens", "5"],
+        cwd=ROOT, capture_output=True, text=True,
+    )
+    assert bad.returncode == 2 and "context" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
