@@ -78,8 +78,8 @@ def test_two_processes_match_one_process_and_resume_elsewhere(tmp_path):
     two_by_two, one_by_four, one_by_one = (_summary(tmp_path / r)["val_loss"] for r in ("multi", "four", "one"))
     assert two_by_two == pytest.approx(one_by_four, rel=1e-5, abs=1e-5)
     assert two_by_two == pytest.approx(one_by_one, rel=1e-5, abs=1e-5)
-    # Only process 0 wrote metrics: one line per log point, not two.
-    assert len((multi / "metrics.jsonl").read_text().splitlines()) == 3
+    # Only process 0 wrote metrics: one line per log/eval point (steps 2, 3, 4, 6), not two.
+    assert [json.loads(l)["step"] for l in (multi / "metrics.jsonl").read_text().splitlines()] == [2, 3, 4, 6]
 
     # A checkpoint written by 2 processes resumes in 1 process.
     resume = [sys.executable, "train.py", "--resume", str(multi), "--set", "train.max_steps=8"]

@@ -1,0 +1,102 @@
+#!/usr/bin/env python
+"""Peak training memory from XLA's compiled memory analysis (no arrays are allocated).
+
+    python benchmarks/memory.py                       # gpt2-124m, seq 1024, batch 8, remat off/on
+    python benchmarks/memory.py --budget-gib 16       # + the largest batch that fits 16 GiB
+    python benchmarks/memory.py --set model.dtype=bfloat16 --json out.json
+
+The train step is lowered and compiled for abstract inputs (`jax.ShapeDtypeStruct`), and
+`compiled.memory_analysis()` gives argument, output, temporary and aliased bytes; the peak
+is arguments + outputs + temporaries - aliased (the donated state is reused for the output).
+Numbers are for the backend this runs on (XLA's CPU and GPU schedulers differ).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from jaxgpt.config import load_config  # noqa: E402
+from jaxgpt.model import GPT, init_params  # noqa: E402
+from jaxgpt.optim import make_optimizer  # noqa: E402
+from jaxgpt.steps import create_train_state, lm_loss_fn, train_step  # noqa: E402
+
+GIB = 1024**3
+
+
+def peak_bytes(model_cfg, train_cfg, batch: int, seq: int) -> dict:
+    tx = make_optimizer(train_cfg)
+    state = jax.eval_shape(lambda k: create_train_state(init_params(model_cfg, k), tx), jax.random.key(0))
+    tokens = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)  # [accum, batch, seq]
+    step = jax.jit(
+        lambda s, b, k: train_step(s, b, k, loss_fn=lm_loss_fn(GPT(model_cfg)), tx=tx), donate_argnums=0
+    )
+    t0 = time.perf_counter()
+    compiled = step.lower(state, {"inputs": tokens, "targets": tokens}, jax.random.key(0)).compile()
+    mem = compiled.memory_analysis()
+    out = {
+        "argument_bytes": mem.argument_size_in_bytes,
+        "output_bytes": mem.output_size_in_bytes,
+        "temp_bytes": mem.temp_size_in_bytes,
+        "alias_bytes": mem.alias_size_in_bytes,
+    }
+    out["peak_bytes"] = out["argument_bytes"] + out["output_bytes"] + out["temp_bytes"] - out["alias_bytes"]
+    out["compile_s"] = time.perf_counter() - t0
+    return out
+
+
+def largest_batch(model_cfg, train_cfg, seq: int, budget: float, hi: int = 1024) -> int:
+    """Binary search on the batch size (each probe is one compile)."""
+    lo, best = 1, 0
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if peak_bytes(model_cfg, train_cfg, mid, seq)["peak_bytes"] <= budget:
+            best, lo = mid, mid + 1
+        else:
+            hi = mid - 1
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="gpt2-124m")
+    p.add_argument("--seq", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--budget-gib", type=float, default=0.0, help="also find the largest batch under this peak")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
+    p.add_argument("--json", help="write results here")
+    args = p.parse_args(argv)
+
+    cfg = load_config(None, [f"model.preset={args.preset}", "model.dropout=0.0", *args.overrides])
+    device = jax.devices()[0]
+    print(f"backend: {device.platform} ({getattr(device, 'device_kind', '')}), {args.preset}, "
+          f"seq {args.seq}, batch {args.batch}, dtype {cfg.model.dtype}")
+    print("| remat | policy | peak GiB | temporaries GiB | params+opt (args) GiB | compile s |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for remat in (False, True):
+        mcfg = dataclasses.replace(cfg.model, remat=remat)
+        r = peak_bytes(mcfg, cfg.train, args.batch, args.seq)
+        r.update(remat=remat, policy=mcfg.remat_policy if remat else "-")
+        if args.budget_gib:
+            r["largest_batch_in_budget"] = largest_batch(mcfg, cfg.train, args.seq, args.budget_gib * GIB)
+        rows.append(r)
+        print(f"| {remat} | {r['policy']} | {r['peak_bytes'] / GIB:.2f} | {r['temp_bytes'] / GIB:.2f} | "
+              f"{r['argument_bytes'] / GIB:.2f} | {r['compile_s']:.0f} |"
+              + (f" largest batch in {args.budget_gib:g} GiB: {r['largest_batch_in_budget']}" if args.budget_gib else ""))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"backend": device.platform, "preset": args.preset, "seq": args.seq,
+                                               "batch": args.batch, "dtype": cfg.model.dtype, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
