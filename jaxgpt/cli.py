@@ -19,6 +19,8 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:  # the loop has already saved and said how to resume
+            return 130
 
     return wrapper
 

@@ -116,7 +116,6 @@ class TrainLoop:
         self.writer = MetricsWriter(run.metrics_jsonl, enabled=is_main_process())
         self.manager = checkpoint.checkpoint_manager(run.path, keep=cfg.train.keep_checkpoints)
         self.step_times: list[float] = []
-        self.schedule = None
 
     @property
     def step(self) -> int:
@@ -129,6 +128,8 @@ class TrainLoop:
 
     def save(self) -> None:
         step = self.step
+        if self.manager.latest_step() == step:  # already saved at this step (e.g. an eval point)
+            return
         meta = {
             "step": step,
             "data_batches_consumed": step,
@@ -148,8 +149,12 @@ class TrainLoop:
 
         def handle_sigint(signum, frame):  # finish the current step, then save and stop
             interrupted["flag"] = True
+            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops at once
 
-        previous = signal.signal(signal.SIGINT, handle_sigint)
+        try:
+            previous = signal.signal(signal.SIGINT, handle_sigint)
+        except ValueError:  # not the main thread: leave Ctrl-C alone
+            previous = None
         losses: list[jax.Array] = []
         last_train_loss = float("nan")
         bar = tqdm(total=end, initial=start, desc="train", disable=not is_main_process(),
@@ -194,7 +199,8 @@ class TrainLoop:
                     raise KeyboardInterrupt
         finally:
             bar.close()
-            signal.signal(signal.SIGINT, previous)
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
         return {"train_loss": last_train_loss}
 
     def tokens_per_sec(self) -> float:

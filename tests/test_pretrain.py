@@ -123,3 +123,30 @@ def test_cli_train_then_generate(tmp_path):
         cwd=ROOT, capture_output=True, text=True,
     )
     assert bad.returncode == 2 and "context" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
+    import signal
+    import time
+
+    from jaxgpt import checkpoint
+
+    run = tmp_path / "run"
+    sets = [x for s in TINY + ["train.max_steps=100000", f"data.cache_dir={tmp_path / 'cache'}"] for x in ("--set", s)]
+    proc = subprocess.Popen([sys.executable, "train.py", "--out", str(run), *sets], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run / "metrics.jsonl").exists() and
+                                              len((run / "metrics.jsonl").read_text().splitlines()) >= 4):
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err[-2000:]
+    assert "interrupted: saved a checkpoint" in out
+    step = checkpoint.latest_step(run)
+    assert step is not None and step >= 4
+    assert not (run / "metrics.json").exists()  # no summary for an unfinished run
