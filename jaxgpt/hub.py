@@ -19,6 +19,7 @@ import os
 import shutil
 import urllib.error
 import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -124,13 +125,21 @@ def resolve_init(spec: str, expect: ModelConfig | None = None) -> tuple[ModelCon
     return config, params
 
 
+@dataclass(frozen=True)
+class _ModelSection:
+    """Only the `model` section of a run's config.yaml: a fine-tuning run's other sections
+    (its own `data`, `train.epochs`, ...) are not pretraining's and need not load as such."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
 def _load_run_dir(path: Path) -> tuple[ModelConfig, Params]:
     try:
         from jaxgpt.checkpoint import load_params
     except ImportError:
         raise UserError(f"{path} is a jaxgpt run directory but jaxgpt.checkpoint.load_params is not "
                         "available in this install") from None
-    config, params = load_params(path)
+    config, params = load_params(path, config_cls=_ModelSection)
     model_config = getattr(config, "model", config)
     if not isinstance(model_config, ModelConfig):
         raise UserError(f"{path}/config.yaml has no model section")

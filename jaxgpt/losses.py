@@ -5,6 +5,7 @@ data parallelism can form the exact token-weighted mean across micro-batches and
 """
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import optax
 
@@ -22,3 +23,26 @@ def token_cross_entropy(logits, targets, mask=None):
         mask = jnp.ones_like(losses)
     mask = mask.astype(jnp.float32)
     return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def token_logprobs(logits, tokens):
+    """log p(tokens[:, i] | tokens[:, :i]) for i >= 1, from the logits of `tokens` itself.
+
+    logits: `[batch, seq, vocab]` (the model applied to `tokens [batch, seq]`). Returns
+    `[batch, seq - 1]` float32: entry i is the log-prob of token i + 1 (position 0 has no
+    prediction). Float32 log-softmax, so bf16 compute does not round the log-probs.
+    """
+    logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1)
+    return jnp.take_along_axis(logp, tokens[:, 1:, None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def sequence_logprobs(logits, tokens, response_mask):
+    """Summed log-prob of each row's response given its prompt: `[batch]` float32.
+
+    logits: `[batch, seq, vocab]` of `tokens [batch, seq]`; response_mask: `[batch, seq]`,
+    1 on response tokens (the tokens being scored), 0 on prompt and padding. The first
+    token of a row cannot be scored and must not be a response token. Shared by the reward
+    model's data, DPO (policy and reference) and the RL losses, so all score the same tokens.
+    """
+    per_token = token_logprobs(logits, tokens)
+    return jnp.sum(per_token * response_mask[:, 1:].astype(jnp.float32), axis=-1)

@@ -8,6 +8,8 @@ Parameter tree (names follow OpenAI/Hugging Face GPT-2, so loading weights is a 
     h_{i}/ln_2/{scale,bias}       h_{i}/mlp/c_fc/{kernel [d, 4d], bias}
     h_{i}/mlp/c_proj/{kernel [4d, d], bias}
     ln_f/{scale,bias}             lm_head/kernel [d, vocab]   (only when not tied)
+    score/kernel [d, num_classes]  (a classifier, `num_classes > 0`: replaces the LM head)
+    .../lora_a, .../lora_b         (LoRA adapters on targeted dense layers, `jaxgpt.lora`)
 
 Dense kernels are `[in, out]`, the same layout as GPT-2's Conv1D weights.
 
@@ -25,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.config import ModelConfig
+from jaxgpt.lora import LoRAConfig, LoRADense
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -85,15 +88,15 @@ def fused_attention(q, k, v, mask, *, implementation: str | None, is_causal: boo
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
-def _dense(features: int, name: str, *, config: ModelConfig, use_bias=True, std=0.02):
-    return nn.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=compute_dtype(config),
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(std),
-        name=name,
-    )
+def _dense(features: int, name: str, *, config: ModelConfig, use_bias=True, std=0.02,
+           lora: LoRAConfig | None = None, fused: int = 1):
+    """Every dense layer of the model. With `lora`, targeted layers get adapters
+    (`jaxgpt.lora.LoRADense`; same kernel/bias leaves and math as `nn.Dense`)."""
+    kwargs = dict(use_bias=use_bias, dtype=compute_dtype(config), param_dtype=jnp.float32,
+                  kernel_init=nn.initializers.normal(std), name=name)
+    if lora is None:
+        return nn.Dense(features, **kwargs)
+    return LoRADense(features, lora=lora, fused=fused, **kwargs)
 
 
 class CausalSelfAttention(nn.Module):
@@ -101,6 +104,7 @@ class CausalSelfAttention(nn.Module):
 
     config: ModelConfig
     deterministic: bool = True
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x, mask, is_causal, cache_layer=None, cache_index=None):
@@ -111,7 +115,7 @@ class CausalSelfAttention(nn.Module):
         """
         cfg = self.config
         b, t, _ = x.shape
-        qkv = _dense(3 * cfg.n_embd, "c_attn", config=cfg, use_bias=cfg.qkv_bias)(x)
+        qkv = _dense(3 * cfg.n_embd, "c_attn", config=cfg, use_bias=cfg.qkv_bias, lora=self.lora, fused=3)(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in (q, k, v))  # [b, t, h, hd]
         new_cache = None
@@ -128,19 +132,20 @@ class CausalSelfAttention(nn.Module):
         else:
             y = fused_attention(q, k, v, mask, implementation=cfg.attention, is_causal=is_causal)
         y = y.reshape(b, t, cfg.n_embd)
-        y = _dense(cfg.n_embd, "c_proj", config=cfg, std=0.02 / math.sqrt(2 * cfg.n_layer))(y)
+        y = _dense(cfg.n_embd, "c_proj", config=cfg, std=0.02 / math.sqrt(2 * cfg.n_layer), lora=self.lora)(y)
         return y, new_cache
 
 
 class MLP(nn.Module):
     config: ModelConfig
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        h = _dense(4 * cfg.n_embd, "c_fc", config=cfg)(x)
+        h = _dense(4 * cfg.n_embd, "c_fc", config=cfg, lora=self.lora)(x)
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
-        return _dense(cfg.n_embd, "c_proj", config=cfg, std=0.02 / math.sqrt(2 * cfg.n_layer))(h)
+        return _dense(cfg.n_embd, "c_proj", config=cfg, std=0.02 / math.sqrt(2 * cfg.n_layer), lora=self.lora)(h)
 
 
 class Block(nn.Module):
@@ -148,17 +153,18 @@ class Block(nn.Module):
 
     config: ModelConfig
     deterministic: bool = True
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x, mask, is_causal, cache_layer=None, cache_index=None):
         cfg = self.config
         ln = lambda name: nn.LayerNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), name=name)
         drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        y, new_cache = CausalSelfAttention(cfg, self.deterministic, name="attn")(
+        y, new_cache = CausalSelfAttention(cfg, self.deterministic, self.lora, name="attn")(
             ln("ln_1")(x), mask, is_causal, cache_layer, cache_index
         )
         x = x + drop(y)
-        x = x + drop(MLP(cfg, name="mlp")(ln("ln_2")(x)))
+        x = x + drop(MLP(cfg, self.lora, name="mlp")(ln("ln_2")(x)))
         return x, new_cache
 
 
@@ -175,9 +181,17 @@ class GPT(nn.Module):
     tokens: `[batch, seq]` int. positions: `[batch, seq]` (default: 0.. or, with a cache,
     counted on from the cache index). attention_mask: `[batch, seq]` bool, False on padding
     tokens, which no query may attend to.
+
+    Optional attributes (both default off, leaving the LM exactly as above):
+    `num_classes > 0` replaces the LM head by a classification head `score/kernel
+    [n_embd, num_classes]` (no bias, as Hugging Face's GPT2ForSequenceClassification), applied
+    at every position: `[batch, seq, num_classes]`; the caller picks each row's last real token.
+    `lora` (a `jaxgpt.lora.LoRAConfig`) adds low-rank adapters to the targeted dense layers.
     """
 
     config: ModelConfig
+    num_classes: int = 0
+    lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(
@@ -234,7 +248,7 @@ class GPT(nn.Module):
         new_layers = []
         for i in range(cfg.n_layer):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, new_layer = block_cls(cfg, deterministic, name=f"h_{i}")(
+            x, new_layer = block_cls(cfg, deterministic, self.lora, name=f"h_{i}")(
                 x, mask, is_causal, layer_cache, start if cache is not None else None
             )
             new_layers.append(new_layer)
@@ -244,6 +258,8 @@ class GPT(nn.Module):
 
         if return_hidden:
             out = x
+        elif self.num_classes:
+            out = _dense(self.num_classes, "score", config=cfg, use_bias=False, lora=self.lora)(x)
         elif cfg.tie_embeddings:
             out = wte.attend(x)
         else:
@@ -255,16 +271,17 @@ class GPT(nn.Module):
         return out, new_cache
 
 
-def init_params(config: ModelConfig, key: Array, seq_len: int = 8):
-    """Float32 params for `config` (a plain dict pytree, no `{"params": ...}` wrapper)."""
-    model = GPT(config)
+def init_params(config: ModelConfig, key: Array, seq_len: int = 8, **attrs):
+    """Float32 params for `config` (a plain dict pytree, no `{"params": ...}` wrapper).
+    `attrs`: optional `GPT` attributes (`num_classes`, `lora`)."""
+    model = GPT(config, **attrs)
     tokens = jnp.zeros((1, min(seq_len, config.context_length)), jnp.int32)
     return model.init({"params": key}, tokens)["params"]
 
 
-def param_shapes(config: ModelConfig):
+def param_shapes(config: ModelConfig, **attrs):
     """Parameter shapes without allocating (for presets and weight-loading checks)."""
-    model = GPT(config)
+    model = GPT(config, **attrs)
     tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
     shapes = jax.eval_shape(lambda t: model.init({"params": jax.random.key(0)}, t), tokens)
     return shapes["params"]

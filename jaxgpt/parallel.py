@@ -14,9 +14,9 @@ import functools
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import flax.jax_utils
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgpt.errors import UserError
 
@@ -62,7 +62,17 @@ class DataParallel:
         arrays (a DPO reference model may be the very params training starts from)."""
         if self.num_devices == 1:
             return jax.device_put(tree, self.devices[0], may_alias=False)
-        return flax.jax_utils.replicate(tree, devices=self.devices)
+        # Laid out as pmap lays out its outputs (a mesh whose axis is AXIS), so the first
+        # step's input state matches every later one and the step compiles once;
+        # flax.jax_utils.replicate's '_device_put_sharded' mesh forced a second compilation.
+        sharding = NamedSharding(Mesh(np.array(self.devices), (AXIS,)), PartitionSpec(AXIS))
+        n = self.num_devices
+
+        def put(x):
+            x = np.asarray(x)
+            return jax.device_put(np.broadcast_to(x, (n,) + x.shape), sharding)
+
+        return jax.tree_util.tree_map(put, tree)
 
     def unreplicate(self, tree: Any) -> Any:
         """Device 0's copy, fetched to host numpy (what checkpoints and exports take)."""

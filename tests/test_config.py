@@ -10,8 +10,17 @@ CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_yaml_config_loads(path):
-    cfg = load_config(path)
+    """Pretraining configs load as `Config`; configs/finetune/TASK[-x].yaml as TASK's class."""
+    from jaxgpt.tasks import config_class_for, task_of_config
+
+    cls = config_class_for(path)
+    cfg = load_config(path, cls=cls)
     assert cfg.model.n_embd % cfg.model.n_head == 0
+    assert (path.parent.name == "finetune") == (task_of_config(path) is not None)
+    if task_of_config(path) is not None:
+        from jaxgpt.tasks.common import validate_finetune
+
+        validate_finetune(cfg)
 
 
 def test_defaults_and_overrides():

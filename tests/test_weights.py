@@ -491,7 +491,7 @@ def test_run_dir_delegates_to_checkpoint(tmp_path, monkeypatch):
     config = ModelConfig(vocab_size=11, context_length=8, n_layer=1, n_head=1, n_embd=4)
     params = init_params(config, jax.random.key(0))
     fake = types.ModuleType("jaxgpt.checkpoint")
-    fake.load_params = lambda p: (types.SimpleNamespace(model=config), params)
+    fake.load_params = lambda p, **kwargs: (types.SimpleNamespace(model=config), params)
     monkeypatch.setitem(sys.modules, "jaxgpt.checkpoint", fake)
     assert resolve_init(str(run)) == (config, params)
 

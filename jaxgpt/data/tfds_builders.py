@@ -100,6 +100,63 @@ class TheVerdict(LocalBuilder):
     HOMEPAGE = "https://github.com/rasbt/LLMs-from-scratch"
 
 
+class SmsSpam(LocalBuilder):
+    """SMS Spam Collection v.1 (bundled, CC BY 4.0): 5,574 records, `label` (ham/spam) + `text`."""
+
+    BUNDLED_NAME = "sms-spam"
+    HOMEPAGE = "https://archive.ics.uci.edu/dataset/228/sms+spam+collection"
+
+    def _features(self) -> dict:
+        return {"label": tfds.features.ClassLabel(names=["ham", "spam"]), "text": tfds.features.Text()}
+
+    def _generate_examples(self, path: Path) -> Iterator[tuple[int, dict]]:
+        from jaxgpt.data.classification import read_file
+
+        texts, labels = read_file(path)
+        for i, (text, label) in enumerate(zip(texts, labels)):
+            yield i, {"label": label, "text": text}
+
+
+class JsonRecordsBuilder(LocalBuilder, skip_registration=True):
+    """A bundled JSON/JSONL data set whose records are objects of string fields `FIELDS`."""
+
+    FIELDS: tuple[str, ...] = ()
+
+    def _features(self) -> dict:
+        return {name: tfds.features.Text() for name in self.FIELDS}
+
+    def _generate_examples(self, path: Path) -> Iterator[tuple[int, dict]]:
+        from jaxgpt.data.records import read_records
+
+        fields = {name: name for name in self.FIELDS}
+        for i, row in enumerate(read_records(self.BUNDLED_NAME, fields)):
+            yield i, row
+
+
+class InstructionData(JsonRecordsBuilder):
+    """1,100 Alpaca-style instructions (bundled, Apache-2.0): `instruction`, `input`, `output`."""
+
+    BUNDLED_NAME = "instruction-data"
+    HOMEPAGE = "https://github.com/rasbt/LLMs-from-scratch"
+    FIELDS = ("instruction", "input", "output")
+
+
+class PreferenceData(JsonRecordsBuilder):
+    """The 1,100 instructions with `chosen` and `rejected` responses (bundled, Apache-2.0)."""
+
+    BUNDLED_NAME = "preference-data"
+    HOMEPAGE = "https://github.com/rasbt/LLMs-from-scratch"
+    FIELDS = ("instruction", "input", "output", "chosen", "rejected")
+
+
+class Gsm8kTest(JsonRecordsBuilder):
+    """GSM8K test split (bundled, MIT): 1,319 `question` + `answer` (final answer after '#### ')."""
+
+    BUNDLED_NAME = "gsm8k-test"
+    HOMEPAGE = "https://github.com/openai/grade-school-math"
+    FIELDS = ("question", "answer")
+
+
 def register_all() -> None:
     """Import every module in `BUILDER_MODULES` (defining a builder class registers it)."""
     for module in BUILDER_MODULES:

@@ -35,6 +35,30 @@ BUNDLED: dict[str, Bundled] = {
         sha256="b41e41a68f0398a3154ae69e2e4c0e2694e17fe0d66730536837f1b01935b31f",
         description='"The Verdict", Edith Wharton (1908), 20,479 bytes, 5,145 GPT-2 tokens',
     ),
+    "sms-spam": Bundled(
+        "SMSSpamCollection.tsv.gz",
+        kind="tsv",
+        sha256="54f1a7cc2b9a61635129defb042df692f0493b8fd80ffeaff87be4f57ee731ee",
+        description="SMS Spam Collection v.1: 5,574 SMS, `label<TAB>text` (4,827 ham, 747 spam), gzipped",
+    ),
+    "instruction-data": Bundled(
+        "instruction-data.json.gz",
+        kind="json",
+        sha256="cb432834464c32663b9ff90cf1cb5ad4b760bdc1742749547d845ab3279f99b0",
+        description="1,100 Alpaca-style records {instruction, input, output}, a JSON array, gzipped",
+    ),
+    "preference-data": Bundled(
+        "instruction-data-with-preference.json.gz",
+        kind="json",
+        sha256="32a5e96489e8ee4f6e24031026b153ff46b68c8bf0467a4acccd9d6f68bbdfa6",
+        description="the same 1,100 records plus `chosen` and `rejected` responses, a JSON array, gzipped",
+    ),
+    "gsm8k-test": Bundled(
+        "gsm8k-test.jsonl.gz",
+        kind="jsonl",
+        sha256="1affc2f095eb08c525d0504bce7f620740776bcd7d67a12c71901700cb7ab73a",
+        description="GSM8K test split: 1,319 {question, answer} records, final answer after '#### ', gzipped",
+    ),
 }
 
 

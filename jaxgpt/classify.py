@@ -1,0 +1,51 @@
+"""Classify texts with a fine-tuned run: `python -m jaxgpt.classify --init RUN TEXT...`.
+
+Prints one line per text: the most likely label and its probability, e.g. `spam 0.98`.
+`--file F` reads one text per line (blank lines skipped) after any TEXT arguments. LoRA
+runs are merged into plain weights first (`jaxgpt.lora.merge_lora`).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from jaxgpt.cli import exit_on_user_error
+from jaxgpt.errors import UserError
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt.classify", description=__doc__.split("\n")[0])
+    parser.add_argument("--init", metavar="RUN", required=True, help="a `finetune.py classify` run directory")
+    parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
+    parser.add_argument("--file", help="a UTF-8 file with one text per line")
+    parser.add_argument("--batch-size", type=int, default=32)
+    args = parser.parse_args(argv)
+
+    texts = list(args.texts)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise UserError(f"--file {path} not found")
+        try:
+            texts += [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+        except UnicodeDecodeError:
+            raise UserError(f"--file {path} is not UTF-8 text") from None
+        if not texts:
+            raise UserError(f"--file {path} has no texts (it is empty)")
+    if not texts:
+        raise UserError("nothing to classify: give TEXT arguments or --file")
+    if args.batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {args.batch_size}")
+
+    from jaxgpt.tasks.classify import load_classifier, predict
+
+    cfg, params, labels, max_length = load_classifier(args.init)
+    for label, prob in predict(cfg, params, labels, max_length, texts, args.batch_size):
+        print(f"{label} {prob:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
