@@ -26,6 +26,7 @@ from jaxgpt.cli import exit_on_user_error, main_entry
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.hub import ACCEPTED, resolve_init
+from jaxgpt.lora import has_lora
 from jaxgpt.weights import check_params, hf_key
 
 Params = dict[str, Any]
@@ -68,23 +69,6 @@ def config_to_hf(config: ModelConfig) -> dict[str, Any]:
 
 
 
-def _has_lora(params: Params) -> bool:
-    return any(k in ("lora_a", "lora_b") for path in traverse_util.flatten_dict(params) for k in path)
-
-
-def merge_lora_if_needed(params: Params) -> Params:
-    """Fold LoRA adapters into their base kernels (`jaxgpt.lora.merge_lora`) so the export is
-    a plain GPT-2; params without adapters are returned as they are."""
-    if not _has_lora(params):
-        return params
-    try:
-        from jaxgpt.lora import merge_lora
-    except ImportError:
-        raise UserError("params hold LoRA adapters (lora_a/lora_b) but jaxgpt.lora.merge_lora is not "
-                        "available to merge them before export") from None
-    return merge_lora(params)
-
-
 def hf_tensors(params: Params, config: ModelConfig) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
     """HF `GPT2LMHeadModel` key -> (shape, load), in key order; `load()` gives that one tensor
     as float32, C-contiguous numpy (so a writer can hold one tensor at a time).
@@ -94,7 +78,9 @@ def hf_tensors(params: Params, config: ModelConfig) -> dict[str, tuple[tuple[int
     `qkv_bias=False` is written as zero c_attn biases `[3d]`, since HF GPT-2 always has that
     bias and has no option to drop it: adding zeros is exactly the same function.
     """
-    params = merge_lora_if_needed(params)
+    if has_lora(params):
+        raise UserError("params hold LoRA adapters (lora_a/lora_b): merge them first with "
+                        "jaxgpt.lora.merge_lora(params, run_config.lora) (--init RUN does this)")
     check_params(params, config)
     out: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
     for path, value in traverse_util.flatten_dict(params).items():

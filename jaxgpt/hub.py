@@ -25,6 +25,7 @@ from typing import Any
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
+from jaxgpt.lora import LoRAConfig, has_lora, merge_lora
 from jaxgpt.weights import check_params, load_hf_dir, load_openai_dir
 
 Params = dict[str, Any]
@@ -127,10 +128,11 @@ def resolve_init(spec: str, expect: ModelConfig | None = None) -> tuple[ModelCon
 
 @dataclass(frozen=True)
 class _ModelSection:
-    """Only the `model` section of a run's config.yaml: a fine-tuning run's other sections
-    (its own `data`, `train.epochs`, ...) are not pretraining's and need not load as such."""
+    """Only the `model` and `lora` sections of a run's config.yaml: a fine-tuning run's other
+    sections (its own `data`, `train.epochs`, ...) are not pretraining's and need not load."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
 def _load_run_dir(path: Path) -> tuple[ModelConfig, Params]:
@@ -140,10 +142,9 @@ def _load_run_dir(path: Path) -> tuple[ModelConfig, Params]:
         raise UserError(f"{path} is a jaxgpt run directory but jaxgpt.checkpoint.load_params is not "
                         "available in this install") from None
     config, params = load_params(path, config_cls=_ModelSection)
-    model_config = getattr(config, "model", config)
-    if not isinstance(model_config, ModelConfig):
-        raise UserError(f"{path}/config.yaml has no model section")
-    return model_config, params
+    if has_lora(params):  # a LoRA fine-tuning run: fold its adapters in with its own alpha
+        params = merge_lora(params, config.lora)
+    return config.model, params
 
 
 def remove_preset(name: str) -> None:

@@ -146,3 +146,31 @@ def test_frozen_params_unchanged_and_stateless(tiny, mode):
     names = {"/".join(str(getattr(k, "key", "")) for k in path if hasattr(k, "key")).split("/", 1)[1]
              for path, _ in moments}
     assert names == trainable
+
+
+def test_init_from_a_lora_run_merges_with_the_runs_own_alpha(tiny, tmp_path):
+    """`--init RUN` (hub.resolve_init: generate, export, train, finetune) on a LoRA run folds
+    the adapters in with the run's lora.alpha, not the default: the plain LM it returns gives
+    the LoRA model's logits."""
+    from jaxgpt import checkpoint
+    from jaxgpt.config import Config, save_config
+    from jaxgpt.hub import resolve_init
+
+    @dataclasses.dataclass(frozen=True)
+    class LoRARunConfig(Config):
+        lora: LoRAConfig = LoRAConfig()
+
+    lora = LoRAConfig(rank=2, alpha=5.0, targets=("c_attn", "c_fc"))
+    params = jax.device_get(init_params(tiny, jax.random.key(0), lora=lora))
+    # Nonzero adapters, so the scale alpha / r matters.
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: np.full_like(x, 0.05) if p[-1].key == "lora_b" else x, params)
+    save_config(LoRARunConfig(model=tiny, lora=lora), tmp_path / "config.yaml")
+    checkpoint.save(checkpoint.checkpoint_manager(tmp_path), 1, {"params": params}, {"step": 1})
+
+    config, merged = resolve_init(str(tmp_path))
+    assert config == tiny and not has_lora(merged)
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, tiny.vocab_size)
+    want = GPT(tiny, lora=lora).apply({"params": params}, tokens)
+    got = GPT(tiny).apply({"params": merged}, tokens)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)

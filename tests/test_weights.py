@@ -515,24 +515,19 @@ def test_run_dir_real_checkpoint(tmp_path):
     assert "lm_head.weight" in hf_tensors(out)
 
 
-def test_lora_params_are_merged_before_export(tmp_path, monkeypatch):
+def test_lora_params_must_be_merged_before_export(tmp_path):
+    """Unmerged adapters are refused (their scale alpha / r lives in the run's config, which
+    `--init RUN` reads); merged with `merge_lora` they export as W + A @ B * alpha / r."""
+    from jaxgpt.lora import LoRAConfig, merge_lora
+
     config = ModelConfig(vocab_size=11, context_length=8, n_layer=1, n_head=1, n_embd=4)
     params = jax.device_get(init_params(config, jax.random.key(0)))
     lora = jax.tree_util.tree_map(lambda x: x, params)
     lora["h_0"]["attn"]["c_attn"]["lora_a"] = np.ones((4, 2), np.float32)
     lora["h_0"]["attn"]["c_attn"]["lora_b"] = np.ones((2, 12), np.float32)
-
-    def merge_lora(p):
-        c = p["h_0"]["attn"]["c_attn"]
-        merged = {"kernel": c["kernel"] + c["lora_a"] @ c["lora_b"], "bias": c["bias"]}
-        return {**p, "h_0": {**p["h_0"], "attn": {**p["h_0"]["attn"], "c_attn": merged}}}
-
-    fake = types.ModuleType("jaxgpt.lora")
-    fake.merge_lora = merge_lora
-    monkeypatch.setitem(sys.modules, "jaxgpt.lora", fake)
-    out = weights.export_hf(lora, config, tmp_path / "merged")
-    np.testing.assert_array_equal(hf_tensors(out)["transformer.h.0.attn.c_attn.weight"],
-                                  np.asarray(params["h_0"]["attn"]["c_attn"]["kernel"]) + 2.0)
-    monkeypatch.setitem(sys.modules, "jaxgpt.lora", None)
     with pytest.raises(UserError, match="LoRA adapters"):
         weights.export_hf(lora, config, tmp_path / "unmerged")
+    assert not (tmp_path / "unmerged").exists()
+    out = weights.export_hf(merge_lora(lora, LoRAConfig(rank=2, alpha=6.0)), config, tmp_path / "merged")
+    np.testing.assert_allclose(hf_tensors(out)["transformer.h.0.attn.c_attn.weight"],
+                               np.asarray(params["h_0"]["attn"]["c_attn"]["kernel"]) + 2.0 * 3.0, rtol=1e-6)

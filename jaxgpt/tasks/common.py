@@ -146,21 +146,7 @@ def resolve_init(cfg):
         return cfg, None
     from jaxgpt.trainer import init_from
 
-    spec = cfg.finetune.init
-    cfg, params = init_from(spec, cfg)
-    if has_lora(params):  # a LoRA fine-tuning run: fold its adapters in first
-        params = merge_lora(params, _run_lora_config(spec))
-    return cfg, params
-
-
-def _run_lora_config(spec: str) -> LoRAConfig:
-    from jaxgpt.config import from_dict, read_yaml
-
-    path = Path(spec).expanduser() / "config.yaml"
-    section = read_yaml(path).get("lora") if path.is_file() else None
-    if not section:
-        raise UserError(f"--init {spec} holds LoRA adapters but no lora section in config.yaml")
-    return from_dict(LoRAConfig, section, "lora")
+    return init_from(cfg.finetune.init, cfg)  # a LoRA run's adapters come merged (jaxgpt.hub)
 
 
 def graft(fresh, loaded, source: str):
