@@ -32,7 +32,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.y
 def init_from(spec: str, cfg: Config) -> tuple[Config, Any]:
     """`--init SPEC`: take the model shape and weights from SPEC (see `jaxgpt.weights`),
     keeping this run's dropout, compute dtype, attention kernel and remat settings."""
-    from jaxgpt.weights import resolve_init
+    from jaxgpt.hub import resolve_init
 
     model_cfg, params = resolve_init(spec)
     keep = {k: getattr(cfg.model, k) for k in ("dropout", "dtype", "attention", "remat", "remat_policy")}

@@ -35,7 +35,7 @@ one tensor in flight (plus, for a tied checkpoint that also stores `lm_head.weig
 
 Related modules: `jaxgpt.hub.resolve_init` is the one `--init SPEC` resolver (run directory,
 HF directory, OpenAI TF directory or preset download); `jaxgpt.export.export_hf` writes the
-HF format back. Both are re-exported here.
+HF format back.
 """
 from __future__ import annotations
 
@@ -435,7 +435,7 @@ def load_openai_dir(path: str | Path) -> tuple[ModelConfig, Params]:
 
 
 # ---------------------------------------------------------------------------------------
-# Counting and the resolver
+# Counting
 
 
 def num_params_hf(config: ModelConfig) -> int:
@@ -444,17 +444,3 @@ def num_params_hf(config: ModelConfig) -> int:
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
     head = 0 if config.tie_embeddings else V * d
     return V * d + config.context_length * d + L * block + 2 * d + head
-
-
-def resolve_init(spec: str, expect: ModelConfig | None = None) -> tuple[ModelConfig, Params]:
-    """Same as `jaxgpt.hub.resolve_init` (the one `--init` resolver), re-exported here."""
-    from jaxgpt.hub import resolve_init as _resolve
-
-    return _resolve(spec, expect)
-
-
-def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Same as `jaxgpt.export.export_hf` (write a Hugging Face GPT-2 directory), re-exported here."""
-    from jaxgpt.export import export_hf as _export
-
-    return _export(params, model_config, out_dir, force=force)

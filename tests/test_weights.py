@@ -172,7 +172,7 @@ def test_greedy_generation_matches_transformers(hf_models, name):
 def test_hf_round_trip_is_bitwise(hf_models, tmp_path, name):
     path, _ = hf_models[name]
     config, params = resolve_init(str(path))
-    out = weights.export_hf(params, config, tmp_path / "export")
+    out = export_hf(params, config, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     before, after = hf_tensors(path), hf_tensors(out)
     assert sorted(before) == sorted(after)
@@ -511,7 +511,7 @@ def test_run_dir_real_checkpoint(tmp_path):
     got_config, got = resolve_init(str(run))
     assert got_config == config
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), got, params)
-    out = weights.export_hf(got, got_config, tmp_path / "hf")
+    out = export_hf(got, got_config, tmp_path / "hf")
     assert "lm_head.weight" in hf_tensors(out)
 
 
@@ -526,8 +526,8 @@ def test_lora_params_must_be_merged_before_export(tmp_path):
     lora["h_0"]["attn"]["c_attn"]["lora_a"] = np.ones((4, 2), np.float32)
     lora["h_0"]["attn"]["c_attn"]["lora_b"] = np.ones((2, 12), np.float32)
     with pytest.raises(UserError, match="LoRA adapters"):
-        weights.export_hf(lora, config, tmp_path / "unmerged")
+        export_hf(lora, config, tmp_path / "unmerged")
     assert not (tmp_path / "unmerged").exists()
-    out = weights.export_hf(merge_lora(lora, LoRAConfig(rank=2, alpha=6.0)), config, tmp_path / "merged")
+    out = export_hf(merge_lora(lora, LoRAConfig(rank=2, alpha=6.0)), config, tmp_path / "merged")
     np.testing.assert_allclose(hf_tensors(out)["transformer.h.0.attn.c_attn.weight"],
                                np.asarray(params["h_0"]["attn"]["c_attn"]["kernel"]) + 2.0 * 3.0, rtol=1e-6)
