@@ -3,16 +3,21 @@
     python -m jaxgpt.generate --init runs/my-run --prompt "Every effort moves you"
     python -m jaxgpt.generate --init runs/my-run --prompt-file prompts.txt \\
         --max-new-tokens 100 --temperature 0.8 --top-k 50 --seed 1
+    python -m jaxgpt.generate --init runs/sft --instruction "Rewrite the sentence in passive voice." \\
+        --input "The chef cooks the meal."
 
 Each prompt's continuation is printed as prompt + generated text, prompts separated by a
 blank line. All prompts run as one left-padded batch through `jaxgpt.sampling.generate`.
+With `--instruction` (and optionally `--input`) the prompt is the Alpaca prompt of
+`jaxgpt.prompts.format_prompt`, the format `finetune.py instruct` trains on, and only the
+response is printed (the text generated after the prompt, up to `<|endoftext|>`).
+A LoRA fine-tuning run is merged with its own `lora` section first.
 Bad input (a missing run directory, out-of-range values, a prompt too long for the context)
 is one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,23 +28,12 @@ from jaxgpt.errors import UserError
 
 
 def load_init(spec: str) -> tuple[ModelConfig, Any]:
-    """`--init` -> (ModelConfig, params): the one place that turns a spec into weights.
+    """`--init` -> (ModelConfig, plain params) through `jaxgpt.hub.resolve_init`: run
+    directories (a LoRA run comes merged with its own alpha), Hugging Face or OpenAI
+    directories, and preset names like "gpt2"."""
+    from jaxgpt.hub import resolve_init
 
-    Uses `jaxgpt.weights.resolve_init` (run directories, Hugging Face directories, preset
-    names like "gpt2") when that module exists, otherwise `jaxgpt.checkpoint.load_params`
-    (the latest checkpoint of a training run directory).
-    """
-    if importlib.util.find_spec("jaxgpt.weights") is not None:
-        from jaxgpt.weights import resolve_init
-
-        cfg, params = resolve_init(spec)
-    else:
-        if not Path(spec).is_dir():
-            raise UserError(f"--init {spec}: no such run directory")
-        from jaxgpt.checkpoint import load_params
-
-        cfg, params = load_params(spec)
-    return (cfg.model if hasattr(cfg, "model") else cfg), params
+    return resolve_init(spec)
 
 
 def get_tokenizer():
@@ -63,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a prompt to continue (repeatable)")
     src.add_argument("--prompt-file", metavar="FILE",
                      help="a UTF-8 text file with one prompt per line (blank lines skipped)")
+    src.add_argument("--instruction", metavar="TEXT",
+                     help="ask an instruction-tuned model (finetune.py instruct): the prompt is the Alpaca "
+                          "prompt of TEXT, and only the response is printed")
+    src.add_argument("--input", metavar="TEXT", default="",
+                     help="the instruction's input (optional; with --instruction)")
     smp = parser.add_argument_group("sampling")
     smp.add_argument("--max-new-tokens", type=int, default=50, metavar="N",
                      help="tokens to generate per prompt (default: 50)")
@@ -79,7 +78,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompts named by `--prompt` and `--prompt-file`, in that order."""
+    """The prompts named by `--prompt` and `--prompt-file`, in that order; or the one
+    Alpaca prompt of `--instruction` / `--input`."""
+    if args.instruction is not None:
+        if args.prompt or args.prompt_file:
+            raise UserError("--instruction builds the prompt itself; give it without --prompt / --prompt-file")
+        if not args.instruction.strip():
+            raise UserError("--instruction is empty")
+        from jaxgpt.prompts import format_prompt
+
+        return [format_prompt(args.instruction, args.input)]
+    if args.input:
+        raise UserError("--input goes with --instruction")
     prompts = list(args.prompt)
     if args.prompt_file:
         path = Path(args.prompt_file)
@@ -112,6 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         top_p=args.top_p, seed=args.seed, stop_at_eos=not args.ignore_eos,
         tokenizer=get_tokenizer(),
     )
+    if args.instruction is not None:
+        print(texts[0].strip())  # the response only: what follows the prompt, cut at <|endoftext|>
+        sys.stdout.flush()
+        return 0
     for i, (prompt, text) in enumerate(zip(prompts, texts)):
         if i:
             print()

@@ -32,6 +32,8 @@ class Task:
 TASKS: dict[str, Task] = {
     "classify": Task("jaxgpt.tasks.classify",
                      "sequence classification (default: SMS spam), full / last-block / LoRA training"),
+    "instruct": Task("jaxgpt.tasks.instruct",
+                     "instruction fine-tuning (Alpaca format, default: bundled 1,100 instructions), scored by ROUGE-L"),
 }
 
 
