@@ -176,7 +176,9 @@ class GPT(nn.Module):
     `return_hidden=True` returns the final-LayerNorm hidden states `[batch, seq, n_embd]`
     instead of logits, for heads other than the LM head. `last_only=True` applies the head
     to the last position only (`[batch, 1, vocab]`): decoding never needs the prompt's
-    `[batch, prompt, vocab]` logits.
+    `[batch, prompt, vocab]` logits. `head_positions` (`[batch, k]` int) applies the head at
+    those positions only (`[batch, k, vocab]`): preference and RL losses score response tokens,
+    and the `[batch, seq, vocab]` logits of the prompt would dominate their cost.
 
     tokens: `[batch, seq]` int. positions: `[batch, seq]` (default: 0.. or, with a cache,
     counted on from the cache index). attention_mask: `[batch, seq]` bool, False on padding
@@ -204,6 +206,7 @@ class GPT(nn.Module):
         deterministic: bool = True,
         return_hidden: bool = False,
         last_only: bool = False,
+        head_positions=None,
     ):
         cfg = self.config
         b, t = tokens.shape
@@ -255,6 +258,8 @@ class GPT(nn.Module):
         x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="ln_f")(x)
         if last_only:
             x = x[:, -1:]
+        if head_positions is not None:  # [b, k]: the head only where it is needed (e.g. responses)
+            x = jnp.take_along_axis(x, jnp.asarray(head_positions, jnp.int32)[..., None], axis=1)
 
         if return_hidden:
             out = x

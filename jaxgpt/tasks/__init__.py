@@ -34,6 +34,9 @@ TASKS: dict[str, Task] = {
                      "sequence classification (default: SMS spam), full / last-block / LoRA training"),
     "instruct": Task("jaxgpt.tasks.instruct",
                      "instruction fine-tuning (Alpaca format, default: bundled 1,100 instructions), scored by ROUGE-L"),
+    "reward": Task("jaxgpt.tasks.reward",
+                   "reward model on preference pairs (Bradley-Terry), default: bundled preference data"),
+    "dpo": Task("jaxgpt.tasks.dpo", "direct preference optimisation against a frozen reference model"),
 }
 
 
