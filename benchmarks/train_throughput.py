@@ -1,0 +1,464 @@
+#!/usr/bin/env python
+"""Training throughput: jaxgpt vs the PyTorch reference (`llms-from-scratch`'s `GPTModel`).
+
+Both sides do the same work per step on the same shapes: forward, mean token
+cross-entropy, backward, global-norm gradient clipping at 1.0, AdamW (weight decay 0.1 on
+matrices, betas 0.9/0.95). Dropout is 0.0 on both sides. The head-to-head jaxgpt model is
+configured like the book's model: untied LM head (`model.tie_embeddings=false`) and no qkv
+bias (`model.qkv_bias=false`); its parameter count is checked equal to the torch model's.
+
+Method: `--warmup` steps are run and discarded (XLA compilation; torch's first iterations),
+then `--steps` steps are timed one by one, each synchronised (`jax.block_until_ready`; torch
+on CPU is synchronous, on CUDA `torch.cuda.synchronize()`). The reported step time is the
+median. With `--rounds R` the timed steps are split into R blocks per framework, run
+alternately (jaxgpt block, torch block, ...), each block after one extra untimed step, so
+slow drifts in machine load hit both frameworks alike.
+
+MFU uses `jaxgpt.metrics.flops_per_token` (6N + attention, N including the LM head) for both
+frameworks and `jaxgpt.metrics.peak_flops_per_device()` as the peak (on CPU: cores x 2.5 GHz
+x 32 fp32 FLOP/cycle unless JAXGPT_PEAK_FLOPS is set); the peak used is printed.
+
+Threads: torch gets `torch.set_num_threads(n)` with n = the usable cores (os.cpu_count()
+unless the process is pinned with taskset); XLA:CPU uses every usable core by default and no
+XLA flag is changed here (set XLA_FLAGS yourself to experiment).
+
+`--frameworks jax,jax-chunked-ce,torch` adds a row for jaxgpt with a prototype LM-head +
+cross-entropy fused over token chunks (`chunked_lm_loss_fn` below), proposed for the library.
+
+    python benchmarks/train_throughput.py --configs small,124m --steps 20 --warmup 3 \
+        --json bench.json
+
+On a GPU (`jax.devices()[0].platform == 'gpu'`, `--device-kind auto|gpu`) the 124m config is
+also run in bf16 (`model.dtype=bfloat16`, `model.attention=cudnn`; torch under bf16 autocast
+on CUDA when torch has CUDA). On CPU those rows are skipped with a message.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# name -> (YAML file or None, overrides, batch, seq)
+CONFIGS = {
+    "small": (REPO / "configs" / "default.yaml", [], 16, 128),
+    "124m": (None, ["model.preset=gpt2-124m"], 4, 256),
+}
+# The book's GPTModel: untied head, no qkv bias; dropout off on both sides.
+HEAD_TO_HEAD = ["model.tie_embeddings=false", "model.qkv_bias=false", "model.dropout=0.0"]
+LR = 3e-4
+WEIGHT_DECAY = 0.1
+GRAD_CLIP = 1.0
+BETAS = (0.9, 0.95)
+
+
+@dataclass
+class Case:
+    config: str
+    precision: str  # fp32 | bf16
+    batch: int
+    seq: int
+    model_cfg: object = None  # jaxgpt ModelConfig
+    results: dict = field(default_factory=dict)  # framework -> dict
+
+
+# ---------------------------------------------------------------------------------------
+# machine
+
+
+def _cores() -> int:
+    """Cores this process may run on (= os.cpu_count() unless pinned with taskset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(jax, torch) -> dict:
+    dev = jax.devices()[0]
+    info = {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "cores_usable": _cores(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "jaxlib": getattr(__import__("jaxlib"), "__version__", "?"),
+        "torch": torch.__version__ if torch is not None else None,
+        "torch_threads": torch.get_num_threads() if torch is not None else None,
+        "jax_platform": dev.platform,
+        "jax_device_kind": getattr(dev, "device_kind", ""),
+        "jax_devices": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    try:
+        info["load_avg_at_start"] = os.getloadavg()
+    except OSError:
+        pass
+    return info
+
+
+# ---------------------------------------------------------------------------------------
+# jaxgpt side
+
+
+def chunked_lm_loss_fn(model, chunk: int = 256):
+    """Prototype (proposed for jaxgpt.losses/steps): `lm_loss_fn` with the LM head fused into
+    the cross-entropy and run over `chunk`-token slices in a `lax.scan`, each slice's logits
+    recomputed in the backward pass (`jax.checkpoint`), so the `[tokens, vocab]` float32
+    logits and their gradient are never materialised. Same loss and gradients as
+    `lm_loss_fn` up to float rounding. Handles the tied and the untied head."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from jaxgpt.model import compute_dtype
+
+    cfg = model.config
+    dtype = compute_dtype(cfg)
+
+    def loss_fn(params, batch, dropout_key):
+        h = model.apply({"params": params}, batch["inputs"], attention_mask=batch.get("attention_mask"),
+                        deterministic=dropout_key is None, return_hidden=True,
+                        rngs=None if dropout_key is None else {"dropout": dropout_key})
+        kernel = params["wte"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
+        kernel = kernel.astype(dtype)
+        targets = batch["targets"].reshape(-1)
+        mask = batch.get("mask")
+        mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
+        x = h.reshape(-1, h.shape[-1]).astype(dtype)
+        n = x.shape[0]
+        c = min(chunk, n)
+        pad = (-n) % c
+        if pad:
+            x = jnp.pad(x, ((0, pad), (0, 0)))
+            targets, mask = jnp.pad(targets, (0, pad)), jnp.pad(mask, (0, pad))
+        xs = x.reshape(-1, c, x.shape[-1])
+        ts, ms = targets.reshape(-1, c), mask.reshape(-1, c)
+
+        @jax.checkpoint
+        def one(xc, tc, mc):
+            logits = jnp.dot(xc, kernel, preferred_element_type=jnp.float32)
+            lse = jax.nn.logsumexp(logits, axis=-1)
+            tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
+            return jnp.sum((lse - tgt) * mc)
+
+        total, _ = lax.scan(lambda acc, inp: (acc + one(*inp), None), jnp.zeros((), jnp.float32),
+                            (xs, ts, ms))
+        return total, {"count": jnp.sum(mask)}
+
+    return loss_fn
+
+
+class JaxRunner:
+    def __init__(self, case: Case, seed: int = 0, loss: str = "library"):
+        import jax
+        import numpy as np
+
+        from jaxgpt.config import TrainConfig
+        from jaxgpt.model import GPT, count_params, init_params
+        from jaxgpt.optim import make_optimizer
+        from jaxgpt.parallel import DataParallel
+        from jaxgpt.steps import create_train_state, lm_loss_fn, train_step
+
+        self.jax = jax
+        cfg = case.model_cfg
+        train_cfg = TrainConfig(batch_size=case.batch, grad_accum_steps=1, lr=LR, warmup_steps=0,
+                                max_steps=10_000, weight_decay=WEIGHT_DECAY, b1=BETAS[0], b2=BETAS[1],
+                                grad_clip=GRAD_CLIP, num_devices=1)
+        tx = make_optimizer(train_cfg)
+        params = init_params(cfg, jax.random.key(seed))
+        self.n_params = count_params(params)
+        self.dp = DataParallel(1)
+        self.step_fn = self.dp.compile_train_step(train_step, loss_fn=(
+            lm_loss_fn(GPT(cfg)) if loss == "library" else chunked_lm_loss_fn(GPT(cfg), int(loss.split(":")[1]))),
+            tx=tx)
+        self.state = self.dp.replicate(create_train_state(params, tx))
+        del params
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(0, cfg.vocab_size, (case.batch, case.seq + 1), dtype=np.int32)
+        batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+        self.batch = jax.device_put(self.dp.shard_train(batch, 1))
+        self.key = jax.random.key(seed + 1)
+        self.last_loss = None
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        self.state, metrics = self.step_fn(self.state, self.batch, self.key)
+        self.jax.block_until_ready((self.state, metrics))
+        dt = time.perf_counter() - t0
+        self.last_loss = metrics["loss"]
+        return dt
+
+    def loss(self) -> float:
+        return float(self.last_loss)
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch reference side
+
+
+def torch_gpt_config(cfg) -> dict:
+    """The book's GPT_CONFIG_124M-style dict for a jaxgpt ModelConfig."""
+    return {
+        "vocab_size": cfg.vocab_size,
+        "context_length": cfg.context_length,
+        "emb_dim": cfg.n_embd,
+        "n_heads": cfg.n_head,
+        "n_layers": cfg.n_layer,
+        "drop_rate": 0.0,
+        "qkv_bias": False,
+    }
+
+
+class TorchRunner:
+    def __init__(self, case: Case, device: str, seed: int = 0, adamw: str = "default"):
+        import numpy as np
+        import torch
+        import torch.nn.functional as F
+        from llms_from_scratch.ch04 import GPTModel
+
+        self.torch, self.F, self.device = torch, F, device
+        torch.manual_seed(seed)
+        self.model = GPTModel(torch_gpt_config(case.model_cfg)).to(device)
+        self.model.train()
+        self.n_params = sum(p.numel() for p in self.model.parameters())
+        params = list(self.model.parameters())
+        # Decay matrices only, as jaxgpt.optim does (biases, LayerNorm scale/shift undecayed).
+        groups = [
+            {"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+        impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adamw]
+        self.opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, **impl)
+        rng = np.random.default_rng(seed)
+        tokens = rng.integers(0, case.model_cfg.vocab_size, (case.batch, case.seq + 1), dtype=np.int64)
+        t = torch.from_numpy(tokens).to(device)
+        self.inputs, self.targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        self.autocast = case.precision == "bf16"
+        self.last_loss = None
+
+    def _sync(self):
+        if self.device.startswith("cuda"):
+            self.torch.cuda.synchronize()
+
+    def step(self) -> float:
+        torch, F = self.torch, self.F
+        self._sync()
+        t0 = time.perf_counter()
+        self.opt.zero_grad(set_to_none=True)
+        with torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.autocast):
+            logits = self.model(self.inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), self.targets.flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
+        self.opt.step()
+        self._sync()
+        dt = time.perf_counter() - t0
+        self.last_loss = loss.detach()
+        return dt
+
+    def loss(self) -> float:
+        return float(self.last_loss)
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def summarise(times: list[float], case: Case, peak: float) -> dict:
+    from jaxgpt.metrics import flops_per_token
+
+    med = statistics.median(times)
+    tokens = case.batch * case.seq
+    tps = tokens / med
+    fpt = flops_per_token(case.model_cfg, case.seq)
+    return {
+        "median_step_s": med,
+        "min_step_s": min(times),
+        "mean_step_s": statistics.fmean(times),
+        "timed_steps": len(times),
+        "tokens_per_s": tps,
+        "flops_per_token": fpt,
+        "mfu": tps * fpt / peak,
+    }
+
+
+def run_case(case: Case, frameworks: list[str], args, torch_device: str, peak: float) -> None:
+    runners = {}
+    if "jax" in frameworks:
+        runners["jaxgpt"] = JaxRunner(case, args.seed)
+    if "jax-chunked-ce" in frameworks:
+        runners["jaxgpt-chunked-ce"] = JaxRunner(case, args.seed, f"chunked:{args.ce_chunk}")
+    if "torch" in frameworks:
+        runners["torch"] = TorchRunner(case, torch_device, args.seed, args.torch_adamw)
+    counts = {k: r.n_params for k, r in runners.items()}
+    if len(set(counts.values())) > 1:
+        print(f"  WARNING: parameter counts differ: {counts}", file=sys.stderr)
+    print(f"[{case.config} {case.precision}] params: {counts}", file=sys.stderr)
+
+    times: dict[str, list[float]] = {k: [] for k in runners}
+    for name, r in runners.items():
+        t0 = time.perf_counter()
+        warm = [r.step() for _ in range(args.warmup)]
+        print(f"  {name}: warm-up {args.warmup} steps {time.perf_counter() - t0:.1f}s "
+              f"(first {warm[0]:.2f}s, last {warm[-1]:.3f}s), loss {r.loss():.3f}" if warm else
+              f"  {name}: no warm-up", file=sys.stderr)
+    rounds = max(1, min(args.rounds, args.steps))
+    per_round = [args.steps // rounds + (i < args.steps % rounds) for i in range(rounds)]
+    for i, n in enumerate(per_round):
+        for name, r in runners.items():
+            if i > 0:
+                r.step()  # re-warm caches after the other framework's block
+            times[name].extend(r.step() for _ in range(n))
+            print(f"  {name}: round {i + 1}/{rounds}: median {statistics.median(times[name][-n:]):.4f}s "
+                  f"over {n} steps, loss {r.loss():.3f}", file=sys.stderr)
+    for name, r in runners.items():
+        case.results[name] = {**summarise(times[name], case, peak), "params": r.n_params,
+                              "final_loss": r.loss(), "step_times_s": times[name]}
+    del runners
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--configs", default="small,124m", help="comma list of: " + ",".join(CONFIGS))
+    p.add_argument("--steps", type=int, default=20, help="timed steps per framework and config")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="alternate jaxgpt/torch in this many blocks of timed steps")
+    p.add_argument("--frameworks", default="jax,torch",
+                   help="comma list of: jax, torch, jax-chunked-ce (jaxgpt with the prototype "
+                   "chunked LM-head cross-entropy of this script; an extra row)")
+    p.add_argument("--ce-chunk", type=int, default=256, help="tokens per chunk for jax-chunked-ce")
+    p.add_argument("--device-kind", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="auto: whatever jax.devices()[0] is; gpu adds the 124m bf16 rows")
+    p.add_argument("--no-bf16", action="store_true", help="skip the GPU bf16 rows")
+    p.add_argument("--torch-adamw", default="default", choices=["default", "foreach", "fused"],
+                   help="torch.optim.AdamW implementation (default: torch's choice, a per-tensor "
+                   "loop on CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="write results to this path")
+    args = p.parse_args(argv)
+
+    if args.device_kind == "cpu":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    import jax
+
+    frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
+    torch = None
+    if "torch" in frameworks:
+        import torch
+
+        torch.set_num_threads(_cores())
+        try:
+            import llms_from_scratch.ch04  # noqa: F401
+        except ImportError:
+            print("the PyTorch reference needs: pip install --no-deps llms-from-scratch", file=sys.stderr)
+            return 2
+
+    from jaxgpt.config import load_config
+    from jaxgpt.metrics import peak_flops_per_device
+
+    platform_ = jax.devices()[0].platform
+    on_gpu = platform_ == "gpu"
+    if args.device_kind == "gpu" and not on_gpu:
+        print(f"--device-kind gpu but jax's first device is {platform_}; no GPU here", file=sys.stderr)
+        return 2
+    torch_device = "cpu"
+    if torch is not None and on_gpu:
+        if torch.cuda.is_available():
+            torch_device = "cuda"
+        else:
+            print("note: this torch build has no CUDA; the torch reference runs on CPU", file=sys.stderr)
+
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    for n in names:
+        if n not in CONFIGS:
+            p.error(f"unknown config {n!r}; choose from {', '.join(CONFIGS)}")
+
+    cases: list[Case] = []
+    for n in names:
+        path, overrides, batch, seq = CONFIGS[n]
+        cfg = load_config(path, [*overrides, *HEAD_TO_HEAD]).model
+        cases.append(Case(n, "fp32", batch, seq, cfg))
+        if n == "124m" and not args.no_bf16:
+            if on_gpu:
+                cfg16 = load_config(path, [*overrides, *HEAD_TO_HEAD, "model.dtype=bfloat16",
+                                           "model.attention=cudnn"]).model
+                cases.append(Case(n, "bf16", batch, seq, cfg16))
+            else:
+                print("skipping 124m bf16 (cudnn attention): no GPU", file=sys.stderr)
+
+    peak = peak_flops_per_device()
+    info = machine_info(jax, torch)
+    info["peak_flops_per_device"] = peak
+    info["torch_device"] = torch_device if torch is not None else None
+    print(f"machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']} ({platform_}, "
+          f"{info['jax_device_kind']}); torch {info['torch']} ({info['torch_threads']} threads, "
+          f"{torch_device}); peak used for MFU: {peak / 1e9:.1f} GFLOP/s per device", file=sys.stderr)
+
+    for case in cases:
+        case_fw = frameworks
+        if case.precision == "bf16" and torch_device == "cpu":
+            case_fw = [f for f in frameworks if f != "torch"]  # no CPU bf16 reference
+        run_case(case, case_fw, args, torch_device, peak)
+
+    # ---- report
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']} ({platform_}); "
+        f"torch {info['torch']} ({info['torch_threads']} threads, {torch_device}); "
+        f"MFU peak {peak / 1e9:.1f} GFLOP/s per device",
+        "",
+        "| config | precision | batch x seq | framework | median step (s) | min step (s) | tokens/s (median) | MFU | jax/torch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for c in cases:
+        th = c.results.get("torch")
+        for fw, r in c.results.items():
+            ratio = r["tokens_per_s"] / th["tokens_per_s"] if th and fw != "torch" else None
+            lines.append(
+                f"| {c.config} | {c.precision} | {c.batch} x {c.seq} | "
+                f"{'torch (llms-from-scratch GPTModel)' if fw == 'torch' else fw} | "
+                f"{r['median_step_s']:.4f} | {r['min_step_s']:.4f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
+                f"{(f'{ratio:.2f}x' if ratio is not None else '')} |"
+            )
+            rows.append({
+                "config": c.config, "precision": c.precision, "batch": c.batch, "seq": c.seq,
+                "framework": fw,
+                "model": {k: getattr(c.model_cfg, k) for k in (
+                    "vocab_size", "context_length", "n_layer", "n_head", "n_embd", "dropout",
+                    "qkv_bias", "tie_embeddings", "dtype", "attention")},
+                **r, "jax_over_torch": ratio,
+            })
+    print("\n".join(lines))
+    if args.json:
+        out = {"machine": info, "method": {
+            "warmup_steps": args.warmup, "timed_steps": args.steps, "rounds": args.rounds,
+            "statistic": "median step time", "optimizer": "AdamW lr 3e-4 betas (0.9, 0.95) "
+            "weight_decay 0.1 on matrices, global-norm clip 1.0", "dropout": 0.0,
+            "torch_adamw": args.torch_adamw,
+            "argv": sys.argv}, "results": rows}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
