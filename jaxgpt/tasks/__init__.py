@@ -37,6 +37,7 @@ TASKS: dict[str, Task] = {
     "reward": Task("jaxgpt.tasks.reward",
                    "reward model on preference pairs (Bradley-Terry), default: bundled preference data"),
     "dpo": Task("jaxgpt.tasks.dpo", "direct preference optimisation against a frozen reference model"),
+    "grpo": Task("jaxgpt.tasks.grpo", "GRPO with verifiable rewards (arithmetic, gsm8k)"),
 }
 
 
