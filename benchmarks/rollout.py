@@ -12,6 +12,7 @@ median is reported, together with the time of the reference-model scoring of the
 
     python benchmarks/rollout.py                          # GRPO's default: 4x128 GPT, 16 x 8 rows
     python benchmarks/rollout.py --preset gpt2-124m --prompt-len 64 --new-tokens 64 --prompts 4
+    python benchmarks/rollout.py --sampler gumbel                   # jax.random.categorical's draw
     python benchmarks/rollout.py --json rollout.json
 
 Random weights: throughput does not depend on them (no eos).
@@ -49,7 +50,7 @@ def measure(args) -> dict:
     def once(i):
         t0 = time.perf_counter()
         out = rollout(params, cfg, tokens, mask, jax.random.key(i), group_size=args.group, max_new_tokens=n,
-                      temperature=1.0)
+                      temperature=1.0, method=args.sampler)
         jax.block_until_ready(out["tokens"])
         t1 = time.perf_counter()
         jax.block_until_ready(score(params, out["tokens"], out["attention_mask"]))
@@ -61,7 +62,7 @@ def measure(args) -> dict:
     score_s = statistics.median(s for _, s in times)
     return {
         "device": jax.devices()[0].device_kind, "platform": platform.processor() or platform.machine(),
-        "model": args.preset or f"{args.n_layer}x{args.n_embd}", "dtype": args.dtype,
+        "model": args.preset or f"{args.n_layer}x{args.n_embd}", "dtype": args.dtype, "sampler": args.sampler,
         "rows": rows, "prompt_len": args.prompt_len, "new_tokens": n,
         "rollout_seconds": sample_s, "rollout_tokens_per_sec": rows * n / sample_s,
         "score_seconds": score_s, "score_tokens_per_sec": rows * (args.prompt_len + n) / score_s,
@@ -80,6 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt-len", type=int, default=40)
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--sampler", default="inverse_cdf", help="inverse_cdf (the rollout default) | gumbel")
     p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
     result = measure(args)

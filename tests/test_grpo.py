@@ -3,6 +3,7 @@ values; a toy problem where the loss must raise the reward; 1 device == 4 device
 from __future__ import annotations
 
 import functools
+import json
 import math
 
 import jax
@@ -142,3 +143,137 @@ def test_update_is_the_same_on_1_and_4_devices():
         for k in ("loss", "clip_frac", "kl", "count"):
             assert float(m1[k]) == pytest.approx(float(m4[k]), rel=1e-5), k
         assert 0.0 < float(m1["clip_frac"]) < 1.0
+
+
+def test_process_advantages_by_hand():
+    from jaxgpt.rl.grpo import process_advantages
+
+    # One group of 2 completions, 3 steps each: all 6 step rewards are normalised together.
+    steps = np.array([[1.0, 0.0, 0.0], [1.0, 1.0, 1.0]])
+    flat = steps.reshape(-1)
+    norm = ((flat - flat.mean()) / (flat.std(ddof=1) + 1e-4)).reshape(2, 3)
+    to_go = np.flip(np.cumsum(np.flip(norm, 1), 1), 1)  # a step's advantage: its own + later steps
+    segments = np.array([[0, 0, 1, 2, 2, 5], [0, 1, 1, 1, 2, 2]])  # step of each token (5 -> last)
+    adv = np.asarray(process_advantages(steps, segments, 2))
+    np.testing.assert_allclose(adv[0], to_go[0][[0, 0, 1, 2, 2, 2]], rtol=1e-5)
+    np.testing.assert_allclose(adv[1], to_go[1][[0, 1, 1, 1, 2, 2]], rtol=1e-5)
+    assert adv[0, 0] == pytest.approx(norm[0].sum(), rel=1e-5)
+    # The loss takes per-token advantages as they are.
+    mask = jnp.ones((2, 6))
+    lp = jnp.full((2, 6), -1.0)
+    g = jax.grad(lambda x: grpo_loss(x, jax.lax.stop_gradient(x), x, jnp.asarray(adv), mask, loss_agg="token")[0])(lp)
+    np.testing.assert_allclose(np.asarray(g), -adv, rtol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# finetune.py grpo end to end
+
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.context_length=64",
+        "rollout.prompts_per_step=4", "grpo.group_size=4", "rollout.minibatches=2", "rollout.max_new_tokens=12",
+        "rollout.eval_batch_size=8", "data.eval_size=8", "train.max_steps=4", "train.eval_interval=2",
+        "train.log_interval=1", "train.lr=1e-3"]
+
+
+def _finetune(argv):
+    import finetune
+
+    return finetune.main([str(a) for a in argv])
+
+
+def _argv(out, extra=()):
+    argv = ["grpo", "--out", out]
+    for item in TINY + list(extra):
+        argv += ["--set", item]
+    return argv
+
+
+@pytest.fixture
+def varied_rewards(monkeypatch):
+    """A random-init model never solves a problem (every advantage 0, no update): reward
+    completions by their length instead, so the tests below really train."""
+    from jaxgpt.rl.tasks import ArithmeticTask
+
+    monkeypatch.setattr(ArithmeticTask, "reward", lambda self, c, p: float(len(c) % 2))
+    monkeypatch.setattr(ArithmeticTask, "step_rewards", lambda self, c, p: [float(len(c) % 3 == 0), float(len(c) % 2)])
+
+
+def test_grpo_command_on_4_devices_and_run_dir(tmp_path, varied_rewards):
+    """Random init (no --init), the default task, pmapped updates over 4 devices."""
+    assert _finetune(_argv(tmp_path / "run")) == 0
+    run = tmp_path / "run"
+    assert {"config.yaml", "metrics.jsonl", "metrics.json", "reward.png", "kl.png", "eval_samples.jsonl",
+            "checkpoints"} <= {p.name for p in run.iterdir()}
+    summary = json.loads((run / "metrics.json").read_text())
+    for key in ("eval_accuracy_before", "eval_accuracy_after", "eval_format_rate_after", "rollout_tokens_per_sec",
+                "seconds_per_iteration", "kl"):
+        assert summary[key] is not None, key
+    assert summary["iteration"] == 4 and summary["step"] == 4 * 2 and summary["task"] == "arithmetic"
+    assert summary["num_prompts"]["eval"] == 8
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in records] == [1, 2, 3, 4]
+    for r in records:
+        assert 0.0 < r["reward"] < 1.0 and np.isfinite(r["loss"]) and "kl_ref" in r  # log_interval 1
+        assert r["grad_norm"] > 0
+    assert records[-1]["kl"] > 0 and records[-1]["kl_ref"] != 0  # the policy moved away from the reference
+    samples = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8 and {"question", "answer", "completion", "reward"} <= set(samples[0])
+
+
+def test_grpo_lora_resume_matches_a_straight_run(tmp_path, varied_rewards):
+    """LoRA mode, process supervision, tempered sampling; 2 iterations + --resume == 4 straight."""
+    from jaxgpt.config import load_config
+    from jaxgpt.tasks.grpo import DEFAULT_CONFIG, GRPOConfig, finetune_grpo
+
+    extra = ["train.num_devices=1", "finetune.train_mode=lora", "lora.rank=2", "grpo.supervision=process",
+             "rollout.temperature=0.8", "rollout.inner_epochs=2", "grpo.kl_beta=0.05"]
+    cfg = load_config(DEFAULT_CONFIG, TINY + extra, cls=GRPOConfig)
+    straight = finetune_grpo(cfg, tmp_path / "straight")
+    finetune_grpo(cfg, tmp_path / "split", stop_after=2)
+    assert _finetune(["grpo", "--resume", tmp_path / "split"]) == 0
+    keys = ("reward", "loss", "kl", "clip_frac", "kl_ref", "eval_accuracy", "grad_norm")
+    strip = lambda run: [{k: r.get(k) for k in keys} for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
+    assert strip("split") == strip("straight")
+    resumed = json.loads((tmp_path / "split" / "metrics.json").read_text())
+    assert resumed["eval_accuracy_after"] == straight["eval_accuracy_after"] and straight["step"] == 16
+    assert straight["trainable_params"] < straight["total_params"]
+    records = strip("straight")
+    assert all(r["grad_norm"] > 0 for r in records) and records[-1]["kl"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--task", "chess"], "unknown task 'chess'"),
+        (["--task", "arithmetic:digits=9"], "digits must be 1..6"),
+        (["--data", "{tmp}/q.jsonl"], "reads no data file"),
+        (["--task", "gsm8k", "--data", "{tmp}/empty.jsonl"], "is empty"),
+        (["--task", "gsm8k", "--data", "{tmp}/noanswer.jsonl"], "line 1 has no answer field 'answer'"),
+        (["--task", "gsm8k", "--data", "{tmp}/missing.jsonl"], "not found"),
+        (["--task", "gsm8k", "--set", "grpo.supervision=process"], "task gsm8k has no process rewards"),
+        (["--set", "grpo.group_size=1"], "grpo.group_size must be >= 2"),
+        (["--set", "grpo.loss_agg=batch"], "grpo.loss_agg must be one of"),
+        (["--set", "grpo.supervision=steps"], "grpo.supervision must be one of"),
+        (["--set", "grpo.clip_eps=0"], "grpo.clip_eps must be > 0"),
+        (["--set", "grpo.kl_beta=-0.1"], "grpo.kl_beta must be >= 0"),
+        (["--set", "rollout.temperature=0"], "rollout.temperature must be > 0"),
+        (["--set", "rollout.minibatches=3"], "do not split into rollout.minibatches=3"),
+        (["--set", "rollout.minibatches=8"], "divisible by devices x train.grad_accum_steps"),
+        (["--set", "model.context_length=48"], "exceed the model's context of 48"),
+        (["--set", "data.max_prompt_tokens=10"], "every arithmetic rl prompt is longer"),
+        (["--set", "data.eval_size=-1"], "data.eval_size must be >= 0"),
+        (["--set", "train.lr=-1"], "train.lr must be positive"),
+        (["--set", "grpo.colour=red"], "unknown config key grpo.colour"),
+        (["--resume", "{tmp}"], "not a run directory"),
+    ],
+)
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
+    (tmp_path / "q.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "noanswer.jsonl").write_text('{"question": "What?"}\n')
+    argv = _argv(tmp_path / "run") if "--resume" not in extra else ["grpo"]
+    argv += [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    capsys.readouterr()
+    assert _finetune(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "run").exists()

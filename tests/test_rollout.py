@@ -3,6 +3,7 @@ right-padding for the reward model, greedy parity with `generate`, one compilati
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -141,3 +142,41 @@ def test_completion_texts_cut_at_eos():
     assert completion_texts({**out, "tokens": np.array([[9, 9, 15, 16, 50256, 0]])[:, :6],
                              "lengths": np.array([3]), "completion_mask": np.ones((1, 4), bool)},
                             50256) == [decode([15, 16])]
+
+
+def test_inverse_cdf_sampler_has_the_categorical_distribution():
+    """`categorical_inverse_cdf` (the rollout's default token draw) against exact probabilities:
+    several blocks, a vocabulary that is not a multiple of the block, zero-probability ids."""
+    from jaxgpt.sampling import categorical_inverse_cdf
+
+    v = 700  # 3 blocks of 256, the last one partial
+    logits = np.full(v, -np.inf, np.float32)
+    support = np.array([0, 3, 255, 256, 300, 511, 512, 699])
+    probs = np.array([0.05, 0.1, 0.15, 0.2, 0.05, 0.2, 0.15, 0.1])
+    logits[support] = np.log(probs)
+    n = 40000
+    draws = jax.vmap(lambda k: categorical_inverse_cdf(k, jnp.asarray(logits)[None])[0])(jax.random.split(jax.random.key(0), n))
+    counts = np.bincount(np.asarray(draws), minlength=v)
+    assert counts[np.setdiff1d(np.arange(v), support)].sum() == 0  # never a zero-probability id
+    freq = counts[support] / n
+    assert np.all(np.abs(freq - probs) <= 4 * np.sqrt(probs * (1 - probs) / n)), (freq, probs)  # 4 sigma
+    # A one-hot distribution, at the very end of the vocabulary, is always drawn.
+    onehot = np.full((3, v), -np.inf, np.float32)
+    onehot[:, v - 1] = 0.0
+    assert np.asarray(categorical_inverse_cdf(jax.random.key(1), jnp.asarray(onehot))).tolist() == [v - 1] * 3
+
+
+def test_rollout_samplers_agree_in_distribution():
+    """The gumbel and inverse-CDF rollouts of one model draw their first token from the same
+    distribution (the model's), 256 draws each."""
+    cfg = _cfg(vocab_size=32)
+    params = init_params(cfg, jax.random.key(7))
+    tokens, mask = pad_prompt_batch([[1, 2, 3]] * 256, max_new_tokens=4, context_length=32)
+    means = {}
+    for method in ("gumbel", "inverse_cdf"):
+        out = rollout(params, cfg, tokens, mask, jax.random.key(3), max_new_tokens=4, method=method)
+        first = np.asarray(out["tokens"])[:, 6]
+        means[method] = np.bincount(first, minlength=32) / len(first)
+    exact = np.asarray(jax.nn.softmax(GPT(cfg).apply({"params": params}, jnp.array([[1, 2, 3]]))[0, -1]))
+    for method in means:
+        np.testing.assert_allclose(means[method], exact, atol=0.08)

@@ -117,7 +117,7 @@ def build_policy(cfg, run, keys, *, resume: bool, total_updates: int, loaded, ex
     if loaded is not None:
         params = common.graft(params, loaded, cfg.finetune.init)
     params = dict(params)
-    ref_params = jax.device_get(plain_params(params, cfg))
+    ref_params = jax.device_put(jax.device_get(plain_params(params, cfg)))  # its own copy, on device once
     params.update(extra_params or {})
     labels = common.train_labels(params, cfg.finetune.train_mode, cfg.model.n_layer)
     labels = {k: (jax.tree_util.tree_map(lambda _: TRAIN, v) if k in extra_trainable else v)

@@ -125,6 +125,7 @@ class ArithmeticTask:
     digits: int = 1
     operands: int = 3
     ops: str = "+-"
+    style: str = "chain"  # chain: one operation a line | column: digit columns with carries ("+" only)
     sft: int = 5000
     val: int = 200
     eval: int = 500
@@ -143,6 +144,10 @@ class ArithmeticTask:
             raise UserError(f"arithmetic operands must be 2..6, got {self.operands}")
         if not self.ops or set(self.ops) - set("+-*") or len(set(self.ops)) != len(self.ops):
             raise UserError(f"arithmetic ops must be distinct characters of '+-*', got {self.ops!r}")
+        if self.style not in ("chain", "column"):
+            raise UserError(f"arithmetic style must be chain or column, got {self.style!r}")
+        if self.style == "column" and self.ops != "+":
+            raise UserError(f"arithmetic style=column adds only: set ops=+ (got {self.ops!r})")
         for name in ("sft", "val", "eval", "rl"):
             if getattr(self, name) < 0:
                 raise UserError(f"arithmetic {name} size must be >= 0, got {getattr(self, name)}")
@@ -158,6 +163,8 @@ class ArithmeticTask:
         """The question, answer and worked solution of `n0 o0 n1 o1 n2 ...` (`*` first,
         then left to right)."""
         expr = " ".join(itertools.chain.from_iterable(zip(map(str, numbers), ops))) + f" {numbers[-1]}"
+        if self.style == "column":
+            return self._column_problem(numbers, expr)
         nums, ops_ = list(numbers), list(ops)
         lines = []
         while ops_:
@@ -168,6 +175,21 @@ class ArithmeticTask:
             nums[i:i + 2] = [value]
             del ops_[i]
         answer = str(nums[0])
+        return Problem(f"What is {expr}?", answer, "\n".join(lines) + f"\n{self.marker} {answer}")
+
+    def _column_problem(self, numbers, expr: str) -> Problem:
+        """Column addition: one line per digit column, ones first, each adding that column's
+        digits and the carry in ("+ 0" when there is none): "7 + 8 = 15\\n4 + 3 + 1 = 8".
+        Every line is a sum of single digits, so the model learns a small table and a
+        procedure rather than one fact per pair of multi-digit tokens."""
+        digits = [str(n).rjust(self.digits, "0")[::-1] for n in numbers]
+        lines, carry = [], None
+        for col in range(self.digits):
+            terms = [d[col] for d in digits] + ([] if carry is None else [str(carry)])
+            total = sum(int(t) for t in terms)
+            lines.append(" + ".join(terms) + f" = {total}")
+            carry = total // 10
+        answer = str(sum(numbers))
         return Problem(f"What is {expr}?", answer, "\n".join(lines) + f"\n{self.marker} {answer}")
 
     def _pools(self, quotas: dict[str, int], seed: int) -> dict[str, list[Problem]]:

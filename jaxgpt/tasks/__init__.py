@@ -38,6 +38,7 @@ TASKS: dict[str, Task] = {
                    "reward model on preference pairs (Bradley-Terry), default: bundled preference data"),
     "dpo": Task("jaxgpt.tasks.dpo", "direct preference optimisation against a frozen reference model"),
     "grpo": Task("jaxgpt.tasks.grpo", "GRPO with verifiable rewards (arithmetic, gsm8k)"),
+    "ppo": Task("jaxgpt.tasks.ppo", "RLHF with PPO against a reward model"),
 }
 
 

@@ -246,6 +246,10 @@ def finetune_grpo(cfg: GRPOConfig, out_dir: str | Path | None = None, *, resume:
     validate_grpo(g)
     dp = DataParallel(resolve_num_devices(t.num_devices))
     validate_rollout(r, r.prompts_per_step * g.group_size, dp.num_devices, t.grad_accum_steps)
+    from jaxgpt.rl.tasks import get_task
+
+    if g.supervision == "process" and not hasattr(get_task(cfg.data.task, cfg.data.path), "step_rewards"):
+        raise UserError(f"task {cfg.data.task} has no process rewards; set grpo.supervision=outcome (or auto)")
     data = load_task_data(cfg)
     total, eval_interval = common.schedule_steps(cfg, len(data.problems["rl"]) // r.prompts_per_step)
     if total == 0:
