@@ -10,6 +10,12 @@ then `--repeats` calls with different keys are timed (`jax.block_until_ready`), 
 median is reported, together with the time of the reference-model scoring of the same batch
 (`completion_logprobs`, one forward pass over prompt + completion).
 
+The PyTorch reference, measured in the same run (`--torch-reference`, on by default when
+transformers is installed): Hugging Face `GPT2LMHeadModel.generate` on a GPT-2 of the same
+shape (random weights, float32, KV cache, `do_sample=True`, top-k off, the same rows and
+token counts, `min_new_tokens` forcing every row to full length), median of the same
+number of repeats after one warm-up call.
+
     python benchmarks/rollout.py                          # GRPO's default: 4x128 GPT, 16 x 8 rows
     python benchmarks/rollout.py --preset gpt2-124m --prompt-len 64 --new-tokens 64 --prompts 4
     python benchmarks/rollout.py --sampler gumbel                   # jax.random.categorical's draw
@@ -69,6 +75,41 @@ def measure(args) -> dict:
     }
 
 
+def measure_torch(args, threads: int | None = None) -> dict:
+    """HF transformers `generate` on the same shape and batch (see the module docstring)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from jaxgpt.config import PRESETS
+
+    shape = dict(PRESETS[args.preset]) if args.preset else dict(n_layer=args.n_layer, n_head=args.n_head,
+                                                                 n_embd=args.n_embd)
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=50257, n_positions=args.prompt_len + args.new_tokens, n_layer=shape["n_layer"],
+                        n_head=shape["n_head"], n_embd=shape["n_embd"])
+    model = GPT2LMHeadModel(config).eval()
+    rng = np.random.default_rng(0)
+    prompts = torch.as_tensor(rng.integers(0, 50000, (args.prompts, args.prompt_len)), dtype=torch.long)
+    rows, n = args.prompts * args.group, args.new_tokens
+
+    def once(seed):
+        torch.manual_seed(seed)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=True, top_k=0,
+                                 max_new_tokens=n, min_new_tokens=n, num_return_sequences=args.group,
+                                 pad_token_id=50256, eos_token_id=None)
+        assert out.shape == (rows, args.prompt_len + n), out.shape
+        return time.perf_counter() - t0
+
+    once(0)
+    seconds = statistics.median(once(i + 1) for i in range(args.repeats))
+    return {"torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch_rollout_seconds": seconds, "torch_rollout_tokens_per_sec": rows * n / seconds}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="", help="gpt2-124m | ... (default: --n-layer/--n-head/--n-embd)")
@@ -82,9 +123,18 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--sampler", default="inverse_cdf", help="inverse_cdf (the rollout default) | gumbel")
+    p.add_argument("--no-torch-reference", dest="torch_reference", action="store_false",
+                   help="skip the HF transformers generate() reference")
     p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
     result = measure(args)
+    if args.torch_reference:
+        try:
+            result.update(measure_torch(args))
+        except ImportError as e:  # torch / transformers are test extras
+            result["torch_reference"] = f"skipped: {e}"
+        else:
+            result["speedup_vs_torch"] = result["rollout_tokens_per_sec"] / result["torch_rollout_tokens_per_sec"]
     print(json.dumps(result, indent=2))
     if args.json:
         with open(args.json, "w") as f:

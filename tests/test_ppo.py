@@ -238,3 +238,19 @@ def test_bad_input_exits_2_and_writes_nothing(runs, tmp_path, capsys, extra, mes
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_ppo_updates_are_the_same_on_1_and_4_devices(runs):
+    """The pmapped update (4 fake CPU devices, each minibatch split 4 ways, gradients psum'd)
+    trains the same policy as one device: equal rollouts and metrics to float tolerance."""
+    tmp, sft, rm, data = runs
+    logs = {}
+    for devices in (1, 4):
+        out = tmp / f"devices{devices}"
+        extra = ["rollout.prompts_per_step=8", f"train.num_devices={devices}", "train.max_steps=2"]
+        assert _finetune(_argv(out, sft, rm, data, extra)) == 0
+        logs[devices] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(logs[1]) == len(logs[4]) == 2
+    for one, four in zip(logs[1], logs[4]):
+        for key in ("score", "kl", "loss", "value_loss", "pg_loss", "clip_frac"):
+            assert four[key] == pytest.approx(one[key], rel=1e-3, abs=1e-5), key

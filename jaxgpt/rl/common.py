@@ -24,7 +24,7 @@ class RolloutConfig:
 
     prompts_per_step: int = 16  # prompts per iteration (GRPO samples group_size completions of each)
     max_new_tokens: int = 16  # completion budget; prompt + completion must fit the context
-    temperature: float = 1.0  # sampling temperature (> 0); log-probs are always untempered
+    temperature: float = 1.0  # sampling temperature (> 0); the losses score the tempered policy that sampled
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     sampler: str = "inverse_cdf"  # inverse_cdf (exact, fast on CPU) | gumbel (jax.random.categorical)

@@ -53,7 +53,7 @@ class PPODataConfig:
 @dataclass(frozen=True)
 class PPOSection:
     reward: str = ""  # --reward RUN: the reward model (a `finetune.py reward` run); required
-    kl_coef: float = 0.05  # per-token KL penalty to the reference in the reward
+    kl_coef: float = 0.2  # per-token KL penalty to the reference in the reward
     gamma: float = 1.0
     lam: float = 0.95
     clip_eps: float = 0.2
@@ -110,9 +110,9 @@ def load_prompts(cfg: PPOConfig) -> dict:
                                            max_new_tokens=cfg.rollout.max_new_tokens,
                                            context_length=cfg.model.context_length, what=f"{d.path} {split}")
         out[split] = (tokens, mask, len(index) - len(kept))
-        if split == "eval":
-            out["eval_text"] = [rows[index[i]]["instruction"] + (f" [{rows[index[i]]['input']}]" if rows[index[i]]["input"] else "")
-                                for i in kept]
+        if split == "eval":  # "instruction [input]" of each kept prompt, for eval_samples.jsonl
+            kept_rows = [rows[index[i]] for i in kept]
+            out["eval_text"] = [r["instruction"] + (f" [{r['input']}]" if r["input"] else "") for r in kept_rows]
     return out
 
 
