@@ -5,6 +5,7 @@ loss function, the data and the model head change.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import signal
 import statistics
@@ -94,6 +95,27 @@ class RunDir:
         return self.path / "metrics.jsonl"
 
 
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Within the block, Ctrl-C only sets `flag["flag"]` (the loop finishes its step, saves
+    and stops); a second Ctrl-C stops at once. Off the main thread Ctrl-C is left alone."""
+    flag = {"flag": False}
+
+    def handle_sigint(signum, frame):
+        flag["flag"] = True
+        signal.signal(signal.SIGINT, previous)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handle_sigint)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield flag
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
 def default_out_dir(prefix: str) -> Path:
     return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -145,62 +167,51 @@ class TrainLoop:
         accum = t.grad_accum_steps
         start = self.step
         end = min(max_steps, stop_after) if stop_after else max_steps
-        interrupted = {"flag": False}
-
-        def handle_sigint(signum, frame):  # finish the current step, then save and stop
-            interrupted["flag"] = True
-            signal.signal(signal.SIGINT, previous)  # a second Ctrl-C stops at once
-
-        try:
-            previous = signal.signal(signal.SIGINT, handle_sigint)
-        except ValueError:  # not the main thread: leave Ctrl-C alone
-            previous = None
         losses: list[jax.Array] = []
         last_train_loss = float("nan")
         bar = tqdm(total=end, initial=start, desc="train", disable=not is_main_process(),
                    dynamic_ncols=True, unit="step")
         batch = self.dp.shard_train(next_batch(start), accum) if start < end else None
-        try:
-            for step in range(start, end):
-                t0 = time.perf_counter()
-                self.state, metrics = self.p_train(self.state, batch, self.keys.dropout)
-                if step + 1 < end:  # prepare the next batch while the device works
-                    batch = self.dp.shard_train(next_batch(step + 1), accum)
-                metrics = self.dp.first(metrics)
-                jax.block_until_ready(metrics["loss"])
-                self.step_times.append(time.perf_counter() - t0)
-                losses.append(metrics["loss"])
-                done = step + 1
-                is_eval = done % t.eval_interval == 0 or done == end
-                if done % t.log_interval == 0 or is_eval:
-                    last_train_loss = float(np.mean(jax.device_get(losses)))
-                    losses = []
-                    if not np.isfinite(last_train_loss):
-                        raise UserError(
-                            f"training diverged: train loss is {last_train_loss} at step {done}; "
-                            "lower train.lr or raise train.warmup_steps (no checkpoint was written for it)"
-                        )
-                    record = self.progress_record(done, last_train_loss, lr_at)
-                    if is_eval:
-                        record.update(evaluate(self.state.params))
-                        if on_eval is not None:
-                            on_eval(done, self.state.params)
-                    self.writer.write(record)
-                    bar.set_postfix(loss=f"{last_train_loss:.3f}",
-                                    tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
-                    if is_eval:
+        with deferred_interrupt() as interrupted:
+            try:
+                for step in range(start, end):
+                    t0 = time.perf_counter()
+                    self.state, metrics = self.p_train(self.state, batch, self.keys.dropout)
+                    if step + 1 < end:  # prepare the next batch while the device works
+                        batch = self.dp.shard_train(next_batch(step + 1), accum)
+                    metrics = self.dp.first(metrics)
+                    jax.block_until_ready(metrics["loss"])
+                    self.step_times.append(time.perf_counter() - t0)
+                    losses.append(metrics["loss"])
+                    done = step + 1
+                    is_eval = done % t.eval_interval == 0 or done == end
+                    if done % t.log_interval == 0 or is_eval:
+                        last_train_loss = float(np.mean(jax.device_get(losses)))
+                        losses = []
+                        if not np.isfinite(last_train_loss):
+                            raise UserError(
+                                f"training diverged: train loss is {last_train_loss} at step {done}; "
+                                "lower train.lr or raise train.warmup_steps (no checkpoint was written for it)"
+                            )
+                        record = self.progress_record(done, last_train_loss, lr_at)
+                        if is_eval:
+                            record.update(evaluate(self.state.params))
+                            if on_eval is not None:
+                                on_eval(done, self.state.params)
+                        self.writer.write(record)
+                        bar.set_postfix(loss=f"{last_train_loss:.3f}",
+                                        tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
+                        if is_eval:
+                            self.save()
+                    elif t.checkpoint_interval and done % t.checkpoint_interval == 0:
                         self.save()
-                elif t.checkpoint_interval and done % t.checkpoint_interval == 0:
-                    self.save()
-                bar.update(1)
-                if interrupted["flag"]:
-                    self.save()
-                    log(f"interrupted: saved a checkpoint at step {done}; resume with --resume {self.run.path}")
-                    raise KeyboardInterrupt
-        finally:
-            bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+                    bar.update(1)
+                    if interrupted["flag"]:
+                        self.save()
+                        log(f"interrupted: saved a checkpoint at step {done}; resume with --resume {self.run.path}")
+                        raise KeyboardInterrupt
+            finally:
+                bar.close()
         return {"train_loss": last_train_loss}
 
     def tokens_per_sec(self) -> float:

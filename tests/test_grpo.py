@@ -277,3 +277,28 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_saves_the_iteration_and_resume_finishes(tmp_path, monkeypatch, varied_rewards):
+    """Ctrl-C during iteration 2's rollout: the iteration finishes, a checkpoint is saved,
+    the command exits 130 without a summary, and --resume completes the run."""
+    import signal
+
+    from jaxgpt import checkpoint
+    from jaxgpt.rl.tasks import ArithmeticTask
+
+    calls = {"n": 0}
+    scored = ArithmeticTask.reward
+
+    def reward_then_interrupt(self, completion, problem):
+        calls["n"] += 1
+        if calls["n"] == 8 + 4 * 4 + 1:  # after the 8 eval prompts and iteration 1's 4 x 4 samples
+            signal.raise_signal(signal.SIGINT)
+        return scored(self, completion, problem)
+
+    monkeypatch.setattr(ArithmeticTask, "reward", reward_then_interrupt)
+    run = tmp_path / "run"
+    assert _finetune(_argv(run, ["train.num_devices=1"])) == 130
+    assert checkpoint.latest_step(run) == 2 and not (run / "metrics.json").exists()
+    assert _finetune(["grpo", "--resume", run]) == 0
+    assert json.loads((run / "metrics.json").read_text())["iteration"] == 4

@@ -18,7 +18,6 @@ each folded with the iteration), so `--resume` continues exactly as if never sto
 """
 from __future__ import annotations
 
-import signal
 import statistics
 import time
 from dataclasses import dataclass
@@ -33,7 +32,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.metrics import MetricsWriter
 from jaxgpt.parallel import DataParallel
 from jaxgpt.steps import TrainState, train_step
-from jaxgpt.trainer import Keys, RunDir, is_main_process, log
+from jaxgpt.trainer import Keys, RunDir, deferred_interrupt, is_main_process, log
 
 
 @dataclass(frozen=True)
@@ -126,67 +125,56 @@ class RLLoop:
         return {k: float(np.mean([c[k] for c in collected])) for k in collected[0] if k != "count"}
 
     def train(self, total: int, make_experience: Callable[[int, Any], tuple[dict, dict]],
-            evaluate: Callable[[Any], dict], eval_interval: int, lr_at: Callable[[int], float] | None = None,
-            stop_after: int | None = None) -> dict:
+              evaluate: Callable[[Any], dict], eval_interval: int, lr_at: Callable[[int], float] | None = None,
+              stop_after: int | None = None) -> dict:
         """Iterations `self.iteration .. total - 1` (or up to `stop_after`, as if interrupted).
         Returns the last logged record."""
         t = self.cfg.train
         end = min(total, stop_after) if stop_after else total
-        interrupted = {"flag": False}
-
-        def handle_sigint(signum, frame):
-            interrupted["flag"] = True
-            signal.signal(signal.SIGINT, previous)
-
-        try:
-            previous = signal.signal(signal.SIGINT, handle_sigint)
-        except ValueError:
-            previous = None
         last: dict = {}
         window: list[dict] = []
         bar = tqdm(total=end, initial=self.iteration, desc="rl", disable=not is_main_process(),
                    dynamic_ncols=True, unit="it")
-        try:
-            while self.iteration < end:
-                s = self.iteration
-                t0 = time.perf_counter()
-                batch, stats = make_experience(s, self.policy_params())
-                t1 = time.perf_counter()
-                metrics = self.update(batch, s)
-                self.iteration = done = s + 1
-                self.iteration_times.append(time.perf_counter() - t0)
-                window.append({**stats, **metrics, "rollout_seconds": t1 - t0,
-                               "update_seconds": time.perf_counter() - t1})
-                if not np.isfinite(metrics["loss"]):
-                    raise UserError(f"training diverged: loss is {metrics['loss']} at iteration {done}; lower "
-                                    "train.lr (no checkpoint was written for it)")
-                is_eval = done % eval_interval == 0 or done == end
-                if done % t.log_interval == 0 or is_eval:
-                    keys = dict.fromkeys(k for w in window for k in w)  # some stats are not every iteration's
-                    record = {"iteration": done, "step": self.step,
-                              **{k: float(np.mean([w[k] for w in window if k in w])) for k in keys}}
-                    window = []
-                    if lr_at is not None:
-                        record["lr"] = float(lr_at(self.step - 1))
-                    if is_eval:
-                        record.update(evaluate(self.policy_params()))
-                    self.writer.write(record)
-                    last = record
-                    bar.set_postfix(reward=f"{record.get('reward', float('nan')):.3f}",
-                                    loss=f"{record['loss']:.3f}", refresh=False)
-                    if is_eval:
+        with deferred_interrupt() as interrupted:
+            try:
+                while self.iteration < end:
+                    s = self.iteration
+                    t0 = time.perf_counter()
+                    batch, stats = make_experience(s, self.policy_params())
+                    t1 = time.perf_counter()
+                    metrics = self.update(batch, s)
+                    self.iteration = done = s + 1
+                    self.iteration_times.append(time.perf_counter() - t0)
+                    window.append({**stats, **metrics, "rollout_seconds": t1 - t0,
+                                   "update_seconds": time.perf_counter() - t1})
+                    if not np.isfinite(metrics["loss"]):
+                        raise UserError(f"training diverged: loss is {metrics['loss']} at iteration {done}; lower "
+                                        "train.lr (no checkpoint was written for it)")
+                    is_eval = done % eval_interval == 0 or done == end
+                    if done % t.log_interval == 0 or is_eval:
+                        keys = dict.fromkeys(k for w in window for k in w)  # some stats are not every iteration's
+                        record = {"iteration": done, "step": self.step,
+                                  **{k: float(np.mean([w[k] for w in window if k in w])) for k in keys}}
+                        window = []
+                        if lr_at is not None:
+                            record["lr"] = float(lr_at(self.step - 1))
+                        if is_eval:
+                            record.update(evaluate(self.policy_params()))
+                        self.writer.write(record)
+                        last = record
+                        bar.set_postfix(reward=f"{record.get('reward', float('nan')):.3f}",
+                                        loss=f"{record['loss']:.3f}", refresh=False)
+                        if is_eval:
+                            self.save()
+                    elif t.checkpoint_interval and done % t.checkpoint_interval == 0:
                         self.save()
-                elif t.checkpoint_interval and done % t.checkpoint_interval == 0:
-                    self.save()
-                bar.update(1)
-                if interrupted["flag"]:
-                    self.save()
-                    log(f"interrupted: saved a checkpoint at iteration {done}; resume with --resume {self.run.path}")
-                    raise KeyboardInterrupt
-        finally:
-            bar.close()
-            if previous is not None:
-                signal.signal(signal.SIGINT, previous)
+                    bar.update(1)
+                    if interrupted["flag"]:
+                        self.save()
+                        log(f"interrupted: saved a checkpoint at iteration {done}; resume with --resume {self.run.path}")
+                        raise KeyboardInterrupt
+            finally:
+                bar.close()
         return last
 
     def seconds_per_iteration(self) -> float:

@@ -43,7 +43,7 @@ SUPERVISION = ("outcome", "process", "auto")
 class RLDataConfig:
     """`data` section: the verifiable task and its prompts."""
 
-    task: str = "arithmetic"  # --task: arithmetic[:digits=2,operands=2,ops=+-] | gsm8k[:path=FILE]
+    task: str = "arithmetic"  # --task: arithmetic[:digits=1,operands=3,ops=+-] (the defaults) | gsm8k[:path=FILE]
     path: str = ""  # --data: the gsm8k JSONL file ("" = bundled gsm8k-test); must be "" for arithmetic
     seed: int = 0  # which problems of each split, and the prompt order
     eval_size: int = 500  # held-out problems scored at evals; 0 = the whole eval split
@@ -326,7 +326,7 @@ def finetune_grpo(cfg: GRPOConfig, out_dir: str | Path | None = None, *, resume:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # dest is not "task": finetune.py's subcommand is stored there.
-    parser.add_argument("--task", dest="rl_task", metavar="TASK", help="verifiable task: arithmetic[:digits=2,operands=2,ops=+-] | gsm8k "
+    parser.add_argument("--task", dest="rl_task", metavar="TASK", help="verifiable task: arithmetic[:digits=1,operands=3,ops=+-] (the defaults) | gsm8k "
                                        "(sets data.task)")
 
 
