@@ -75,6 +75,7 @@ class RunDir:
 
     def __init__(self, path: str | Path, *, resume: bool):
         self.path = Path(path)
+        self.resume = resume
         if resume:
             if checkpoint.latest_step(self.path) is None:
                 raise UserError(f"--resume {self.path}: no checkpoint there to resume from")
@@ -89,6 +90,8 @@ class RunDir:
         if is_main_process():
             self.path.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.path / "config.yaml")
+            if not self.resume:  # left by a run that stopped before its first checkpoint
+                self.metrics_jsonl.unlink(missing_ok=True)
 
     @property
     def metrics_jsonl(self) -> Path:

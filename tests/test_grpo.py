@@ -209,6 +209,8 @@ def test_grpo_command_on_4_devices_and_run_dir(tmp_path, varied_rewards):
         assert summary[key] is not None, key
     assert summary["iteration"] == 4 and summary["step"] == 4 * 2 and summary["task"] == "arithmetic"
     assert summary["num_prompts"]["eval"] == 8
+    for key in ("eval_step_accuracy_before", "eval_step_accuracy_after"):  # the fixture's 2 step rewards
+        assert len(summary[key]) == 2 and all(0.0 <= v <= 1.0 for v in summary[key]), key
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["iteration"] for r in records] == [1, 2, 3, 4]
     for r in records:
@@ -302,3 +304,17 @@ def test_ctrl_c_saves_the_iteration_and_resume_finishes(tmp_path, monkeypatch, v
     assert checkpoint.latest_step(run) == 2 and not (run / "metrics.json").exists()
     assert _finetune(["grpo", "--resume", run]) == 0
     assert json.loads((run / "metrics.json").read_text())["iteration"] == 4
+
+
+def test_a_completion_budget_shorter_than_the_solutions_is_reported(capsys):
+    from jaxgpt.rl.tasks import get_task
+    from jaxgpt.tasks.grpo import warn_if_solutions_cut
+    from jaxgpt.tokenizer import encode
+
+    problems = get_task("arithmetic").split("rl", 0)[:50]
+    longest = max(len(encode(p.solution)) + 1 for p in problems)
+    warn_if_solutions_cut(problems, longest)
+    assert capsys.readouterr().out == ""
+    warn_if_solutions_cut(problems, longest - 1)
+    out = capsys.readouterr().out
+    assert f"rollout.max_new_tokens={longest - 1}" in out and f"longest {longest}" in out

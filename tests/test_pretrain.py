@@ -24,8 +24,10 @@ def tiny_cfg(tmp_path, *extra):
 def test_run_directory_contents(tmp_path):
     from jaxgpt.trainer import pretrain
 
-    summary = pretrain(tiny_cfg(tmp_path), tmp_path / "run")
     run = tmp_path / "run"
+    run.mkdir()  # as a run killed before its first checkpoint leaves it: metrics, no checkpoint
+    (run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 9.0}\n')
+    summary = pretrain(tiny_cfg(tmp_path), run)
     assert {"config.yaml", "metrics.jsonl", "metrics.json", "loss.png", "checkpoints"} <= {p.name for p in run.iterdir()}
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]

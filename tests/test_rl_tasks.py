@@ -85,6 +85,24 @@ def test_arithmetic_problems_are_correct_and_worked():
     assert p.answer == "-10" and p.solution == "7 - 8 = -1\n-1 - 9 = -10\nAnswer: -10"
 
 
+def test_arithmetic_step_rewards_mark_each_worked_line_against_the_reference():
+    task = ArithmeticTask()
+    p = task.make_problem([7, 8, 2], ["+", "-"])  # 7 + 8 = 15, 15 - 2 = 13
+    assert task.step_rewards(p.solution, p) == [1.0, 1.0, 1.0]
+    assert task.step_rewards("7 + 8 = 15\n15 - 2 = 12\nAnswer: 12", p) == [1.0, 0.0, 0.0]
+    # A slip on line 1 fails line 2 too, even when line 2 is a true equation.
+    assert task.step_rewards("7 + 8 = 14\n14 - 2 = 12\nAnswer: 12", p) == [0.0, 0.0, 0.0]
+    assert task.step_rewards(" 7 + 8 = 15 \n15 - 2 = 13\nAnswer: 13", p) == [1.0, 1.0, 1.0]  # spaces at ends
+    assert task.step_rewards("Answer: 13", p) == [0.0, 0.0, 1.0]  # the right answer without the work
+    assert task.step_rewards("", p) == [0.0, 0.0, 0.0]
+    column = ArithmeticTask(digits=2, operands=2, ops="+", style="column")
+    q = column.make_problem([36, 26], ["+"])
+    assert q.solution == "6 + 6 = 12\n3 + 2 + 1 = 6\nAnswer: 62"
+    assert column.step_rewards("6 + 6 = 12\n3 + 2 + 0 = 5\nAnswer: 52", q) == [1.0, 0.0, 0.0]
+    wide = ArithmeticTask(digits=3, operands=2, ops="+", style="column").make_problem([999, 101], ["+"])
+    assert wide.solution == "9 + 1 = 10\n9 + 0 + 1 = 10\n9 + 1 + 1 = 11\nAnswer: 1100"
+
+
 def test_default_arithmetic_splits_are_disjoint_across_seeds_and_deterministic():
     task = get_task("arithmetic")
     assert task.space_size() == 4000
@@ -173,6 +191,8 @@ def test_gsm8k_bad_files(tmp_path, content, message):
         ("arithmetic:ops=+/", "", "ops must be distinct characters"),
         ("arithmetic:digits=two", "", "option digits must be an integer"),
         ("arithmetic:colour=red", "", "unknown option 'colour'"),
+        ("arithmetic:style=diagonal", "", "style must be chain or column"),
+        ("arithmetic:style=column", "", "style=column adds only"),
         ("arithmetic:digits", "", "options are key=value"),
         ("arithmetic", "data.jsonl", "reads no data file"),
         ("gsm8k", "/nonexistent/x.jsonl", "not found"),

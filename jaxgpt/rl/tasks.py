@@ -11,10 +11,12 @@ A task spec is a name plus optional `key=value` options after a colon. Two tasks
   `operands` numbers with `digits` digits each and operators from `ops` (`+ - *`; `*` binds
   first). The worked solution reduces one operation a line and ends in the final answer:
   "7 + 8 = 15\\n15 - 2 = 13\\nAnswer: 13". Options: digits (1), operands (3), ops (+-),
-  and split sizes sft (5000), val (200), eval (500), rl (0); 0 = the whole split. The default
-  space holds 4,000 problems (about 1,750 SFT / 200 val / 400 eval / 1,600 RL): a 4-layer
-  GPT trained from scratch on the SFT split reaches roughly 20-60% held-out accuracy in a few
-  hundred steps, leaving RL room (2-digit operands need far longer to learn from scratch).
+  style (chain; or column: digit-by-digit addition with carries, ops=+ only:
+  "6 + 6 = 12\\n3 + 2 + 1 = 6\\nAnswer: 62"), and split sizes sft (5000), val (200),
+  eval (500), rl (0); 0 = the whole split. The default space holds 4,000 problems (about
+  1,750 SFT / 200 val / 400 eval / 1,600 RL): a 4-layer GPT trained from scratch on the SFT
+  split reaches roughly 20-60% held-out accuracy in a few hundred steps, leaving RL room
+  (2-digit chain operands need far longer to learn from scratch).
 * `gsm8k`: JSONL records {question, answer} whose answer ends "#### N" (default: the bundled
   `gsm8k-test`; option `path=FILE`, or GRPO's `--data`). The SFT target is the answer with
   GSM8K's calculator annotations `<<48/2=24>>` removed.

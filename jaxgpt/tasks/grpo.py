@@ -13,7 +13,9 @@ Evaluation: greedy accuracy on the task's held-out eval split before training
 (`eval_accuracy_before`), at every eval point, and at the end (`eval_accuracy_after`).
 Run directory: config.yaml, metrics.jsonl (per logged iteration: reward, accuracy of the
 sampled completions, format rate, completion length, loss, clip_frac, kl (k3, to the
-reference), ratio, grad_norm, lr, rollout tokens/s, timings; eval_* at eval points),
+reference), ratio, grad_norm, lr, rollout tokens/s, timings; eval_* at eval points, with
+eval_step_accuracy for arithmetic: the fraction of eval completions whose worked line i is
+exactly right (`step_rewards`), then the answer, so a run shows which step RL improved),
 metrics.json, reward.png, kl.png, eval_samples.jsonl (the final greedy completions), checkpoints/.
 """
 from __future__ import annotations
@@ -43,7 +45,7 @@ SUPERVISION = ("outcome", "process", "auto")
 class RLDataConfig:
     """`data` section: the verifiable task and its prompts."""
 
-    task: str = "arithmetic"  # --task: arithmetic[:digits=1,operands=3,ops=+-] (the defaults) | gsm8k[:path=FILE]
+    task: str = "arithmetic"  # --task: arithmetic[:digits=1,operands=3,ops=+-,style=chain] | gsm8k[:path=FILE]
     path: str = ""  # --data: the gsm8k JSONL file ("" = bundled gsm8k-test); must be "" for arithmetic
     seed: int = 0  # which problems of each split, and the prompt order
     eval_size: int = 500  # held-out problems scored at evals; 0 = the whole eval split
@@ -122,7 +124,22 @@ def load_task_data(cfg: GRPOConfig) -> TaskData:
             context_length=cfg.model.context_length, what=f"{d.task} {split}")
         problems[split] = [probs[i] for i in kept]
         dropped[split] = len(probs) - len(kept)
+    warn_if_solutions_cut(problems["rl"], cfg.rollout.max_new_tokens)
     return TaskData(task, problems, tokens, masks, dropped)
+
+
+def warn_if_solutions_cut(problems, max_new_tokens: int) -> None:
+    """A completion cut at `max_new_tokens` has no final answer and scores 0, so a budget
+    shorter than the task's worked solutions silently zeroes every reward: say so."""
+    from jaxgpt.tokenizer import encode_batch
+    from jaxgpt.trainer import log
+
+    needed = np.array([len(ids) + 1 for ids in encode_batch([p.solution for p in problems])])  # + <|endoftext|>
+    cut = float(np.mean(needed > max_new_tokens))
+    if cut > 0:
+        log(f"warning: {cut:.0%} of the RL split's reference solutions need more than rollout.max_new_tokens="
+            f"{max_new_tokens} tokens (longest {needed.max()}, with <|endoftext|>); completions cut there have no "
+            "final answer and score 0: raise rollout.max_new_tokens")
 
 
 def make_experience_fn(cfg: GRPOConfig, data: TaskData, policy, streams):
@@ -219,9 +236,13 @@ def evaluate_fn(cfg: GRPOConfig, data: TaskData, keys):
         probs = data.problems["eval"]
         rewards = [data.task.reward(t, p) for t, p in zip(texts, probs)]
         last["texts"] = texts
-        return {"eval_accuracy": float(np.mean(rewards)),
-                "eval_format_rate": float(np.mean([data.task.extract(t) is not None for t in texts])),
-                "eval_completion_len": float(np.mean(np.concatenate([out["lengths"] for out in outs])))}
+        metrics = {"eval_accuracy": float(np.mean(rewards)),
+                   "eval_format_rate": float(np.mean([data.task.extract(t) is not None for t in texts])),
+                   "eval_completion_len": float(np.mean(np.concatenate([out["lengths"] for out in outs])))}
+        if hasattr(data.task, "step_rewards"):  # which worked line goes wrong: [line 1, line 2, ..., answer]
+            steps = np.array([data.task.step_rewards(t, p) for t, p in zip(texts, probs)], np.float64)
+            metrics["eval_step_accuracy"] = [round(float(v), 4) for v in steps.mean(0)]
+        return metrics
 
     return evaluate, last
 
@@ -298,6 +319,8 @@ def finetune_grpo(cfg: GRPOConfig, out_dir: str | Path | None = None, *, resume:
         "eval_format_rate_before": before["eval_format_rate"],
         "eval_format_rate_after": final["eval_format_rate"],
         "eval_completion_len_after": final["eval_completion_len"],
+        "eval_step_accuracy_before": before.get("eval_step_accuracy"),
+        "eval_step_accuracy_after": final.get("eval_step_accuracy"),
         "reward_first": trained[0]["reward"] if trained else None,
         "reward_last": trained[-1]["reward"] if trained else None,
         "kl": next((rec["kl_ref"] for rec in reversed(trained) if "kl_ref" in rec), None),
@@ -326,8 +349,9 @@ def finetune_grpo(cfg: GRPOConfig, out_dir: str | Path | None = None, *, resume:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # dest is not "task": finetune.py's subcommand is stored there.
-    parser.add_argument("--task", dest="rl_task", metavar="TASK", help="verifiable task: arithmetic[:digits=1,operands=3,ops=+-] (the defaults) | gsm8k "
-                                       "(sets data.task)")
+    parser.add_argument("--task", dest="rl_task", metavar="TASK",
+                        help="verifiable task: arithmetic[:digits=1,operands=3,ops=+-,style=chain] (the defaults) "
+                             "| gsm8k (sets data.task)")
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
