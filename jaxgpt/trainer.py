@@ -119,6 +119,17 @@ def deferred_interrupt():
             signal.signal(signal.SIGINT, previous)
 
 
+def save_when_due(save: Callable[[], None], done: int, is_eval: bool, checkpoint_interval: int,
+                  interrupted: bool, where: str, run_path: Path) -> None:
+    """The loops' checkpoint rule, after update number `done`: save at eval points, every
+    `checkpoint_interval` updates (0 = never) and on Ctrl-C, which then stops the loop."""
+    if is_eval or (checkpoint_interval and done % checkpoint_interval == 0) or interrupted:
+        save()
+    if interrupted:
+        log(f"interrupted: saved a checkpoint at {where}; resume with --resume {run_path}")
+        raise KeyboardInterrupt
+
+
 def default_out_dir(prefix: str) -> Path:
     return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -204,15 +215,9 @@ class TrainLoop:
                         self.writer.write(record)
                         bar.set_postfix(loss=f"{last_train_loss:.3f}",
                                         tok_s=f"{record['tokens_per_sec']:.0f}", refresh=False)
-                        if is_eval:
-                            self.save()
-                    elif t.checkpoint_interval and done % t.checkpoint_interval == 0:
-                        self.save()
                     bar.update(1)
-                    if interrupted["flag"]:
-                        self.save()
-                        log(f"interrupted: saved a checkpoint at step {done}; resume with --resume {self.run.path}")
-                        raise KeyboardInterrupt
+                    save_when_due(self.save, done, is_eval, t.checkpoint_interval, interrupted["flag"],
+                                  f"step {done}", self.run.path)
             finally:
                 bar.close()
         return {"train_loss": last_train_loss}

@@ -152,3 +152,13 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     step = checkpoint.latest_step(run)
     assert step is not None and step >= 4
     assert not (run / "metrics.json").exists()  # no summary for an unfinished run
+
+
+def test_checkpoint_interval_saves_on_logged_steps_too(tmp_path):
+    """train.checkpoint_interval=2 with a log line every step: checkpoints at 2 and 4 (not
+    eval points) as well as the eval points 3 and 6."""
+    from jaxgpt import checkpoint
+    from jaxgpt.trainer import pretrain
+
+    pretrain(tiny_cfg(tmp_path, "train.checkpoint_interval=2", "train.keep_checkpoints=10"), tmp_path / "run")
+    assert sorted(checkpoint.checkpoint_manager(tmp_path / "run", read_only=True).all_steps()) == [2, 3, 4, 6]

@@ -32,7 +32,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.metrics import MetricsWriter
 from jaxgpt.parallel import DataParallel
 from jaxgpt.steps import TrainState, train_step
-from jaxgpt.trainer import Keys, RunDir, deferred_interrupt, is_main_process, log
+from jaxgpt.trainer import Keys, RunDir, deferred_interrupt, is_main_process, save_when_due
 
 
 @dataclass(frozen=True)
@@ -164,15 +164,9 @@ class RLLoop:
                         last = record
                         bar.set_postfix(reward=f"{record.get('reward', float('nan')):.3f}",
                                         loss=f"{record['loss']:.3f}", refresh=False)
-                        if is_eval:
-                            self.save()
-                    elif t.checkpoint_interval and done % t.checkpoint_interval == 0:
-                        self.save()
                     bar.update(1)
-                    if interrupted["flag"]:
-                        self.save()
-                        log(f"interrupted: saved a checkpoint at iteration {done}; resume with --resume {self.run.path}")
-                        raise KeyboardInterrupt
+                    save_when_due(self.save, done, is_eval, t.checkpoint_interval, interrupted["flag"],
+                                  f"iteration {done}", self.run.path)
             finally:
                 bar.close()
         return last
