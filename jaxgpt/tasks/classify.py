@@ -94,12 +94,11 @@ def finetune_classifier(cfg: ClassifyConfig, out_dir: str | Path | None = None, 
     """Fine-tune `cfg` into `out_dir` and return the summary written to `metrics.json`.
 
     stop_after: end after this many total steps as if interrupted (resume continues)."""
-    from jaxgpt import checkpoint
     from jaxgpt.metrics import plot_curves, read_jsonl, write_json
     from jaxgpt.model import init_params
-    from jaxgpt.optim import lr_schedule, make_optimizer
+    from jaxgpt.optim import lr_schedule
     from jaxgpt.parallel import DataParallel, resolve_num_devices
-    from jaxgpt.steps import TrainState, create_train_state, eval_step
+    from jaxgpt.steps import eval_step
     from jaxgpt.trainer import Keys, RunDir, TrainLoop, default_out_dir, evaluate_batches, is_main_process, log
 
     started = time.perf_counter()
@@ -125,18 +124,8 @@ def finetune_classifier(cfg: ClassifyConfig, out_dir: str | Path | None = None, 
     keys = Keys.from_seed(t.seed)
     model = build_model(cfg, data.num_classes)
     params = init_params(cfg.model, keys.init, seq_len=data.max_length, **attrs)
-    if loaded is not None:
-        params = common.graft(params, loaded, cfg.finetune.init)
-    labels = common.train_labels(params, mode, cfg.model.n_layer)
-    trainable, total = common.param_counts(params, labels)
-    total_steps, eval_interval = common.schedule_steps(cfg, per_epoch)
-    tx = make_optimizer(t, labels, total_steps)
-    state = create_train_state(params, tx)
-    if resume:
-        target = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-        restored, _ = checkpoint.restore(run.path, target=target)
-        state = TrainState(**restored)
-        log(f"resuming {run.path} from step {int(state.step)}")
+    params, state, tx, trainable, total, total_steps, eval_interval = common.start_training(
+        cfg, params, loaded, per_epoch, run, resume)
     run.create(cfg)
     if is_main_process() and not resume:
         (run.path / LABELS_FILE).write_text(json.dumps({"labels": data.labels, "max_length": data.max_length}) + "\n")

@@ -29,7 +29,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -225,6 +225,42 @@ def schedule_steps(cfg, steps_per_epoch: int) -> tuple[int, int]:
     if t.epochs > 0:
         return t.epochs * steps_per_epoch, steps_per_epoch
     return t.max_steps, t.eval_interval
+
+
+class TrainStart(NamedTuple):
+    """What a fine-tuning task trains from (`start_training`)."""
+
+    params: Any  # the initial params (--init grafted in); on --resume the checkpoint's are in state
+    state: Any  # jaxgpt.steps.TrainState
+    tx: Any  # the optax optimiser (frozen leaves masked by the train mode)
+    trainable: int
+    total: int
+    total_steps: int
+    eval_interval: int
+
+
+def start_training(cfg, params, loaded, steps_per_epoch: int, run, resume: bool) -> TrainStart:
+    """Graft `loaded` (--init) into freshly initialised `params`, label the leaves the train
+    mode trains, build the optimiser and train state; on `--resume` the run's latest
+    checkpoint (step, params, Adam moments) replaces the state."""
+    from jaxgpt import checkpoint
+    from jaxgpt.optim import make_optimizer
+    from jaxgpt.steps import TrainState, create_train_state
+    from jaxgpt.trainer import log
+
+    if loaded is not None:
+        params = graft(params, loaded, cfg.finetune.init)
+    labels = train_labels(params, cfg.finetune.train_mode, cfg.model.n_layer)
+    trainable, total = param_counts(params, labels)
+    total_steps, eval_interval = schedule_steps(cfg, steps_per_epoch)
+    tx = make_optimizer(cfg.train, labels, total_steps)
+    state = create_train_state(params, tx)
+    if resume:
+        target = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        restored, _ = checkpoint.restore(run.path, target=target)
+        state = TrainState(**restored)
+        log(f"resuming {run.path} from step {int(state.step)}")
+    return TrainStart(params, state, tx, trainable, total, total_steps, eval_interval)
 
 
 def loop_config(cfg, eval_interval: int):

@@ -248,13 +248,12 @@ def finetune_dpo(cfg: DPOConfig, out_dir: str | Path | None = None, *, resume: b
     """DPO-train `cfg` into `out_dir` and return the summary written to metrics.json.
 
     stop_after: end after this many total steps as if interrupted (resume continues)."""
-    from jaxgpt import checkpoint
     from jaxgpt.lora import merge_lora
     from jaxgpt.metrics import plot_curves, read_jsonl, write_json
     from jaxgpt.model import GPT, init_params
-    from jaxgpt.optim import lr_schedule, make_optimizer
+    from jaxgpt.optim import lr_schedule
     from jaxgpt.parallel import DataParallel, resolve_num_devices
-    from jaxgpt.steps import TrainState, create_train_state, eval_step
+    from jaxgpt.steps import eval_step
     from jaxgpt.trainer import Keys, RunDir, TrainLoop, default_out_dir, evaluate_batches, is_main_process, log
 
     started = time.perf_counter()
@@ -277,19 +276,10 @@ def finetune_dpo(cfg: DPOConfig, out_dir: str | Path | None = None, *, resume: b
     keys = Keys.from_seed(t.seed)
     model = GPT(cfg.model, **attrs)
     params = init_params(cfg.model, keys.init, **attrs)
-    if loaded is not None:
-        params = common.graft(params, loaded, cfg.finetune.init)
-    labels = common.train_labels(params, mode, cfg.model.n_layer)
-    trainable, total = common.param_counts(params, labels)
-    total_steps, eval_interval = common.schedule_steps(cfg, per_epoch)
-    tx = make_optimizer(t, labels, total_steps)
-    state = create_train_state(params, tx)
+    params, state, tx, trainable, total, total_steps, eval_interval = common.start_training(
+        cfg, params, loaded, per_epoch, run, resume)
     if resume:
-        target = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-        restored, _ = checkpoint.restore(run.path, target=target)
-        state = TrainState(**restored)
         ref = _load_reference(run.path / REFERENCE_FILE, data)
-        log(f"resuming {run.path} from step {int(state.step)}")
     log(f"model: {total:,} params, {trainable:,} trainable ({mode}) | data: {data.describe()} | "
         f"{total_steps} steps ({per_epoch}/epoch) | beta {d.beta} | devices: {dp.num_devices}")
     if not resume:  # the frozen initial model, once: the plain model on the base leaves

@@ -158,13 +158,12 @@ def finetune_instruct(cfg: InstructConfig, out_dir: str | Path | None = None, *,
     stop_after: end after this many total steps as if interrupted (resume continues)."""
     import jax
 
-    from jaxgpt import checkpoint
     from jaxgpt.lora import has_lora, merge_lora
     from jaxgpt.metrics import plot_curves, read_jsonl, write_json
     from jaxgpt.model import GPT, init_params
-    from jaxgpt.optim import lr_schedule, make_optimizer
+    from jaxgpt.optim import lr_schedule
     from jaxgpt.parallel import DataParallel, resolve_num_devices
-    from jaxgpt.steps import TrainState, create_train_state, eval_step, lm_loss_fn
+    from jaxgpt.steps import eval_step, lm_loss_fn
     from jaxgpt.trainer import Keys, RunDir, TrainLoop, default_out_dir, evaluate_batches, is_main_process, log
 
     started = time.perf_counter()
@@ -184,19 +183,9 @@ def finetune_instruct(cfg: InstructConfig, out_dir: str | Path | None = None, *,
     model = GPT(cfg.model, **attrs)
     # jitted: op-by-op initialisation of every leaf is seconds on a CPU; the values are the same
     params = jax.jit(lambda key: init_params(cfg.model, key, seq_len=data.max_length, **attrs))(keys.init)
-    if loaded is not None:
-        params = common.graft(params, loaded, cfg.finetune.init)
-    labels = common.train_labels(params, mode, cfg.model.n_layer)
-    trainable, total = common.param_counts(params, labels)
     per_epoch = data.steps_per_epoch(t.batch_size)
-    total_steps, eval_interval = common.schedule_steps(cfg, per_epoch)
-    tx = make_optimizer(t, labels, total_steps)
-    state = create_train_state(params, tx)
-    if resume:
-        target = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-        restored, _ = checkpoint.restore(run.path, target=target)
-        state = TrainState(**restored)
-        log(f"resuming {run.path} from step {int(state.step)}")
+    params, state, tx, trainable, total, total_steps, eval_interval = common.start_training(
+        cfg, params, loaded, per_epoch, run, resume)
     run.create(cfg)
 
     loss_fn = lm_loss_fn(model)  # batch: inputs, targets, mask [B, L]
