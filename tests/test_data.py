@@ -395,3 +395,19 @@ def test_pretraining_data_for_trainer(tmp_path):
     no_val = pretraining_data(Config(model=cfg.model, data=DataConfig(cache_dir=str(tmp_path), val_ratio=0.0),
                                      train=cfg.train))
     assert list(no_val.val_batches()) == []
+
+
+@pytest.mark.parametrize("module, cls", [("classification", "ClassifyDataConfig"),
+                                         ("instruct", "InstructDataConfig"),
+                                         ("preference", "PreferenceDataConfig")])
+@pytest.mark.parametrize("val, test, message", [(-0.1, 0.1, r"data.val_fraction must be in \[0, 1\), got -0.1"),
+                                                (0.1, 1.0, r"data.test_fraction must be in \[0, 1\), got 1.0"),
+                                                (0.5, 0.5, r"val_fraction \+ data.test_fraction must be < 1")])
+def test_split_fractions_are_checked_by_every_record_task(module, cls, val, test, message):
+    import importlib
+
+    mod = importlib.import_module(f"jaxgpt.data.{module}")
+    cfg = getattr(mod, cls)(path="x", val_fraction=val, test_fraction=test)
+    with pytest.raises(UserError, match=message):
+        mod.validate_data(cfg, 128)
+    mod.validate_data(getattr(mod, cls)(path="x", val_fraction=0.1, test_fraction=0.2), 128)  # a valid split passes

@@ -31,6 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxgpt.data.records import check_split_fractions
 from jaxgpt.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -57,12 +58,7 @@ class PreferenceDataConfig:
 def validate_data(cfg: PreferenceDataConfig, context_length: int) -> None:
     if not cfg.path or not cfg.path.strip():
         raise UserError("data.path is empty; give a bundled data set name, a .json/.jsonl file or tfds:NAME")
-    for name in ("val_fraction", "test_fraction"):
-        if not 0.0 <= getattr(cfg, name) < 1.0:
-            raise UserError(f"data.{name} must be in [0, 1), got {getattr(cfg, name)}")
-    if cfg.val_fraction + cfg.test_fraction >= 1.0:
-        raise UserError(f"data.val_fraction + data.test_fraction must be < 1 (the rest trains), "
-                        f"got {cfg.val_fraction} + {cfg.test_fraction}")
+    check_split_fractions(cfg.val_fraction, cfg.test_fraction)
     if cfg.max_length < 0 or cfg.bucket < 0:
         raise UserError(f"data.max_length and data.bucket must be >= 0, got {cfg.max_length} and {cfg.bucket}")
     if cfg.max_length > context_length:

@@ -22,6 +22,17 @@ from typing import Iterator, Mapping
 from jaxgpt.errors import UserError
 
 
+def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
+    """UserError unless `data.val_fraction` and `data.test_fraction` are each in [0, 1) and
+    leave some records to train on."""
+    for name, value in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0.0 <= value < 1.0:
+            raise UserError(f"data.{name} must be in [0, 1), got {value}")
+    if val_fraction + test_fraction >= 1.0:
+        raise UserError(f"data.val_fraction + data.test_fraction must be < 1 (the rest trains), "
+                        f"got {val_fraction} + {test_fraction}")
+
+
 def open_text(path: Path) -> io.TextIOBase:
     """UTF-8 text, transparently gunzipped for `.gz`, newlines untranslated."""
     if path.suffix == ".gz":
