@@ -16,7 +16,7 @@ shape (random weights, float32, KV cache, `do_sample=True`, top-k off, the same 
 token counts, `min_new_tokens` forcing every row to full length), median of the same
 number of repeats after one warm-up call.
 
-    python benchmarks/rollout.py                          # GRPO's default: 4x128 GPT, 16 x 8 rows
+    python benchmarks/rollout.py                          # GRPO's default: 4x256 GPT, 16 x 8 rows
     python benchmarks/rollout.py --preset gpt2-124m --prompt-len 64 --new-tokens 64 --prompts 4
     python benchmarks/rollout.py --sampler gumbel                   # jax.random.categorical's draw
     python benchmarks/rollout.py --json rollout.json
@@ -114,8 +114,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--preset", default="", help="gpt2-124m | ... (default: --n-layer/--n-head/--n-embd)")
     p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=8)
+    p.add_argument("--n-embd", type=int, default=256)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--group", type=int, default=8, help="samples per prompt (G)")
