@@ -69,28 +69,39 @@ def train_step(
     loss_fn: LossFn,
     tx: optax.GradientTransformation,
     axis_name: str | None = None,
+    labels: Any | None = None,
 ) -> tuple[TrainState, dict]:
     """One optimiser update.
 
     batch leaves: `[accum_steps, micro_batch, ...]` (this device's share of the global batch).
     key: the run's dropout stream; folded with the step, the device and the micro-batch so
     no two micro-batches anywhere share a mask.
+    labels: the optimiser's label tree (`jaxgpt.optim`; None: every leaf trains). Only
+    `"train"` leaves are differentiated, summed and reduced across devices; frozen leaves
+    get zero gradients that are never computed (a LoRA step skips the frozen weights'
+    gradients, the tied head's `[vocab, n_embd]` one included). `grad_norm` is the norm of
+    the trainable gradients, the one clipping sees.
     """
     key = jax.random.fold_in(key, state.step)
     if axis_name is not None:
         key = jax.random.fold_in(key, lax.axis_index(axis_name))
+    split = _TrainableSplit(state.params, labels)
+
+    def loss_of_trainable(trainable, micro_batch, micro_key):
+        return loss_fn(split.merge(trainable), micro_batch, micro_key)
 
     def accumulate(carry, inputs):
         grads_sum, sums = carry
         micro_batch, index = inputs
-        grads, (loss_sum, aux) = _value_and_grad(loss_fn, state.params, micro_batch, jax.random.fold_in(key, index))
+        (loss_sum, aux), grads = jax.value_and_grad(loss_of_trainable, has_aux=True)(
+            split.trainable, micro_batch, jax.random.fold_in(key, index))
         aux = {"loss": loss_sum, **aux}
         grads_sum = jax.tree_util.tree_map(jnp.add, grads_sum, grads)
         sums = jax.tree_util.tree_map(jnp.add, sums, aux)
         return (grads_sum, sums), None
 
     accum_steps = jax.tree_util.tree_leaves(batch)[0].shape[0]
-    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, state.params)
+    zero_grads = jax.tree_util.tree_map(jnp.zeros_like, split.trainable)
     first_micro_batch = jax.tree_util.tree_map(lambda x: x[0], batch)
     zero_sums = jax.tree_util.tree_map(
         lambda s: jnp.zeros(s.shape, jnp.float32), _aux_shapes(loss_fn, state.params, first_micro_batch)
@@ -99,7 +110,7 @@ def train_step(
     grads, sums = _psum((grads, sums), axis_name)
     count = jnp.maximum(sums["count"], 1.0)
     grads = jax.tree_util.tree_map(lambda g: g / count, grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = tx.update(split.full_gradient(grads), state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {k: v / count for k, v in sums.items() if k != "count"}
     metrics["count"] = sums["count"]
@@ -107,10 +118,30 @@ def train_step(
     return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def _value_and_grad(loss_fn, params, batch, key):
-    """Gradient of the summed loss, plus `(loss_sum, aux sums)`."""
-    (loss_sum, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, key)
-    return grads, (loss_sum, aux)
+class _TrainableSplit:
+    """The params as a list of trainable leaves (what `jax.grad` sees) and the frozen rest."""
+
+    def __init__(self, params, labels):
+        from jaxgpt.optim import TRAIN
+
+        self.leaves, self.treedef = jax.tree_util.tree_flatten(params)
+        if labels is None:
+            self.flags = [True] * len(self.leaves)
+        else:
+            self.flags = [label == TRAIN for label in self.treedef.flatten_up_to(labels)]
+        self.trainable = [x for x, f in zip(self.leaves, self.flags) if f]
+
+    def _fill(self, trainable, frozen_leaf):
+        it = iter(trainable)
+        return self.treedef.unflatten([next(it) if f else frozen_leaf(x) for x, f in zip(self.leaves, self.flags)])
+
+    def merge(self, trainable):
+        """The full params with `trainable` in place of the trainable leaves."""
+        return self._fill(trainable, lambda x: x)
+
+    def full_gradient(self, grads):
+        """Gradients shaped like the params (zeros at frozen leaves), for the optimiser."""
+        return self._fill(grads, jnp.zeros_like)
 
 
 def _aux_shapes(loss_fn, params, micro_batch):

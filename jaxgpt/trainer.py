@@ -143,10 +143,10 @@ class TrainLoop:
     """
 
     def __init__(self, *, cfg, run: RunDir, dp: DataParallel, state: TrainState, tx, loss_fn,
-                 keys: Keys, tokens_per_step: int, flops_model_cfg=None, seq_len: int = 0):
+                 keys: Keys, tokens_per_step: int, flops_model_cfg=None, seq_len: int = 0, labels=None):
         self.cfg, self.run, self.dp, self.keys = cfg, run, dp, keys
         self.state = dp.replicate(state)
-        self.p_train = dp.compile_train_step(train_step, loss_fn=loss_fn, tx=tx)
+        self.p_train = dp.compile_train_step(train_step, loss_fn=loss_fn, tx=tx, labels=labels)
         self.tokens_per_step = tokens_per_step
         self.flops_model_cfg, self.seq_len = flops_model_cfg, seq_len
         self.writer = MetricsWriter(run.metrics_jsonl, enabled=is_main_process())

@@ -119,6 +119,29 @@ def test_grpo_raises_the_reward_of_a_toy_task():
     assert rewards[0] < 0.2 and np.mean(rewards[-3:]) > 0.8, rewards
 
 
+def test_on_policy_loss_equals_the_loss_with_exact_old_logprobs():
+    """`on_policy` (one update per batch) skips the rescoring pass: loss and gradient are those
+    of the clipped loss given the current policy's own (tempered) log-probs as old ones."""
+    from jaxgpt.model import GPT, init_params
+    from jaxgpt.rl.rollout import completion_logprobs
+
+    cfg = ModelConfig(vocab_size=16, context_length=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    params = init_params(cfg, jax.random.key(0))
+    batch, _ = _toy_experience(params, cfg, jax.random.key(1))
+    mask = batch["completion_mask"]
+    batch["old_logprobs"] = np.asarray(completion_logprobs(GPT(cfg), params, batch["tokens"], batch["attention_mask"],
+                                                           mask.shape[1], temperature=0.5)) * mask
+    kwargs = dict(clip_eps=0.2, clip_eps_high=None, kl_beta=0.1, loss_agg="sequence", temperature=0.5)
+    grads = []
+    for on_policy, old in ((False, batch["old_logprobs"]), (True, np.full_like(batch["old_logprobs"], 7.0))):
+        loss_fn = grpo_loss_fn(GPT(cfg), on_policy=on_policy, **kwargs)
+        (loss, sums), g = jax.value_and_grad(loss_fn, has_aux=True)(params, {**batch, "old_logprobs": old}, None)
+        grads.append((float(loss), g, float(sums["ratio"] / sums["count"])))
+    (l1, g1, r1), (l2, g2, r2) = grads
+    assert l1 == pytest.approx(l2, rel=1e-5) and r1 == pytest.approx(1.0, abs=1e-5) and r2 == 1.0
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g1, g2)
+
+
 def test_update_is_the_same_on_1_and_4_devices():
     """The loss is a sum / count through the shared step: 4 devices (psum) give the update of 1."""
     from jaxgpt.model import GPT, init_params
@@ -197,15 +220,21 @@ def varied_rewards(monkeypatch):
     monkeypatch.setattr(ArithmeticTask, "step_rewards", lambda self, c, p: [float(len(c) % 3 == 0), float(len(c) % 2)])
 
 
-def test_grpo_command_on_4_devices_and_run_dir(tmp_path, varied_rewards):
+def test_grpo_command_on_4_devices_and_run_dir(tmp_path, monkeypatch, varied_rewards):
     """Random init (no --init), the default task, pmapped updates over 4 devices."""
+    from jaxgpt.rl import common
+
+    evals = []
+    generate_all = common.generate_all
+    monkeypatch.setattr(common, "generate_all", lambda *a, **k: evals.append(1) or generate_all(*a, **k))
     assert _finetune(_argv(tmp_path / "run")) == 0
+    assert len(evals) == 3  # before, iteration 2, iteration 4: the summary reuses the last one
     run = tmp_path / "run"
     assert {"config.yaml", "metrics.jsonl", "metrics.json", "reward.png", "kl.png", "eval_samples.jsonl",
             "checkpoints"} <= {p.name for p in run.iterdir()}
     summary = json.loads((run / "metrics.json").read_text())
     for key in ("eval_accuracy_before", "eval_accuracy_after", "eval_format_rate_after", "rollout_tokens_per_sec",
-                "seconds_per_iteration", "kl"):
+                "seconds_per_iteration", "kl"):  # kl: the last logged kl_ref
         assert summary[key] is not None, key
     assert summary["iteration"] == 4 and summary["step"] == 4 * 2 and summary["task"] == "arithmetic"
     assert summary["num_prompts"]["eval"] == 8
@@ -216,7 +245,10 @@ def test_grpo_command_on_4_devices_and_run_dir(tmp_path, varied_rewards):
     for r in records:
         assert 0.0 < r["reward"] < 1.0 and np.isfinite(r["loss"]) and "kl_ref" in r  # log_interval 1
         assert r["grad_norm"] > 0
-    assert records[-1]["kl"] > 0 and records[-1]["kl_ref"] != 0  # the policy moved away from the reference
+    assert records[-1]["kl_ref"] != 0  # the policy moved away from the reference
+    assert "kl" not in records[-1]  # kl_beta 0: the loss's k3 would compare with a stand-in reference
+    assert summary["eval_accuracy_after"] == records[-1]["eval_accuracy"]
+    assert summary["eval_step_accuracy_after"] == records[-1]["eval_step_accuracy"]
     samples = [json.loads(line) for line in (run / "eval_samples.jsonl").read_text().splitlines()]
     assert len(samples) == 8 and {"question", "answer", "completion", "reward"} <= set(samples[0])
 

@@ -128,3 +128,27 @@ def test_bad_batch_division_is_a_user_error():
 
     with pytest.raises(UserError, match="divisible"):
         DataParallel(4).check_batch_size(6, 1)
+
+
+def test_labels_differentiate_only_the_trainable_leaves(tiny_model_cfg):
+    """With the label tree, frozen gradients are never computed (fewer FLOPs), yet the
+    update equals the unlabeled step's and `grad_norm` is the trainable gradients' norm."""
+    params = init_params(tiny_model_cfg, jax.random.key(0))
+    labels = label_params(params, lambda path, _: path[0] == "h_1")
+    tx = make_optimizer(TrainConfig(lr=1e-2, warmup_steps=0, grad_clip=0.0), labels)
+    loss_fn = lm_loss_fn(GPT(tiny_model_cfg))
+    b = _batches(tiny_model_cfg, n=1)[0]
+    stacked = jax.tree_util.tree_map(lambda x: x[None], b)
+    state = create_train_state(params, tx)
+    plain = jax.jit(lambda s: train_step(s, stacked, jax.random.key(0), loss_fn=loss_fn, tx=tx))
+    labeled = jax.jit(lambda s: train_step(s, stacked, jax.random.key(0), loss_fn=loss_fn, tx=tx, labels=labels))
+    flops = [f.lower(state).compile().cost_analysis() for f in (plain, labeled)]
+    flops = [(c[0] if isinstance(c, list) else c)["flops"] for c in flops]
+    assert flops[1] < 0.9 * flops[0]
+    (s1, m1), (s2, m2) = plain(state), labeled(state)
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), s1.params, s2.params)
+    loss_sum, aux = loss_fn(params, b, None)
+    grads = jax.grad(lambda p: loss_fn(p, b, None)[0])(params)
+    expected = optax.tree.norm(grads["h_1"]) / aux["count"]
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(expected), rtol=1e-5)
+    assert float(m1["grad_norm"]) > float(m2["grad_norm"])  # the unlabeled norm counts frozen gradients too

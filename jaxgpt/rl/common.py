@@ -92,6 +92,7 @@ class Policy:
     model: Any  # GPT (with LoRA adapters in lora mode): the training forward pass
     state: Any  # TrainState (restored on resume)
     tx: Any
+    labels: Any  # the optimiser's label tree (the train step differentiates only "train" leaves)
     ref_params: Any  # frozen plain GPT params: the reference model
     trainable: int
     total: int
@@ -129,7 +130,7 @@ def build_policy(cfg, run, keys, *, resume: bool, total_updates: int, loaded, ex
     if resume:
         state, meta = restore(run, state)
         iteration = int(meta.get("iteration", 0))
-    return Policy(GPT(cfg.model, lora=lora), state, tx, ref_params, trainable, total, iteration, meta)
+    return Policy(GPT(cfg.model, lora=lora), state, tx, labels, ref_params, trainable, total, iteration, meta)
 
 
 def plain_params(params, cfg, drop: Sequence[str] = ("value_head",)):

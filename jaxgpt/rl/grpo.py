@@ -109,14 +109,20 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps: float = 0
 
 
 def grpo_loss_fn(model, *, clip_eps: float, clip_eps_high: float | None, kl_beta: float, loss_agg: str,
-                 temperature: float = 1.0):
+                 temperature: float = 1.0, on_policy: bool = False):
     """`loss_fn(params, batch, dropout_key)` for `jaxgpt.steps.train_step`.
 
     batch: `tokens`, `attention_mask` `[b, P + N]`; `completion_mask`, `old_logprobs`,
     `ref_logprobs` `[b, N]`; `advantages [b]`. Dropout stays off whatever the key: the
     importance ratio must compare the policy with itself, not with a dropped-out copy.
     temperature: the sampling temperature; log-probs are of the tempered policy, so
-    `old_logprobs` and `ref_logprobs` must be too."""
+    `old_logprobs` and `ref_logprobs` must be too.
+    on_policy: each batch gets one update, made with the params that sampled it
+    (inner_epochs = minibatches = 1): the old log-probs are then the current ones with the
+    gradient stopped (ratio exactly 1, the plain policy gradient) and `old_logprobs` is
+    ignored, which spares the caller a forward pass to rescore every batch.
+    With kl_beta 0 the `kl` sum is left out of the metrics: callers then score the reference
+    only on logged iterations (GRPO's `kl_ref`), so `ref_logprobs` is a stand-in on the others."""
     from jaxgpt.rl.rollout import completion_logprobs
 
     def loss_fn(params, batch, dropout_key):
@@ -124,9 +130,13 @@ def grpo_loss_fn(model, *, clip_eps: float, clip_eps_high: float | None, kl_beta
         n = batch["completion_mask"].shape[1]
         logp = completion_logprobs(model, params, batch["tokens"], batch["attention_mask"], n,
                                    temperature=temperature)
-        return grpo_loss(logp, batch["old_logprobs"], batch["ref_logprobs"], batch["advantages"],
-                         batch["completion_mask"], clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-                         kl_beta=kl_beta, loss_agg=loss_agg)
+        old_logp = jax.lax.stop_gradient(logp) if on_policy else batch["old_logprobs"]
+        loss_sum, sums = grpo_loss(logp, old_logp, batch["ref_logprobs"], batch["advantages"],
+                                   batch["completion_mask"], clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+                                   kl_beta=kl_beta, loss_agg=loss_agg)
+        if not kl_beta:
+            del sums["kl"]
+        return loss_sum, sums
 
     return loss_fn
 

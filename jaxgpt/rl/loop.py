@@ -76,17 +76,18 @@ class RLLoop:
     meta's); `meta`: extra JSON saved with every checkpoint (e.g. the pre-training eval)."""
 
     def __init__(self, *, cfg, run: RunDir, dp: DataParallel, state: TrainState, tx, loss_fn, keys: Keys,
-                 inner_epochs: int, minibatches: int, iteration: int = 0, meta: dict | None = None):
+                 inner_epochs: int, minibatches: int, iteration: int = 0, meta: dict | None = None, labels=None):
         self.cfg, self.run, self.dp, self.keys = cfg, run, dp, keys
         self.streams = RLStreams.from_keys(keys)
         self.state = dp.replicate(state)
-        self.p_train = dp.compile_train_step(train_step, loss_fn=loss_fn, tx=tx)
+        self.p_train = dp.compile_train_step(train_step, loss_fn=loss_fn, tx=tx, labels=labels)
         self.inner_epochs, self.minibatches = inner_epochs, minibatches
         self.iteration = iteration
         self.meta = dict(meta or {})
         self.writer = MetricsWriter(run.metrics_jsonl, enabled=is_main_process())
         self.manager = checkpoint.checkpoint_manager(run.path, keep=cfg.train.keep_checkpoints)
         self.iteration_times: list[float] = []
+        self._eval_at: tuple[int, dict] | None = None  # (iteration, metrics) of the latest eval
 
     @property
     def step(self) -> int:
@@ -159,7 +160,8 @@ class RLLoop:
                         if lr_at is not None:
                             record["lr"] = float(lr_at(self.step - 1))
                         if is_eval:
-                            record.update(evaluate(self.policy_params()))
+                            self._eval_at = (done, evaluate(self.policy_params()))
+                            record.update(self._eval_at[1])
                         self.writer.write(record)
                         last = record
                         bar.set_postfix(reward=f"{record.get('reward', float('nan')):.3f}",
@@ -170,6 +172,13 @@ class RLLoop:
             finally:
                 bar.close()
         return last
+
+    def final_eval(self, evaluate: Callable[[Any], dict]) -> dict:
+        """`evaluate` of the current policy: the loop's own eval of the last iteration when it
+        made one (evals are deterministic, and one costs about as much as several iterations)."""
+        if self._eval_at is not None and self._eval_at[0] == self.iteration:
+            return self._eval_at[1]
+        return evaluate(self.policy_params())
 
     def seconds_per_iteration(self) -> float:
         times = self.iteration_times[1:] or self.iteration_times  # the first compiles

@@ -124,7 +124,7 @@ def finetune_classifier(cfg: ClassifyConfig, out_dir: str | Path | None = None, 
     keys = Keys.from_seed(t.seed)
     model = build_model(cfg, data.num_classes)
     params = init_params(cfg.model, keys.init, seq_len=data.max_length, **attrs)
-    params, state, tx, trainable, total, total_steps, eval_interval = common.start_training(
+    params, state, tx, labels, trainable, total, total_steps, eval_interval = common.start_training(
         cfg, params, loaded, per_epoch, run, resume)
     run.create(cfg)
     if is_main_process() and not resume:
@@ -132,7 +132,7 @@ def finetune_classifier(cfg: ClassifyConfig, out_dir: str | Path | None = None, 
 
     loss_fn = classification_loss_fn(model)
     loop = TrainLoop(cfg=common.loop_config(cfg, eval_interval), run=run, dp=dp, state=state, tx=tx,
-                     loss_fn=loss_fn, keys=keys, tokens_per_step=t.batch_size * data.max_length)
+                     labels=labels, loss_fn=loss_fn, keys=keys, tokens_per_step=t.batch_size * data.max_length)
     p_eval = dp.compile_eval_step(eval_step, loss_fn=loss_fn)
 
     def evaluate_split(params, split: str, max_batches: int = 0) -> dict:

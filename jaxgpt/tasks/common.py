@@ -233,6 +233,7 @@ class TrainStart(NamedTuple):
     params: Any  # the initial params (--init grafted in); on --resume the checkpoint's are in state
     state: Any  # jaxgpt.steps.TrainState
     tx: Any  # the optax optimiser (frozen leaves masked by the train mode)
+    labels: Any  # its label tree: the train step differentiates only the "train" leaves
     trainable: int
     total: int
     total_steps: int
@@ -260,7 +261,7 @@ def start_training(cfg, params, loaded, steps_per_epoch: int, run, resume: bool)
         restored, _ = checkpoint.restore(run.path, target=target)
         state = TrainState(**restored)
         log(f"resuming {run.path} from step {int(state.step)}")
-    return TrainStart(params, state, tx, trainable, total, total_steps, eval_interval)
+    return TrainStart(params, state, tx, labels, trainable, total, total_steps, eval_interval)
 
 
 def loop_config(cfg, eval_interval: int):

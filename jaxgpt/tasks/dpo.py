@@ -276,7 +276,7 @@ def finetune_dpo(cfg: DPOConfig, out_dir: str | Path | None = None, *, resume: b
     keys = Keys.from_seed(t.seed)
     model = GPT(cfg.model, **attrs)
     params = init_params(cfg.model, keys.init, **attrs)
-    params, state, tx, trainable, total, total_steps, eval_interval = common.start_training(
+    params, state, tx, labels, trainable, total, total_steps, eval_interval = common.start_training(
         cfg, params, loaded, per_epoch, run, resume)
     if resume:
         ref = _load_reference(run.path / REFERENCE_FILE, data)
@@ -299,7 +299,7 @@ def finetune_dpo(cfg: DPOConfig, out_dir: str | Path | None = None, *, resume: b
 
     loss_fn = dpo_loss_fn(model, d.beta, d.label_smoothing)
     loop = TrainLoop(cfg=common.loop_config(cfg, eval_interval), run=run, dp=dp, state=state, tx=tx,
-                     loss_fn=loss_fn, keys=keys, tokens_per_step=t.batch_size * 2 * data.max_length)
+                     labels=labels, loss_fn=loss_fn, keys=keys, tokens_per_step=t.batch_size * 2 * data.max_length)
     del state, params, loaded  # the loop holds its own device copy; drop the rest (large models)
     p_eval = dp.compile_eval_step(eval_step, loss_fn=loss_fn)
     select = lambda batch: {k: batch[k] for k in BATCH_KEYS if k in batch}

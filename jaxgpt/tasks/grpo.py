@@ -12,8 +12,9 @@ advantages, scores the completions under the frozen reference model, and makes
 Evaluation: greedy accuracy on the task's held-out eval split before training
 (`eval_accuracy_before`), at every eval point, and at the end (`eval_accuracy_after`).
 Run directory: config.yaml, metrics.jsonl (per logged iteration: reward, accuracy of the
-sampled completions, format rate, completion length, loss, clip_frac, kl (k3, to the
-reference), ratio, grad_norm, lr, rollout tokens/s, timings; eval_* at eval points, with
+sampled completions, format rate, completion length, loss, clip_frac, kl_ref (sequence KL
+to the reference), kl (the loss's k3, when grpo.kl_beta > 0), ratio, grad_norm, lr,
+rollout tokens/s, timings; eval_* at eval points, with
 eval_step_accuracy for arithmetic: the fraction of eval completions whose worked line i is
 exactly right (`step_rewards`), then the answer, so a run shows which step RL improved),
 metrics.json, reward.png, kl.png, eval_samples.jsonl (the final greedy completions), checkpoints/.
@@ -164,6 +165,7 @@ def make_experience_fn(cfg: GRPOConfig, data: TaskData, policy, streams):
     problems = data.problems["rl"]
     process = g.supervision == "process" or (g.supervision == "auto" and hasattr(data.task, "step_rewards"))
     newline_table = token_newlines() if process else None
+    on_policy = is_on_policy(r)
 
     def make_experience(iteration: int, params):
         idx = prompt_indices(iteration, r.prompts_per_step, len(problems), cfg.data.seed)
@@ -185,10 +187,10 @@ def make_experience_fn(cfg: GRPOConfig, data: TaskData, policy, streams):
         else:
             advantages = np.asarray(group_advantages(rewards, g.group_size, normalize_std=g.normalize_std))
         mask = out["completion_mask"].astype(np.float32)
-        if temp != 1.0:
-            out["logprobs"] = np.asarray(policy_logprobs(params, out["tokens"], out["attention_mask"])) * mask
         # The reference is scored when the loss needs it, else only on logged iterations (kl_ref).
         score_ref = g.kl_beta > 0 or (iteration + 1) % cfg.train.log_interval == 0
+        if temp != 1.0 and (score_ref or not on_policy):  # on-policy, the loss needs no old log-probs
+            out["logprobs"] = np.asarray(policy_logprobs(params, out["tokens"], out["attention_mask"])) * mask
         ref = (np.asarray(ref_logprobs(policy.ref_params, out["tokens"], out["attention_mask"])) * mask
                if score_ref else out["logprobs"])
         batch = {"tokens": out["tokens"], "attention_mask": out["attention_mask"],
@@ -208,6 +210,11 @@ def make_experience_fn(cfg: GRPOConfig, data: TaskData, policy, streams):
         return batch, stats
 
     return make_experience
+
+
+def is_on_policy(r) -> bool:
+    """One update per batch of rollouts, made with the params that sampled it."""
+    return r.inner_epochs * r.minibatches == 1
 
 
 def token_newlines():
@@ -284,13 +291,15 @@ def finetune_grpo(cfg: GRPOConfig, out_dir: str | Path | None = None, *, resume:
     run.create(cfg)
 
     loss_fn = grpo_loss_fn(policy.model, clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high or None,
-                           kl_beta=g.kl_beta, loss_agg=g.loss_agg, temperature=r.temperature)
+                           kl_beta=g.kl_beta, loss_agg=g.loss_agg, temperature=r.temperature,
+                           on_policy=is_on_policy(r))
     evaluate, last_eval = evaluate_fn(cfg, data, keys)
     meta = dict(policy.meta)
     if "eval_before" not in meta:
         meta["eval_before"] = evaluate(policy.state.params)
-    loop = RLLoop(cfg=cfg, run=run, dp=dp, state=policy.state, tx=policy.tx, loss_fn=loss_fn, keys=keys,
-                  inner_epochs=r.inner_epochs, minibatches=r.minibatches, iteration=policy.iteration, meta=meta)
+    loop = RLLoop(cfg=cfg, run=run, dp=dp, state=policy.state, tx=policy.tx, labels=policy.labels, loss_fn=loss_fn,
+                  keys=keys, inner_epochs=r.inner_epochs, minibatches=r.minibatches, iteration=policy.iteration,
+                  meta=meta)
     log(f"model: {policy.total:,} params, {policy.trainable:,} trainable ({cfg.finetune.train_mode}) | task "
         f"{cfg.data.task}: {len(data.problems['rl'])} RL / {len(data.problems['eval'])} eval prompts "
         f"(dropped as too long: {data.dropped['rl']} / {data.dropped['eval']}) | {total} iterations x "
@@ -303,7 +312,7 @@ def finetune_grpo(cfg: GRPOConfig, out_dir: str | Path | None = None, *, resume:
     train_seconds = time.perf_counter() - train_started
 
     records = read_jsonl(run.metrics_jsonl)
-    final = evaluate(loop.policy_params())
+    final = loop.final_eval(evaluate)
     before = meta["eval_before"]
     trained = [rec for rec in records if "reward" in rec]
     summary = {

@@ -184,14 +184,14 @@ def finetune_instruct(cfg: InstructConfig, out_dir: str | Path | None = None, *,
     # jitted: op-by-op initialisation of every leaf is seconds on a CPU; the values are the same
     params = jax.jit(lambda key: init_params(cfg.model, key, seq_len=data.max_length, **attrs))(keys.init)
     per_epoch = data.steps_per_epoch(t.batch_size)
-    params, state, tx, trainable, total, total_steps, eval_interval = common.start_training(
+    params, state, tx, labels, trainable, total, total_steps, eval_interval = common.start_training(
         cfg, params, loaded, per_epoch, run, resume)
     run.create(cfg)
 
     loss_fn = lm_loss_fn(model)  # batch: inputs, targets, mask [B, L]
     padding = data.padding_stats(t.batch_size)
     loop = TrainLoop(cfg=common.loop_config(cfg, eval_interval), run=run, dp=dp, state=state, tx=tx,
-                     loss_fn=loss_fn, keys=keys, tokens_per_step=round(padding["mean_batch_tokens"]))
+                     labels=labels, loss_fn=loss_fn, keys=keys, tokens_per_step=round(padding["mean_batch_tokens"]))
     p_eval = dp.compile_eval_step(eval_step, loss_fn=loss_fn)
 
     def evaluate_split(params, split: str, max_batches: int = 0) -> float | None:

@@ -261,8 +261,9 @@ def finetune_ppo(cfg: PPOConfig, out_dir: str | Path | None = None, *, resume: b
     meta = dict(policy.meta)
     if "eval_before" not in meta:
         meta["eval_before"] = evaluate(policy.state.params)
-    loop = RLLoop(cfg=cfg, run=run, dp=dp, state=policy.state, tx=policy.tx, loss_fn=loss_fn, keys=keys,
-                  inner_epochs=r.inner_epochs, minibatches=r.minibatches, iteration=policy.iteration, meta=meta)
+    loop = RLLoop(cfg=cfg, run=run, dp=dp, state=policy.state, tx=policy.tx, labels=policy.labels, loss_fn=loss_fn,
+                  keys=keys, inner_epochs=r.inner_epochs, minibatches=r.minibatches, iteration=policy.iteration,
+                  meta=meta)
     log(f"model: {policy.total:,} params, {policy.trainable:,} trainable ({cfg.finetune.train_mode}, value head "
         f"included) | prompts: {n_train} train / {len(prompts['eval'][0])} eval (dropped as too long: "
         f"{prompts['train'][2]} / {prompts['eval'][2]}) | reward model {p.reward} | {total} iterations x "
@@ -273,7 +274,7 @@ def finetune_ppo(cfg: PPOConfig, out_dir: str | Path | None = None, *, resume: b
     train_seconds = time.perf_counter() - train_started
 
     records = read_jsonl(run.metrics_jsonl)
-    final = evaluate(loop.policy_params())
+    final = loop.final_eval(evaluate)
     trained = [rec for rec in records if "score" in rec]
     before = meta["eval_before"]
     summary = {

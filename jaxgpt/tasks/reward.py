@@ -153,13 +153,13 @@ def train_reward_model(cfg: RewardConfig, out_dir: str | Path | None = None, *, 
     keys = Keys.from_seed(t.seed)
     model = GPT(cfg.model, **attrs)
     params = init_params(cfg.model, keys.init, **attrs)
-    params, state, tx, trainable, total, total_steps, eval_interval = common.start_training(
+    params, state, tx, labels, trainable, total, total_steps, eval_interval = common.start_training(
         cfg, params, loaded, per_epoch, run, resume)
     run.create(cfg)
 
     loss_fn = reward_loss_fn(model)
     loop = TrainLoop(cfg=common.loop_config(cfg, eval_interval), run=run, dp=dp, state=state, tx=tx,
-                     loss_fn=loss_fn, keys=keys, tokens_per_step=t.batch_size * 2 * data.max_length)
+                     labels=labels, loss_fn=loss_fn, keys=keys, tokens_per_step=t.batch_size * 2 * data.max_length)
     del state, params, loaded  # the loop holds its own device copy; drop the rest (large models)
     p_eval = dp.compile_eval_step(eval_step, loss_fn=loss_fn)
 
