@@ -253,6 +253,29 @@ def test_grpo_command_on_4_devices_and_run_dir(tmp_path, monkeypatch, varied_rew
     assert len(samples) == 8 and {"question", "answer", "completion", "reward"} <= set(samples[0])
 
 
+def test_on_policy_run_matches_a_run_that_rescores(tmp_path, monkeypatch, varied_rewards):
+    """One update per batch at T 0.5: skipping the rescoring pass (on-policy) trains like the
+    run that rescores every batch for old log-probs; kl_ref is logged on logged iterations.
+    Two iterations: later rollouts may flip a sampled token on a 1e-7 difference in params."""
+    from jaxgpt.config import load_config
+    from jaxgpt.tasks import grpo
+    from jaxgpt.tasks.grpo import DEFAULT_CONFIG, GRPOConfig, finetune_grpo
+
+    extra = ["train.num_devices=1", "rollout.minibatches=1", "rollout.temperature=0.5", "train.max_steps=2",
+             "train.log_interval=2", "train.eval_interval=2"]
+    cfg = load_config(DEFAULT_CONFIG, TINY + extra, cls=GRPOConfig)
+    finetune_grpo(cfg, tmp_path / "on")
+    monkeypatch.setattr(grpo, "is_on_policy", lambda r: False)
+    finetune_grpo(cfg, tmp_path / "rescored")
+    runs = {name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            for name in ("on", "rescored")}
+    assert [r["iteration"] for r in runs["on"]] == [2] and "kl_ref" in runs["on"][0]  # iteration 1: not rescored
+    for a, b in zip(runs["on"], runs["rescored"]):
+        for k in ("reward", "loss", "grad_norm", "kl_ref"):
+            assert a[k] == pytest.approx(b[k], rel=1e-3, abs=1e-6), k
+        assert a["ratio"] == 1.0 and a["clip_frac"] == 0.0
+
+
 def test_grpo_lora_resume_matches_a_straight_run(tmp_path, varied_rewards):
     """LoRA mode, process supervision, tempered sampling; 2 iterations + --resume == 4 straight."""
     from jaxgpt.config import load_config

@@ -187,9 +187,11 @@ def make_experience_fn(cfg: GRPOConfig, data: TaskData, policy, streams):
         else:
             advantages = np.asarray(group_advantages(rewards, g.group_size, normalize_std=g.normalize_std))
         mask = out["completion_mask"].astype(np.float32)
-        # The reference is scored when the loss needs it, else only on logged iterations (kl_ref).
-        score_ref = g.kl_beta > 0 or (iteration + 1) % cfg.train.log_interval == 0
-        if temp != 1.0 and (score_ref or not on_policy):  # on-policy, the loss needs no old log-probs
+        # The reference is scored when the loss needs it, else only on logged iterations (kl_ref);
+        # the tempered policy is rescored for the loss's old log-probs unless on-policy, and for kl_ref.
+        logged = (iteration + 1) % cfg.train.log_interval == 0
+        score_ref = g.kl_beta > 0 or logged
+        if temp != 1.0 and (logged or not on_policy):
             out["logprobs"] = np.asarray(policy_logprobs(params, out["tokens"], out["attention_mask"])) * mask
         ref = (np.asarray(ref_logprobs(policy.ref_params, out["tokens"], out["attention_mask"])) * mask
                if score_ref else out["logprobs"])
@@ -205,7 +207,7 @@ def make_experience_fn(cfg: GRPOConfig, data: TaskData, policy, streams):
             "groups_all_wrong": float(np.mean(groups.max(1) == 0.0)),
             "rollout_tokens_per_sec": float(out["lengths"].sum() / timer.seconds),
         }
-        if score_ref:  # the sequence-level KL(policy || reference) estimate, sum_t (logp - ref)
+        if logged:  # the sequence-level KL(policy || reference) estimate, sum_t (logp - ref)
             stats["kl_ref"] = float(np.mean(np.sum((out["logprobs"] - ref) * mask, axis=1)))
         return batch, stats
 
