@@ -6,10 +6,11 @@
     python finetune.py classify --resume runs/spam --set train.epochs=10
 
 Every task shares train.py's conventions: `--config`/`--set` (a task's config defaults live in
-configs/finetune/TASK.yaml), `--init SPEC` (default: random init), `--out RUN`, `--resume RUN`,
-and the run directory layout (config.yaml, metrics.jsonl, metrics.json, plots, checkpoints/).
-`--train-mode full|last-block|lora` picks which parameters train. The tasks live in
-jaxgpt/tasks/ (registry: jaxgpt.tasks.TASKS).
+configs/finetune/TASK.yaml), `--model-config FILE` (the model shape from any config file),
+`--init SPEC` (default: random init), `--out RUN`, `--resume RUN`, and the run directory
+layout (config.yaml, metrics.jsonl, metrics.json, plots, checkpoints/). `--train-mode
+full|last-block|lora` picks which parameters train. The tasks live in jaxgpt/tasks/
+(registry: jaxgpt.tasks.TASKS).
 """
 from __future__ import annotations
 
@@ -17,12 +18,13 @@ import argparse
 import sys
 
 from jaxgpt.cli import exit_on_user_error
-from jaxgpt.tasks import TASKS, load
+from jaxgpt.errors import UserError
+from jaxgpt.tasks import TASKS, default_config, load
 from jaxgpt.tasks.common import add_finetune_args
 
 
-def build_parser(task: str | None = None) -> argparse.ArgumentParser:
-    """Subcommands for every task; only `task`'s module is imported (for its own flags)."""
+def build_parser() -> argparse.ArgumentParser:
+    """Subcommands for every task, from the registry (no task module is imported)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n".join(__doc__.split("\n")[2:5]))
@@ -30,18 +32,28 @@ def build_parser(task: str | None = None) -> argparse.ArgumentParser:
     for name, entry in TASKS.items():
         p = sub.add_parser(name, help=entry.help, description=entry.help)
         add_finetune_args(p)
-        if name == task:
-            load(name).add_arguments(p)
+        for flag in entry.flags:
+            p.add_argument(flag.option, dest=flag.dest, metavar=flag.metavar, help=flag.help)
         p.set_defaults(parser=p)
     return parser
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    task = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(task if task in TASKS else None).parse_args(argv)
-    return load(args.task).run(args, args.parser)
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
+    from jaxgpt.engine.driver import train
+    from jaxgpt.tasks.common import load_task_config
+
+    extra = {}
+    for flag in TASKS[args.task].flags:
+        value = getattr(args, flag.dest)
+        if value and flag.excludes and getattr(args, flag.excludes):
+            raise UserError(f"{flag.option} and --{flag.excludes} are alternatives: give one of them")
+        extra[flag.key] = value
+    recipe = load(args.task).RECIPE
+    cfg, out, resume = load_task_config(args, recipe.config_class, default_config(args.task), args.parser, extra)
+    train(recipe, cfg, out, resume=resume)
+    return 0
 
 
 if __name__ == "__main__":

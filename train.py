@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Pretrain a GPT. `python train.py --help` for options; logic lives in jaxgpt.trainer."""
+"""Pretrain a GPT. `python train.py --help` for options; logic lives in jaxgpt.tasks.pretrain."""
 from __future__ import annotations
 
 import argparse
@@ -21,20 +21,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     initialize_distributed(args)
 
-    from jaxgpt import trainer  # heavy imports after --help
+    from jaxgpt.tasks import pretrain  # heavy imports after --help
 
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     if args.resume:
-        if args.config or args.out or args.init:
+        if args.config or args.model_config or args.out or args.init:
             parser.error("--resume takes its config and directory from the run; use only --set with it")
-        cfg = trainer.resume_config(args.resume, overrides)
-        trainer.pretrain(cfg, args.resume, resume=True)
+        pretrain.pretrain(pretrain.resume_config(args.resume, overrides), args.resume, resume=True)
         return 0
-    params = None
-    cfg = load_config(args.config or trainer.DEFAULT_CONFIG, overrides)
-    if args.init:
-        cfg, params = trainer.init_from(args.init, cfg)
-    trainer.pretrain(cfg, args.out, params=params)
+    cfg = load_config(args.config or pretrain.DEFAULT_CONFIG, overrides, model_file=args.model_config)
+    pretrain.pretrain(cfg, args.out, init=args.init)
     return 0
 
 

@@ -27,6 +27,8 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file (default: configs/default.yaml settings)")
+    parser.add_argument("--model-config", metavar="FILE",
+                        help="take the model section (the shape) from FILE, any config file, e.g. configs/gpt2-124m.yaml")
     parser.add_argument(
         "--set",
         dest="overrides",

@@ -237,11 +237,22 @@ def load_config(
     overrides: Sequence[str] = (),
     cls=Config,
     base: Mapping[str, Any] | None = None,
+    model_file: str | Path | None = None,
 ):
-    """Defaults <- `base` <- YAML file <- `--set` overrides, then validated."""
+    """Defaults <- `base` <- YAML file <- `model_file`'s model section <- `--set` overrides,
+    then validated. `model_file` (`--model-config FILE`) takes only the model shape from any
+    config file (e.g. configs/gpt2-124m.yaml for a fine-tuning task, whose other sections differ)."""
     data: dict[str, Any] = dict(base or {})
     if path is not None:
         data = _merge(data, read_yaml(path))
+    if model_file is not None:
+        model = read_yaml(model_file).get("model")
+        if not isinstance(model, Mapping):
+            raise UserError(f"--model-config {model_file}: the file has no model section")
+        if "preset" in model:  # the file's preset replaces the shape an earlier layer set
+            data["model"] = {k: v for k, v in dict(data.get("model") or {}).items()
+                             if k not in PRESETS.get(model["preset"], {})}
+        data = _merge(data, {"model": model})
     data = _merge(data, parse_overrides(overrides))
     # A preset given by override replaces the file's model shape, not only its name.
     cfg = from_dict(cls, data)

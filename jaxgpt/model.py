@@ -103,11 +103,10 @@ class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused qkv projection (`c_attn`)."""
 
     config: ModelConfig
-    deterministic: bool = True
     lora: LoRAConfig | None = None
 
     @nn.compact
-    def __call__(self, x, mask, is_causal, cache_layer=None, cache_index=None):
+    def __call__(self, x, mask, is_causal, deterministic=True, cache_layer=None, cache_index=None):
         """x: `[batch, seq, n_embd]`; mask: `[batch, 1, seq, kv_len]` bool.
 
         With a cache layer, this call's keys and values are written at `cache_index` and the
@@ -123,7 +122,7 @@ class CausalSelfAttention(nn.Module):
             k = jax.lax.dynamic_update_slice(cache_layer["k"], k.astype(cache_layer["k"].dtype), (0, cache_index, 0, 0))
             v = jax.lax.dynamic_update_slice(cache_layer["v"], v.astype(cache_layer["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": k, "v": v}
-        attn_dropout = 0.0 if self.deterministic else cfg.dropout
+        attn_dropout = 0.0 if deterministic else cfg.dropout
         if cfg.attention == "reference" or attn_dropout > 0.0:
             # The fused kernels have no dropout on attention weights; training with dropout
             # takes the reference path so the regulariser is not silently dropped.
@@ -152,16 +151,15 @@ class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
     config: ModelConfig
-    deterministic: bool = True
     lora: LoRAConfig | None = None
 
     @nn.compact
-    def __call__(self, x, mask, is_causal, cache_layer=None, cache_index=None):
+    def __call__(self, x, mask, is_causal, deterministic=True, cache_layer=None, cache_index=None):
         cfg = self.config
         ln = lambda name: nn.LayerNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), name=name)
-        drop = nn.Dropout(cfg.dropout, deterministic=self.deterministic)
-        y, new_cache = CausalSelfAttention(cfg, self.deterministic, self.lora, name="attn")(
-            ln("ln_1")(x), mask, is_causal, cache_layer, cache_index
+        drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
+        y, new_cache = CausalSelfAttention(cfg, self.lora, name="attn")(
+            ln("ln_1")(x), mask, is_causal, deterministic, cache_layer, cache_index
         )
         x = x + drop(y)
         x = x + drop(MLP(cfg, self.lora, name="mlp")(ln("ln_2")(x)))
@@ -169,53 +167,91 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """GPT-2 language model.
+    """GPT-2: a trunk (embeddings, blocks, final LayerNorm) and its heads, each defined once.
 
-    `apply(params, tokens)` -> logits `[batch, seq, vocab]` (float32).
-    `apply(params, tokens, cache=cache)` -> `(logits, new_cache)` for incremental decoding.
+    `apply(params, tokens)` -> the output head on every position, float32: LM logits
+    `[batch, seq, vocab]`, or with `num_classes > 0` class logits `[batch, seq, num_classes]`.
+    `apply(params, tokens, cache=cache)` -> `(out, new_cache)` for incremental decoding.
     `return_hidden=True` returns the final-LayerNorm hidden states `[batch, seq, n_embd]`
-    instead of logits, for heads other than the LM head. `last_only=True` applies the head
-    to the last position only (`[batch, 1, vocab]`): decoding never needs the prompt's
-    `[batch, prompt, vocab]` logits. `head_positions` (`[batch, k]` int) applies the head at
-    those positions only (`[batch, k, vocab]`): preference and RL losses score response tokens,
-    and the `[batch, seq, vocab]` logits of the prompt would dominate their cost.
+    instead. `last_only=True` applies the head to the last position only (`[batch, 1, ...]`:
+    decoding never needs the prompt's logits). `head_positions` (`[batch, k]` int) applies it
+    at those positions only (`[batch, k, ...]`): preference and RL losses score response
+    tokens, and the prompt's `[batch, seq, vocab]` logits would dominate their cost.
+
+    The heads are methods on hidden states `[..., n_embd]`, for callers that run the trunk
+    once and read several heads (PPO: log-probs and values from one pass), e.g.
+    `model.apply({"params": p}, hidden, method=GPT.lm_logits)`:
+
+        lm_logits     [..., vocab]        the tied `wte` (`nn.Embed.attend`) or `lm_head/kernel`
+        class_logits  [..., num_classes]  `score/kernel [n_embd, num_classes]`, no bias (Hugging
+                                          Face's GPT2ForSequenceClassification); num_classes 1 is
+                                          a reward model's scalar score
+        values        [...]               `value_head/{kernel [n_embd, 1], bias [1]}`, zero-
+                                          initialised: PPO's critic on the policy's trunk
 
     tokens: `[batch, seq]` int. positions: `[batch, seq]` (default: 0.. or, with a cache,
     counted on from the cache index). attention_mask: `[batch, seq]` bool, False on padding
     tokens, which no query may attend to.
 
-    Optional attributes (both default off, leaving the LM exactly as above):
-    `num_classes > 0` replaces the LM head by a classification head `score/kernel
-    [n_embd, num_classes]` (no bias, as Hugging Face's GPT2ForSequenceClassification), applied
-    at every position: `[batch, seq, num_classes]`; the caller picks each row's last real token.
-    `lora` (a `jaxgpt.lora.LoRAConfig`) adds low-rank adapters to the targeted dense layers.
+    Optional attributes (all off by default, leaving the LM exactly as above): `num_classes`
+    replaces the LM head by the classifier `score`; `value_head` adds the value head; `lora`
+    (a `jaxgpt.lora.LoRAConfig`) adds low-rank adapters to the targeted dense layers.
     """
 
     config: ModelConfig
     num_classes: int = 0
+    value_head: bool = False
     lora: LoRAConfig | None = None
 
-    @nn.compact
-    def __call__(
-        self,
-        tokens,
-        *,
-        positions=None,
-        attention_mask=None,
-        cache: Cache | None = None,
-        deterministic: bool = True,
-        return_hidden: bool = False,
-        last_only: bool = False,
-        head_positions=None,
-    ):
+    def setup(self):
+        cfg = self.config
+        dtype = compute_dtype(cfg)
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
+                            embedding_init=nn.initializers.normal(0.02))
+        self.wpe = nn.Embed(cfg.context_length, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
+                            embedding_init=nn.initializers.normal(0.01))
+        block_cls = Block
+        if cfg.remat:  # is_causal and deterministic are Python flags: static under jax.checkpoint
+            block_cls = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
+                                 static_argnums=(3, 4))
+        self.h = [block_cls(cfg, self.lora) for _ in range(cfg.n_layer)]  # named h_0, h_1, ...
+        self.ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype)
+        # Named as the inline module it used to be, so its dropout masks (derived from the
+        # module path) stay what they were.
+        self.embed_dropout = nn.Dropout(cfg.dropout, name="Dropout_0")
+        if self.num_classes:
+            self.score = _dense(self.num_classes, "score", config=cfg, use_bias=False, lora=self.lora)
+        elif not cfg.tie_embeddings:
+            self.lm_head = _dense(cfg.vocab_size, "lm_head", config=cfg, use_bias=False)
+        if self.value_head:
+            self.critic = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="value_head",
+                                   kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+
+    def __call__(self, tokens, *, positions=None, attention_mask=None, cache: Cache | None = None,
+                 deterministic: bool = True, return_hidden: bool = False, last_only: bool = False,
+                 head_positions=None):
+        x, new_cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
+                                          cache=cache, deterministic=deterministic)
+        if last_only:
+            x = x[:, -1:]
+        if head_positions is not None:  # [b, k]: the head only where it is needed (e.g. responses)
+            x = jnp.take_along_axis(x, jnp.asarray(head_positions, jnp.int32)[..., None], axis=1)
+        if return_hidden:
+            out = x
+        elif self.num_classes:
+            out = self.class_logits(x)
+        else:
+            out = self.lm_logits(x)
+        if self.value_head and self.is_initializing():  # a head no default output reads: create it
+            self.values(x)
+        return out if cache is None else (out, new_cache)
+
+    def hidden_states(self, tokens, *, positions=None, attention_mask=None, cache: Cache | None = None,
+                      deterministic: bool = True):
+        """The trunk: final-LayerNorm hidden states `[batch, seq, n_embd]` (compute dtype) and
+        the updated cache (None without one)."""
         cfg = self.config
         b, t = tokens.shape
-        dtype = compute_dtype(cfg)
-        wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
-                       embedding_init=nn.initializers.normal(0.02), name="wte")
-        wpe = nn.Embed(cfg.context_length, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
-                       embedding_init=nn.initializers.normal(0.01), name="wpe")
-
         # The fused kernels take the cheaper implicit causal mask when nothing else masks.
         is_causal = cache is None and attention_mask is None
         if attention_mask is None:
@@ -241,39 +277,30 @@ class GPT(nn.Module):
         # tokens' rows are unchanged: they already see themselves.
         mask = mask | (k_slots[None, :] == q_slots[:, None])[None, None]
 
-        x = wte(tokens) + wpe(positions)
-        x = nn.Dropout(cfg.dropout, deterministic=deterministic)(x)
-
-        block_cls = Block
-        if cfg.remat:
-            policy = getattr(jax.checkpoint_policies, cfg.remat_policy)
-            block_cls = nn.remat(Block, policy=policy, static_argnums=(3,))
+        x = self.wte(tokens) + self.wpe(positions)
+        x = self.embed_dropout(x, deterministic=deterministic)
         new_layers = []
-        for i in range(cfg.n_layer):
+        for i, block in enumerate(self.h):
             layer_cache = None if cache is None else cache["layers"][i]
-            x, new_layer = block_cls(cfg, deterministic, self.lora, name=f"h_{i}")(
-                x, mask, is_causal, layer_cache, start if cache is not None else None
-            )
+            x, new_layer = block(x, mask, is_causal, deterministic, layer_cache,
+                                 start if cache is not None else None)
             new_layers.append(new_layer)
-        x = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, name="ln_f")(x)
-        if last_only:
-            x = x[:, -1:]
-        if head_positions is not None:  # [b, k]: the head only where it is needed (e.g. responses)
-            x = jnp.take_along_axis(x, jnp.asarray(head_positions, jnp.int32)[..., None], axis=1)
+        x = self.ln_f(x)
+        new_cache = None if cache is None else {"layers": tuple(new_layers), "valid": key_valid, "index": start + t}
+        return x, new_cache
 
-        if return_hidden:
-            out = x
-        elif self.num_classes:
-            out = _dense(self.num_classes, "score", config=cfg, use_bias=False, lora=self.lora)(x)
-        elif cfg.tie_embeddings:
-            out = wte.attend(x)
-        else:
-            out = _dense(cfg.vocab_size, "lm_head", config=cfg, use_bias=False)(x)
-        out = out.astype(jnp.float32)
-        if cache is None:
-            return out
-        new_cache = {"layers": tuple(new_layers), "valid": key_valid, "index": start + t}
-        return out, new_cache
+    def lm_logits(self, hidden):
+        """The LM head: `[..., n_embd]` -> float32 `[..., vocab]`."""
+        out = self.wte.attend(hidden) if self.config.tie_embeddings else self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def class_logits(self, hidden):
+        """The classifier / scalar score head: `[..., n_embd]` -> float32 `[..., num_classes]`."""
+        return self.score(hidden).astype(jnp.float32)
+
+    def values(self, hidden):
+        """The value head: `[..., n_embd]` -> float32 `[...]`."""
+        return self.critic(hidden.astype(jnp.float32))[..., 0]
 
 
 def init_params(config: ModelConfig, key: Array, seq_len: int = 8, **attrs):

@@ -1,9 +1,15 @@
-"""Data parallelism: the only module that calls `jax.pmap`.
+"""Data parallelism: the only module that calls `jax.pmap` or knows where arrays live.
 
 A global batch of `B` rows becomes `[devices, accum_steps, B / (devices * accum_steps), ...]`;
 state is replicated on every local device; gradients are summed across devices inside the
 step (`lax.psum` over `AXIS`). With one device the same step function is simply jitted and
 the leading device axis is left out, so CPU, GPU and TPU run identical step code.
+
+The training loop and the tasks see only `DataParallel.place(state, ...)`, a `PlacedState`
+(update, step, params for evaluation and for sampling, a host copy for checkpoints),
+`DataParallel.evaluate` (exact means over eval batches) and `DataParallel.put_frozen`
+(a frozen model, e.g. DPO's reference, laid out for the compiled steps): nothing outside
+this module branches on the device count.
 
 `jax.pmap` is in maintenance mode in JAX 0.10 (it is built on jit + shard_map); keeping
 every use here means a later move to `jit` + `Mesh` sharding touches this file alone.
@@ -12,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import jax
 import numpy as np
@@ -139,6 +145,60 @@ class DataParallel:
             axis_name=AXIS,
             devices=self.pmap_devices,
         )
+
+
+    def put_frozen(self, tree: Any) -> Any:
+        """A frozen pytree (reference or reward model) laid out for this layout's compiled
+        steps; unlike the train state it is never donated, so one device may alias it."""
+        return self.replicate(tree) if self.num_devices > 1 else tree
+
+    def evaluate(self, p_eval: Callable, params: Any, batches: Iterable[dict]) -> dict:
+        """Exact means over every batch of a compiled eval step: sum each metric, divide by
+        the summed `count`. `params` as `PlacedState.params` gives them."""
+        totals: dict[str, float] = {}
+        for batch in batches:
+            sums = jax.device_get(self.first(p_eval(params, self.shard_eval(batch))))
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        count = totals.pop("count", 0.0)
+        return {k: v / count for k, v in totals.items()} if count else {}
+
+    def place(self, state: Any, step_fn: Callable, accum_steps: int = 1, **static) -> "PlacedState":
+        """`state` (a `jaxgpt.steps.TrainState`) on this layout's devices, with `step_fn`
+        compiled for it (`compile_train_step(step_fn, **static)`)."""
+        return PlacedState(self, self.replicate(state), self.compile_train_step(step_fn, **static), accum_steps)
+
+
+class PlacedState:
+    """A train state laid out by a `DataParallel`, and the compiled step that updates it."""
+
+    def __init__(self, dp: DataParallel, state: Any, p_train: Callable, accum_steps: int):
+        self.dp, self.state, self._p_train, self.accum_steps = dp, state, p_train, accum_steps
+
+    def update(self, batch: dict, key) -> dict:
+        """One optimiser update on the host batch `[B, ...]` (this process's rows); returns
+        its metrics, psum'd over devices (device arrays: reading them syncs)."""
+        self.state, metrics = self._p_train(self.state, self.dp.shard_train(batch, self.accum_steps), key)
+        return self.dp.first(metrics)
+
+    @property
+    def step(self) -> int:
+        """Optimiser updates done."""
+        return int(self.dp.first(self.state.step))
+
+    @property
+    def params(self) -> Any:
+        """The params as this layout's compiled eval steps take them."""
+        return self.state.params
+
+    def local_params(self) -> Any:
+        """The params on one device (device 0's replica), for sampling and jitted scoring."""
+        return self.dp.first(self.state.params)
+
+    def host(self) -> dict:
+        """`{"step", "params", "opt_state"}` as host arrays (one copy): what Orbax saves."""
+        state = self.dp.unreplicate(self.state)
+        return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
 def _device_0(x):

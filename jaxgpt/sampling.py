@@ -424,3 +424,34 @@ def generate(
             ids = ids[:-1]
         texts.append(tokenizer.decode(ids))
     return texts
+
+
+def greedy_responses(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], key, *,
+                       max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy responses to token-id prompts, in order. Prompts are sorted by length and
+    decoded `batch_size` at a time (left-padded, KV cache, stopping at `<|endoftext|>`); a
+    batch gets `min(max_new_tokens, context - its longest prompt)` new tokens. `params` are
+    plain (LoRA merged). The last batch is filled with copies so every batch has one shape."""
+    from jaxgpt.tokenizer import EOT_ID, N_VOCAB, decode
+
+    out: list[str] = [""] * len(prompts)
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows = [list(prompts[i]) for i in idx]
+        new = min(max_new_tokens, model_cfg.context_length - max(len(r) for r in rows))
+        if new < 1:
+            raise UserError(f"a test prompt of {max(len(r) for r in rows)} tokens leaves no room to answer "
+                            f"in the context of {model_cfg.context_length}")
+        rows += [rows[0]] * (batch_size - len(rows))
+        tokens, mask = pad_prompts(rows, max_new_tokens=new, context_length=model_cfg.context_length,
+                                   pad_id=EOT_ID)
+        res = generate_tokens(params, model_cfg, tokens, mask, key, max_new_tokens=new, temperature=0.0,
+                              eos_id=EOT_ID, vocab_limit=N_VOCAB if model_cfg.vocab_size > N_VOCAB else None)
+        toks, lengths = np.asarray(res["tokens"]), np.asarray(res["lengths"])
+        for row, i in enumerate(idx):
+            ids = toks[row, :lengths[row]].tolist()
+            if ids and ids[-1] == EOT_ID:
+                ids = ids[:-1]
+            out[i] = decode(ids).strip()
+    return out

@@ -262,7 +262,8 @@ def test_responses_are_the_greedy_kv_cache_decode(tiny_run):
 
 def test_generate_instruction_prints_the_response(tiny_run, capsys):
     from jaxgpt import generate as cli
-    from jaxgpt.tasks.instruct import InstructConfig, generate_responses
+    from jaxgpt.sampling import greedy_responses
+    from jaxgpt.tasks.instruct import InstructConfig
     from jaxgpt.tasks.common import load_run
 
     run, _ = tiny_run
@@ -272,7 +273,7 @@ def test_generate_instruction_prints_the_response(tiny_run, capsys):
     assert rc == 0 and "### Response" not in out and "Below is an instruction" not in out
     cfg, params = load_run(run, InstructConfig)
     prompt = encode(format_prompt("Repeat the words.", "apple river"))
-    expected = generate_responses(params, cfg.model, [prompt], jax.random.key(0), max_new_tokens=6, batch_size=1)
+    expected = greedy_responses(params, cfg.model, [prompt], jax.random.key(0), max_new_tokens=6, batch_size=1)
     assert out == expected[0] + "\n"
     assert cli.main(["--init", str(run), "--input", "x", "--prompt", "y"]) == 2
     assert cli.main(["--init", str(run), "--instruction", "a", "--prompt", "y"]) == 2

@@ -14,7 +14,7 @@ from jaxgpt.lora import LoRAConfig, check_targets, has_lora, lora_param_count, m
 from jaxgpt.model import GPT, init_params, param_shapes
 from jaxgpt.optim import TRAIN, count_trainable, make_optimizer
 from jaxgpt.steps import create_train_state, train_step
-from jaxgpt.tasks.common import graft, train_labels
+from jaxgpt.engine.params import graft, train_labels
 
 
 def _closed_form(m: ModelConfig, num_classes: int, rank: int, split_qkv: bool) -> int:

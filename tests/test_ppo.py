@@ -13,7 +13,7 @@ import optax
 import pytest
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.rl.ppo import gae, init_value_head, kl_penalized_rewards, ppo_loss, values_of, whiten
+from jaxgpt.rl.ppo import gae, kl_penalized_rewards, ppo_loss, whiten
 
 
 def test_kl_penalized_rewards_by_hand():
@@ -68,7 +68,14 @@ def test_whiten_and_value_head():
     real = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     np.testing.assert_allclose(w[np.asarray(mask, bool)], (real - 3.0) / np.sqrt(2.0), rtol=1e-5)
     assert w[0, 2] == 0.0
-    head = init_value_head(4)
+    from jaxgpt.model import GPT, init_params
+
+    def values_of(head, hidden):  # the model's value head on final hidden states [b, t, d]
+        cfg = ModelConfig(vocab_size=8, context_length=4, n_layer=1, n_head=1, n_embd=hidden.shape[-1])
+        return GPT(cfg, value_head=True).apply({"params": {"value_head": head}}, hidden, method=GPT.values)
+
+    cfg4 = ModelConfig(vocab_size=8, context_length=4, n_layer=1, n_head=1, n_embd=4)
+    head = init_params(cfg4, jax.random.key(0), value_head=True)["value_head"]
     assert np.asarray(values_of(head, jnp.ones((2, 3, 4)))).tolist() == [[0.0] * 3] * 2
     head = {"kernel": jnp.array([[1.0], [2.0]]), "bias": jnp.array([0.5])}
     np.testing.assert_allclose(np.asarray(values_of(head, jnp.array([[[1.0, 1.0], [0.0, -1.0]]]))), [[3.5, -1.5]])
@@ -100,15 +107,15 @@ def test_ppo_raises_a_toy_reward():
     from jaxgpt.steps import create_train_state, train_step
 
     cfg = ModelConfig(vocab_size=16, context_length=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
-    ref = init_params(cfg, jax.random.key(0))
-    params = {**ref, "value_head": init_value_head(32)}
+    params = init_params(cfg, jax.random.key(0), value_head=True)
+    ref = {k: v for k, v in params.items() if k != "value_head"}
     tx = optax.adam(3e-3)
     state = create_train_state(params, tx)
-    model = GPT(cfg)
-    step = jax.jit(functools.partial(train_step, tx=tx, loss_fn=ppo_loss_fn(model, cfg, clip_eps=0.2, value_clip=0.2,
+    model = GPT(cfg, value_head=True)
+    step = jax.jit(functools.partial(train_step, tx=tx, loss_fn=ppo_loss_fn(model, clip_eps=0.2, value_clip=0.2,
                                                                             vf_coef=0.1)))
-    score = jax.jit(lambda p, t, m: policy_and_values(model, p, cfg, t, m, 6))
-    ref_score = jax.jit(lambda t, m: policy_and_values(model, {**ref, "value_head": init_value_head(32)}, cfg, t, m, 6)[0])
+    score = jax.jit(lambda p, t, m: policy_and_values(model, p, t, m, 6))
+    ref_score = jax.jit(lambda t, m: policy_and_values(model, params, t, m, 6)[0])
     tokens, mask = pad_prompt_batch([[1, 2], [3, 4, 5], [6], [7, 8]] * 4, max_new_tokens=6, context_length=16)
     scores = []
     for it in range(25):

@@ -22,7 +22,7 @@ def tiny_cfg(tmp_path, *extra):
 
 
 def test_run_directory_contents(tmp_path):
-    from jaxgpt.trainer import pretrain
+    from jaxgpt.tasks.pretrain import pretrain
 
     run = tmp_path / "run"
     run.mkdir()  # as a run killed before its first checkpoint leaves it: metrics, no checkpoint
@@ -44,7 +44,7 @@ def test_run_directory_contents(tmp_path):
 
 def test_resume_gives_identical_losses(tmp_path):
     """2N steps straight == N steps, stop, resume, N steps (dropout on, so PRNG state matters)."""
-    from jaxgpt.trainer import pretrain
+    from jaxgpt.tasks.pretrain import pretrain
 
     cfg = tiny_cfg(tmp_path)
     pretrain(cfg, tmp_path / "straight")
@@ -94,7 +94,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
 
 
 def test_existing_run_needs_resume(tmp_path, capsys):
-    from jaxgpt.trainer import pretrain
+    from jaxgpt.tasks.pretrain import pretrain
 
     pretrain(tiny_cfg(tmp_path), tmp_path / "run", stop_after=1)
     argv = ["--out", str(tmp_path / "run")] + [x for s in TINY for x in ("--set", s)]
@@ -158,7 +158,7 @@ def test_checkpoint_interval_saves_on_logged_steps_too(tmp_path):
     """train.checkpoint_interval=2 with a log line every step: checkpoints at 2 and 4 (not
     eval points) as well as the eval points 3 and 6."""
     from jaxgpt import checkpoint
-    from jaxgpt.trainer import pretrain
+    from jaxgpt.tasks.pretrain import pretrain
 
     pretrain(tiny_cfg(tmp_path, "train.checkpoint_interval=2", "train.keep_checkpoints=10"), tmp_path / "run")
     assert sorted(checkpoint.checkpoint_manager(tmp_path / "run", read_only=True).all_steps()) == [2, 3, 4, 6]

@@ -11,7 +11,7 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.losses import token_logprobs
 from jaxgpt.model import GPT, init_params
-from jaxgpt.rl.rollout import (completion_logprobs, completion_texts, logits_from_hidden, pad_prompt_batch,
+from jaxgpt.rl.rollout import (completion_logprobs, completion_texts, pad_prompt_batch,
                                positions_of, right_padded, rollout)
 
 EOS = 3
@@ -73,13 +73,14 @@ def test_logprobs_match_a_full_forward_pass(setup):
 
 
 @pytest.mark.parametrize("tie, dtype", [(True, "float32"), (False, "float32"), (True, "bfloat16")])
-def test_logits_from_hidden_is_the_models_head(tie, dtype):
+def test_lm_logits_on_hidden_states_is_the_models_head(tie, dtype):
     cfg = _cfg(tie_embeddings=tie, dtype=dtype)
     params = init_params(cfg, jax.random.key(3))
     tokens = jax.random.randint(jax.random.key(4), (2, 9), 0, 97)
     hidden = GPT(cfg).apply({"params": params}, tokens, return_hidden=True)
     logits = GPT(cfg).apply({"params": params}, tokens)
-    np.testing.assert_array_equal(np.asarray(logits_from_hidden(params, cfg, hidden)), np.asarray(logits))
+    lm_logits = GPT(cfg).apply({"params": params}, hidden, method=GPT.lm_logits)
+    np.testing.assert_array_equal(np.asarray(lm_logits), np.asarray(logits))
 
 
 def test_greedy_rollout_is_generate(setup):

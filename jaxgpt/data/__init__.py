@@ -9,7 +9,7 @@
         ...
 
 `load_splits(cfg.data, context_length)` does the first two lines; `pretraining_data(cfg)`
-is all of it, in the shape `jaxgpt.trainer.pretrain` uses. TFDS builders for the
+is all of it, in the shape `jaxgpt.tasks.pretrain` uses. TFDS builders for the
 bundled corpora live in `jaxgpt.data.tfds_builders` (imported only for `tfds:` sources).
 """
 from __future__ import annotations

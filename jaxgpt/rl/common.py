@@ -1,11 +1,6 @@
 """What `finetune.py grpo` and `finetune.py ppo` share: the rollout config section, the
-policy / reference set-up (with `--init`, train modes and resume), prompt padding, and
-chunked generation for evaluation.
-
-The reference model is the policy's starting point (`--init`, or the seeded random init),
-rebuilt the same way on `--resume` rather than stored in every checkpoint. It is frozen: a
-plain params pytree passed explicitly to the jitted functions that score rollouts.
-"""
+`RLTask` recipe (experience -> inner epochs of minibatch updates on the shared loop), prompt
+padding, and chunked generation for evaluation."""
 from __future__ import annotations
 
 import time
@@ -15,6 +10,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
+from jaxgpt.engine import Recipe, Schedule
 from jaxgpt.errors import UserError
 
 
@@ -85,52 +81,95 @@ def prompt_arrays(prompts: Sequence[Sequence[int]], *, max_prompt_tokens: int, m
     return tokens, mask, kept
 
 
-@dataclass
-class Policy:
-    """The trainable policy and its frozen reference, ready for the loop."""
-
-    model: Any  # GPT (with LoRA adapters in lora mode): the training forward pass
-    state: Any  # TrainState (restored on resume)
-    tx: Any
-    labels: Any  # the optimiser's label tree (the train step differentiates only "train" leaves)
-    ref_params: Any  # frozen plain GPT params: the reference model
-    trainable: int
-    total: int
-    iteration: int  # where the loop starts
-    meta: dict  # the restored checkpoint's meta ({} for a new run)
+def prompt_indices(iteration: int, batch: int, n: int, seed: int) -> np.ndarray:
+    """Indices of iteration `iteration`'s `batch` prompts among `n`: a fresh seeded
+    permutation every pass over the prompts (the incomplete tail of a pass is skipped)."""
+    per_pass = n // batch
+    if per_pass == 0:
+        raise UserError(f"{batch} prompts per step but only {n} prompts; lower rollout.prompts_per_step")
+    epoch, j = divmod(iteration, per_pass)
+    return np.random.default_rng([seed, epoch]).permutation(n)[j * batch:(j + 1) * batch]
 
 
-def build_policy(cfg, run, keys, *, resume: bool, total_updates: int, loaded, extra_params: dict | None = None,
-                 extra_trainable: Sequence[str] = ()) -> Policy:
-    """Policy params (`--init` grafted, LoRA adapters in lora mode, plus `extra_params` such as
-    a value head, trainable whatever the mode), its optimiser, and the reference.
+def take_rows(batch: dict, index) -> dict:
+    return {k: np.asarray(v)[index] for k, v in batch.items()}
 
-    loaded: the `--init` params from `common.resolve_init` (None: random init from keys.init)."""
-    from jaxgpt.model import GPT, init_params
-    from jaxgpt.optim import TRAIN, make_optimizer
-    from jaxgpt.rl.loop import restore
-    from jaxgpt.steps import create_train_state
-    from jaxgpt.tasks import common
 
-    lora = common.lora_for(cfg)
-    common.check_lora_targets(cfg, {"lora": lora})
-    params = init_params(cfg.model, keys.init, lora=lora)
-    if loaded is not None:
-        params = common.graft(params, loaded, cfg.finetune.init)
-    params = dict(params)
-    ref_params = jax.device_put(jax.device_get(plain_params(params, cfg)))  # its own copy, on device once
-    params.update(extra_params or {})
-    labels = common.train_labels(params, cfg.finetune.train_mode, cfg.model.n_layer)
-    labels = {k: (jax.tree_util.tree_map(lambda _: TRAIN, v) if k in extra_trainable else v)
-              for k, v in labels.items()}
-    trainable, total = common.param_counts(params, labels)
-    tx = make_optimizer(cfg.train, labels, total_updates)
-    state = create_train_state(params, tx)
-    iteration, meta = 0, {}
-    if resume:
-        state, meta = restore(run, state)
-        iteration = int(meta.get("iteration", 0))
-    return Policy(GPT(cfg.model, lora=lora), state, tx, labels, ref_params, trainable, total, iteration, meta)
+class RLTask(Recipe):
+    """An RL task: each iteration samples experience from the current policy
+    (`experience(iteration, params) -> (batch, stats)`), and its rows make
+    `rollout.inner_epochs` x `rollout.minibatches` updates, reshuffled every inner epoch
+    (`Keys.shuffle(iteration, epoch)`). Everything random is a function of the run's seed
+    and the iteration, so `--resume` continues exactly as if never stopped.
+
+    The reference model is the policy's starting point (`--init`, or the seeded random init),
+    rebuilt the same way on `--resume` rather than stored in every checkpoint: frozen plain
+    params (`self.ref_params`), passed explicitly to the jitted functions that score rollouts.
+    Evaluations (`evaluate_params(params)`) run on one device's copy of the params.
+    """
+
+    rl = True
+    metric_names = None
+    reference_on_resume = True
+    postfix = {"reward": "reward", "loss": "loss"}
+    group_size = 1  # completions sampled per prompt
+
+    def validate(self) -> None:
+        r = self.cfg.rollout
+        validate_rollout(r, r.prompts_per_step * self.group_size, self.dp.num_devices, self.cfg.train.grad_accum_steps)
+
+    def schedule(self) -> Schedule:
+        from jaxgpt.tasks.common import schedule_steps
+
+        r, n = self.cfg.rollout, self.num_prompts()
+        iterations, eval_interval = schedule_steps(self.cfg, n // r.prompts_per_step)
+        if iterations == 0:
+            raise UserError(f"{n} training prompts, fewer than rollout.prompts_per_step={r.prompts_per_step}; lower it")
+        return Schedule(iterations, eval_interval, updates_per_iteration=r.inner_epochs * r.minibatches)
+
+    def num_prompts(self) -> int:
+        raise NotImplementedError
+
+    def prepare(self, params, meta: dict) -> None:
+        self.ref_params = jax.device_put(jax.device_get(plain_params(params, self.cfg)))  # its own copy, on device once
+
+    def loss_fn(self, model):
+        self.model = model  # the policy (LoRA adapters, a value head): what rescoring runs
+        return self.policy_loss_fn(model)
+
+    def experience(self, iteration: int, params) -> tuple[dict, dict]:
+        raise NotImplementedError
+
+    def source(self, iteration, local_params):
+        batch, stats = self.experience(iteration, local_params())
+        r = self.cfg.rollout
+        rows = len(next(iter(batch.values())))
+        size = rows // r.minibatches
+        parts = []
+        for epoch in range(r.inner_epochs):
+            order = np.asarray(jax.random.permutation(self.keys.shuffle(iteration, epoch), rows))
+            parts += [take_rows(batch, order[m * size:(m + 1) * size]) for m in range(r.minibatches)]
+        return parts, stats
+
+    def evaluate(self, placed) -> dict:
+        return self.evaluate_params(placed.local_params())
+
+    def evaluate_before(self, placed) -> dict:
+        return self.evaluate(placed)
+
+    def summary(self, loop, before: dict, final: dict) -> dict:
+        from jaxgpt.metrics import read_jsonl
+
+        self.records = read_jsonl(self.run.metrics_jsonl)
+        self.trained = [rec for rec in self.records if "reward" in rec]
+        tokens_per_sec = [rec["rollout_tokens_per_sec"] for rec in self.trained]
+        return {"init": self.cfg.finetune.init, "train_mode": self.cfg.finetune.train_mode,
+                **{f"{k}_before": v for k, v in before.items()}, **{f"{k}_after": v for k, v in final.items()},
+                "rollout_tokens_per_sec": float(np.median(tokens_per_sec)) if tokens_per_sec else None,
+                "seconds_per_iteration": loop.seconds_per_iteration()}
+
+    def first_last(self, key: str) -> tuple:
+        return (self.trained[0][key], self.trained[-1][key]) if self.trained else (None, None)
 
 
 def plain_params(params, cfg, drop: Sequence[str] = ("value_head",)):
@@ -173,5 +212,5 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-__all__ = ["Policy", "RolloutConfig", "Timer", "build_policy", "generate_all", "plain_params", "prompt_arrays",
-           "sampling_kwargs", "validate_rollout"]
+__all__ = ["RLTask", "RolloutConfig", "Timer", "generate_all", "plain_params", "prompt_arrays", "prompt_indices",
+           "sampling_kwargs", "take_rows", "validate_rollout"]

@@ -1,8 +1,8 @@
 """PPO for RLHF (Ouyang et al. 2022; Stiennon et al. 2020) as pure functions.
 
 The policy is a GPT whose final hidden states also feed a scalar *value head*
-(`params["value_head"]`, a Dense `[n_embd, 1]`, zero-initialised), so one forward pass gives
-both the next-token log-probs and the values. (A separate `GPT(num_classes=1)` critic would
+(`GPT(value_head=True)`: `value_head/{kernel [n_embd, 1], bias}`, zero-initialised), so one
+forward pass gives both the next-token log-probs and the values. (A separate `GPT(num_classes=1)` critic would
 be the other choice; sharing the trunk halves the compute of every rollout and update, which
 decides what a CPU can train, at the price of value gradients reaching the policy's
 trunk, weighted by `vf_coef`.)
@@ -30,19 +30,6 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxgpt.rl.grpo import clipped_surrogate
-
-VALUE_HEAD = "value_head"
-
-
-def init_value_head(n_embd: int) -> dict:
-    """Zero-initialised value head params `{kernel [n_embd, 1], bias [1]}`: V = 0 at first."""
-    return {"kernel": jnp.zeros((n_embd, 1), jnp.float32), "bias": jnp.zeros((1,), jnp.float32)}
-
-
-def values_of(head: dict, hidden):
-    """V(s) `[b, t]` float32 from final hidden states `[b, t, n_embd]`."""
-    return (jnp.dot(hidden.astype(jnp.float32), head["kernel"]) + head["bias"])[..., 0]
-
 
 def kl_penalized_rewards(scores, logp, ref_logp, mask, kl_coef: float):
     """Per-token rewards `[b, n]`: -kl_coef * (logp - ref_logp) on completion tokens, plus
@@ -105,22 +92,22 @@ def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, *, c
     return jnp.sum(per_token * mask), sums
 
 
-def policy_and_values(model, params, config, tokens, attention_mask, n: int, temperature: float = 1.0):
-    """`(logp [b, n], values [b, n])` of the last n tokens from one forward pass: the LM head
-    and the value head on the same hidden states (`params` hold the GPT and `value_head`)."""
+def policy_and_values(model, params, tokens, attention_mask, n: int, temperature: float = 1.0):
+    """`(logp [b, n], values [b, n])` of the last n tokens from one pass of the trunk: the
+    LM head and the value head of `model` (`GPT(value_head=True)`) on the same hidden states."""
     from jaxgpt.losses import token_logprobs
-    from jaxgpt.rl.rollout import completion_hidden, logits_from_hidden
+    from jaxgpt.model import GPT
+    from jaxgpt.rl.rollout import completion_hidden
 
-    gpt = {k: v for k, v in params.items() if k != VALUE_HEAD}
-    hidden = completion_hidden(model, gpt, tokens, attention_mask, n)  # [b, n + 1, d]
-    logits = logits_from_hidden(gpt, config, hidden)
+    hidden = completion_hidden(model, params, tokens, attention_mask, n)  # [b, n + 1, d]
+    logits = model.apply({"params": params}, hidden, method=GPT.lm_logits)
     if temperature != 1.0:
         logits = logits / temperature
     logp = token_logprobs(logits, tokens[:, -(n + 1):])
-    return logp, values_of(params[VALUE_HEAD], hidden[:, :-1])
+    return logp, model.apply({"params": params}, hidden[:, :-1], method=GPT.values)
 
 
-def ppo_loss_fn(model, config, *, clip_eps: float, value_clip: float, vf_coef: float, temperature: float = 1.0):
+def ppo_loss_fn(model, *, clip_eps: float, value_clip: float, vf_coef: float, temperature: float = 1.0):
     """`loss_fn(params, batch, dropout_key)` for `jaxgpt.steps.train_step` (dropout off).
 
     batch: `tokens`, `attention_mask` `[b, P + N]`; `completion_mask`, `old_logprobs`,
@@ -129,8 +116,7 @@ def ppo_loss_fn(model, config, *, clip_eps: float, value_clip: float, vf_coef: f
     def loss_fn(params, batch, dropout_key):
         del dropout_key
         n = batch["completion_mask"].shape[1]
-        logp, values = policy_and_values(model, params, config, batch["tokens"], batch["attention_mask"], n,
-                                         temperature)
+        logp, values = policy_and_values(model, params, batch["tokens"], batch["attention_mask"], n, temperature)
         return ppo_loss(logp, batch["old_logprobs"], batch["advantages"], values, batch["old_values"],
                         batch["returns"], batch["completion_mask"], clip_eps=clip_eps, value_clip=value_clip,
                         vf_coef=vf_coef)
@@ -138,5 +124,4 @@ def ppo_loss_fn(model, config, *, clip_eps: float, value_clip: float, vf_coef: f
     return loss_fn
 
 
-__all__ = ["VALUE_HEAD", "gae", "init_value_head", "kl_penalized_rewards", "policy_and_values", "ppo_loss",
-           "ppo_loss_fn", "values_of", "whiten"]
+__all__ = ["gae", "kl_penalized_rewards", "policy_and_values", "ppo_loss", "ppo_loss_fn", "whiten"]

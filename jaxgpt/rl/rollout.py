@@ -14,8 +14,8 @@ and its completion side by side:
 with rows = prompts x G, the G samples of prompt i in rows i*G .. i*G+G-1. Because the prompt
 ends at the same column P in every row, the completion is always the last N columns, so
 training recomputes log-probs by running the model over `[rows, P + N]` and applying the LM
-head only to the last N + 1 hidden states (`completion_logprobs`): the head, 89% of a small
-GPT-2's FLOPs at vocab 50257, never sees the prompt. The reference model's log-probs come
+head (`GPT.lm_logits`) only to the last N + 1 hidden states (`completion_logprobs`): the
+head, 89% of a small GPT-2's FLOPs at vocab 50257, never sees the prompt. The reference model's log-probs come
 from the same function with the reference params.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.losses import token_logprobs
-from jaxgpt.model import GPT, compute_dtype
+from jaxgpt.model import GPT
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer=None) -> list[list[int]]:
@@ -101,18 +101,6 @@ def positions_of(attention_mask):
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def logits_from_hidden(params, config: ModelConfig, hidden):
-    """The GPT's LM head on final hidden states `[b, t, n_embd]` -> float32 `[b, t, vocab]`:
-    the tied `wte` (as `nn.Embed.attend`) or the untied `lm_head` kernel, in the compute
-    dtype like the model itself (tests check it against the model's own logits)."""
-    dtype = compute_dtype(config)
-    if config.tie_embeddings:
-        w = params["wte"]["embedding"].T
-    else:
-        w = params["lm_head"]["kernel"]
-    return jnp.dot(hidden.astype(dtype), w.astype(dtype)).astype(jnp.float32)
-
-
 def completion_hidden(model: GPT, params, tokens, attention_mask, n: int):
     """Final hidden states `[b, n + 1, n_embd]` at the positions that predict the last n
     tokens (the prompt's last token, then completion tokens 0..n-1); dropout off."""
@@ -121,17 +109,15 @@ def completion_hidden(model: GPT, params, tokens, attention_mask, n: int):
     return hidden[:, -(n + 1):]
 
 
-def completion_logprobs(model: GPT, params, tokens, attention_mask, n: int, config: ModelConfig | None = None,
-                        temperature: float = 1.0):
+def completion_logprobs(model: GPT, params, tokens, attention_mask, n: int, temperature: float = 1.0):
     """log pi(completion token | prefix) `[b, n]` float32 for rollout `tokens [b, P + n]`
     (0-masking of padding is the caller's, with `completion_mask`).
 
     `losses.token_logprobs` over the last n + 1 columns: the shared log-prob function.
     temperature != 1 scores under the tempered policy softmax(logits / T), the policy that
     actually sampled the completions (the sampler's own log-probs are untempered)."""
-    config = config or model.config
     hidden = completion_hidden(model, params, tokens, attention_mask, n)
-    logits = logits_from_hidden(params, config, hidden)
+    logits = model.apply({"params": params}, hidden, method=GPT.lm_logits)
     if temperature != 1.0:
         logits = logits / temperature
     return token_logprobs(logits, tokens[:, -(n + 1):])
@@ -168,5 +154,5 @@ def completion_texts(out: dict, eos_id: int | None, tokenizer=None) -> list[str]
     return texts
 
 
-__all__ = ["completion_hidden", "completion_logprobs", "completion_texts", "encode_prompts", "logits_from_hidden",
-           "pad_prompt_batch", "positions_of", "right_padded", "rollout"]
+__all__ = ["completion_hidden", "completion_logprobs", "completion_texts", "encode_prompts", "pad_prompt_batch",
+           "positions_of", "right_padded", "rollout"]

@@ -1,12 +1,10 @@
-"""Fine-tuning tasks: one module per `python finetune.py TASK` subcommand.
+"""Tasks: pretraining (`pretrain`, for train.py) and one module per `finetune.py TASK`.
 
-Adding a task is one `TASKS` entry plus its module, which defines
-
-    CONFIG_CLASS             the task's frozen config dataclass (see jaxgpt.tasks.common)
-    DEFAULT_CONFIG           configs/finetune/<task>.yaml
-    add_arguments(parser)    task-only flags (the shared ones come from common.add_finetune_args)
-    run(args, parser) -> int the command
-
+A task module defines its config class (a `common.TaskConfig` subclass, defaults in
+`configs/finetune/<task>.yaml`), its recipe (`RECIPE`, a `jaxgpt.engine.Recipe` subclass)
+and a Python entry point (`finetune_classifier`, ...) that calls `jaxgpt.engine.driver.train`.
+Adding a task is one module plus its `TASKS` entry below, whose `flags` are the task's own
+command-line shorthands for config keys (the shared ones are in `common.add_finetune_args`).
 Modules are imported only when their subcommand runs, so `finetune.py --help` stays fast.
 Config files `configs/finetune/<task>.yaml` and `configs/finetune/<task>-<variant>.yaml`
 belong to `<task>`'s config class (`config_class_for`).
@@ -24,21 +22,44 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent.parent / "configs"
 
 
 @dataclass(frozen=True)
+class Flag:
+    """A task-only flag: `option VALUE` sets config key `key` (refused with --resume and
+    with the shared flag `excludes`, e.g. --data)."""
+
+    option: str
+    key: str
+    metavar: str
+    help: str
+    excludes: str = ""
+
+    @property
+    def dest(self) -> str:  # not "task": finetune.py's subcommand is stored there
+        return "flag_" + self.option.lstrip("-").replace("-", "_")
+
+
+@dataclass(frozen=True)
 class Task:
     module: str
     help: str
+    flags: tuple[Flag, ...] = ()
 
 
 TASKS: dict[str, Task] = {
     "classify": Task("jaxgpt.tasks.classify",
                      "sequence classification (default: SMS spam), full / last-block / LoRA training"),
     "instruct": Task("jaxgpt.tasks.instruct",
-                     "instruction fine-tuning (Alpaca format, default: bundled 1,100 instructions), scored by ROUGE-L"),
+                     "instruction fine-tuning (Alpaca format, default: bundled 1,100 instructions), scored by ROUGE-L",
+                     (Flag("--task", "data.task", "NAME", "SFT on a verifiable task's SFT split (e.g. arithmetic) "
+                                                          "instead of --data (sets data.task)", excludes="data"),)),
     "reward": Task("jaxgpt.tasks.reward",
                    "reward model on preference pairs (Bradley-Terry), default: bundled preference data"),
     "dpo": Task("jaxgpt.tasks.dpo", "direct preference optimisation against a frozen reference model"),
-    "grpo": Task("jaxgpt.tasks.grpo", "GRPO with verifiable rewards (arithmetic, gsm8k)"),
-    "ppo": Task("jaxgpt.tasks.ppo", "RLHF with PPO against a reward model"),
+    "grpo": Task("jaxgpt.tasks.grpo", "GRPO with verifiable rewards (arithmetic, gsm8k)",
+                 (Flag("--task", "data.task", "TASK", "verifiable task: arithmetic[:digits=1,operands=3,ops=+-,"
+                                                      "style=chain] (the defaults) | gsm8k (sets data.task)"),)),
+    "ppo": Task("jaxgpt.tasks.ppo", "RLHF with PPO against a reward model",
+                (Flag("--reward", "ppo.reward", "RUN", "the reward model: a `finetune.py reward` run directory "
+                                                       "(sets ppo.reward)"),)),
 }
 
 
@@ -70,4 +91,4 @@ def config_class_for(path: str | Path):
         from jaxgpt.config import Config
 
         return Config
-    return load(task).CONFIG_CLASS
+    return load(task).RECIPE.config_class

@@ -1,47 +1,39 @@
-"""What every fine-tuning task shares: config sections, CLI flags, `--init`, train modes.
+"""What every fine-tuning task shares: the config base, CLI flags, and `SplitTask`, the
+recipe of supervised fine-tuning on train / val / test splits (classify, instruct, reward,
+DPO). RL tasks build on `jaxgpt.rl.common.RLTask`.
 
-A task's config is a frozen dataclass with (at least) the sections
+A task's config subclasses `TaskConfig` (the sections every task has):
 
     model     ModelConfig (from --init SPEC when given: the checkpoint's shape)
-    data      the task's data section
+    data      the task's data section (a subclass replaces the field's type)
     train     FinetuneTrainConfig: TrainConfig + `epochs`
     lora      LoRAConfig (used when finetune.train_mode is lora)
-    finetune  FinetuneConfig: `init` and `train_mode`
+    finetune  FinetuneConfig: `init` and `train_mode` (`jaxgpt.engine.params`)
 
-loaded like `train.py`'s (defaults <- task YAML <- --set), written to RUN/config.yaml, and
-reloaded from there by `--resume RUN`. Flags are shorthands for config keys: `--init SPEC`
-is `--set finetune.init=SPEC`, `--train-mode M` is `finetune.train_mode=M`, `--data X` is
-`data.path=X`.
-
-Train modes are label trees over the params (`jaxgpt.optim.make_optimizer`): one optimiser,
-one step function, and frozen leaves get `optax.set_to_zero` (bitwise unchanged, no Adam
-moments):
-
-    full        every parameter trains
-    last-block  the last transformer block h_{n-1}, the final LayerNorm ln_f and the task head
-    lora        only the LoRA adapters (`lora_a`, `lora_b`); everything else, the head
-                included, is frozen (put the head in lora.targets to adapt it, as the default does)
+loaded like `train.py`'s (defaults <- task YAML <- --model-config FILE's model section <-
+--set), written to RUN/config.yaml, and reloaded from there by `--resume RUN`. Flags are
+shorthands for config keys: `--init SPEC` is `--set finetune.init=SPEC`, `--train-mode M`
+is `finetune.train_mode=M`, `--data X` is `data.path=X`.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, ClassVar
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxgpt.config import TrainConfig, load_config, validate
+from jaxgpt.config import ModelConfig, TrainConfig, load_config, read_yaml, validate
+from jaxgpt.engine import Plot, Recipe, Schedule, log
+from jaxgpt.engine.loop import Throughput
+from jaxgpt.engine.params import TRAIN_MODES
 from jaxgpt.errors import UserError
-from jaxgpt.lora import LoRAConfig, check_targets, has_lora, is_lora_leaf, merge_lora, validate_lora
+from jaxgpt.lora import LoRAConfig, has_lora, merge_lora, validate_lora
 
-TRAIN_MODES = ("full", "last-block", "lora")
-# Top-level parameters that belong to a task head rather than to the transformer.
-HEAD_PARAMS = ("score",)
+LM_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every dense layer of an LM (its head is tied to wte)
+SPLITS = ("train", "val", "test")
 
 
 @dataclass(frozen=True)
@@ -50,7 +42,7 @@ class FinetuneTrainConfig(TrainConfig):
 
     epochs > 0: train that many passes over the training set (incomplete last batch dropped),
     evaluating at the end of each epoch; `max_steps` and `eval_interval` are then unused.
-    epochs = 0: train `max_steps` updates, evaluating every `eval_interval`.
+    epochs = 0: train `max_steps` updates (RL: iterations), evaluating every `eval_interval`.
     """
 
     epochs: int = 5
@@ -64,6 +56,26 @@ class FinetuneConfig:
     train_mode: str = "full"  # full | last-block | lora
 
 
+@dataclass(frozen=True)
+class LMLoRAConfig(LoRAConfig):
+    """`lora` section of a language-model task: the default targets are the transformer's
+    dense layers (there is no `score` head; the LM head is tied to wte)."""
+
+    targets: tuple[str, ...] = LM_LORA_TARGETS
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """The sections every fine-tuning task's config has; a task subclasses it, giving `data`
+    its own section type (and `lora` other default targets) and adding its own sections."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Any = None
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+
 def validate_finetune(cfg) -> None:
     """Checks on the shared sections beyond `jaxgpt.config.validate` (called by load_task_config)."""
     validate(cfg)
@@ -74,6 +86,14 @@ def validate_finetune(cfg) -> None:
     if cfg.train.epochs < 0:
         raise UserError(f"train.epochs must be >= 0, got {cfg.train.epochs}")
     validate_lora(cfg.lora)
+
+
+def schedule_steps(cfg, steps_per_epoch: int) -> tuple[int, int]:
+    """(iterations, eval interval) for `train.epochs` / `train.max_steps`."""
+    t = cfg.train
+    if t.epochs > 0:
+        return t.epochs * steps_per_epoch, steps_per_epoch
+    return t.max_steps, t.eval_interval
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,30 +118,20 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
 
 
-def flag_overrides(args: argparse.Namespace) -> list[str]:
-    """`--set` items for the shorthand flags (after the user's own --set items)."""
-    out = list(args.overrides)
-    if getattr(args, "data", None):
-        out.append(f"data.path={args.data}")
-    if getattr(args, "train_mode", None):
-        out.append(f"finetune.train_mode={args.train_mode}")
-    if getattr(args, "init", None):
-        out.append(f"finetune.init={args.init}")
-    return out
-
-
-def _quote(item: str) -> str:
-    """`key=value` with the value kept a string through --set's YAML parsing."""
-    key, value = item.split("=", 1)
+def _quoted(key: str, value: str) -> str:
+    """A `--set` item whose value stays a string through --set's YAML parsing."""
     return f"{key}={json.dumps(value)}"
 
 
-def load_task_config(args: argparse.Namespace, cls, default_path: Path, parser: argparse.ArgumentParser):
-    """`(cfg, run_dir, resume)` from the shared flags. Resuming reads RUN/config.yaml."""
-    overrides = [o if not o.startswith(("data.path=", "finetune.init=", "finetune.train_mode="))
-                 else _quote(o) for o in flag_overrides(args)]
+def load_task_config(args: argparse.Namespace, cls, default_path: Path, parser: argparse.ArgumentParser,
+                     extra: dict[str, str] | None = None):
+    """`(cfg, run_dir, resume)` from the shared flags; `extra`: a task's own flags as
+    `{config key: value}` (string values). Resuming reads RUN/config.yaml."""
+    flags = {"data.path": args.data, "finetune.train_mode": args.train_mode, "finetune.init": args.init,
+             **(extra or {})}
+    overrides = list(args.overrides) + [_quoted(k, v) for k, v in flags.items() if v]
     if args.resume:
-        if args.config or args.out or args.init or args.data or args.train_mode:
+        if args.config or args.out or getattr(args, "model_config", None) or any(flags.values()):
             parser.error("--resume takes its config, data, weights, train mode and directory from the run; "
                          "use only --set with it")
         path = Path(args.resume) / "config.yaml"
@@ -130,148 +140,113 @@ def load_task_config(args: argparse.Namespace, cls, default_path: Path, parser: 
         cfg = load_config(path, overrides, cls=cls)
         validate_finetune(cfg)
         return cfg, Path(args.resume), True
-    cfg = load_config(args.config or default_path, overrides, cls=cls)
+    cfg = load_config(args.config or default_path, overrides, cls=cls, model_file=getattr(args, "model_config", None))
     validate_finetune(cfg)
     return cfg, Path(args.out) if args.out else None, False
 
 
 # ---------------------------------------------------------------------------------------
-# Parameters: --init, LoRA, train-mode labels
+# Supervised fine-tuning on splits
 
 
-def resolve_init(cfg):
-    """`(cfg, params | None)`: with `finetune.init`, the model section becomes the checkpoint's
-    (keeping this run's dropout, dtype, attention and remat) and its params are returned."""
-    if not cfg.finetune.init:
-        return cfg, None
-    from jaxgpt.trainer import init_from
+class SplitTask(Recipe):
+    """Supervised fine-tuning on the data's train / val / test splits, counted in epochs.
 
-    return init_from(cfg.finetune.init, cfg)  # a LoRA run's adapters come merged (jaxgpt.hub)
+    The data (`self.data`, from `load_data`) has `splits[name]` (sized), `steps_per_epoch(B)`,
+    `train_batch(step, B)` and `eval_batches(split, B, max_batches)`. Evaluations are exact
+    means over whole splits (`DataParallel.evaluate`), named `{split}_loss` (the train
+    split's `train_eval_loss`: dropout off, unlike the running `train_loss` of the updates)
+    and `{split}_<name>` for each `split_metrics` sum. At each epoch end: `loop_splits`
+    (capped by `train.eval_batches`); before training: `before_splits` (whole; the
+    step-0 record and metrics.json's `*_before`); at the end: `final_splits` (whole).
+    """
+
+    split_metrics: ClassVar[dict[str, str]] = {}
+    loop_splits: ClassVar[tuple[str, ...]] = ("train", "val")
+    before_splits: ClassVar[tuple[str, ...]] = ()
+    final_splits: ClassVar[tuple[str, ...]] = SPLITS
+    batch_keys: ClassVar[tuple[str, ...] | None] = None  # the batch keys the loss reads (None: all)
+    examples: ClassVar[str] = "examples"  # what a row of the data is, for messages
+    log_before = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.cfg.train.batch_size
+
+    def validate(self) -> None:
+        self.dp.check_batch_size(self.batch_size, self.cfg.train.grad_accum_steps)
+
+    def schedule(self) -> Schedule:
+        per_epoch = self.data.steps_per_epoch(self.batch_size)
+        if per_epoch == 0:
+            raise UserError(f"train.batch_size={self.batch_size} is larger than the training split "
+                            f"({len(self.data.splits['train'])} {self.examples}); lower train.batch_size")
+        iterations, eval_interval = schedule_steps(self.cfg, per_epoch)
+        return Schedule(iterations, eval_interval, steps_per_epoch=per_epoch)
+
+    def describe(self) -> str:
+        return f"data: {self.data.describe()}"
+
+    def select(self, batch: dict) -> dict:
+        return batch if self.batch_keys is None else {k: batch[k] for k in self.batch_keys if k in batch}
+
+    def source(self, iteration, local_params):
+        return [self.select(self.data.train_batch(iteration, self.batch_size))], {}
+
+    def epoch(self, step: int) -> float:
+        return round(step / self.data.steps_per_epoch(self.batch_size), 4)
+
+    def evaluate_split(self, placed, split: str, max_batches: int = 0) -> dict:
+        if not len(self.data.splits[split]):
+            return {}
+        batches = (self.select(b) for b in self.data.eval_batches(split, self.batch_size, max_batches))
+        out = self.dp.evaluate(self.p_eval, placed.params, batches)
+        if not out:
+            return {}
+        loss_key = "train_eval_loss" if split == "train" else f"{split}_loss"
+        return {loss_key: out["loss"], **{f"{split}_{name}": out[k] for k, name in self.split_metrics.items()}}
+
+    def evaluate_splits(self, placed, splits, max_batches: int = 0) -> dict:
+        return {k: v for split in splits for k, v in self.evaluate_split(placed, split, max_batches).items()}
+
+    def evaluate(self, placed) -> dict:
+        out = {"epoch": self.epoch(placed.step),
+               **self.evaluate_splits(placed, self.loop_splits, self.cfg.train.eval_batches)}
+        log(f"epoch {out['epoch']:.2f} (step {placed.step}): "
+            + " | ".join(f"{k} {v:.4f}" for k, v in out.items() if k != "epoch"))
+        return out
+
+    def evaluate_before(self, placed) -> dict | None:
+        return self.evaluate_splits(placed, self.before_splits) if self.before_splits else None
+
+    def final(self, loop) -> dict:
+        return self.evaluate_splits(loop.placed, self.final_splits)
+
+    def summary(self, loop, before: dict, final: dict) -> dict:
+        return {"epoch": self.epoch(loop.step), "train_mode": self.cfg.finetune.train_mode,
+                "init": self.cfg.finetune.init, "train_loss": loop.last_record.get("train_loss"),
+                **{f"{k}_before": v for k, v in before.items()}, **final,
+                "num_examples": {s: len(self.data.splits[s]) for s in SPLITS}}
+
+    def done_line(self, summary: dict) -> str:
+        shown = [k for k in summary if k.endswith(("_accuracy", "_margin_after", "_rougeL_f1")) or k == "val_loss"]
+        return " | ".join(f"{k} {summary[k]:.4f}" for k in shown if isinstance(summary[k], float))
+
+    def throughput_of(self, tokens_per_example: int) -> Throughput:
+        return Throughput(tokens_per_iteration=self.batch_size * tokens_per_example)
 
 
-def graft(fresh, loaded, source: str):
-    """`fresh` with every leaf that `loaded` has at the same path replaced by the loaded one.
-
-    The transformer (wte, wpe, h_i, ln_f) must all be in `loaded`; `lm_head` and other
-    leaves the task model lacks are dropped; a head whose shape differs stays fresh."""
-    from flax import traverse_util
-
-    flat_fresh = traverse_util.flatten_dict(fresh)
-    flat_loaded = traverse_util.flatten_dict(loaded)
-    out = {}
-    for path, leaf in flat_fresh.items():
-        name = "/".join(path)
-        got = flat_loaded.get(path)
-        if got is None:
-            if path[0] not in HEAD_PARAMS and not is_lora_leaf(path):
-                raise UserError(f"--init {source}: missing parameter {name} {list(leaf.shape)}")
-            out[path] = leaf
-        elif tuple(np.shape(got)) != tuple(leaf.shape):
-            if path[0] in HEAD_PARAMS:
-                out[path] = leaf  # another task's head: start this one fresh
-            else:
-                raise UserError(f"--init {source}: {name} is {list(np.shape(got))}, this model expects {list(leaf.shape)}")
-        else:
-            out[path] = jnp.asarray(got, leaf.dtype)
-    return traverse_util.unflatten_dict(out)
+PAIR_PLOTS = (Plot("loss.png", "step", ("train_loss", "train_eval_loss", "val_loss"), "loss"),)
 
 
-def train_labels(params, mode: str, n_layer: int):
-    """The label tree of `mode` (see the module docstring) over `params`."""
-    from jaxgpt.optim import label_params
-
-    if mode == "full":
-        return label_params(params, lambda path, leaf: True)
-    if mode == "last-block":
-        trainable = {f"h_{n_layer - 1}", "ln_f", *HEAD_PARAMS}
-        return label_params(params, lambda path, leaf: path[0] in trainable)
-    if mode == "lora":
-        return label_params(params, lambda path, leaf: is_lora_leaf(path))
-    raise UserError(f"unknown train mode {mode!r}; choose one of {', '.join(TRAIN_MODES)}")
-
-
-def lora_for(cfg) -> LoRAConfig | None:
-    """The model's `lora` attribute: the lora section in lora mode, else None."""
-    return cfg.lora if cfg.finetune.train_mode == "lora" else None
-
-
-def check_lora_targets(cfg, model_attrs: dict) -> None:
-    """In lora mode, every lora.targets entry must match a dense layer (checked on shapes)."""
-    if cfg.finetune.train_mode != "lora":
-        return
-    from jaxgpt.model import param_shapes
-
-    plain = {k: v for k, v in model_attrs.items() if k != "lora"}
-    check_targets(cfg.lora, param_shapes(cfg.model, **plain))
-
-
-def param_counts(params, labels) -> tuple[int, int]:
-    """(trainable, total) parameter counts."""
-    from jaxgpt.optim import count_trainable
-
-    total = sum(int(np.size(p)) for p in jax.tree_util.tree_leaves(params))
-    return count_trainable(params, labels), total
+# ---------------------------------------------------------------------------------------
+# Loading a finished fine-tuning run (for prediction, evaluation, or as --init)
 
 
 def last_token(x, lengths):
     """`x[b, lengths[b] - 1]` for `x [b, t, ...]`: each row's last real (non-padding) position."""
     index = jnp.clip(lengths - 1, 0, x.shape[1] - 1).astype(jnp.int32)
     return jnp.take_along_axis(x, index.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
-
-
-def schedule_steps(cfg, steps_per_epoch: int) -> tuple[int, int]:
-    """(total optimiser steps, eval interval) for `train.epochs` / `train.max_steps`."""
-    t = cfg.train
-    if t.epochs > 0:
-        return t.epochs * steps_per_epoch, steps_per_epoch
-    return t.max_steps, t.eval_interval
-
-
-class TrainStart(NamedTuple):
-    """What a fine-tuning task trains from (`start_training`)."""
-
-    params: Any  # the initial params (--init grafted in); on --resume the checkpoint's are in state
-    state: Any  # jaxgpt.steps.TrainState
-    tx: Any  # the optax optimiser (frozen leaves masked by the train mode)
-    labels: Any  # its label tree: the train step differentiates only the "train" leaves
-    trainable: int
-    total: int
-    total_steps: int
-    eval_interval: int
-
-
-def start_training(cfg, params, loaded, steps_per_epoch: int, run, resume: bool) -> TrainStart:
-    """Graft `loaded` (--init) into freshly initialised `params`, label the leaves the train
-    mode trains, build the optimiser and train state; on `--resume` the run's latest
-    checkpoint (step, params, Adam moments) replaces the state."""
-    from jaxgpt import checkpoint
-    from jaxgpt.optim import make_optimizer
-    from jaxgpt.steps import TrainState, create_train_state
-    from jaxgpt.trainer import log
-
-    if loaded is not None:
-        params = graft(params, loaded, cfg.finetune.init)
-    labels = train_labels(params, cfg.finetune.train_mode, cfg.model.n_layer)
-    trainable, total = param_counts(params, labels)
-    total_steps, eval_interval = schedule_steps(cfg, steps_per_epoch)
-    tx = make_optimizer(cfg.train, labels, total_steps)
-    state = create_train_state(params, tx)
-    if resume:
-        target = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-        restored, _ = checkpoint.restore(run.path, target=target)
-        state = TrainState(**restored)
-        log(f"resuming {run.path} from step {int(state.step)}")
-    return TrainStart(params, state, tx, labels, trainable, total, total_steps, eval_interval)
-
-
-def loop_config(cfg, eval_interval: int):
-    """The config the shared TrainLoop sees: `train.eval_interval` set to the effective one."""
-    train = dataclasses.replace(cfg.train, eval_interval=eval_interval)
-    return dataclasses.replace(cfg, train=train)
-
-
-# ---------------------------------------------------------------------------------------
-# Loading a finished fine-tuning run (for prediction, evaluation, or as --init)
 
 
 def load_run(run_dir: str | Path, cls, *, merge: bool = True) -> tuple[Any, Any]:
@@ -290,8 +265,6 @@ def load_run(run_dir: str | Path, cls, *, merge: bool = True) -> tuple[Any, Any]
     return cfg, params
 
 
-__all__ = [
-    "FinetuneConfig", "FinetuneTrainConfig", "TRAIN_MODES", "add_finetune_args", "check_lora_targets",
-    "flag_overrides", "graft", "last_token", "load_run", "load_task_config", "lora_for", "loop_config",
-    "param_counts", "resolve_init", "schedule_steps", "train_labels", "validate_finetune",
-]
+__all__ = ["FinetuneConfig", "FinetuneTrainConfig", "LMLoRAConfig", "LM_LORA_TARGETS", "PAIR_PLOTS", "SPLITS", "SplitTask",
+           "TaskConfig", "add_finetune_args", "last_token", "load_run", "load_task_config", "schedule_steps",
+           "validate_finetune"]

@@ -25,9 +25,7 @@ loss.png, margin.png, responses.json, reference_logprobs.npz, checkpoints/.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,17 +36,19 @@ import numpy as np
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.data.preference import SPLITS, PreferenceData, PreferenceDataConfig, load_preference
+from jaxgpt.engine import Plot, is_main_process
+from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
-from jaxgpt.lora import LoRAConfig, is_lora_leaf
+from jaxgpt.lora import is_lora_leaf, merge_lora
 from jaxgpt.losses import sequence_logprobs
+from jaxgpt.model import GPT
 from jaxgpt.preference import dpo_loss, implicit_rewards, preference_sums
-from jaxgpt.tasks import common, default_config
-from jaxgpt.tasks.common import FinetuneConfig, FinetuneTrainConfig
+from jaxgpt.tasks import default_config
+from jaxgpt.tasks.common import LMLoRAConfig, PAIR_PLOTS, SplitTask, TaskConfig
 
 DEFAULT_CONFIG = default_config("dpo")
 REFERENCE_FILE = "reference_logprobs.npz"
 RESPONSES_FILE = "responses.json"
-LM_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every dense layer of an LM (its head is tied to wte)
 BATCH_KEYS = ("chosen", "rejected", "chosen_mask", "rejected_mask", "positions", "ref_chosen", "ref_rejected",
               "weight")
 
@@ -64,16 +64,10 @@ class DPOSection:
 
 
 @dataclass(frozen=True)
-class DPOConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
+class DPOConfig(TaskConfig):
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
-    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(targets=LM_LORA_TARGETS))
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LMLoRAConfig = field(default_factory=LMLoRAConfig)
     dpo: DPOSection = field(default_factory=DPOSection)
-
-
-CONFIG_CLASS = DPOConfig
 
 
 def validate_dpo(cfg: DPOConfig) -> None:
@@ -162,11 +156,10 @@ def dpo_loss_fn(model, beta: float, label_smoothing: float = 0.0):
 def precompute_reference(dp, ref_model, ref_params, data: PreferenceData, batch_size: int) -> dict[str, dict]:
     """`{split: {"ref_chosen": [n], "ref_rejected": [n]}}` float32: one pass of the frozen
     reference over every pair (jitted, or pmapped over `dp`'s devices)."""
-    from jaxgpt.trainer import is_main_process
     from tqdm.auto import tqdm
 
     p_ref = dp.compile_eval_step(reference_fn(ref_model))
-    ref_params = dp.replicate(ref_params) if dp.num_devices > 1 else ref_params
+    ref_params = dp.put_frozen(ref_params)
     out = {}
     for split in SPLITS:
         n = len(data.splits[split])
@@ -201,37 +194,15 @@ def _load_reference(path: Path, data: PreferenceData) -> dict:
     return ref
 
 
-def _named(out: dict, split: str) -> dict:
-    if not out:
-        return {}
-    loss_key = "train_eval_loss" if split == "train" else f"{split}_loss"
-    return {loss_key: out["loss"], f"{split}_reward_accuracy": out["correct"], f"{split}_reward_margin": out["margin"],
-            f"{split}_chosen_reward": out["chosen_reward"], f"{split}_rejected_reward": out["rejected_reward"]}
-
-
-# ---------------------------------------------------------------------------------------
-# Greedy responses before / after
-
-
 def sample_responses(model_cfg: ModelConfig, params, records: list[dict], max_new_tokens: int, key) -> list[str]:
-    """Greedy responses (`sampling.generate_tokens`, stopping at <|endoftext|>) to `records`'
-    prompts; `params` are plain (merged) LM params."""
+    """Greedy responses to `records`' prompts, in one batch; `params` are plain (merged)."""
     from jaxgpt.prompts import format_prompt
-    from jaxgpt.sampling import generate_tokens, pad_prompts
-    from jaxgpt.tokenizer import EOT_ID, decode, encode
+    from jaxgpt.sampling import greedy_responses
+    from jaxgpt.tokenizer import encode
 
-    if not records:
-        return []
     prompts = [encode(format_prompt(r["instruction"], r["input"])) for r in records]
-    max_new = min(max_new_tokens, model_cfg.context_length - max(len(p) for p in prompts))
-    if max_new < 1:
-        return [""] * len(records)
-    tokens, mask = pad_prompts(prompts, max_new_tokens=max_new, context_length=model_cfg.context_length,
-                               pad_id=EOT_ID)
-    out = generate_tokens(params, model_cfg, tokens, mask, key, max_new_tokens=max_new, temperature=0.0,
-                          eos_id=EOT_ID)
-    toks, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
-    return [decode([t for t in row[:n] if t != EOT_ID]).strip() for row, n in zip(toks, lengths)]
+    return greedy_responses(params, model_cfg, prompts, key, max_new_tokens=max_new_tokens,
+                            batch_size=max(len(prompts), 1))
 
 
 def response_records(data: PreferenceData, n: int) -> list[dict]:
@@ -239,8 +210,83 @@ def response_records(data: PreferenceData, n: int) -> list[dict]:
     return [{"split": s, **r} for s in ("val", "test") for r in data.splits[s].records[:n]]
 
 
-# ---------------------------------------------------------------------------------------
-# The run
+class DPO(SplitTask):
+    name = "dpo"
+    config_class = DPOConfig
+    split_metrics = {"correct": "reward_accuracy", "margin": "reward_margin", "chosen_reward": "chosen_reward",
+                     "rejected_reward": "rejected_reward"}
+    batch_keys = BATCH_KEYS
+    examples = "pairs"
+    plots = (*PAIR_PLOTS, Plot("margin.png", "step", ("train_reward_margin", "val_reward_margin"),
+                               "reward margin (chosen - rejected)"))
+
+    def validate(self) -> None:
+        super().validate()
+        validate_dpo(self.cfg)
+
+    def load_data(self) -> None:
+        self.data = load_preference(self.cfg.data, self.cfg.model.context_length, tfds_data_dir=self.tfds_data_dir)
+        self.shown = response_records(self.data, self.cfg.dpo.num_responses)
+
+    def describe(self) -> str:
+        return f"{super().describe()} | beta {self.cfg.dpo.beta}"
+
+    def plain(self, params):
+        """Params the plain sampler runs: LoRA adapters merged."""
+        params = jax.device_get(params)
+        return merge_lora(params, self.cfg.lora) if self.cfg.finetune.train_mode == "lora" else params
+
+    def prepare(self, params, meta: dict) -> None:
+        """The reference: the frozen initial model, run once over every pair (or, on
+        --resume, its stored log-probs); and the greedy responses before training."""
+        mode, path = self.cfg.finetune.train_mode, self.run.path / REFERENCE_FILE
+        if self.run.resume:
+            self.ref = _load_reference(path, self.data)
+        else:  # the plain model on the base leaves
+            self.ref = precompute_reference(self.dp, GPT(self.cfg.model), reference_params(params, mode), self.data,
+                                            self.batch_size)
+            if is_main_process():
+                self.responses_before = self.sample(params)
+        for split in SPLITS:
+            self.data.splits[split].columns.update(self.ref[split])
+
+    def sample(self, params) -> list[str]:
+        d = self.cfg.dpo
+        return sample_responses(self.cfg.model, self.plain(params), self.shown, d.max_new_tokens, self.keys.sample)
+
+    def created(self) -> None:
+        if is_main_process() and not self.run.resume:
+            _save_reference(self.run.path / REFERENCE_FILE, self.ref)
+            (self.run.path / RESPONSES_FILE).write_text(json.dumps(
+                [{**r, "response_before": b} for r, b in zip(self.shown, self.responses_before)], indent=1))
+
+    def loss_fn(self, model):
+        return dpo_loss_fn(model, self.cfg.dpo.beta, self.cfg.dpo.label_smoothing)
+
+    def throughput(self):
+        return self.throughput_of(2 * self.data.max_length)
+
+    def evaluate_before(self, placed) -> dict:
+        return {**self.evaluate_split(placed, "train", self.cfg.train.eval_batches),
+                **self.evaluate_split(placed, "val")}
+
+    def summary(self, loop, before: dict, final: dict) -> dict:
+        d = self.cfg.dpo
+        self.responses_after = self.sample(loop.placed.host()["params"])
+        return {"beta": d.beta, "label_smoothing": d.label_smoothing, **super().summary(loop, before, final),
+                "val_reward_margin_after": final.get("val_reward_margin"),
+                "train_reward_margin_after": final.get("train_reward_margin"),
+                "pairs_per_sec": loop.tokens_per_sec() / (2 * self.data.max_length),
+                "truncated_responses": self.data.truncated, "max_length": self.data.max_length}
+
+    def write_outputs(self, loop, summary: dict) -> None:
+        path = self.run.path / RESPONSES_FILE
+        shown = json.loads(path.read_text()) if path.is_file() else self.shown
+        path.write_text(json.dumps([{**r, "response_after": a} for r, a in zip(shown, self.responses_after)],
+                                   indent=1) + "\n")
+
+
+RECIPE = DPO
 
 
 def finetune_dpo(cfg: DPOConfig, out_dir: str | Path | None = None, *, resume: bool = False,
@@ -248,131 +294,7 @@ def finetune_dpo(cfg: DPOConfig, out_dir: str | Path | None = None, *, resume: b
     """DPO-train `cfg` into `out_dir` and return the summary written to metrics.json.
 
     stop_after: end after this many total steps as if interrupted (resume continues)."""
-    from jaxgpt.lora import merge_lora
-    from jaxgpt.metrics import plot_curves, read_jsonl, write_json
-    from jaxgpt.model import GPT, init_params
-    from jaxgpt.optim import lr_schedule
-    from jaxgpt.parallel import DataParallel, resolve_num_devices
-    from jaxgpt.steps import eval_step
-    from jaxgpt.trainer import Keys, RunDir, TrainLoop, default_out_dir, evaluate_batches, is_main_process, log
-
-    started = time.perf_counter()
-    validate_dpo(cfg)
-    run = RunDir(out_dir or default_out_dir("dpo"), resume=resume)
-    loaded = None
-    if not resume:
-        cfg, loaded = common.resolve_init(cfg)
-    t, mode, d = cfg.train, cfg.finetune.train_mode, cfg.dpo
-    data = load_preference(cfg.data, cfg.model.context_length, tfds_data_dir=tfds_data_dir)
-    dp = DataParallel(resolve_num_devices(t.num_devices))
-    dp.check_batch_size(t.batch_size, t.grad_accum_steps)
-    per_epoch = data.steps_per_epoch(t.batch_size)
-    if per_epoch == 0:
-        raise UserError(f"train.batch_size={t.batch_size} is larger than the training split "
-                        f"({len(data.splits['train'])} pairs); lower train.batch_size")
-    attrs = {"lora": common.lora_for(cfg)}
-    common.check_lora_targets(cfg, attrs)
-
-    keys = Keys.from_seed(t.seed)
-    model = GPT(cfg.model, **attrs)
-    params = init_params(cfg.model, keys.init, **attrs)
-    params, state, tx, labels, trainable, total, total_steps, eval_interval = common.start_training(
-        cfg, params, loaded, per_epoch, run, resume)
-    if resume:
-        ref = _load_reference(run.path / REFERENCE_FILE, data)
-    log(f"model: {total:,} params, {trainable:,} trainable ({mode}) | data: {data.describe()} | "
-        f"{total_steps} steps ({per_epoch}/epoch) | beta {d.beta} | devices: {dp.num_devices}")
-    if not resume:  # the frozen initial model, once: the plain model on the base leaves
-        ref = precompute_reference(dp, GPT(cfg.model), reference_params(params, mode), data, t.batch_size)
-    for split in SPLITS:
-        data.splits[split].columns.update(ref[split])
-    run.create(cfg)
-    if is_main_process() and not resume:
-        _save_reference(run.path / REFERENCE_FILE, ref)
-
-    plain = lambda p: merge_lora(jax.device_get(p), cfg.lora) if mode == "lora" else jax.device_get(p)
-    shown = response_records(data, d.num_responses)
-    responses_path = run.path / RESPONSES_FILE
-    if not resume and is_main_process():
-        before = sample_responses(cfg.model, plain(params), shown, d.max_new_tokens, keys.sample)
-        responses_path.write_text(json.dumps([{**r, "response_before": b} for r, b in zip(shown, before)], indent=1))
-
-    loss_fn = dpo_loss_fn(model, d.beta, d.label_smoothing)
-    loop = TrainLoop(cfg=common.loop_config(cfg, eval_interval), run=run, dp=dp, state=state, tx=tx,
-                     labels=labels, loss_fn=loss_fn, keys=keys, tokens_per_step=t.batch_size * 2 * data.max_length)
-    del state, params, loaded  # the loop holds its own device copy; drop the rest (large models)
-    p_eval = dp.compile_eval_step(eval_step, loss_fn=loss_fn)
-    select = lambda batch: {k: batch[k] for k in BATCH_KEYS if k in batch}
-
-    def evaluate_split(params, split: str, max_batches: int = 0) -> dict:
-        if not len(data.splits[split]):
-            return {}
-        batches = (select(b) for b in data.eval_batches(split, t.batch_size, max_batches))
-        return _named(evaluate_batches(dp, p_eval, params, batches), split)
-
-    def evaluate(params) -> dict:
-        epoch = loop.step / per_epoch
-        out = {"epoch": round(epoch, 4), **evaluate_split(params, "train", t.eval_batches),
-               **evaluate_split(params, "val", t.eval_batches)}
-        num = lambda k: f"{out.get(k, float('nan')):.3f}"
-        log(f"epoch {epoch:.2f} (step {loop.step}): reward margin train {num('train_reward_margin')} "
-            f"val {num('val_reward_margin')} | reward accuracy val {num('val_reward_accuracy')} | "
-            f"val loss {num('val_loss')}")
-        return out
-
-    if resume:
-        before = next((r for r in read_jsonl(run.metrics_jsonl) if r.get("step") == 0), {})
-    else:
-        before = {"step": 0, "epoch": 0.0, **evaluate_split(loop.state.params, "train", t.eval_batches),
-                  **evaluate_split(loop.state.params, "val")}
-        loop.writer.write(before)
-    train_started = time.perf_counter()
-    result = loop.run_steps(total_steps, lambda step: select(data.train_batch(step, t.batch_size)), evaluate,
-                            lr_at=lr_schedule(t, total_steps), stop_after=stop_after)
-    train_seconds = time.perf_counter() - train_started
-
-    final: dict[str, Any] = {}
-    for split in SPLITS:
-        final.update(evaluate_split(loop.state.params, split))
-    after = sample_responses(cfg.model, plain(dp.unreplicate(loop.state.params)), shown, d.max_new_tokens, keys.sample)
-    summary = {
-        "step": loop.step, "epoch": round(loop.step / per_epoch, 4), "train_mode": mode, "init": cfg.finetune.init,
-        "beta": d.beta, "label_smoothing": d.label_smoothing, "trainable_params": trainable, "total_params": total,
-        "train_loss": result["train_loss"],
-        **{f"{k}_before": before.get(k) for k in ("val_loss", "val_reward_margin", "val_reward_accuracy",
-                                                  "train_eval_loss", "train_reward_margin", "train_reward_accuracy")},
-        "val_reward_margin_after": final.get("val_reward_margin"),
-        "train_reward_margin_after": final.get("train_reward_margin"),
-        **final,
-        "pairs_per_sec": loop.tokens_per_sec() / (2 * data.max_length),
-        "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - started,
-        "num_examples": {s: len(data.splits[s]) for s in SPLITS},
-        "truncated_responses": data.truncated, "max_length": data.max_length,
-    }
-    if is_main_process():
-        shown_before = json.loads(responses_path.read_text()) if responses_path.is_file() else shown
-        responses_path.write_text(json.dumps([{**r, "response_after": a} for r, a in zip(shown_before, after)],
-                                             indent=1) + "\n")
-        write_json(run.path / "metrics.json", summary)
-        records = read_jsonl(run.metrics_jsonl)
-        plot_curves(run.path / "loss.png", records, "step", ["train_loss", "train_eval_loss", "val_loss"], "loss")
-        plot_curves(run.path / "margin.png", records, "step", ["train_reward_margin", "val_reward_margin"],
-                    "reward margin (chosen - rejected)")
-        num = lambda k: "n/a" if summary.get(k) is None else f"{summary[k]:.3f}"
-        log(f"done: step {summary['step']} | val reward margin {num('val_reward_margin_before')} -> "
-            f"{num('val_reward_margin_after')} | val reward accuracy {num('val_reward_accuracy')} | "
-            f"{summary['wall_seconds'] / 60:.1f} min | run: {run.path}")
-    return summary
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """No dpo-only flags: everything is a config key (`--set dpo.beta=0.5`)."""
-
-
-def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    cfg, out, resume = common.load_task_config(args, DPOConfig, DEFAULT_CONFIG, parser)
-    finetune_dpo(cfg, out, resume=resume)
-    return 0
+    return train(DPO, cfg, out_dir, resume=resume, stop_after=stop_after, tfds_data_dir=tfds_data_dir)
 
 
 __all__ = ["DPOConfig", "DPOSection", "dpo_loss_fn", "finetune_dpo", "precompute_reference", "reference_fn",

@@ -1,0 +1,125 @@
+"""The driver: the sequence every task shares, around one `Loop`.
+
+    check the run directory -> --init weights -> devices -> the recipe's checks and data
+    -> schedule -> model, initial params (--init grafted), train-mode labels, optimiser
+    -> --resume: the checkpoint's state and meta -> frozen references (recipe.prepare)
+    -> [nothing written before this line] run directory, config.yaml -> the evaluation
+    before training -> the loop -> the final evaluation -> metrics.json, outputs, plots
+
+`train(recipe_cls, cfg, out_dir)` is every task's Python entry point (`pretrain`,
+`finetune_classifier`, ... call it) and returns the summary written to metrics.json.
+"""
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import jax
+
+from jaxgpt import checkpoint
+from jaxgpt.engine.keys import Keys
+from jaxgpt.engine.loop import Cadence, Loop
+from jaxgpt.engine.params import check_lora_targets, graft, init_from, param_counts, train_labels
+from jaxgpt.engine.recipe import Recipe
+from jaxgpt.engine.run_dir import RunDir, default_out_dir, is_main_process, log
+from jaxgpt.metrics import MetricsWriter, plot_curves, read_jsonl, write_json
+from jaxgpt.model import GPT, init_params
+from jaxgpt.optim import lr_schedule, make_optimizer
+from jaxgpt.parallel import DataParallel, resolve_num_devices
+from jaxgpt.steps import TrainState, create_train_state, eval_step, train_step
+
+
+def train(recipe_cls: type[Recipe], cfg, out_dir: str | Path | None = None, *, resume: bool = False,
+          init: str | None = None, stop_after: int | None = None, tfds_data_dir: str | None = None) -> dict:
+    """Run `recipe_cls` with `cfg` into `out_dir` (default `runs/<name>-<timestamp>`).
+
+    init: `--init SPEC` (default: the config's `finetune.init`). stop_after: end after this
+    many iterations as if interrupted (the schedule still runs to its end; --resume continues).
+    """
+    started = time.perf_counter()
+    run = RunDir(out_dir or default_out_dir(recipe_cls.name), resume=resume)
+    finetune = getattr(cfg, "finetune", None)
+    init = init or (finetune.init if finetune is not None else "")
+    loaded = None
+    if init and (not resume or recipe_cls.reference_on_resume):
+        cfg, loaded = init_from(init, cfg)
+    t = cfg.train
+    dp = DataParallel(resolve_num_devices(t.num_devices))
+    task = recipe_cls(cfg, dp=dp, run=run, keys=Keys.from_seed(t.seed), tfds_data_dir=tfds_data_dir)
+    task.validate()
+    task.load_data()
+    schedule = task.schedule()
+
+    mode = finetune.train_mode if finetune is not None else None
+    attrs = {**task.model_attrs(), "lora": cfg.lora if mode == "lora" else None}
+    if mode == "lora":
+        check_lora_targets(cfg, attrs)
+    model = GPT(cfg.model, **attrs)
+    # jitted: op-by-op initialisation of every leaf takes seconds on a CPU; the values are the same
+    params = jax.jit(functools.partial(init_params, cfg.model, **attrs))(task.keys.init)
+    if loaded is not None:
+        params = graft(params, loaded, init)
+    labels = train_labels(params, mode, cfg.model.n_layer) if mode else None
+    task.trainable, task.total = param_counts(params, labels)
+    tx = make_optimizer(t, labels, schedule.updates)
+    state = create_train_state(params, tx)
+    meta, iteration = {}, 0
+    if resume:
+        target = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        restored, meta = checkpoint.restore(run.path, target=target)
+        state, meta = TrainState(**restored), dict(meta or {})
+        iteration = int(meta.get("iteration", state.step))
+    task.prepare(params, meta)
+    del params, loaded  # the placed state holds its own device copy; drop the rest (large models)
+
+    unit = "iteration" if task.rl else "step"
+    trained = f", {task.trainable:,} trainable ({mode})" if mode else ""
+    log(" | ".join(filter(None, [f"model: {task.total:,} params{trained}", task.describe(),
+                                 f"{schedule.iterations} {unit}s",
+                                 f"devices: {dp.num_devices} x {jax.process_count()} process(es)"])))
+    if resume:
+        log(f"resuming {run.path} from {unit} {iteration}")
+    run.create(cfg)
+    task.created()
+
+    loss_fn = task.loss_fn(model)
+    task.p_eval = dp.compile_eval_step(eval_step, loss_fn=loss_fn)
+    placed = dp.place(state, train_step, t.grad_accum_steps, loss_fn=loss_fn, tx=tx, labels=labels)
+    del state
+    writer = MetricsWriter(run.metrics_jsonl, enabled=is_main_process())
+    before = meta.get("eval_before")
+    if before is None:
+        before = task.evaluate_before(placed)
+        if before is not None:
+            log("before training: " + " | ".join(f"{k} {v:.4f}" for k, v in before.items()
+                                                 if isinstance(v, float)))
+            if task.log_before:
+                writer.write({"step": 0, "epoch": 0.0, "tokens_seen": 0, **before})
+    cadence = Cadence(total=schedule.iterations, log_interval=t.log_interval, eval_interval=schedule.eval_interval,
+                      checkpoint_interval=t.checkpoint_interval, stop_after=stop_after)
+    loop = Loop(run=run, placed=placed, keys=task.keys, writer=writer, cadence=cadence, iteration=iteration,
+                meta={"eval_before": before} if before is not None else {}, metric_names=task.metric_names,
+                lr_at=lr_schedule(t, schedule.updates), throughput=task.throughput(), rl=task.rl,
+                postfix=task.postfix, keep_checkpoints=t.keep_checkpoints, seed=t.seed)
+    train_started = time.perf_counter()
+    loop.run(task.source, task.evaluate)
+    train_seconds = time.perf_counter() - train_started
+
+    final = task.final(loop)
+    summary = {**({"iteration": loop.iteration} if task.rl else {}), "step": loop.step,
+               **task.summary(loop, before or {}, final),
+               "trainable_params": task.trainable, "total_params": task.total,
+               "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - started}
+    if is_main_process():
+        write_json(run.path / "metrics.json", summary)
+        task.write_outputs(loop, summary)
+        records = read_jsonl(run.metrics_jsonl)
+        for plot in task.plots:
+            plot_curves(run.path / plot.file, records, plot.x, plot.ys, plot.ylabel)
+        log(" | ".join(filter(None, [f"done: {unit} {loop.iteration}", task.done_line(summary),
+                                     f"{summary['wall_seconds'] / 60:.1f} min", f"run: {run.path}"])))
+    return summary
+
+
+__all__ = ["train"]

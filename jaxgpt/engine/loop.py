@@ -1,0 +1,231 @@
+"""The one training loop: pretraining, supervised fine-tuning and RL run through it.
+
+An *iteration* asks the task's source for its minibatches and makes one optimiser update
+on each (`PlacedState.update`):
+
+    supervised    source(s) -> [batch s]                 (a pure function of s: resumable)
+    RL            source(s) -> rollouts of the current policy, inner epochs x minibatches
+
+then, by the cadence (arguments, not config): a log record every `log_interval`
+iterations (the mean of each metric since the last record), an evaluation every
+`eval_interval` and at the end, a checkpoint at every evaluation, every
+`checkpoint_interval` and on Ctrl-C (which then stops the loop). Losses are checked for
+NaN/inf before every record and every save, so no checkpoint ever holds a diverged state.
+Records go to `metrics.jsonl` (and TensorBoard when asked) through one `MetricsWriter`.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxgpt import checkpoint
+from jaxgpt.engine.keys import Keys
+from jaxgpt.engine.run_dir import RunDir, is_main_process, log
+from jaxgpt.errors import UserError
+from jaxgpt.metrics import MetricsWriter, mfu
+
+# `source(iteration, local_params) -> (minibatches, stats)`: host batches for the updates
+# of `iteration`, and host-side statistics (floats) to log; `local_params()` gives the
+# current params on one device, for sources that sample from the policy.
+Source = Callable[[int, Callable[[], Any]], tuple[Sequence[dict], dict]]
+
+
+@dataclass(frozen=True)
+class Cadence:
+    """When the loop logs, evaluates and saves, in iterations."""
+
+    total: int  # iterations of the schedule
+    log_interval: int
+    eval_interval: int
+    checkpoint_interval: int = 0  # 0: only at evaluations, at the end and on Ctrl-C
+    stop_after: int | None = None  # end here as if interrupted (the schedule still runs to `total`)
+
+    @property
+    def end(self) -> int:
+        return min(self.total, self.stop_after) if self.stop_after else self.total
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """What a record's `tokens_per_sec` and `mfu` are computed from (None: not logged)."""
+
+    tokens_per_iteration: int
+    model_cfg: Any = None  # for mfu
+    seq_len: int = 0
+    num_devices: int = 1
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Within the block, Ctrl-C only sets `flag["flag"]` (the loop finishes its iteration,
+    saves and stops); a second Ctrl-C stops at once. Off the main thread it is left alone."""
+    flag = {"flag": False}
+
+    def handle_sigint(signum, frame):
+        flag["flag"] = True
+        signal.signal(signal.SIGINT, previous)
+
+    try:
+        previous = signal.signal(signal.SIGINT, handle_sigint)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield flag
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+class Loop:
+    """Runs iterations of a source through a placed state; see the module docstring.
+
+    metric_names: which step metrics a record keeps and under what name (supervised tasks:
+    `{"loss": "train_loss"}`); None keeps them all (RL: loss, clip_frac, kl, ...).
+    rl: an iteration is rollouts plus updates, so records carry `iteration` beside `step`
+    (otherwise one update per iteration: `step` and, with `throughput`, `tokens_seen`).
+    meta: JSON saved with every checkpoint (e.g. the evaluation before training).
+    postfix: progress-bar label -> record key.
+    """
+
+    def __init__(self, *, run: RunDir, placed, keys: Keys, writer: MetricsWriter, cadence: Cadence,
+                 iteration: int = 0, meta: dict | None = None, metric_names: dict[str, str] | None = None,
+                 lr_at: Callable[[int], float] | None = None, throughput: Throughput | None = None,
+                 rl: bool = False, postfix: dict[str, str] | None = None, keep_checkpoints: int = 2,
+                 seed: int = 0):
+        self.run_dir, self.placed, self.keys, self.writer, self.cadence = run, placed, keys, writer, cadence
+        self.iteration = iteration
+        self.meta = dict(meta or {})
+        self.metric_names, self.lr_at, self.throughput, self.rl = metric_names, lr_at, throughput, rl
+        self.postfix = postfix or {"loss": "train_loss"}
+        self.seed = seed
+        self.unit = "iteration" if rl else "step"
+        self.manager = checkpoint.checkpoint_manager(run.path, keep=keep_checkpoints)
+        self.start = iteration  # where this invocation began (a resumed run's first iteration)
+        self.iteration_times: list[float] = []
+        self.last_record: dict = {}
+        self.last_eval: tuple[int, dict] | None = None  # (iteration, metrics) of the latest evaluation
+        self._unchecked: list[tuple[int, Any]] = []  # (iteration, loss) not yet checked for NaN
+
+    @property
+    def step(self) -> int:
+        """Optimiser updates done."""
+        return self.placed.step
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self, source: Source, evaluate: Callable[[Any], dict]) -> dict:
+        """Iterations `self.iteration .. cadence.end - 1`; returns the last record."""
+        c = self.cadence
+        window: list[dict] = []
+        bar = tqdm(total=c.end, initial=self.iteration, desc="rl" if self.rl else "train",
+                   disable=not is_main_process(), dynamic_ncols=True, unit="it" if self.rl else "step")
+        with deferred_interrupt() as interrupted:
+            try:
+                while self.iteration < c.end:
+                    window.append(self._iterate(source))
+                    done = self.iteration
+                    is_eval = done % c.eval_interval == 0 or done == c.end
+                    if done % c.log_interval == 0 or is_eval:
+                        self._log(window, evaluate if is_eval else None)
+                        window = []
+                        bar.set_postfix(refresh=False, **{label: f"{self.last_record[key]:.4g}"
+                                                          for label, key in self.postfix.items()
+                                                          if self.last_record.get(key) is not None})
+                    bar.update(1)
+                    if is_eval or (c.checkpoint_interval and done % c.checkpoint_interval == 0) or interrupted["flag"]:
+                        self.save()
+                    if interrupted["flag"]:
+                        log(f"interrupted: saved a checkpoint at {self.unit} {done}; "
+                            f"resume with --resume {self.run_dir.path}")
+                        raise KeyboardInterrupt
+            finally:
+                bar.close()
+        return self.last_record
+
+    def _iterate(self, source: Source) -> dict:
+        """One iteration: the source's minibatches, one update each; returns its metrics."""
+        s = self.iteration
+        t0 = time.perf_counter()
+        minibatches, stats = source(s, self.placed.local_params)
+        collected = [self.placed.update(batch, self.keys.dropout) for batch in minibatches]
+        jax.block_until_ready(collected[-1]["loss"])
+        self.iteration_times.append(time.perf_counter() - t0)
+        self.iteration = s + 1
+        losses = [m["loss"] for m in collected]
+        self._unchecked.append((s + 1, losses[0] if len(losses) == 1 else sum(losses)))
+        return {"stats": stats, "metrics": collected}
+
+    def _log(self, window: list[dict], evaluate: Callable | None) -> None:
+        self.check_finite()
+        record: dict[str, Any] = {}
+        if self.rl:
+            record.update(iteration=self.iteration, step=self.step)
+        else:
+            record["step"] = self.iteration
+            if self.throughput is not None:
+                record["tokens_seen"] = self.iteration * self.throughput.tokens_per_iteration
+        per_iteration = [{**w["stats"], **self._mean_metrics(w["metrics"])} for w in window]
+        for key in dict.fromkeys(k for it in per_iteration for k in it):  # some stats are not every iteration's
+            record[key] = float(np.mean([it[key] for it in per_iteration if key in it]))
+        if self.lr_at is not None:
+            record["lr"] = float(self.lr_at(self.step - 1))
+        if self.throughput is not None:
+            tps = self.tokens_per_sec()
+            record["tokens_per_sec"] = tps
+            t = self.throughput
+            if t.model_cfg is not None:
+                record["mfu"] = mfu(tps, t.model_cfg, t.seq_len, t.num_devices)
+        if evaluate is not None:
+            self.last_eval = (self.iteration, evaluate(self.placed))
+            record.update(self.last_eval[1])
+        self.writer.write(record)
+        self.last_record = record
+
+    def _mean_metrics(self, collected: list[dict]) -> dict:
+        """The mean of each step metric over an iteration's updates, renamed by `metric_names`."""
+        collected = jax.device_get(collected)
+        names = self.metric_names or {k: k for k in collected[0] if k != "count"}
+        return {new: float(np.mean([c[old] for c in collected])) for old, new in names.items()}
+
+    def check_finite(self) -> None:
+        """UserError naming the first iteration whose loss is NaN or inf since the last check."""
+        pending, self._unchecked = self._unchecked, []
+        for iteration, loss in zip([i for i, _ in pending], jax.device_get([l for _, l in pending])):
+            if not np.isfinite(loss):
+                raise UserError(
+                    f"training diverged: the loss is {float(loss)} at {self.unit} {iteration}; lower "
+                    "train.lr or raise train.warmup_steps (no checkpoint was written for it)")
+
+    # -- results ---------------------------------------------------------------------------
+    def tokens_per_sec(self) -> float:
+        """Tokens per second of the median iteration after the first (which compiles)."""
+        times = self.iteration_times[1:] or self.iteration_times
+        return self.throughput.tokens_per_iteration / statistics.median(times) if times else float("nan")
+
+    def seconds_per_iteration(self) -> float:
+        times = self.iteration_times[1:] or self.iteration_times
+        return statistics.median(times) if times else float("nan")
+
+    def final_eval(self, evaluate: Callable[[Any], dict]) -> dict:
+        """`evaluate` of the final params: the loop's own evaluation of the last iteration when
+        it made one (evaluations are deterministic)."""
+        if self.last_eval is not None and self.last_eval[0] == self.iteration:
+            return self.last_eval[1]
+        return evaluate(self.placed)
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self) -> None:
+        """Checkpoint iteration `self.iteration` (once), after the NaN check."""
+        if self.manager.latest_step() == self.iteration:
+            return
+        self.check_finite()
+        meta = {**self.meta, "iteration": self.iteration, "step": self.step, "seed": self.seed,
+                "rng_key_data": np.asarray(jax.random.key_data(self.keys.dropout)).tolist()}
+        checkpoint.save(self.manager, self.iteration, self.placed.host(), meta)
