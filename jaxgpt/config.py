@@ -90,6 +90,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 30
+    tensorboard: bool = False  # also write metrics as TensorBoard scalars to RUN/tensorboard (needs tensorboardX)
 
 
 @dataclass(frozen=True)

@@ -13,22 +13,52 @@ from jaxgpt.config import ModelConfig
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `metrics.jsonl` (flushed, so a crash keeps them).
+    """Appends one JSON object per line to `metrics.jsonl` (flushed, so a crash keeps them)
+    and, with `tensorboard_dir`, each number of the record as a TensorBoard scalar there
+    (x axis: the record's `iteration`, else its `step`).
 
     `enabled=False` (every process but 0 in a multi-host run) makes it a no-op.
     """
 
-    def __init__(self, path: str | Path, enabled: bool = True):
+    def __init__(self, path: str | Path, enabled: bool = True, tensorboard_dir: str | Path | None = None):
         self.path = Path(path)
         self.enabled = enabled
         self.records: list[dict] = []
+        self._tensorboard = None
+        if enabled and tensorboard_dir is not None:
+            from tensorboardX import SummaryWriter  # optional: checked by `check_tensorboard`
+
+            self._tensorboard = SummaryWriter(str(tensorboard_dir))
 
     def write(self, record: Mapping) -> None:
         record = {k: _plain(v) for k, v in record.items()}
         self.records.append(record)
-        if self.enabled:
-            with self.path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self._tensorboard is not None:
+            x = record.get("iteration", record.get("step", 0))
+            for key, value in record.items():
+                if key not in ("iteration", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(key, value, x)
+            self._tensorboard.flush()
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+
+
+def check_tensorboard() -> None:
+    """`train.tensorboard=true` needs the optional tensorboardX: a one-line error, before
+    anything is written, when it is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("tensorboardX") is None:
+        from jaxgpt.errors import UserError
+
+        raise UserError("train.tensorboard=true needs tensorboardX: pip install 'jaxgpt[tensorboard]' "
+                        "(or pip install tensorboardX)")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -42,6 +42,36 @@ def test_run_directory_contents(tmp_path):
     assert load_config(run / "config.yaml") == tiny_cfg(tmp_path)
 
 
+def _tensorboard_scalars(folder) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar in the TFRecord event files under `folder` (read without TensorFlow)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data, pos = path.read_bytes(), 0
+        while pos < len(data):
+            (length,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+            pos += 12 + length + 4  # length, its crc, the record, its crc
+            for value in event.summary.value:
+                out.setdefault(value.tag, []).append((event.step, value.simple_value))
+    return out
+
+
+def test_tensorboard_scalars_are_the_jsonl_records(tmp_path):
+    from jaxgpt.tasks.pretrain import pretrain
+
+    run = tmp_path / "run"
+    pretrain(tiny_cfg(tmp_path, "train.tensorboard=true", "train.max_steps=3", "train.sample_tokens=0"), run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    scalars = _tensorboard_scalars(run / "tensorboard")
+    assert [s for s, _ in scalars["train_loss"]] == [r["step"] for r in records] == [1, 2, 3]
+    assert [v for _, v in scalars["train_loss"]] == pytest.approx([r["train_loss"] for r in records], rel=1e-6)
+    assert [v for _, v in scalars["val_loss"]] == pytest.approx([r["val_loss"] for r in records if "val_loss" in r])
+
+
 def test_resume_gives_identical_losses(tmp_path):
     """2N steps straight == N steps, stop, resume, N steps (dropout on, so PRNG state matters)."""
     from jaxgpt.tasks.pretrain import pretrain

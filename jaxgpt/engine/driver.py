@@ -23,7 +23,7 @@ from jaxgpt.engine.loop import Cadence, Loop
 from jaxgpt.engine.params import check_lora_targets, graft, init_from, param_counts, train_labels
 from jaxgpt.engine.recipe import Recipe
 from jaxgpt.engine.run_dir import RunDir, default_out_dir, is_main_process, log
-from jaxgpt.metrics import MetricsWriter, plot_curves, read_jsonl, write_json
+from jaxgpt.metrics import MetricsWriter, check_tensorboard, plot_curves, read_jsonl, write_json
 from jaxgpt.model import GPT, init_params
 from jaxgpt.optim import lr_schedule, make_optimizer
 from jaxgpt.parallel import DataParallel, resolve_num_devices
@@ -48,6 +48,8 @@ def train(recipe_cls: type[Recipe], cfg, out_dir: str | Path | None = None, *, r
     dp = DataParallel(resolve_num_devices(t.num_devices))
     task = recipe_cls(cfg, dp=dp, run=run, keys=Keys.from_seed(t.seed), tfds_data_dir=tfds_data_dir)
     task.validate()
+    if t.tensorboard:
+        check_tensorboard()
     task.load_data()
     schedule = task.schedule()
 
@@ -87,7 +89,8 @@ def train(recipe_cls: type[Recipe], cfg, out_dir: str | Path | None = None, *, r
     task.p_eval = dp.compile_eval_step(eval_step, loss_fn=loss_fn)
     placed = dp.place(state, train_step, t.grad_accum_steps, loss_fn=loss_fn, tx=tx, labels=labels)
     del state
-    writer = MetricsWriter(run.metrics_jsonl, enabled=is_main_process())
+    writer = MetricsWriter(run.metrics_jsonl, enabled=is_main_process(),
+                           tensorboard_dir=run.path / "tensorboard" if t.tensorboard else None)
     before = meta.get("eval_before")
     if before is None:
         before = task.evaluate_before(placed)
@@ -103,7 +106,10 @@ def train(recipe_cls: type[Recipe], cfg, out_dir: str | Path | None = None, *, r
                 lr_at=lr_schedule(t, schedule.updates), throughput=task.throughput(), rl=task.rl,
                 postfix=task.postfix, keep_checkpoints=t.keep_checkpoints, seed=t.seed)
     train_started = time.perf_counter()
-    loop.run(task.source, task.evaluate)
+    try:
+        loop.run(task.source, task.evaluate)
+    finally:
+        writer.close()
     train_seconds = time.perf_counter() - train_started
 
     final = task.final(loop)
