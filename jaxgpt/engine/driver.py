@@ -58,8 +58,8 @@ def train(recipe_cls: type[Recipe], cfg, out_dir: str | Path | None = None, *, r
     if mode == "lora":
         check_lora_targets(cfg, attrs)
     model = GPT(cfg.model, **attrs)
-    # jitted: op-by-op initialisation of every leaf takes seconds on a CPU; the values are the same
-    params = jax.jit(functools.partial(init_params, cfg.model, **attrs))(task.keys.init)
+    initialise = functools.partial(init_params, cfg.model, **attrs)
+    params = (jax.jit(initialise) if task.jit_init else initialise)(task.keys.init)
     if loaded is not None:
         params = graft(params, loaded, init)
     labels = train_labels(params, mode, cfg.model.n_layer) if mode else None

@@ -111,6 +111,7 @@ class Instruct(SplitTask):
     final_splits = ("val", "test")
     examples = "records"
     plots = (Plot("loss.png", "step", ("train_loss", "val_loss"), "loss"),)
+    jit_init = True
 
     def validate(self) -> None:
         super().validate()
