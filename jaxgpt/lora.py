@@ -143,6 +143,19 @@ def check_targets(cfg: LoRAConfig, params) -> None:
                             f"(dense layers: {', '.join(names)}; a/b path suffixes also work)")
 
 
+def without_adapters(params):
+    """`params` without their `lora_a`/`lora_b` leaves: the frozen base weights a LoRA run
+    trains around (every other leaf the same object, so no second copy), which the plain
+    model (no `lora`) runs as the run's reference (DPO)."""
+
+    def strip(node, path=()):
+        if not hasattr(node, "items"):
+            return node
+        return {k: strip(v, path + (k,)) for k, v in node.items() if not is_lora_leaf(path + (k,))}
+
+    return strip(params)
+
+
 def lora_delta(a, b, scale: float):
     """The kernel update `A @ B * scale` (`[in, out]`), for one adapter or a stack of them."""
     a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)

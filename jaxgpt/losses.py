@@ -2,6 +2,8 @@
 
 Losses return a *sum* and a *count* rather than a mean, so that gradient accumulation and
 data parallelism can form the exact token-weighted mean across micro-batches and devices.
+`*_loss_fn(model)` adapt them to the model for `jaxgpt.steps.train_step`:
+`loss_fn(params, batch, dropout_key) -> (loss_sum, {"count": ..., other sums})`.
 """
 from __future__ import annotations
 
@@ -46,3 +48,31 @@ def sequence_logprobs(logits, tokens, response_mask):
     """
     per_token = token_logprobs(logits, tokens)
     return jnp.sum(per_token * response_mask[:, 1:].astype(jnp.float32), axis=-1)
+
+
+def last_token(x, lengths):
+    """`x[b, lengths[b] - 1]` for `x [b, t, ...]`: each row's last real (non-padding) position."""
+    index = jnp.clip(lengths - 1, 0, x.shape[1] - 1).astype(jnp.int32)
+    return jnp.take_along_axis(x, index.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
+
+
+def classification_loss_fn(model):
+    """`loss_fn(params, batch, dropout_key) -> (ce_sum, {"count", "correct"})`.
+
+    batch: `tokens [b, t]`, `lengths [b]`, `labels [b]` int32, optional `weight [b]` float32
+    (0 on the padding rows of the last eval batch)."""
+
+    def loss_fn(params, batch, dropout_key):
+        logits = model.apply(
+            {"params": params}, batch["tokens"], deterministic=dropout_key is None,
+            rngs=None if dropout_key is None else {"dropout": dropout_key},
+        )
+        logits = last_token(logits, batch["lengths"])  # [b, classes], float32
+        labels = batch["labels"]
+        weight = batch.get("weight")
+        weight = jnp.ones(labels.shape, jnp.float32) if weight is None else weight.astype(jnp.float32)
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+        return jnp.sum(ce * weight), {"count": jnp.sum(weight), "correct": jnp.sum(correct * weight)}
+
+    return loss_fn

@@ -250,7 +250,6 @@ class GPT(nn.Module):
                       deterministic: bool = True):
         """The trunk: final-LayerNorm hidden states `[batch, seq, n_embd]` (compute dtype) and
         the updated cache (None without one)."""
-        cfg = self.config
         b, t = tokens.shape
         # The fused kernels take the cheaper implicit causal mask when nothing else masks.
         is_causal = cache is None and attention_mask is None

@@ -18,13 +18,16 @@ Both learn from pairs (prompt, chosen response, rejected response):
   `-(1 - eps) log sigmoid(z) - eps log sigmoid(-z)` with `z` the logit above.
 
 Everything takes per-pair arrays `[batch]` and returns per-pair arrays `[batch]`; callers
-weight and sum them (steps.py's `(loss_sum, {"count", ...})` convention). No jit here: the
-call site (a loss function under `jaxgpt.parallel`) compiles.
+weight and sum them (steps.py's `(loss_sum, {"count", ...})` convention). `response_logprobs`
+and `dpo_loss_fn` / `reference_fn` apply them to a model and a batch of pairs. No jit here:
+the call site (a loss function under `jaxgpt.parallel`) compiles.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jaxgpt.losses import last_token, sequence_logprobs
 
 
 def _f32(x):
@@ -80,4 +83,73 @@ def preference_sums(loss, r_chosen, r_rejected, weight=None) -> tuple[jax.Array,
     return jnp.sum(w * _f32(loss)), sums
 
 
-__all__ = ["dpo_logits", "dpo_loss", "implicit_rewards", "pairwise_loss", "preference_sums"]
+def response_logprobs(model, params, batch, dropout_key=None):
+    """`(logp_chosen [b], logp_rejected [b])`: summed log-probs of each response given its
+    prompt (`jaxgpt.losses.sequence_logprobs`).
+
+    batch: `chosen`, `rejected` `[b, t]` int32, `chosen_mask`, `rejected_mask` `[b, t]` (1 on
+    response tokens), optional `positions [b, w]` int32 (consecutive, starting at or before
+    the last prompt token and covering the responses; `jaxgpt.data.preference`). With
+    positions the LM head runs on those `w` positions only, and tokens and masks are read
+    there: the same sum (the masked-out prompt logits were never needed) at a fraction of
+    the head's `[2b, t, vocab]` cost. One forward pass over the `[2b, t]` concatenation."""
+    tokens = jnp.concatenate([batch["chosen"], batch["rejected"]])
+    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
+    positions = batch.get("positions")
+    if positions is not None:
+        positions = jnp.concatenate([positions, positions])
+    logits = model.apply({"params": params}, tokens, deterministic=dropout_key is None, head_positions=positions,
+                         rngs=None if dropout_key is None else {"dropout": dropout_key})
+    if positions is not None:
+        tokens = jnp.take_along_axis(tokens, positions, axis=1)
+        mask = jnp.take_along_axis(mask, positions, axis=1)
+    return jnp.split(sequence_logprobs(logits, tokens, mask), 2)
+
+
+def reference_fn(ref_model):
+    """`fn(ref_params, batch, *, axis_name=None) -> {"ref_chosen", "ref_rejected"}` (`[b]`
+    each, dropout off): per-pair values, not sums, so no cross-device reduction."""
+
+    def fn(ref_params, batch, axis_name=None):
+        ref_c, ref_r = response_logprobs(ref_model, ref_params, batch)
+        return {"ref_chosen": ref_c, "ref_rejected": ref_r}
+
+    return fn
+
+
+def dpo_loss_fn(model, beta: float, label_smoothing: float = 0.0):
+    """`loss_fn(params, batch, dropout_key) -> (loss_sum, sums)` for `steps.train_step`.
+
+    batch: as `response_logprobs`, plus `ref_chosen`, `ref_rejected` `[b]` (the reference's
+    log-probs, precomputed) and optional `weight [b]`. Sums: `count`, `correct` (reward
+    accuracy), `margin`, `chosen_reward`, `rejected_reward` (implicit rewards)."""
+
+    def loss_fn(params, batch, dropout_key):
+        pi_c, pi_r = response_logprobs(model, params, batch, dropout_key)
+        ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
+        loss = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing)
+        rewards_c, rewards_r = implicit_rewards(pi_c, ref_c, beta), implicit_rewards(pi_r, ref_r, beta)
+        return preference_sums(loss, rewards_c, rewards_r, batch.get("weight"))
+
+    return loss_fn
+
+
+def reward_loss_fn(model):
+    """`loss_fn(params, batch, dropout_key) -> (loss_sum, sums)` of the pairwise loss.
+
+    batch: `chosen`, `rejected` `[b, t]` int32, `chosen_lengths`, `rejected_lengths` `[b]`,
+    optional `weight [b]`. Chosen and rejected rows share one forward pass (`[2b, t]`)."""
+
+    def loss_fn(params, batch, dropout_key):
+        tokens = jnp.concatenate([batch["chosen"], batch["rejected"]])
+        lengths = jnp.concatenate([batch["chosen_lengths"], batch["rejected_lengths"]])
+        scores = model.apply({"params": params}, tokens, deterministic=dropout_key is None,
+                             rngs=None if dropout_key is None else {"dropout": dropout_key})
+        r_chosen, r_rejected = jnp.split(last_token(scores, lengths)[:, 0], 2)
+        return preference_sums(pairwise_loss(r_chosen, r_rejected), r_chosen, r_rejected, batch.get("weight"))
+
+    return loss_fn
+
+
+__all__ = ["dpo_logits", "dpo_loss", "dpo_loss_fn", "implicit_rewards", "pairwise_loss", "preference_sums",
+           "reference_fn", "response_logprobs", "reward_loss_fn"]

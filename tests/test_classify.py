@@ -117,7 +117,7 @@ def test_tfds_sms_spam_builder(tmp_path):
 
 
 def test_prediction_reads_the_last_real_token():
-    from jaxgpt.tasks.common import last_token
+    from jaxgpt.losses import last_token
 
     m = ModelConfig(vocab_size=97, context_length=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     from jaxgpt.model import GPT, init_params

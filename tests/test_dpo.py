@@ -109,7 +109,7 @@ def test_sequence_logprobs_match_a_per_token_loop_with_a_real_gpt():
 
 def test_response_window_equals_the_full_head(tmp_path):
     """`positions` (the LM head on the response window only) give the full-logits sums."""
-    from jaxgpt.tasks.dpo import response_logprobs
+    from jaxgpt.preference import response_logprobs
 
     data = load_preference(PreferenceDataConfig(path=str(write_pairs(tmp_path / "p.jsonl")), bucket=16), 64)
     model = GPT(MODEL)
@@ -132,7 +132,8 @@ def test_lora_reference_is_the_policys_own_base_leaves(tmp_path):
     model on it is the policy with adapters off, and precomputing it pmapped == jitted."""
     from jaxgpt.lora import LoRAConfig, is_lora_leaf
     from jaxgpt.parallel import DataParallel
-    from jaxgpt.tasks.dpo import precompute_reference, reference_params, response_logprobs
+    from jaxgpt.preference import response_logprobs
+    from jaxgpt.tasks.dpo import precompute_reference, reference_params
 
     lora = LoRAConfig(rank=2, targets=("c_attn", "c_fc"))
     policy = init_params(MODEL, jax.random.key(2), lora=lora)
@@ -213,7 +214,7 @@ def test_run_directory_and_margin(dpo_run):
     assert all(isinstance(r["response_before"], str) and isinstance(r["response_after"], str) for r in responses)
     # The reference log-probs stored are the init model's (not the trained policy's).
     from jaxgpt.hub import resolve_init
-    from jaxgpt.tasks.dpo import response_logprobs
+    from jaxgpt.preference import response_logprobs
 
     cfg, params = resolve_init(str(init))
     data = load_preference(PreferenceDataConfig(path=str(dpo_run[2]), val_fraction=0.2, test_fraction=0.2,

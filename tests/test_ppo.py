@@ -108,7 +108,6 @@ def test_ppo_raises_a_toy_reward():
 
     cfg = ModelConfig(vocab_size=16, context_length=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
     params = init_params(cfg, jax.random.key(0), value_head=True)
-    ref = {k: v for k, v in params.items() if k != "value_head"}
     tx = optax.adam(3e-3)
     state = create_train_state(params, tx)
     model = GPT(cfg, value_head=True)

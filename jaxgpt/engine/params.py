@@ -13,7 +13,6 @@ A PPO value head is new to every run, so it trains in every mode.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -16,21 +16,21 @@ split (each epoch end, capped by `train.eval_batches`; at the end uncapped), `te
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 from jaxgpt.engine import is_main_process
 from jaxgpt.data.classification import ClassifyDataConfig, encode_texts, load_classification, pad_batch
 from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
+from jaxgpt.losses import classification_loss_fn, last_token
 from jaxgpt.tasks import common, default_config
 from jaxgpt.tasks.common import SplitTask, TaskConfig
 
@@ -42,28 +42,6 @@ LABELS_FILE = "labels.json"
 class ClassifyConfig(TaskConfig):
     data: ClassifyDataConfig = field(default_factory=ClassifyDataConfig)
 
-
-
-def classification_loss_fn(model):
-    """`loss_fn(params, batch, dropout_key) -> (ce_sum, {"count", "correct"})`.
-
-    batch: `tokens [b, t]`, `lengths [b]`, `labels [b]` int32, optional `weight [b]` float32
-    (0 on the padding rows of the last eval batch)."""
-
-    def loss_fn(params, batch, dropout_key):
-        logits = model.apply(
-            {"params": params}, batch["tokens"], deterministic=dropout_key is None,
-            rngs=None if dropout_key is None else {"dropout": dropout_key},
-        )
-        logits = common.last_token(logits, batch["lengths"])  # [b, classes], float32
-        labels = batch["labels"]
-        weight = batch.get("weight")
-        weight = jnp.ones(labels.shape, jnp.float32) if weight is None else weight.astype(jnp.float32)
-        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-        correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
-        return jnp.sum(ce * weight), {"count": jnp.sum(weight), "correct": jnp.sum(correct * weight)}
-
-    return loss_fn
 
 
 class Classify(SplitTask):
@@ -101,12 +79,8 @@ class Classify(SplitTask):
                 "labels": self.data.labels, "max_length": self.data.max_length}
 
 
-def finetune_classifier(cfg: ClassifyConfig, out_dir: str | Path | None = None, *, resume: bool = False,
-                        stop_after: int | None = None, tfds_data_dir: str | None = None) -> dict:
-    """Fine-tune `cfg` into `out_dir` and return the summary written to `metrics.json`.
-
-    stop_after: end after this many total steps as if interrupted (resume continues)."""
-    return train(Classify, cfg, out_dir, resume=resume, stop_after=stop_after, tfds_data_dir=tfds_data_dir)
+# The Python entry point: finetune_classifier(cfg, out_dir=None, *, resume=False, stop_after=None) -> metrics.json summary
+finetune_classifier = functools.partial(train, Classify)
 
 
 # ---------------------------------------------------------------------------------------
@@ -133,7 +107,7 @@ def predict(cfg: ClassifyConfig, params, labels: Sequence[str], max_length: int,
 
     @jax.jit
     def probs(params, tokens, lengths):
-        logits = common.last_token(model.apply({"params": params}, tokens), lengths)
+        logits = last_token(model.apply({"params": params}, tokens), lengths)
         return jax.nn.softmax(logits, axis=-1)
 
     out = []

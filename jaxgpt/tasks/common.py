@@ -23,9 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-import jax.numpy as jnp
-
-from jaxgpt.config import ModelConfig, TrainConfig, load_config, read_yaml, validate
+from jaxgpt.config import ModelConfig, TrainConfig, load_config, validate
 from jaxgpt.engine import Plot, Recipe, Schedule, log
 from jaxgpt.engine.loop import Throughput
 from jaxgpt.engine.params import TRAIN_MODES
@@ -243,12 +241,6 @@ PAIR_PLOTS = (Plot("loss.png", "step", ("train_loss", "train_eval_loss", "val_lo
 # Loading a finished fine-tuning run (for prediction, evaluation, or as --init)
 
 
-def last_token(x, lengths):
-    """`x[b, lengths[b] - 1]` for `x [b, t, ...]`: each row's last real (non-padding) position."""
-    index = jnp.clip(lengths - 1, 0, x.shape[1] - 1).astype(jnp.int32)
-    return jnp.take_along_axis(x, index.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
-
-
 def load_run(run_dir: str | Path, cls, *, merge: bool = True) -> tuple[Any, Any]:
     """`(cfg, params)` of a fine-tuning run's latest checkpoint; LoRA adapters merged."""
     from jaxgpt import checkpoint
@@ -266,5 +258,5 @@ def load_run(run_dir: str | Path, cls, *, merge: bool = True) -> tuple[Any, Any]
 
 
 __all__ = ["FinetuneConfig", "FinetuneTrainConfig", "LMLoRAConfig", "LM_LORA_TARGETS", "PAIR_PLOTS", "SPLITS", "SplitTask",
-           "TaskConfig", "add_finetune_args", "last_token", "load_run", "load_task_config", "schedule_steps",
+           "TaskConfig", "add_finetune_args", "load_run", "load_task_config", "schedule_steps",
            "validate_finetune"]

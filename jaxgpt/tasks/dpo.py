@@ -25,13 +25,12 @@ loss.png, margin.png, responses.json, reference_logprobs.npz, checkpoints/.
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.config import ModelConfig
@@ -39,10 +38,9 @@ from jaxgpt.data.preference import SPLITS, PreferenceData, PreferenceDataConfig,
 from jaxgpt.engine import Plot, is_main_process
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
-from jaxgpt.lora import is_lora_leaf, merge_lora
-from jaxgpt.losses import sequence_logprobs
+from jaxgpt.lora import merge_lora, without_adapters
 from jaxgpt.model import GPT
-from jaxgpt.preference import dpo_loss, implicit_rewards, preference_sums
+from jaxgpt.preference import dpo_loss_fn, reference_fn
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import LMLoRAConfig, PAIR_PLOTS, SplitTask, TaskConfig
 
@@ -85,72 +83,11 @@ def validate_dpo(cfg: DPOConfig) -> None:
 # Pure pieces: log-probs, reference, loss
 
 
-def response_logprobs(model, params, batch, dropout_key=None):
-    """`(logp_chosen [b], logp_rejected [b])`: summed log-probs of each response given its
-    prompt (`jaxgpt.losses.sequence_logprobs`).
-
-    batch: `chosen`, `rejected` `[b, t]` int32, `chosen_mask`, `rejected_mask` `[b, t]` (1 on
-    response tokens), optional `positions [b, w]` int32 (consecutive, starting at or before
-    the last prompt token and covering the responses; `jaxgpt.data.preference`). With
-    positions the LM head runs on those `w` positions only, and tokens and masks are read
-    there: the same sum (the masked-out prompt logits were never needed) at a fraction of
-    the head's `[2b, t, vocab]` cost. One forward pass over the `[2b, t]` concatenation."""
-    tokens = jnp.concatenate([batch["chosen"], batch["rejected"]])
-    mask = jnp.concatenate([batch["chosen_mask"], batch["rejected_mask"]])
-    positions = batch.get("positions")
-    if positions is not None:
-        positions = jnp.concatenate([positions, positions])
-    logits = model.apply({"params": params}, tokens, deterministic=dropout_key is None, head_positions=positions,
-                         rngs=None if dropout_key is None else {"dropout": dropout_key})
-    if positions is not None:
-        tokens = jnp.take_along_axis(tokens, positions, axis=1)
-        mask = jnp.take_along_axis(mask, positions, axis=1)
-    return jnp.split(sequence_logprobs(logits, tokens, mask), 2)
-
-
 def reference_params(params, train_mode: str):
-    """The frozen reference model's params, given the policy's initial params.
-
-    lora: the policy tree without its `lora_a`/`lora_b` leaves; every other leaf is the same
-    object (the base weights the policy freezes), so no second copy exists. Other modes: the
-    initial params themselves (training updates a device copy, `DataParallel.replicate`)."""
-    if train_mode != "lora":
-        return params
-
-    def strip(node, path=()):
-        if not hasattr(node, "items"):
-            return node
-        return {k: strip(v, path + (k,)) for k, v in node.items() if not is_lora_leaf(path + (k,))}
-
-    return strip(params)
-
-
-def reference_fn(ref_model):
-    """`fn(ref_params, batch, *, axis_name=None) -> {"ref_chosen", "ref_rejected"}` (`[b]`
-    each, dropout off): per-pair values, not sums, so no cross-device reduction."""
-
-    def fn(ref_params, batch, axis_name=None):
-        ref_c, ref_r = response_logprobs(ref_model, ref_params, batch)
-        return {"ref_chosen": ref_c, "ref_rejected": ref_r}
-
-    return fn
-
-
-def dpo_loss_fn(model, beta: float, label_smoothing: float = 0.0):
-    """`loss_fn(params, batch, dropout_key) -> (loss_sum, sums)` for `steps.train_step`.
-
-    batch: as `response_logprobs`, plus `ref_chosen`, `ref_rejected` `[b]` (the reference's
-    log-probs, precomputed) and optional `weight [b]`. Sums: `count`, `correct` (reward
-    accuracy), `margin`, `chosen_reward`, `rejected_reward` (implicit rewards)."""
-
-    def loss_fn(params, batch, dropout_key):
-        pi_c, pi_r = response_logprobs(model, params, batch, dropout_key)
-        ref_c, ref_r = batch["ref_chosen"], batch["ref_rejected"]
-        loss = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta, label_smoothing)
-        rewards_c, rewards_r = implicit_rewards(pi_c, ref_c, beta), implicit_rewards(pi_r, ref_r, beta)
-        return preference_sums(loss, rewards_c, rewards_r, batch.get("weight"))
-
-    return loss_fn
+    """The frozen reference's params from the policy's initial ones: in lora mode the base
+    leaves without the adapters (the same arrays the policy freezes, no copy); otherwise
+    the initial params themselves (training updates a device copy)."""
+    return without_adapters(params) if train_mode == "lora" else params
 
 
 def precompute_reference(dp, ref_model, ref_params, data: PreferenceData, batch_size: int) -> dict[str, dict]:
@@ -289,13 +226,9 @@ class DPO(SplitTask):
 RECIPE = DPO
 
 
-def finetune_dpo(cfg: DPOConfig, out_dir: str | Path | None = None, *, resume: bool = False,
-                 stop_after: int | None = None, tfds_data_dir: str | None = None) -> dict:
-    """DPO-train `cfg` into `out_dir` and return the summary written to metrics.json.
-
-    stop_after: end after this many total steps as if interrupted (resume continues)."""
-    return train(DPO, cfg, out_dir, resume=resume, stop_after=stop_after, tfds_data_dir=tfds_data_dir)
+# The Python entry point: finetune_dpo(cfg, out_dir=None, *, resume=False, stop_after=None) -> metrics.json summary
+finetune_dpo = functools.partial(train, DPO)
 
 
-__all__ = ["DPOConfig", "DPOSection", "dpo_loss_fn", "finetune_dpo", "precompute_reference", "reference_fn",
-           "reference_params", "response_logprobs", "sample_responses", "validate_dpo"]
+__all__ = ["DPOConfig", "DPOSection", "finetune_dpo", "precompute_reference", "reference_params", "sample_responses",
+           "validate_dpo"]

@@ -21,6 +21,7 @@ metrics.json, reward.png, kl.png, eval_samples.jsonl (the final greedy completio
 """
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,9 +280,5 @@ class GRPO(RLTask):
 RECIPE = GRPO
 
 
-def finetune_grpo(cfg: GRPOConfig, out_dir: str | Path | None = None, *, resume: bool = False,
-                  stop_after: int | None = None) -> dict:
-    """GRPO-train `cfg` into `out_dir`; returns the summary written to metrics.json.
-
-    stop_after: stop after this many iterations as if interrupted (`--resume` continues)."""
-    return train(GRPO, cfg, out_dir, resume=resume, stop_after=stop_after)
+# The Python entry point: finetune_grpo(cfg, out_dir=None, *, resume=False, stop_after=None) -> metrics.json summary
+finetune_grpo = functools.partial(train, GRPO)

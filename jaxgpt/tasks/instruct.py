@@ -21,15 +21,14 @@ parameter counts and timings.
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 
-from jaxgpt.config import ModelConfig
 from jaxgpt.data.instruct import InstructData, InstructDataConfig, load_instruct
 from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
@@ -153,12 +152,8 @@ class Instruct(SplitTask):
 RECIPE = Instruct
 
 
-def finetune_instruct(cfg: InstructConfig, out_dir: str | Path | None = None, *, resume: bool = False,
-                      stop_after: int | None = None, tfds_data_dir: str | None = None) -> dict:
-    """Fine-tune `cfg` into `out_dir`; returns the summary written to `metrics.json`.
-
-    stop_after: end after this many total steps as if interrupted (resume continues)."""
-    return train(Instruct, cfg, out_dir, resume=resume, stop_after=stop_after, tfds_data_dir=tfds_data_dir)
+# The Python entry point: finetune_instruct(cfg, out_dir=None, *, resume=False, stop_after=None) -> metrics.json summary
+finetune_instruct = functools.partial(train, Instruct)
 
 
 def load_instruct_run(run_dir: str | Path) -> tuple[InstructConfig, Any]:

@@ -255,7 +255,5 @@ def advantages(p: PPOSection, scores, logp, ref, values, mask):
 RECIPE = PPO
 
 
-def finetune_ppo(cfg: PPOConfig, out_dir: str | Path | None = None, *, resume: bool = False,
-                 stop_after: int | None = None) -> dict:
-    """PPO-train `cfg` into `out_dir`; returns the summary written to metrics.json."""
-    return train(PPO, cfg, out_dir, resume=resume, stop_after=stop_after)
+# The Python entry point: finetune_ppo(cfg, out_dir=None, *, resume=False, stop_after=None) -> metrics.json summary
+finetune_ppo = functools.partial(train, PPO)

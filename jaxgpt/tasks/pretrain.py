@@ -11,6 +11,7 @@ mfu, params, sample.
 """
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -86,14 +87,8 @@ class Pretrain(Recipe):
             log(f"sample: {summary['sample']!r}")
 
 
-def pretrain(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = False, init: str | None = None,
-             stop_after: int | None = None) -> dict:
-    """Pretrain `cfg` into `out_dir`; returns the summary written to metrics.json.
-
-    init: `--init SPEC` weights (the model section becomes the checkpoint's shape).
-    stop_after: end after this many steps as if interrupted (the schedule still runs to
-    `train.max_steps`); resuming continues from there."""
-    return train(Pretrain, cfg, out_dir, resume=resume, init=init, stop_after=stop_after)
+# The Python entry point: pretrain(cfg, out_dir=None, *, resume=False, init=None, stop_after=None) -> summary
+pretrain = functools.partial(train, Pretrain)
 
 
 def resume_config(run_dir: str | Path, overrides=()) -> Config:

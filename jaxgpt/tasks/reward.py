@@ -20,6 +20,7 @@ For RL (PPO) and scoring: `load_reward_model(run)` and the pure `reward_scores(.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,9 @@ from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
 from jaxgpt.lora import LoRAConfig
-from jaxgpt.preference import pairwise_loss, preference_sums
-from jaxgpt.tasks import common, default_config
+from jaxgpt.losses import last_token
+from jaxgpt.preference import reward_loss_fn
+from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import PAIR_PLOTS, SplitTask, TaskConfig
 
 DEFAULT_CONFIG = default_config("reward")
@@ -57,7 +59,7 @@ def reward_scores(model_cfg: ModelConfig, params, tokens, lengths):
     from jaxgpt.model import GPT
 
     scores = GPT(model_cfg, num_classes=1).apply({"params": params}, jnp.asarray(tokens, jnp.int32))
-    return common.last_token(scores, jnp.asarray(lengths, jnp.int32))[:, 0]
+    return last_token(scores, jnp.asarray(lengths, jnp.int32))[:, 0]
 
 
 @dataclass(frozen=True)
@@ -85,23 +87,6 @@ def load_reward_model(run_dir: str | Path) -> tuple[ModelConfig, Any]:
         raise UserError(f"{run_dir} is not a reward-model run (no score head [{cfg.model.n_embd}, 1]); "
                         "train one with `python finetune.py reward`")
     return cfg.model, params
-
-
-def reward_loss_fn(model):
-    """`loss_fn(params, batch, dropout_key) -> (loss_sum, sums)` of the pairwise loss.
-
-    batch: `chosen`, `rejected` `[b, t]` int32, `chosen_lengths`, `rejected_lengths` `[b]`,
-    optional `weight [b]`. Chosen and rejected rows share one forward pass (`[2b, t]`)."""
-
-    def loss_fn(params, batch, dropout_key):
-        tokens = jnp.concatenate([batch["chosen"], batch["rejected"]])
-        lengths = jnp.concatenate([batch["chosen_lengths"], batch["rejected_lengths"]])
-        scores = model.apply({"params": params}, tokens, deterministic=dropout_key is None,
-                             rngs=None if dropout_key is None else {"dropout": dropout_key})
-        r_chosen, r_rejected = jnp.split(common.last_token(scores, lengths)[:, 0], 2)
-        return preference_sums(pairwise_loss(r_chosen, r_rejected), r_chosen, r_rejected, batch.get("weight"))
-
-    return loss_fn
 
 
 class Reward(SplitTask):
@@ -134,12 +119,8 @@ class Reward(SplitTask):
 RECIPE = Reward
 
 
-def train_reward_model(cfg: RewardConfig, out_dir: str | Path | None = None, *, resume: bool = False,
-                       stop_after: int | None = None, tfds_data_dir: str | None = None) -> dict:
-    """Train `cfg` into `out_dir` and return the summary written to metrics.json.
-
-    stop_after: end after this many total steps as if interrupted (resume continues)."""
-    return train(Reward, cfg, out_dir, resume=resume, stop_after=stop_after, tfds_data_dir=tfds_data_dir)
+# The Python entry point: train_reward_model(cfg, out_dir=None, *, resume=False, stop_after=None) -> metrics.json summary
+train_reward_model = functools.partial(train, Reward)
 
 
-__all__ = ["RewardConfig", "load_reward_model", "reward_loss_fn", "reward_scores", "train_reward_model"]
+__all__ = ["RewardConfig", "load_reward_model", "reward_scores", "train_reward_model"]
