@@ -88,3 +88,34 @@ def test_generate_and_resume_with_no_intact_checkpoint(straight, tmp_path, capsy
         assert entry() == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: ") and "no intact checkpoint" in err[0], "\n".join(err)
+
+
+@pytest.mark.parametrize(
+    "argv, config_text, words",
+    [
+        (["--set", "train.lr=nan"], None, "train.lr: expected a finite number"),
+        (["--set", "train.lr=inf"], None, "train.lr: expected a finite number"),
+        (["--set", "train.b2=1"], None, "train.b2 must be in [0, 1)"),
+        (["--set", "model.vocab_size=1000"], None, "smaller than the GPT-2 tokenizer's"),
+        (["--set", "model.remat_policy=bogus"], None, "model.remat_policy 'bogus'"),
+        (["--set", "model.attention=flash"], None, "model.attention must be"),
+        ([], "model: 5\n", "config model: expected a section"),
+        (["finetune.py", "classify", "--set", "train.lr=nan"], None, "train.lr: expected a finite number"),
+        (["finetune.py", "grpo", "--set", "model=[1]"], None, "config model: expected a section"),
+    ],
+)
+def test_bad_values_exit_2_before_a_run_directory_exists(tmp_path, capsys, argv, config_text, words):
+    out = tmp_path / "out"
+    if config_text is not None:
+        (tmp_path / "c.yaml").write_text(config_text)
+        argv = argv + ["--config", str(tmp_path / "c.yaml")]
+    if argv[0] == "finetune.py":
+        import finetune
+
+        code = finetune.main(argv[1:] + ["--out", str(out)])
+    else:
+        code = _train(argv + ["--out", str(out), "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert not out.exists() and not (tmp_path / "cache").exists()
