@@ -235,6 +235,60 @@ def test_pytorch_bin_and_state_dict(hf_models, tmp_path):
                                params, want)
 
 
+class _Evil:
+    """Unpickling this would create `marker` (what a malicious checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _bin_dir(tmp_path, name, write):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(dict(vocab_size=11, n_positions=8, n_embd=4, n_layer=1, n_head=1)))
+    write(d / "pytorch_model.bin")
+    return d
+
+
+@pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle"])
+def test_a_malicious_pytorch_bin_never_runs(tmp_path, capsys, kind):
+    """A pickle whose loading would run code is refused in one line of ours; nothing runs."""
+    import pickle
+
+
+    marker = tmp_path / "pwned"
+    evil = {"wte.weight": _Evil(str(marker))}
+    write = (lambda p: torch.save(evil, p)) if kind == "torch-zip" else (lambda p: p.write_bytes(pickle.dumps(evil)))
+    d = _bin_dir(tmp_path, "evil", write)
+    with pytest.raises(UserError, match=r"pytorch_model.bin") as e:
+        resolve_init(str(d))
+    assert "\n" not in str(e.value) and not marker.exists()
+    assert export_main(["--init", str(d), "--to-hf", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "pytorch_model.bin" in err[0], err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-dict"])
+def test_a_corrupt_pytorch_bin_is_one_line(hf_models, tmp_path, damage):
+    path, model = hf_models["untied_eps"]
+    good = tmp_path / "good.bin"
+    torch.save(model.state_dict(), good)
+    data = good.read_bytes()
+    write = {"truncated": lambda p: p.write_bytes(data[: len(data) // 2]),
+             "garbage": lambda p: p.write_bytes(b"\x00not a checkpoint" * 64),
+             "not-a-dict": lambda p: torch.save([torch.zeros(2)], p)}[damage]
+    d = _bin_dir(tmp_path, damage, write)
+    with pytest.raises(UserError, match=r"^(cannot read|refusing) .*pytorch_model.bin") as e:
+        resolve_init(str(d))
+    assert "\n" not in str(e.value)
+
+
 def test_openai_layout_keys_without_prefix_and_buffers(hf_models, tmp_path):
     """The layout of the openai-community upload: GPT2Model keys (no `transformer.`), the
     `attn.bias` / `attn.masked_bias` mask buffers, and a tied `lm_head.weight` equal to wte."""
