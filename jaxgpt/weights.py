@@ -388,7 +388,7 @@ def _load_torch_bin(bin_file: Path) -> Mapping[str, Any]:
             glob = re.search(r"Unsupported global: GLOBAL (\S+)", text)
             detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
             what = (f"it asks to run {glob.group(1)}" if glob else
-                    f"it is not plain tensors ({(detail.group(1) if detail else text.splitlines()[0])[:80].strip()})")
+                    f"it is not plain tensors ({(detail.group(1) if detail else type(e).__name__)[:80].strip()})")
             raise UserError(f"refusing {bin_file}: {what}; it was read with torch.load(weights_only=True), so "
                             "nothing in it ran; use model.safetensors, or re-download the file") from None
         first = (text.strip().splitlines() or [""])[0]
