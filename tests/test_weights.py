@@ -538,6 +538,44 @@ def test_export_cli(hf_models, tmp_path, capsys):
     assert not (tmp_path / "o2").exists()
 
 
+@pytest.mark.parametrize("case", ["dot", "parent-of-cwd", "source", "holds-source", "other-files", "subfolder"])
+def test_export_force_never_deletes_user_files(hf_models, tmp_path, capsys, monkeypatch, case):
+    """--force replaces a previous export only: never `.`, a folder above it, the --init
+    source (or a folder holding it), or a folder with anything else in it."""
+    import shutil
+
+    src = tmp_path / "lib" / "weights"
+    shutil.copytree(hf_models["untied_eps"][0], src)  # config.json + model.safetensors: export-shaped
+    (tmp_path / "proj" / "work").mkdir(parents=True)
+    (tmp_path / "proj" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "proj" / "work")
+    (tmp_path / "proj" / "work" / "train.log").write_text("mine")
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors", "README.md"):
+        (other / name).write_text("mine")
+    nested = tmp_path / "nested"
+    (nested / "sub").mkdir(parents=True)
+    (nested / "config.json").write_text("{}")
+    out, words = {"dot": (".", "working folder"), "parent-of-cwd": (str(tmp_path / "proj"), "working folder"),
+                  "source": (str(src), "--init weights"), "holds-source": (str(src.parent), "--init weights"),
+                  "other-files": (str(other), "not a previous export (README.md)"),
+                  "subfolder": (str(nested), "not a previous export (sub)")}[case]
+    before = sorted(str(p) + (p.read_bytes().hex()[:64] if p.is_file() else "") for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    assert export_main(["--init", str(src), "--to-hf", out, "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert sorted(str(p) + (p.read_bytes().hex()[:64] if p.is_file() else "") for p in tmp_path.rglob("*")) == before
+    if "source" not in case:  # the library refuses these too
+        config, params = resolve_init(str(src))
+        with pytest.raises(UserError, match=words.split(" (")[0]):
+            export_hf(params, config, out, force=True)
+    else:  # beside it is fine, and a second export there replaces the first
+        assert export_main(["--init", str(src), "--to-hf", str(tmp_path / "hf")]) == 0
+        assert export_main(["--init", str(src), "--to-hf", str(tmp_path / "hf"), "--force"]) == 0
+
+
 def test_run_dir_delegates_to_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     run.mkdir()
