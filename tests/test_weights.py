@@ -427,12 +427,22 @@ def test_missing_files_and_unknown_spec(tmp_path):
 # Presets and download
 
 
+def _pin_to_files(monkeypatch, name, folder):
+    """Pin preset `name`'s files to the sizes and sha256 of the files in `folder`."""
+    import hashlib
+
+    files = {f: hub.Expected((folder / f).stat().st_size, sha256=hashlib.sha256((folder / f).read_bytes()).hexdigest())
+             for f in hub.PRESET_FILES}
+    monkeypatch.setitem(hub.PRESET_PINS, name, hub.Pin(hub.PRESET_PINS[name].revision, files))
+
+
 def test_preset_download_from_local_mirror_then_cached(hf_models, tmp_path, monkeypatch):
     path, model = hf_models["odd"]
-    mirror = tmp_path / "mirror" / "gpt2" / "resolve" / "main"
+    mirror = tmp_path / "mirror" / "gpt2" / "resolve" / hub.PRESET_PINS["gpt2"].revision
     mirror.mkdir(parents=True)
     for f in ("config.json", "model.safetensors"):
         (mirror / f).write_bytes((path / f).read_bytes())
+    _pin_to_files(monkeypatch, "gpt2", path)  # the mirror serves a tiny model under gpt2's name
     monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hub, "HF_BASE_URL", (tmp_path / "mirror").as_uri())
     cfg, params = resolve_init("gpt2-124m")  # alias of gpt2
@@ -446,6 +456,130 @@ def test_preset_download_from_local_mirror_then_cached(hf_models, tmp_path, monk
     monkeypatch.setattr(hub.urllib.request, "urlopen", offline)
     cfg2, _ = resolve_init("gpt2")
     assert cfg2 == cfg
+
+
+class _Hub:
+    """A local stand-in for huggingface.co on 127.0.0.1: the model API (sizes and hashes for
+    a commit) and /resolve/ downloads, whose first responses can be cut short (no
+    Content-Length) or tampered (same size, one byte changed)."""
+
+    def __init__(self, name, folder):
+        import hashlib
+        import http.server
+        import threading
+
+        from jaxgpt.download import git_blob_sha1
+
+        self.name, self.requests, self.faults = name, [], []
+        self.files = {f: (folder / f).read_bytes() for f in hub.PRESET_FILES}
+        data = self.files["model.safetensors"]
+        siblings = [{"rfilename": "config.json", "size": len(self.files["config.json"]),
+                     "blobId": git_blob_sha1(self.files["config.json"])},
+                    {"rfilename": "model.safetensors", "size": 135, "blobId": "0" * 40,
+                     "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 135}}]
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                owner.requests.append(self.path)
+                rev = hub.PRESET_PINS[owner.name].revision
+                if self.path == f"/api/models/openai-community/{owner.name}/revision/{rev}?blobs=true":
+                    body, length = json.dumps({"sha": rev, "siblings": siblings}).encode(), True
+                else:
+                    prefix = f"/openai-community/{owner.name}/resolve/{rev}/"
+                    if not self.path.startswith(prefix) or self.path[len(prefix):] not in owner.files:
+                        self.send_error(404)
+                        return
+                    file = self.path[len(prefix):]
+                    body, length = owner.files[file], True
+                    fault = owner.faults.pop(0) if file == "model.safetensors" and owner.faults else None
+                    if fault == "truncate":
+                        body, length = body[: len(body) // 2], False
+                    elif fault == "tamper":
+                        body = body[:-1] + bytes([body[-1] ^ 1])
+                self.send_response(200)
+                if length:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("name, faults", [("gpt2-medium", ["truncate"]), ("gpt2-medium", ["tamper"]),
+                                          ("gpt2", ["truncate"]), ("gpt2", ["tamper"]), ("gpt2-xl", [])])
+def test_preset_download_is_verified_and_refetched_once(hf_models, tmp_path, monkeypatch, capsys, name, faults):
+    """gpt2 is checked against its pinned sha256, the others against the hub's metadata for
+    the pinned commit; a file cut short or tampered is deleted and fetched again, once."""
+    folder = hf_models["odd"][0]
+    server = _Hub(name, folder)
+    try:
+        if name == "gpt2":
+            _pin_to_files(monkeypatch, "gpt2", folder)
+        monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("JAXGPT_HF_ENDPOINT", server.endpoint)
+        server.faults = list(faults)
+        cfg, _ = resolve_init(name)
+        assert cfg.n_embd == 48
+        warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+        assert len(warnings) == len(faults)
+        if faults:
+            words = "was cut short" if faults[0] == "truncate" else "does not match its sha256"
+            assert f"model.safetensors of {name} {words}" in warnings[0], warnings
+        cached = tmp_path / "cache" / "hf" / name
+        assert sorted(p.name for p in cached.iterdir()) == ["config.json", "model.safetensors"]
+        assert (cached / "model.safetensors").read_bytes() == server.files["model.safetensors"]
+        assert all(hub.PRESET_PINS[name].revision in r for r in server.requests)  # never `main`
+        seen = len(server.requests)
+        resolve_init(name)  # verified once: later runs read the cache
+        assert len(server.requests) == seen
+    finally:
+        server.close()
+
+
+def test_preset_download_that_stays_bad_is_one_line_and_leaves_nothing(hf_models, tmp_path, monkeypatch):
+    folder = hf_models["odd"][0]
+    server = _Hub("gpt2-large", folder)
+    try:
+        monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("JAXGPT_HF_ENDPOINT", server.endpoint)
+        server.faults = ["tamper", "truncate"]
+        with pytest.raises(UserError, match="cannot download gpt2-large: model.safetensors of gpt2-large was cut "
+                                            "short .*twice") as e:
+            resolve_init("gpt2-large")
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / "cache" / "hf" / "gpt2-large" / "model.safetensors").exists()
+        assert not list((tmp_path / "cache" / "hf" / "gpt2-large").glob("*.part"))
+        assert not (tmp_path / "cache" / "hf" / "gpt2-large.verified.json").exists()
+        # A same-size file already in the cache (from before downloads were verified) is checked too.
+        cached = tmp_path / "cache" / "hf" / "gpt2-large"
+        for f, data in server.files.items():
+            (cached / f).write_bytes(data if f == "config.json" else data[:-1] + bytes([data[-1] ^ 1]))
+        resolve_init("gpt2-large")
+        assert (cached / "model.safetensors").read_bytes() == server.files["model.safetensors"]
+    finally:
+        server.close()
+
+
+def test_every_preset_is_pinned_to_a_commit():
+    import re
+
+    assert set(hub.PRESET_PINS) == set(hub.HF_PRESETS)
+    for name, pin in hub.PRESET_PINS.items():
+        assert re.fullmatch(r"[0-9a-f]{40}", pin.revision), name
+        for f, e in pin.files.items():
+            assert f in hub.PRESET_FILES and re.fullmatch(r"[0-9a-f]{64}", e.sha256) and e.size > 0
+    assert set(hub.PRESET_PINS["gpt2"].files) == set(hub.PRESET_FILES)
 
 
 def test_preset_offline_message(tmp_path, monkeypatch):
