@@ -119,3 +119,64 @@ def test_bad_values_exit_2_before_a_run_directory_exists(tmp_path, capsys, argv,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
     assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_tokenizer_killed_midway_leaves_nothing_a_later_run_uses(tmp_path):
+    """SIGKILL during the tokenization of a ~3 MB corpus: no token file or sidecar appears; the
+    next run retokenizes (removing the dead writer's temp file) and gets the right tokens."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import numpy as np
+
+    from jaxgpt import datasets, tokenizer
+    from jaxgpt.data.tokens import prepare_token_file
+
+    text = datasets.bundled_path("the-verdict").read_text(encoding="utf-8") * 150
+    corpus = tmp_path / "big.txt"
+    corpus.write_text(text, encoding="utf-8")
+    cache = tmp_path / "cache"
+    code = ("import sys; from jaxgpt.data.tokens import prepare_token_file; "
+            "prepare_token_file(sys.argv[1], sys.argv[2], chunk_chars=2048, num_threads=1)")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(corpus), str(cache)], cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            tmps = list(cache.glob("*.bin.tmp-*")) if cache.exists() else []
+            if tmps and tmps[0].stat().st_size > 0:
+                break
+            assert proc.poll() is None, "tokenization finished before it could be killed"
+            time.sleep(0.005)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert list(cache.glob("*.bin.tmp-*")), "the kill came after the tokenization"
+    assert not list(cache.glob("*.bin")) and not list(cache.glob("*.json"))
+    path, n = prepare_token_file(str(corpus), cache)
+    assert not list(cache.glob("*.tmp-*"))
+    np.testing.assert_array_equal(np.fromfile(path, "<u2"), tokenizer.encode(text))
+
+
+def test_a_token_file_changed_in_place_is_not_trusted(tmp_path, monkeypatch):
+    """Same size, one token changed: the sidecar's sha256 catches it and the corpus is
+    tokenized again (a run never trains on tokens that are not its corpus's)."""
+    import numpy as np
+
+    from jaxgpt import tokenizer
+    from jaxgpt.data.tokens import prepare_token_file
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("Every effort moves you, and more.\n" * 20)
+    path, n = prepare_token_file(str(corpus), tmp_path / "cache")
+    good = path.read_bytes()
+    path.write_bytes(good[:2] + bytes([good[2] ^ 1]) + good[3:])
+    calls = []
+    real = tokenizer.encode_batch
+    monkeypatch.setattr(tokenizer, "encode_batch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert prepare_token_file(str(corpus), tmp_path / "cache")[1] == n
+    assert calls and path.read_bytes() == good
+    np.testing.assert_array_equal(np.fromfile(path, "<u2"), tokenizer.encode(corpus.read_text()))
