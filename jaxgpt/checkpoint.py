@@ -184,20 +184,20 @@ def _newest_intact(run_dir: Path, load: Callable[[ocp.CheckpointManager, int], A
 
 
 def _report(run_dir: Path, used: int, damaged: dict[int, str], quarantine: bool) -> None:
-    if not damaged:
-        return
-    newest = max(damaged)
-    moved = ""
+    if damaged:
+        newest = max(damaged)
+        moved = f"; moved the damaged step(s) to {run_dir / CORRUPT_DIR}" if quarantine else ""
+        _warn(f"checkpoint {newest} of {run_dir} is damaged ({damaged[newest]}); using step {used} instead{moved}")
     if quarantine:
-        moved = f"; moved the damaged step(s) to {run_dir / CORRUPT_DIR}"
         _quarantine(run_dir, [s for s in damaged if s > used])
-    _warn(f"checkpoint {newest} of {run_dir} is damaged ({damaged[newest]}); using step {used} instead{moved}")
 
 
 def _quarantine(run_dir: Path, steps: list[int]) -> None:
-    """Move damaged steps newer than the restored one out of `checkpoints/` (process 0; the
-    others wait), so the resumed run saves those steps afresh and rotation ignores them."""
-    if jax.process_index() == 0:
+    """Move damaged steps newer than the restored one out of `checkpoints/` (process 0), so
+    the resumed run saves those steps afresh and rotation ignores them. Every process then
+    meets at one barrier, damage or not: a process that started late may already see the
+    moved directory, and all must make the same collective calls."""
+    if jax.process_index() == 0 and steps:
         dest = run_dir / CORRUPT_DIR
         dest.mkdir(exist_ok=True)
         stamp = time.strftime("%Y%m%d-%H%M%S")
