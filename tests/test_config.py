@@ -101,12 +101,12 @@ XFAIL = pytest.mark.xfail(strict=True, reason="task section validation: wired by
 
 
 def _config_classes():
-    from jaxgpt.tasks import TASKS, default_config, load
-    from jaxgpt.trainer import DEFAULT_CONFIG
+    from jaxgpt.tasks import TASKS, config_class_for, default_config
+    from jaxgpt.tasks.pretrain import DEFAULT_CONFIG
 
     yield "pretrain", Config, DEFAULT_CONFIG
     for name in TASKS:
-        yield name, load(name).CONFIG_CLASS, default_config(name)
+        yield name, config_class_for(default_config(name)), default_config(name)
 
 
 def _bad_values(task: str, key: str, typ) -> list:
@@ -210,7 +210,7 @@ def test_a_later_preset_replaces_an_earlier_files_shape(tmp_path):
     """default.yaml shrinks gpt2-124m to 4 layers; `--set model.preset=gpt2-124m` must then give
     GPT-2 124M, while shape keys set beside the preset in the same layer still win."""
     from jaxgpt.model import count_params, param_shapes
-    from jaxgpt.trainer import DEFAULT_CONFIG
+    from jaxgpt.tasks.pretrain import DEFAULT_CONFIG
 
     small = load_config(DEFAULT_CONFIG).model
     assert (small.n_layer, small.n_embd, small.context_length) == (4, 128, 128)
