@@ -1,17 +1,31 @@
-"""Orbax checkpoints of a run directory: `RUN/checkpoints/<step>/{state,meta}`.
+"""Orbax checkpoints of a run directory: `RUN/checkpoints/<step>/{state,meta,manifest.json}`.
 
 `state` holds params, optimiser state and step (host numpy, unreplicated: Orbax cannot
 save pmap's per-device arrays); `meta` is JSON with the data position and the PRNG key data
 (typed keys do not round-trip through Orbax, so the raw `key_data` is stored). Orbax
 writes each step into a temporary directory and renames it only when complete, so a save
 interrupted mid-write is never listed as the latest step.
+
+Each step verifies itself: once Orbax has finished, `save` writes `manifest.json` (size and
+sha256 of every file of the step, written last and atomically). `restore` and
+`load_params` check it and, when the newest step fails the check or fails to load (a disk
+that filled up, a copy cut short, an emptied file), warn in one line naming both steps and
+use the newest intact one instead; with none intact they raise a one-line `UserError`.
+Steps saved before manifests existed are trusted if they load. A resumed run moves the
+damaged steps to `RUN/corrupt-checkpoints/`, so its next save at that step is not skipped
+and `keep_checkpoints` never rotates the intact step out in favour of a damaged one.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
+import os
+import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -21,7 +35,9 @@ from jaxgpt.config import Config, load_config, read_yaml
 from jaxgpt.errors import UserError
 
 CHECKPOINT_DIR = "checkpoints"
+CORRUPT_DIR = "corrupt-checkpoints"
 CONFIG_FILE = "config.yaml"
+MANIFEST = "manifest.json"
 
 
 def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
@@ -44,36 +60,177 @@ def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = Fal
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-    """Save host-side `state` (a pytree of arrays) and JSON-able `meta` at `step`, and wait."""
+    """Save host-side `state` (a pytree of arrays) and JSON-able `meta` at `step`, wait, and
+    then (process 0 only: every process's files are in place once Orbax has committed the
+    step) record the step's files in its manifest."""
     manager.save(
         step,
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         force=True,
     )
     manager.wait_until_finished()
+    if jax.process_index() == 0:
+        write_manifest(Path(str(manager.directory)) / str(step), step)
+
+
+# ---------------------------------------------------------------------------------------
+# Manifests
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _step_files(step_dir: Path) -> list[Path]:
+    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(step_dir: Path, step: int) -> None:
+    """`step_dir/manifest.json`: {relative path: {size, sha256}} of every file, written to a
+    temporary name and renamed, so a manifest is whole or absent."""
+    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in _step_files(step_dir)}
+    tmp = step_dir / f".{MANIFEST}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=1))
+    os.replace(tmp, step_dir / MANIFEST)
+
+
+def verify_step(step_dir: Path) -> str | None:
+    """None if the step's files match its manifest (or it has none: saved before manifests),
+    else what is wrong, in a few words."""
+    path = step_dir / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        files = json.loads(path.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"its {MANIFEST} is unreadable"
+    for rel, want in files.items():
+        p = step_dir / rel
+        if not p.is_file():
+            return f"{rel} is missing"
+        size = p.stat().st_size
+        if size != want["size"]:
+            return f"{rel} is {size} bytes, {want['size']} when saved"
+    for rel, want in files.items():  # sizes first: they are cheap and catch truncation
+        if _sha256(step_dir / rel) != want["sha256"]:
+            return f"{rel} does not match its sha256"
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Finding and restoring the newest intact step
 
 
 def latest_step(run_dir: str | Path) -> int | None:
+    """The newest step Orbax lists (committed, not necessarily intact; `restore` checks)."""
     path = Path(run_dir) / CHECKPOINT_DIR
     if not path.is_dir():
         return None
-    return checkpoint_manager(run_dir, read_only=True).latest_step()
-
-
-def restore(run_dir: str | Path, target: Any, step: int | None = None) -> tuple[Any, dict]:
-    """Restore `(state, meta)`; `target` is an abstract pytree (from `jax.eval_shape`)
-    giving the structure, shapes and dtypes to restore into."""
-    step = latest_step(run_dir) if step is None else step
-    if step is None:
-        raise UserError(f"{run_dir} has no checkpoint to resume from (looked in {Path(run_dir) / CHECKPOINT_DIR})")
     manager = checkpoint_manager(run_dir, read_only=True)
-    _check_shapes(manager.item_metadata(step)["state"], target, f"checkpoint {step} in {run_dir}")
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def all_steps(run_dir: str | Path) -> list[int]:
+    """Every committed step, oldest first."""
+    path = Path(run_dir) / CHECKPOINT_DIR
+    if not path.is_dir():
+        return []
+    manager = checkpoint_manager(run_dir, read_only=True)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def _warn(msg: str) -> None:
+    if jax.process_index() == 0:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"warning: {msg}", file=sys.stderr)
+
+
+def _newest_intact(run_dir: Path, load: Callable[[ocp.CheckpointManager, int], Any],
+                   step: int | None) -> tuple[int, Any, dict[int, str]]:
+    """`(step, load(manager, step), {damaged step: reason})` for the newest step that passes
+    its manifest and loads; only `step` when given. `UserError` from `load` (a checkpoint of
+    another model) is not damage and propagates."""
+    steps = [step] if step is not None else all_steps(run_dir)[::-1]
+    if not steps:
+        raise UserError(f"{run_dir} has no checkpoint (looked in {run_dir / CHECKPOINT_DIR})")
+    damaged: dict[int, str] = {}
+    manager = checkpoint_manager(run_dir, read_only=True)
+    try:
+        for s in steps:
+            reason = verify_step(run_dir / CHECKPOINT_DIR / str(s))
+            if reason is None:
+                try:
+                    return s, load(manager, s), damaged
+                except UserError:
+                    raise
+                except Exception as e:  # Orbax / tensorstore / JSON errors of a damaged step
+                    first = (str(e).splitlines() or [""])[0]
+                    reason = f"it fails to load: {type(e).__name__}: {first[:120]}"
+            damaged[s] = reason
+    finally:
+        manager.close()
+    where = "; ".join(f"step {s}: {r}" for s, r in damaged.items())
+    raise UserError(f"{run_dir} has no intact checkpoint ({where}); start a new run or restore the "
+                    f"files from a copy")
+
+
+def _report(run_dir: Path, used: int, damaged: dict[int, str], quarantine: bool) -> None:
+    if damaged:
+        newest = max(damaged)
+        moved = f"; moved the damaged step(s) to {run_dir / CORRUPT_DIR}" if quarantine else ""
+        _warn(f"checkpoint {newest} of {run_dir} is damaged ({damaged[newest]}); using step {used} instead{moved}")
+    if quarantine:
+        _quarantine(run_dir, [s for s in damaged if s > used])
+
+
+def _quarantine(run_dir: Path, steps: list[int]) -> None:
+    """Move damaged steps newer than the restored one out of `checkpoints/` (process 0), so
+    the resumed run saves those steps afresh and rotation ignores them. Every process then
+    meets at one barrier, damage or not: a process that started late may already see the
+    moved directory, and all must make the same collective calls."""
+    if jax.process_index() == 0 and steps:
+        dest = run_dir / CORRUPT_DIR
+        dest.mkdir(exist_ok=True)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for s in steps:
+            os.replace(run_dir / CHECKPOINT_DIR / str(s), dest / f"{s}-{stamp}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxgpt-checkpoint-quarantine")
+
+
+def restore(run_dir: str | Path, target: Any, step: int | None = None, *,
+            quarantine: bool = True) -> tuple[Any, dict]:
+    """Restore `(state, meta)` of the newest intact step (or exactly `step`); `target` is
+    an abstract pytree (from `jax.eval_shape`) giving the structure, shapes and dtypes to
+    restore into. With `quarantine` (resuming), damaged newer steps are moved aside."""
+    run_dir = Path(run_dir)
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
-    restored = manager.restore(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-    )
-    return restored["state"], restored["meta"]
+
+    def load(manager, s):
+        saved = manager.item_metadata(s)["state"]
+        if not _path_shapes(saved):  # no readable state metadata: damage, not another model
+            raise ValueError("state/_METADATA is unreadable")
+        _check_shapes(saved, target, f"checkpoint {s} in {run_dir}")
+        restored = manager.restore(
+            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        return restored["state"], restored["meta"]
+
+    if step is None and latest_step(run_dir) is None:
+        raise UserError(f"{run_dir} has no checkpoint to resume from (looked in {run_dir / CHECKPOINT_DIR})")
+    used, (state, meta), damaged = _newest_intact(run_dir, load, step)
+    _report(run_dir, used, damaged, quarantine)
+    return state, meta
 
 
 def _path_shapes(tree) -> dict[str, tuple]:
@@ -112,7 +269,7 @@ def read_run_config(run_dir: str | Path, overrides=()) -> Config:
 
 
 def load_params(run_dir: str | Path, config_cls=Config) -> tuple[Any, Any]:
-    """`(config, params)` from the latest checkpoint of a run, for inference or as `--init`.
+    """`(config, params)` from the newest intact checkpoint of a run, for inference or `--init`.
 
     Sections of the run's config.yaml that `config_cls` lacks (a fine-tuning task's own
     settings) are skipped, so any run can be loaded as a `Config` whose `.model` is exact.
@@ -124,10 +281,8 @@ def load_params(run_dir: str | Path, config_cls=Config) -> tuple[Any, Any]:
     known = {f.name for f in dataclasses.fields(config_cls)}
     sections = {k: v for k, v in read_yaml(path).items() if k in known}
     cfg = load_config(None, cls=config_cls, base=sections)
-    step = latest_step(run_dir)
-    if step is None:
-        raise UserError(f"{run_dir} has no checkpoint (looked in {run_dir / CHECKPOINT_DIR})")
-    manager = checkpoint_manager(run_dir, read_only=True)
     # No target: Orbax restores the saved tree as it was written (host arrays).
-    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    load = lambda manager, s: manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    used, state, damaged = _newest_intact(run_dir, load, None)
+    _report(run_dir, used, damaged, quarantine=False)  # reading a run never changes it
     return cfg, state["params"]

@@ -44,13 +44,17 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--coordinator", metavar="HOST:PORT", help="address of process 0's coordinator")
     group.add_argument("--num-processes", type=int, metavar="N", help="number of processes (hosts)")
     group.add_argument("--process-id", type=int, metavar="I", help="this process's index, 0..N-1")
+    group.add_argument("--peer-timeout", type=float, metavar="S",
+                       help="seconds without a heartbeat after which another process counts as dead and this "
+                            "one exits with an error (default: $JAXGPT_PEER_TIMEOUT or 60)")
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
     """Start jax.distributed from the flags (or the environment) before any device is used."""
     from jaxgpt.distributed import initialize
 
-    initialize(args.coordinator, args.num_processes, args.process_id)
+    initialize(args.coordinator, args.num_processes, args.process_id,
+               peer_timeout=getattr(args, "peer_timeout", None))
 
 
 def main_entry(main: Callable[[Sequence[str] | None], int]) -> None:

@@ -7,11 +7,18 @@ config is written into each run directory as `config.yaml`, so a run can be resu
 reloaded without the file it started from.
 
 The `model` section may name a `preset` (`gpt2-124m`, ...); its fields are filled from the
-preset first and then any other keys given override them.
+preset first and then any other keys given override them. Later layers win: a preset set by
+`--set` (or a later file) replaces the shape keys an earlier file set, while keys given in
+the same layer as the preset still override it.
+
+Every value is checked here, before a run directory exists: numbers must be finite, ranges
+are checked by `validate`, enumerations must name a known choice, and `model.vocab_size`
+must hold the GPT-2 tokenizer's ids (a run's own saved config, reloaded, keeps its vocab).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,12 +53,20 @@ class ModelConfig:
         return self.n_embd // self.n_head
 
 
+_GPT2 = dict(vocab_size=50257, context_length=1024)
 PRESETS: dict[str, dict[str, Any]] = {
-    "gpt2-124m": dict(n_layer=12, n_head=12, n_embd=768),
-    "gpt2-355m": dict(n_layer=24, n_head=16, n_embd=1024),
-    "gpt2-774m": dict(n_layer=36, n_head=20, n_embd=1280),
-    "gpt2-1558m": dict(n_layer=48, n_head=25, n_embd=1600),
+    "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
+    "gpt2-355m": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-774m": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-1558m": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),
 }
+PRESET_KEYS = frozenset(k for preset in PRESETS.values() for k in preset)
+# The names in jax.checkpoint_policies that are policies themselves (the others, such as
+# save_only_these_names, are factories that need arguments a config cannot give).
+REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
+                  "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+ATTENTION_KINDS = ("reference", "xla", "cudnn")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -133,14 +148,19 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
             return value
         raise UserError(f"config {where}: expected an integer, got {value!r}")
     if typ is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        raise UserError(f"config {where}: expected a number, got {value!r}")
+        if number is None:
+            raise UserError(f"config {where}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise UserError(f"config {where}: expected a finite number, got {value!r}")
+        return number
     if typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -152,13 +172,13 @@ def _coerce(value: Any, typ: Any, where: str) -> Any:
 
 def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
     """Build dataclass `cls` from a (possibly nested) mapping; unknown keys are an error."""
+    if data is not None and not isinstance(data, Mapping):
+        raise UserError(f"config {where or 'root'}: expected a section of key: value lines, got {data!r}")
     data = dict(data or {})
-    if not isinstance(data, dict):
-        raise UserError(f"config {where or 'root'}: expected a mapping, got {data!r}")
     types_ = _field_types(cls)
     if cls is ModelConfig and "preset" in data:
         preset = data.pop("preset")
-        if preset not in PRESETS:
+        if not isinstance(preset, str) or preset not in PRESETS:
             raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
         data = {**PRESETS[preset], **data}
     unknown = sorted(set(data) - set(types_))
@@ -233,31 +253,51 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _merge_layer(data: dict, layer: Mapping) -> dict:
+    """`_merge`, except that a layer naming `model.preset` first drops the shape keys earlier
+    layers set, so the later preset wins; shape keys in the layer itself still apply."""
+    model = layer.get("model")
+    if isinstance(model, Mapping) and "preset" in model and isinstance(data.get("model"), Mapping):
+        data = {**data, "model": {k: v for k, v in data["model"].items() if k not in PRESET_KEYS}}
+    return _merge(data, layer)
+
+
+def is_run_config(path: str | Path | None) -> bool:
+    """Whether `path` is a run directory's own config.yaml (beside its checkpoints/)."""
+    return path is not None and Path(path).name == "config.yaml" and (Path(path).parent / "checkpoints").is_dir()
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Sequence[str] = (),
     cls=Config,
     base: Mapping[str, Any] | None = None,
     model_file: str | Path | None = None,
+    *,
+    check_vocab: bool | None = None,
 ):
-    """Defaults <- `base` <- YAML file <- `model_file`'s model section <- `--set` overrides,
-    then validated. `model_file` (`--model-config FILE`) takes only the model shape from any
-    config file (e.g. configs/gpt2-124m.yaml for a fine-tuning task, whose other sections differ)."""
-    data: dict[str, Any] = dict(base or {})
-    if path is not None:
-        data = _merge(data, read_yaml(path))
+    """Defaults <- `base` <- YAML file <- `model_file`'s model section <- `--set` overrides
+    (later layers win, presets included), then validated. `model_file` (`--model-config
+    FILE`) takes only the model shape from any config file (e.g. configs/gpt2-124m.yaml for a
+    fine-tuning task, whose other sections differ).
+
+    check_vocab: require `model.vocab_size` >= the tokenizer's 50,257 ids. None (default)
+    checks unless the config is a run's own (`base` given, or `path` is RUN/config.yaml):
+    a saved run's vocabulary is that of its weights.
+    """
+    model_layer: dict[str, Any] = {}
     if model_file is not None:
         model = read_yaml(model_file).get("model")
         if not isinstance(model, Mapping):
             raise UserError(f"--model-config {model_file}: the file has no model section")
-        if "preset" in model:  # the file's preset replaces the shape an earlier layer set
-            data["model"] = {k: v for k, v in dict(data.get("model") or {}).items()
-                             if k not in PRESETS.get(model["preset"], {})}
-        data = _merge(data, {"model": model})
-    data = _merge(data, parse_overrides(overrides))
-    # A preset given by override replaces the file's model shape, not only its name.
+        model_layer = {"model": model}
+    data: dict[str, Any] = {}
+    for layer in (base or {}, read_yaml(path) if path is not None else {}, model_layer, parse_overrides(overrides)):
+        data = _merge_layer(data, layer)
     cfg = from_dict(cls, data)
-    validate(cfg)
+    if check_vocab is None:
+        check_vocab = base is None and not is_run_config(path)
+    validate(cfg, check_vocab=check_vocab)
     return cfg
 
 
@@ -274,44 +314,65 @@ def replace(cfg, **sections):
     return dataclasses.replace(cfg, **changes)
 
 
-def validate(cfg) -> None:
-    """Range checks that no type can express. Raises `UserError` naming the key."""
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def validate(cfg, *, check_vocab: bool = False) -> None:
+    """Range checks that no type can express (non-finite numbers are refused when parsed).
+    Raises `UserError` naming the key. `check_vocab`: see `load_config`."""
     m = getattr(cfg, "model", None)
     if isinstance(m, ModelConfig):
-        for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
-            if getattr(m, name) <= 0:
-                raise UserError(f"model.{name} must be positive, got {getattr(m, name)}")
-        if m.n_embd % m.n_head:
-            raise UserError(f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
-        if not 0.0 <= m.dropout < 1.0:
-            raise UserError(f"model.dropout must be in [0, 1), got {m.dropout}")
-        if m.dtype not in ("float32", "bfloat16", "float16"):
-            raise UserError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
-        if m.attention not in ("reference", "xla", "cudnn"):
-            raise UserError(f"model.attention must be reference, xla or cudnn, got {m.attention!r}")
+        validate_model(m, check_vocab=check_vocab)
     d = getattr(cfg, "data", None)
     if isinstance(d, DataConfig):
-        if d.stride < 0 or d.context_length < 0:
-            raise UserError(f"data.stride and data.context_length must be >= 0, got {d.stride}, {d.context_length}")
+        _require(d.stride >= 0 and d.context_length >= 0,
+                 f"data.stride and data.context_length must be >= 0, got {d.stride}, {d.context_length}")
         if isinstance(m, ModelConfig) and d.context_length > m.context_length:
             raise UserError(
                 f"data.context_length={d.context_length} is longer than the model's context "
                 f"(model.context_length={m.context_length}); use at most {m.context_length}"
             )
-        if not 0.0 <= d.val_ratio < 1.0:
-            raise UserError(f"data.val_ratio must be in [0, 1), got {d.val_ratio}")
+        _require(0.0 <= d.val_ratio < 1.0, f"data.val_ratio must be in [0, 1), got {d.val_ratio}")
+        _require(d.seed >= 0, f"data.seed must be >= 0, got {d.seed}")
+        _require(bool(d.path.strip()), "data.path is empty; give a bundled corpus name, a text file, a folder or tfds:NAME")
+        _require(bool(d.text_field.strip()), "data.text_field is empty; name the tfds feature that holds the text")
     t = getattr(cfg, "train", None)
     if isinstance(t, TrainConfig):
-        if t.lr <= 0:
-            raise UserError(f"train.lr must be positive, got {t.lr}")
-        for name in ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval"):
-            if getattr(t, name) <= 0:
-                raise UserError(f"train.{name} must be positive, got {getattr(t, name)}")
-        for name in ("warmup_steps", "weight_decay", "grad_clip", "num_devices", "eval_batches",
-                     "checkpoint_interval", "sample_tokens"):
-            if getattr(t, name) < 0:
-                raise UserError(f"train.{name} must be >= 0, got {getattr(t, name)}")
-        if not 0.0 <= t.min_lr_ratio <= 1.0:
-            raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-        if t.keep_checkpoints < 1:
-            raise UserError(f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+        validate_train(t)
+
+
+def validate_model(m: ModelConfig, *, check_vocab: bool = False) -> None:
+    for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
+        _require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
+    _require(not m.n_embd % m.n_head, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _require(m.layer_norm_epsilon > 0, f"model.layer_norm_epsilon must be positive, got {m.layer_norm_epsilon}")
+    _require(m.dtype in DTYPES, f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    _require(m.attention in ATTENTION_KINDS,
+             f"model.attention must be {', '.join(ATTENTION_KINDS[:-1])} or {ATTENTION_KINDS[-1]}, got {m.attention!r}")
+    _require(m.remat_policy in REMAT_POLICIES,
+             f"model.remat_policy {m.remat_policy!r} is not a jax.checkpoint_policies policy; "
+             f"choose one of {', '.join(REMAT_POLICIES)}")
+    if check_vocab:
+        from jaxgpt.tokenizer import N_VOCAB
+
+        _require(m.vocab_size >= N_VOCAB,
+                 f"model.vocab_size={m.vocab_size} is smaller than the GPT-2 tokenizer's {N_VOCAB:,} ids; "
+                 f"use at least {N_VOCAB} (e.g. 50304, a multiple of 64)")
+
+
+def validate_train(t: TrainConfig) -> None:
+    _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    for name in ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval"):
+        _require(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
+    for name in ("warmup_steps", "weight_decay", "grad_clip", "num_devices", "eval_batches",
+                 "checkpoint_interval", "sample_tokens", "seed"):
+        _require(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
+    for name in ("b1", "b2"):
+        _require(0.0 <= getattr(t, name) < 1.0, f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+    _require(0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _require(t.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1, got {t.keep_checkpoints}")
+    _require(not t.sample_tokens or bool(t.sample_prompt),
+             "train.sample_prompt is empty; give a prompt or set train.sample_tokens=0")

@@ -6,7 +6,9 @@ SPEC is anything `--init` accepts (a jaxgpt run directory, a Hugging Face or Ope
 directory, or a preset such as `gpt2`). OUTDIR receives config.json and model.safetensors,
 loadable with `transformers.GPT2LMHeadModel.from_pretrained(OUTDIR)`. LoRA adapters are
 merged first. The export is written to a temporary directory and renamed into place, so an
-interrupted run leaves no half-written OUTDIR; a non-empty OUTDIR is refused unless --force.
+interrupted run leaves no half-written OUTDIR; a non-empty OUTDIR is refused unless --force,
+which replaces only a previous export (a folder of config.json and model.safetensors alone),
+never the working folder, a folder above it, or the --init source.
 """
 from __future__ import annotations
 
@@ -132,13 +134,37 @@ def write_safetensors(path: str | Path, tensors: dict[str, tuple[tuple[int, ...]
             del a
 
 
-def check_out_dir(out_dir: str | Path, force: bool = False) -> Path:
-    """The absolute export directory; `UserError` if it is a file, or non-empty without `force`."""
+EXPORT_FILES = frozenset({"config.json", "model.safetensors"})
+
+
+def check_out_dir(out_dir: str | Path, force: bool = False, source: str | Path | None = None) -> Path:
+    """The absolute export directory, or a one-line `UserError`; nothing is touched.
+
+    A non-empty OUTDIR is refused unless `force`, and `force` replaces only a previous
+    export: a folder holding nothing but config.json and model.safetensors. Never the
+    working folder or a folder above it, nor the `source` weights' folder or one above it.
+    """
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise UserError(f"{out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
+    if not out.is_dir() or not any(out.iterdir()):
+        return out
+    if not force:
         raise UserError(f"{out} is not empty; pass --force to replace it")
+    real, cwd = out.resolve(), Path.cwd().resolve()
+    if real == cwd or real in cwd.parents:
+        raise UserError(f"--to-hf {out_dir} is the working folder or holds it; --force would delete it: "
+                        "give a folder of its own")
+    if source is not None and Path(source).expanduser().exists():
+        src = Path(source).expanduser().resolve()
+        if real == src or real in src.parents:
+            raise UserError(f"--to-hf {out_dir} is (or holds) the --init weights {source}; --force would "
+                            "delete them: give another folder")
+    other = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise UserError(f"--to-hf {out_dir} holds files that are not a previous export ({shown}); --force "
+                        "replaces only a folder of config.json and model.safetensors: give another folder")
     return out
 
 
@@ -148,7 +174,8 @@ def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *,
     `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it. Files are written into
     a temporary sibling directory that is renamed into place, so an interrupted export
     leaves nothing half-written at `out_dir`. A non-empty `out_dir` is refused unless
-    `force`, in which case it is replaced as a whole. Host memory: one tensor at a time
+    `force`, in which case it is replaced as a whole, and only if it holds nothing but a
+    previous export (`check_out_dir`). Host memory: one tensor at a time
     beyond the params themselves (see `write_safetensors`).
     """
     out = check_out_dir(out_dir, force)
@@ -186,14 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, metavar="SPEC", help=f"weights to export: {ACCEPTED}")
     p.add_argument("--to-hf", required=True, metavar="OUTDIR", dest="to_hf",
                    help="directory to write config.json and model.safetensors into")
-    p.add_argument("--force", action="store_true", help="replace OUTDIR if it is not empty")
+    p.add_argument("--force", action="store_true",
+                   help="replace OUTDIR if it holds a previous export (config.json + model.safetensors only)")
     return p
 
 
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    check_out_dir(args.to_hf, args.force)  # fail before a long load, not after
+    check_out_dir(args.to_hf, args.force, source=args.init)  # fail before a long load, not after
     config, params = resolve_init(args.init)
     out = export_hf(params, config, args.to_hf, force=args.force)
     print(f"wrote {out} (config.json, model.safetensors): n_layer={config.n_layer} n_head={config.n_head} "

@@ -12,9 +12,20 @@ Accepted forms, tried in this order:
    same shapes, `gpt2-124m`, `gpt2-355m`, `gpt2-774m`, `gpt2-1558m`). Its config.json and
    model.safetensors are downloaded once from huggingface.co/openai-community/NAME into
    `$JAXGPT_CACHE/hf/NAME` (default `~/.cache/jaxgpt/hf/NAME`) and read from there after.
+
+Preset downloads are pinned and verified (`PRESET_PINS`): each preset is fetched at a fixed
+commit of its hub repository, never `main`, and every file is checked before it enters the
+cache (`jaxgpt.download`): against the size and sha256 written here (gpt2), or against the
+size and hash the hub's metadata API gives for that commit (the LFS sha256 of
+model.safetensors, the git blob id of config.json). A partial or mismatched file is deleted
+and fetched again once. `$JAXGPT_HF_ENDPOINT` replaces https://huggingface.co (a mirror).
+What was verified is recorded beside the folder (`hf/NAME.verified.json`), so later runs
+check the sizes without the network.
 """
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import shutil
 import urllib.error
@@ -24,14 +35,38 @@ from pathlib import Path
 from typing import Any
 
 from jaxgpt.config import ModelConfig
+from jaxgpt.download import Expected, VerificationError, fetch_verified, file_matches, warn
 from jaxgpt.errors import UserError
 from jaxgpt.lora import LoRAConfig, has_lora, merge_lora
 from jaxgpt.weights import check_params, load_hf_dir, load_openai_dir
 
 Params = dict[str, Any]
 
-HF_BASE_URL = "https://huggingface.co/openai-community"  # + /NAME/resolve/main/FILE
+HF_ORG = "openai-community"
+HF_BASE_URL = f"https://huggingface.co/{HF_ORG}"  # + /NAME/resolve/REVISION/FILE
 HF_PRESETS = ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A preset's hub commit, and (where known here) the size and sha256 of its files."""
+
+    revision: str
+    files: dict[str, Expected] = field(default_factory=dict)
+
+
+# Commits of huggingface.co/openai-community/NAME. gpt2's hashes are pinned by value; the
+# others are checked against the hub's metadata for the pinned commit at download time.
+PRESET_PINS: dict[str, Pin] = {
+    "gpt2": Pin("607a30d783dfa663caf39e06633721c8d4cfcd7e", {
+        "config.json": Expected(665, sha256="0daed7749b4f02b8f76240d5444551d7b08712dab4d0adb8239c56ba823bb7b4"),
+        "model.safetensors": Expected(
+            548_105_171, sha256="248dfc3911869ec493c76e65bf2fcf7f615828b0254c12b473182f0f81d3a707"),
+    }),
+    "gpt2-medium": Pin("6dcaa7a952f72f9298047fd5137cd6e4f05f41da"),
+    "gpt2-large": Pin("32b71b12589c2f8d625668d2335a01cac3249519"),
+    "gpt2-xl": Pin("15ea56dee5df4983c59b2538573817e1667135e2"),
+}
 PRESET_ALIASES = {"gpt2-124m": "gpt2", "gpt2-355m": "gpt2-medium", "gpt2-774m": "gpt2-large",
                   "gpt2-1558m": "gpt2-xl"}
 PRESET_FILES = ("config.json", "model.safetensors")
@@ -49,48 +84,108 @@ def preset_dir(name: str) -> Path:
     return cache_root() / "hf" / name
 
 
-def _download(url: str, dest: Path) -> None:
-    """Stream `url` to `dest.part` with a progress bar, then rename: `dest` is complete or absent."""
-    from tqdm import tqdm
+def _base_url() -> str:
+    """`$JAXGPT_HF_ENDPOINT/openai-community` when set (a mirror), else `HF_BASE_URL`."""
+    endpoint = os.environ.get("JAXGPT_HF_ENDPOINT", "").rstrip("/")
+    return f"{endpoint}/{HF_ORG}" if endpoint else HF_BASE_URL
 
-    part = dest.with_name(dest.name + ".part")
+
+def _record_path(name: str) -> Path:
+    return cache_root() / "hf" / f"{name}.verified.json"
+
+
+def _read_record(name: str) -> dict | None:
     try:
-        with urllib.request.urlopen(url, timeout=60) as response:
-            total = int(response.headers.get("Content-Length") or 0) or None
-            done = 0
-            with open(part, "wb") as f, tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                                              desc=dest.name) as bar:
-                while chunk := response.read(1 << 20):
-                    f.write(chunk)
-                    done += len(chunk)
-                    bar.update(len(chunk))
-        if total is not None and done != total:
-            raise urllib.error.URLError(f"got {done} of {total} bytes")
-        os.replace(part, dest)
-    finally:
-        if part.exists():
-            part.unlink()
+        return json.loads(_record_path(name).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _hub_expected(name: str, revision: str) -> dict[str, Expected]:
+    """Size and hash of each preset file at `revision`, from the hub's model API
+    (`/api/models/REPO/revision/REV?blobs=true`: an LFS file's sha256, else its git blob id)."""
+    root = _base_url().rsplit("/", 1)[0]
+    with urllib.request.urlopen(f"{root}/api/models/{HF_ORG}/{name}/revision/{revision}?blobs=true",
+                                timeout=60) as response:
+        body = b""
+        while (chunk := response.read(1 << 16)) and len(body) < 16 << 20:
+            body += chunk
+    info = json.loads(body.decode())
+    siblings = {s.get("rfilename"): s for s in info.get("siblings", []) if isinstance(s, dict)}
+    out = {}
+    for file in PRESET_FILES:
+        entry = siblings.get(file)
+        if entry is None:
+            raise VerificationError(f"the hub lists no {file} for {name} at {revision[:12]}")
+        lfs = entry.get("lfs") or {}
+        if lfs.get("sha256"):
+            out[file] = Expected(int(lfs.get("size", entry.get("size"))), sha256=lfs["sha256"])
+        elif entry.get("blobId") and entry.get("size") is not None:
+            out[file] = Expected(int(entry["size"]), git_sha1=entry["blobId"])
+        else:
+            raise VerificationError(f"the hub gives no size and hash for {file} of {name}")
+    return out
+
+
+def _cached_and_recorded(name: str, target: Path, revision: str) -> bool:
+    """The cache holds every file, recorded as verified at `revision`, at its recorded size."""
+    record = _read_record(name)
+    if not record or record.get("revision") != revision:
+        return False
+    files = record.get("files", {})
+    for file in PRESET_FILES:
+        path = target / file
+        if not path.is_file() or file not in files or path.stat().st_size != files[file]["size"]:
+            if path.is_file():
+                warn(f"cached {file} of {name} is not the size it was verified at; deleted it, downloading it again")
+                path.unlink()
+            return False
+    return True
 
 
 def download_preset(name: str) -> Path:
     """The local directory of preset `name` (one of `HF_PRESETS`), downloading what is missing.
 
-    Plain `urllib` from `HF_BASE_URL/NAME/resolve/main/FILE`; offline (or any failure) is a
-    one-line `UserError` saying which files to put where by hand.
+    Plain `urllib` from `HF_BASE_URL/NAME/resolve/REVISION/FILE`, verified as the module
+    docstring says; offline (or any failure) is a one-line `UserError` saying which files to
+    put where by hand.
     """
     target = preset_dir(name)
-    missing = [f for f in PRESET_FILES if not (target / f).is_file()]
-    if not missing:
+    pin = PRESET_PINS[name]
+    if _cached_and_recorded(name, target, pin.revision):
         return target
-    page = f"https://huggingface.co/openai-community/{name}"
+    page = f"https://huggingface.co/{HF_ORG}/{name}"
     try:
         target.mkdir(parents=True, exist_ok=True)
-        for file in missing:
-            _download(f"{HF_BASE_URL}/{name}/resolve/main/{file}", target / file)
-    except (urllib.error.URLError, OSError, ValueError) as e:  # HTTPError and timeouts included
+        try:
+            expected = dict(pin.files) or _hub_expected(name, pin.revision)
+        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException):
+            if all((target / f).is_file() for f in PRESET_FILES):  # cached before downloads were verified
+                warn(f"cannot verify the cached {name} against the hub (offline?); using {target} as it is")
+                return target
+            raise
+        for file in PRESET_FILES:
+            path = target / file
+            if path.is_file():  # cached before downloads were verified: check it once
+                problem = file_matches(path, expected[file])
+                if problem is None:
+                    continue
+                warn(f"cached {file} of {name} {problem}; deleted it, downloading it again")
+                path.unlink()
+            fetch_verified(f"{_base_url()}/{name}/resolve/{pin.revision}/{file}", path, expected[file],
+                           label=f"{file} of {name}")
+        record = {"revision": pin.revision,
+                  "files": {f: {"size": e.size, "sha256": e.sha256, "git_sha1": e.git_sha1} for f, e in expected.items()}}
+        tmp = _record_path(name).with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, _record_path(name))
+    except VerificationError as e:
+        raise UserError(f"cannot download {name}: {e}; check the connection (or $JAXGPT_HF_ENDPOINT) and "
+                        "try again") from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # HTTPError, timeouts
         reason = getattr(e, "reason", None) or e
         raise UserError(f"cannot download {name} (offline?): put {' and '.join(PRESET_FILES)} from {page} "
-                        f"into {target} [{reason}]") from None
+                        f"into {target} (commit {pin.revision}) [{reason}]") from None
     return target
 
 
@@ -149,4 +244,6 @@ def _load_run_dir(path: Path) -> tuple[ModelConfig, Params]:
 
 def remove_preset(name: str) -> None:
     """Delete a cached preset (e.g. after a corrupt download)."""
-    shutil.rmtree(preset_dir(PRESET_ALIASES.get(name, name)), ignore_errors=True)
+    name = PRESET_ALIASES.get(name, name)
+    shutil.rmtree(preset_dir(name), ignore_errors=True)
+    _record_path(name).unlink(missing_ok=True)

@@ -51,8 +51,10 @@ class LoRAConfig:
 def validate_lora(cfg: LoRAConfig) -> None:
     if cfg.rank <= 0:
         raise UserError(f"lora.rank must be positive, got {cfg.rank}")
-    if not cfg.targets:
-        raise UserError("lora.targets is empty; name at least one dense layer, e.g. c_attn")
+    if not cfg.alpha > 0:
+        raise UserError(f"lora.alpha must be positive (the adapters' scale is alpha / rank), got {cfg.alpha}")
+    if not cfg.targets or not all(t.strip("/ ") for t in cfg.targets):
+        raise UserError("lora.targets is empty or has an empty entry; name at least one dense layer, e.g. c_attn")
 
 
 def matches(path: Sequence[str], targets: Sequence[str]) -> bool:

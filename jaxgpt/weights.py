@@ -31,7 +31,8 @@ data is read, converted to float32, moved into a jax array, and the host copy dr
 the next tensor is read. Peak host memory is therefore one full set of float32 params plus
 one tensor in flight (plus, for a tied checkpoint that also stores `lm_head.weight`, one
 `[V, d]` tensor for the equality check), never two full copies of a 1558M model.
-`pytorch_model.bin` is opened with `torch.load(mmap=True)` for the same reason.
+`pytorch_model.bin` is opened with `torch.load(mmap=True)` for the same reason, and with
+`weights_only=True`: nothing in a pickle is ever executed (see `_load_torch_bin`).
 
 Related modules: `jaxgpt.hub.resolve_init` is the one `--init SPEC` resolver (run directory,
 HF directory, OpenAI TF directory or preset download); `jaxgpt.export.export_hf` writes the
@@ -362,6 +363,42 @@ def load_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, An
     return config, convert_tensors(_torch_tensors(state_dict), config, hf_target, source)
 
 
+def _load_torch_bin(bin_file: Path) -> Mapping[str, Any]:
+    """A `pytorch_model.bin` state dict, read with `weights_only=True`: torch's restricted
+    unpickler builds only tensors and plain containers, so no code in the file runs. Any
+    failure (a pickle that asks for more, a truncated or corrupt file, a non-dict) is one
+    line of ours naming the file."""
+    import pickle
+    import warnings
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch warns about unusual pickle protocols; we report below
+            warnings.simplefilter("ignore")
+            try:
+                state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
+            except RuntimeError as e:  # a pre-1.6 (non-zip) file cannot be memory-mapped: read it whole
+                if "mmap can only be used" not in str(e):
+                    raise
+                state = torch.load(bin_file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message has terminal colours
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in text:
+            glob = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+            detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)
+            what = (f"it asks to run {glob.group(1)}" if glob else
+                    f"it is not plain tensors ({(detail.group(1) if detail else type(e).__name__)[:80].strip()})")
+            raise UserError(f"refusing {bin_file}: {what}; it was read with torch.load(weights_only=True), so "
+                            "nothing in it ran; use model.safetensors, or re-download the file") from None
+        first = (text.strip().splitlines() or [""])[0]
+        raise UserError(f"cannot read {bin_file}: not a readable torch checkpoint ({type(e).__name__}: "
+                        f"{first[:120]}); re-download it or use model.safetensors") from None
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) for k in state):
+        raise UserError(f"cannot read {bin_file}: it holds a {type(state).__name__}, not a state dict of tensors")
+    return state
+
+
 def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
     """jaxgpt `(config, params)` from a HF GPT-2 directory: config.json plus
     model.safetensors (or a sharded model.safetensors.index.json, or pytorch_model.bin when
@@ -393,10 +430,7 @@ def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
         except ImportError:
             raise UserError(f"{bin_file} needs torch to read (pip install torch), or convert it to "
                             "model.safetensors") from None
-        try:
-            state = torch.load(bin_file, map_location="cpu", mmap=True, weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read {bin_file}: {e}") from None
+        state = _load_torch_bin(bin_file)
         return config, convert_tensors(_torch_tensors(state), config, hf_target, str(bin_file))
     raise UserError(f"{path} has config.json but no model.safetensors (or pytorch_model.bin) next to it")
 

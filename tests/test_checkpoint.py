@@ -1,3 +1,5 @@
+import os
+
 import jax
 import numpy as np
 import pytest
@@ -68,3 +70,134 @@ def test_load_params_reads_config_and_latest(tmp_path, tiny_model_cfg):
     loaded_cfg, params = checkpoint.load_params(tmp_path)
     assert loaded_cfg.model == tiny_model_cfg
     jax.tree_util.tree_map(np.testing.assert_array_equal, params, state["params"])
+
+
+# ---------------------------------------------------------------------------------------
+# Self-verifying checkpoints: a damaged newest step falls back to the newest intact one
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory):
+    """A run directory with intact steps 1, 2, 3 (each state's `step` leaf = its step)."""
+    from jaxgpt.config import ModelConfig
+
+    cfg = ModelConfig(vocab_size=97, context_length=32, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    base = tmp_path_factory.mktemp("three")
+    manager = checkpoint.checkpoint_manager(base, keep=3)
+    states = {}
+    for step in (1, 2, 3):
+        s = jax.device_get(_state(cfg, seed=step))
+        s["step"] = np.int32(step)
+        checkpoint.save(manager, step, s, {"step": step})
+        states[step] = s
+    manager.close()
+    save_config(Config(model=cfg), base / "config.yaml")
+    return base, states, cfg
+
+
+def _copy(base, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(base, run)
+    return run
+
+
+def _biggest_state_file(step_dir):
+    return max((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+
+
+def _truncate(step_dir):
+    f = _biggest_state_file(step_dir)
+    os.truncate(f, f.stat().st_size // 2)
+
+
+def _tamper(step_dir):  # same size, one bit flipped: only the sha256 can tell
+    f = _biggest_state_file(step_dir)
+    data = bytearray(f.read_bytes())
+    data[len(data) // 2] ^= 1
+    f.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated": _truncate,
+    "meta-emptied": lambda d: (d / "meta" / "metadata").write_text(""),
+    "file-deleted": lambda d: (d / "state" / "_METADATA").unlink(),
+    "tampered": _tamper,
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_damaged_latest_falls_back_with_a_warning(three_steps, tmp_path, capsys, damage):
+    base, states, cfg = three_steps
+    run = _copy(base, tmp_path)
+    DAMAGE[damage](run / "checkpoints" / "3")
+    restored, meta = checkpoint.restore(run, _state(cfg), quarantine=False)
+    assert meta == {"step": 2}
+    jax.tree_util.tree_map(np.testing.assert_array_equal, restored["params"], states[2]["params"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "checkpoint 3" in err[0] and "using step 2" in err[0], err
+    assert (run / "checkpoints" / "3").is_dir()  # quarantine=False leaves the run as it was
+    _, params = checkpoint.load_params(run)  # generate/--init read the same step
+    jax.tree_util.tree_map(np.testing.assert_array_equal, params, states[2]["params"])
+
+
+def test_manifest_is_written_last_and_lists_every_file(three_steps):
+    import json
+
+    base, _, _ = three_steps
+    step_dir = base / "checkpoints" / "3"
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    on_disk = {p.relative_to(step_dir).as_posix() for p in step_dir.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert set(manifest["files"]) == on_disk and manifest["step"] == 3
+    assert checkpoint.verify_step(step_dir) is None
+
+
+def test_step_without_manifest_still_loads(three_steps, tmp_path):
+    """Checkpoints saved before manifests existed are trusted if they load."""
+    base, _, cfg = three_steps
+    run = _copy(base, tmp_path)
+    (run / "checkpoints" / "3" / "manifest.json").unlink()
+    assert checkpoint.restore(run, _state(cfg))[1] == {"step": 3}
+    (run / "checkpoints" / "3" / "meta" / "metadata").write_text("")  # ... and fall back if not
+    assert checkpoint.restore(run, _state(cfg), quarantine=False)[1] == {"step": 2}
+
+
+def test_resume_quarantines_the_damaged_step_and_saves_it_afresh(three_steps, tmp_path, capsys):
+    """After falling back from damaged 3 to 2, the run's next save at 3 must happen (not be
+    skipped as 'already saved') and rotation must keep 2 rather than a damaged 3."""
+    base, states, cfg = three_steps
+    run = _copy(base, tmp_path)
+    _truncate(run / "checkpoints" / "3")
+    assert checkpoint.restore(run, _state(cfg))[1] == {"step": 2}
+    assert "corrupt-checkpoints" in capsys.readouterr().err
+    assert checkpoint.all_steps(run) == [1, 2]
+    assert [p.name.split("-")[0] for p in (run / "corrupt-checkpoints").iterdir()] == ["3"]
+    manager = checkpoint.checkpoint_manager(run, keep=2)
+    assert manager.latest_step() == 2
+    checkpoint.save(manager, 3, states[3], {"step": 3})
+    manager.close()
+    assert checkpoint.all_steps(run) == [2, 3]
+    assert checkpoint.restore(run, _state(cfg))[1] == {"step": 3}
+
+
+def test_no_intact_step_is_one_user_error(three_steps, tmp_path):
+    base, _, cfg = three_steps
+    run = _copy(base, tmp_path)
+    for step in (1, 2, 3):
+        _truncate(run / "checkpoints" / str(step))
+    with pytest.raises(UserError, match=r"no intact checkpoint .*step 3: .*step 2: .*step 1: ") as e:
+        checkpoint.restore(run, _state(cfg))
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="no intact checkpoint"):
+        checkpoint.load_params(run)
+    assert checkpoint.all_steps(run) == [1, 2, 3]  # nothing moved when nothing could be used
+
+
+def test_other_model_is_not_damage(three_steps, tmp_path):
+    """A checkpoint of another shape is a config error, not a reason to fall back."""
+    import dataclasses
+
+    base, _, cfg = three_steps
+    with pytest.raises(UserError, match="checkpoint 3 .* does not match"):
+        checkpoint.restore(base, _state(dataclasses.replace(cfg, n_embd=64)), quarantine=False)

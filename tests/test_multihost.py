@@ -85,3 +85,61 @@ def test_two_processes_match_one_process_and_resume_elsewhere(tmp_path):
     resume = [sys.executable, "train.py", "--resume", str(multi), "--set", "train.max_steps=8"]
     _run_processes([(resume, _env(1))])
     assert _summary(multi)["step"] == 8
+
+
+PEER_TIMEOUT = 10  # seconds; the bound below is this plus start-up slack
+
+
+def _records(run):
+    """step -> record, the last one of each step winning (a resumed run repeats some)."""
+    return {r["step"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+def test_a_killed_process_stops_the_other_in_bounded_time_and_both_resume_exactly(tmp_path):
+    """SIGKILL process 1 mid-training: process 0 exits 2 with one clear line within
+    PEER_TIMEOUT (+ slack) instead of hanging in a collective; --resume on both processes then
+    ends with exactly the losses of an uninterrupted 2-process run."""
+    import signal
+    import time
+
+    cache = tmp_path / "cache"
+    extra = ["--set", "train.max_steps=24", "--set", "train.checkpoint_interval=4", "--set", "train.log_interval=1",
+             "--set", "train.eval_interval=1000", "--peer-timeout", str(PEER_TIMEOUT)]
+
+    def pair(run, *args):
+        port = _free_port()
+        commands = [_train(["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+                            *args], 2, cache) for i in range(2)]
+        return [(cmd + extra, env) for cmd, env in commands]  # after TINY's --set items, so they win
+
+    _run_processes(pair(tmp_path / "straight", "--out", str(tmp_path / "straight")))
+    run = tmp_path / "killed"
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for cmd, env in pair(run, "--out", str(run))]
+    try:
+        deadline = time.time() + TIMEOUT_S
+        while time.time() < deadline and not ((run / "metrics.jsonl").exists()
+                                               and len((run / "metrics.jsonl").read_text().splitlines()) >= 9):
+            if procs[0].poll() is not None or procs[1].poll() is not None:
+                outs = [p.communicate(timeout=60)[0] if p.poll() is not None else "" for p in procs]
+                raise AssertionError(f"a process ended before the kill: {[o[-1500:] for o in outs]}")
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        killed_at = time.time()
+        out, _ = procs[0].communicate(timeout=PEER_TIMEOUT + 60)
+        waited = time.time() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[0].returncode == 2, out[-2000:]
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "process 1 of 2 sent no heartbeat" in errors[0] and "--resume" in errors[0], out[-2000:]
+    assert waited < PEER_TIMEOUT + 15, waited  # measured: about PEER_TIMEOUT + 1 s
+
+    _run_processes(pair(run, "--resume", str(run)))
+    straight, resumed = _records(tmp_path / "straight"), _records(run)
+    assert sorted(resumed) == sorted(straight) == list(range(1, 25))
+    assert [resumed[s]["train_loss"] for s in range(9, 25)] == [straight[s]["train_loss"] for s in range(9, 25)]
+    assert _summary(run)["val_loss"] == _summary(tmp_path / "straight")["val_loss"]

@@ -235,6 +235,60 @@ def test_pytorch_bin_and_state_dict(hf_models, tmp_path):
                                params, want)
 
 
+class _Evil:
+    """Unpickling this would create `marker` (what a malicious checkpoint would do)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(self.marker),))
+
+
+def _bin_dir(tmp_path, name, write):
+    d = tmp_path / name
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(dict(vocab_size=11, n_positions=8, n_embd=4, n_layer=1, n_head=1)))
+    write(d / "pytorch_model.bin")
+    return d
+
+
+@pytest.mark.parametrize("kind", ["torch-zip", "raw-pickle"])
+def test_a_malicious_pytorch_bin_never_runs(tmp_path, capsys, kind):
+    """A pickle whose loading would run code is refused in one line of ours; nothing runs."""
+    import pickle
+
+
+    marker = tmp_path / "pwned"
+    evil = {"wte.weight": _Evil(str(marker))}
+    write = (lambda p: torch.save(evil, p)) if kind == "torch-zip" else (lambda p: p.write_bytes(pickle.dumps(evil)))
+    d = _bin_dir(tmp_path, "evil", write)
+    with pytest.raises(UserError, match=r"pytorch_model.bin") as e:
+        resolve_init(str(d))
+    assert "\n" not in str(e.value) and not marker.exists()
+    assert export_main(["--init", str(d), "--to-hf", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "pytorch_model.bin" in err[0], err
+    assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not-a-dict"])
+def test_a_corrupt_pytorch_bin_is_one_line(hf_models, tmp_path, damage):
+    path, model = hf_models["untied_eps"]
+    good = tmp_path / "good.bin"
+    torch.save(model.state_dict(), good)
+    data = good.read_bytes()
+    write = {"truncated": lambda p: p.write_bytes(data[: len(data) // 2]),
+             "garbage": lambda p: p.write_bytes(b"\x00not a checkpoint" * 64),
+             "not-a-dict": lambda p: torch.save([torch.zeros(2)], p)}[damage]
+    d = _bin_dir(tmp_path, damage, write)
+    with pytest.raises(UserError, match=r"^(cannot read|refusing) .*pytorch_model.bin") as e:
+        resolve_init(str(d))
+    assert "\n" not in str(e.value)
+
+
 def test_openai_layout_keys_without_prefix_and_buffers(hf_models, tmp_path):
     """The layout of the openai-community upload: GPT2Model keys (no `transformer.`), the
     `attn.bias` / `attn.masked_bias` mask buffers, and a tied `lm_head.weight` equal to wte."""
@@ -373,12 +427,22 @@ def test_missing_files_and_unknown_spec(tmp_path):
 # Presets and download
 
 
+def _pin_to_files(monkeypatch, name, folder):
+    """Pin preset `name`'s files to the sizes and sha256 of the files in `folder`."""
+    import hashlib
+
+    files = {f: hub.Expected((folder / f).stat().st_size, sha256=hashlib.sha256((folder / f).read_bytes()).hexdigest())
+             for f in hub.PRESET_FILES}
+    monkeypatch.setitem(hub.PRESET_PINS, name, hub.Pin(hub.PRESET_PINS[name].revision, files))
+
+
 def test_preset_download_from_local_mirror_then_cached(hf_models, tmp_path, monkeypatch):
     path, model = hf_models["odd"]
-    mirror = tmp_path / "mirror" / "gpt2" / "resolve" / "main"
+    mirror = tmp_path / "mirror" / "gpt2" / "resolve" / hub.PRESET_PINS["gpt2"].revision
     mirror.mkdir(parents=True)
     for f in ("config.json", "model.safetensors"):
         (mirror / f).write_bytes((path / f).read_bytes())
+    _pin_to_files(monkeypatch, "gpt2", path)  # the mirror serves a tiny model under gpt2's name
     monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(hub, "HF_BASE_URL", (tmp_path / "mirror").as_uri())
     cfg, params = resolve_init("gpt2-124m")  # alias of gpt2
@@ -392,6 +456,130 @@ def test_preset_download_from_local_mirror_then_cached(hf_models, tmp_path, monk
     monkeypatch.setattr(hub.urllib.request, "urlopen", offline)
     cfg2, _ = resolve_init("gpt2")
     assert cfg2 == cfg
+
+
+class _Hub:
+    """A local stand-in for huggingface.co on 127.0.0.1: the model API (sizes and hashes for
+    a commit) and /resolve/ downloads, whose first responses can be cut short (no
+    Content-Length) or tampered (same size, one byte changed)."""
+
+    def __init__(self, name, folder):
+        import hashlib
+        import http.server
+        import threading
+
+        from jaxgpt.download import git_blob_sha1
+
+        self.name, self.requests, self.faults = name, [], []
+        self.files = {f: (folder / f).read_bytes() for f in hub.PRESET_FILES}
+        data = self.files["model.safetensors"]
+        siblings = [{"rfilename": "config.json", "size": len(self.files["config.json"]),
+                     "blobId": git_blob_sha1(self.files["config.json"])},
+                    {"rfilename": "model.safetensors", "size": 135, "blobId": "0" * 40,
+                     "lfs": {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 135}}]
+        owner = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *a):
+                pass
+
+            def do_GET(self):
+                owner.requests.append(self.path)
+                rev = hub.PRESET_PINS[owner.name].revision
+                if self.path == f"/api/models/openai-community/{owner.name}/revision/{rev}?blobs=true":
+                    body, length = json.dumps({"sha": rev, "siblings": siblings}).encode(), True
+                else:
+                    prefix = f"/openai-community/{owner.name}/resolve/{rev}/"
+                    if not self.path.startswith(prefix) or self.path[len(prefix):] not in owner.files:
+                        self.send_error(404)
+                        return
+                    file = self.path[len(prefix):]
+                    body, length = owner.files[file], True
+                    fault = owner.faults.pop(0) if file == "model.safetensors" and owner.faults else None
+                    if fault == "truncate":
+                        body, length = body[: len(body) // 2], False
+                    elif fault == "tamper":
+                        body = body[:-1] + bytes([body[-1] ^ 1])
+                self.send_response(200)
+                if length:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("name, faults", [("gpt2-medium", ["truncate"]), ("gpt2-medium", ["tamper"]),
+                                          ("gpt2", ["truncate"]), ("gpt2", ["tamper"]), ("gpt2-xl", [])])
+def test_preset_download_is_verified_and_refetched_once(hf_models, tmp_path, monkeypatch, capsys, name, faults):
+    """gpt2 is checked against its pinned sha256, the others against the hub's metadata for
+    the pinned commit; a file cut short or tampered is deleted and fetched again, once."""
+    folder = hf_models["odd"][0]
+    server = _Hub(name, folder)
+    try:
+        if name == "gpt2":
+            _pin_to_files(monkeypatch, "gpt2", folder)
+        monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("JAXGPT_HF_ENDPOINT", server.endpoint)
+        server.faults = list(faults)
+        cfg, _ = resolve_init(name)
+        assert cfg.n_embd == 48
+        warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+        assert len(warnings) == len(faults)
+        if faults:
+            words = "was cut short" if faults[0] == "truncate" else "does not match its sha256"
+            assert f"model.safetensors of {name} {words}" in warnings[0], warnings
+        cached = tmp_path / "cache" / "hf" / name
+        assert sorted(p.name for p in cached.iterdir()) == ["config.json", "model.safetensors"]
+        assert (cached / "model.safetensors").read_bytes() == server.files["model.safetensors"]
+        assert all(hub.PRESET_PINS[name].revision in r for r in server.requests)  # never `main`
+        seen = len(server.requests)
+        resolve_init(name)  # verified once: later runs read the cache
+        assert len(server.requests) == seen
+    finally:
+        server.close()
+
+
+def test_preset_download_that_stays_bad_is_one_line_and_leaves_nothing(hf_models, tmp_path, monkeypatch):
+    folder = hf_models["odd"][0]
+    server = _Hub("gpt2-large", folder)
+    try:
+        monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
+        monkeypatch.setenv("JAXGPT_HF_ENDPOINT", server.endpoint)
+        server.faults = ["tamper", "truncate"]
+        with pytest.raises(UserError, match="cannot download gpt2-large: model.safetensors of gpt2-large was cut "
+                                            "short .*twice") as e:
+            resolve_init("gpt2-large")
+        assert "\n" not in str(e.value)
+        assert not (tmp_path / "cache" / "hf" / "gpt2-large" / "model.safetensors").exists()
+        assert not list((tmp_path / "cache" / "hf" / "gpt2-large").glob("*.part"))
+        assert not (tmp_path / "cache" / "hf" / "gpt2-large.verified.json").exists()
+        # A same-size file already in the cache (from before downloads were verified) is checked too.
+        cached = tmp_path / "cache" / "hf" / "gpt2-large"
+        for f, data in server.files.items():
+            (cached / f).write_bytes(data if f == "config.json" else data[:-1] + bytes([data[-1] ^ 1]))
+        resolve_init("gpt2-large")
+        assert (cached / "model.safetensors").read_bytes() == server.files["model.safetensors"]
+    finally:
+        server.close()
+
+
+def test_every_preset_is_pinned_to_a_commit():
+    import re
+
+    assert set(hub.PRESET_PINS) == set(hub.HF_PRESETS)
+    for name, pin in hub.PRESET_PINS.items():
+        assert re.fullmatch(r"[0-9a-f]{40}", pin.revision), name
+        for f, e in pin.files.items():
+            assert f in hub.PRESET_FILES and re.fullmatch(r"[0-9a-f]{64}", e.sha256) and e.size > 0
+    assert set(hub.PRESET_PINS["gpt2"].files) == set(hub.PRESET_FILES)
 
 
 def test_preset_offline_message(tmp_path, monkeypatch):
@@ -482,6 +670,44 @@ def test_export_cli(hf_models, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no such directory or preset" in err
     assert not (tmp_path / "o2").exists()
+
+
+@pytest.mark.parametrize("case", ["dot", "parent-of-cwd", "source", "holds-source", "other-files", "subfolder"])
+def test_export_force_never_deletes_user_files(hf_models, tmp_path, capsys, monkeypatch, case):
+    """--force replaces a previous export only: never `.`, a folder above it, the --init
+    source (or a folder holding it), or a folder with anything else in it."""
+    import shutil
+
+    src = tmp_path / "lib" / "weights"
+    shutil.copytree(hf_models["untied_eps"][0], src)  # config.json + model.safetensors: export-shaped
+    (tmp_path / "proj" / "work").mkdir(parents=True)
+    (tmp_path / "proj" / "notes.txt").write_text("mine")
+    monkeypatch.chdir(tmp_path / "proj" / "work")
+    (tmp_path / "proj" / "work" / "train.log").write_text("mine")
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in ("config.json", "model.safetensors", "README.md"):
+        (other / name).write_text("mine")
+    nested = tmp_path / "nested"
+    (nested / "sub").mkdir(parents=True)
+    (nested / "config.json").write_text("{}")
+    out, words = {"dot": (".", "working folder"), "parent-of-cwd": (str(tmp_path / "proj"), "working folder"),
+                  "source": (str(src), "--init weights"), "holds-source": (str(src.parent), "--init weights"),
+                  "other-files": (str(other), "not a previous export (README.md)"),
+                  "subfolder": (str(nested), "not a previous export (sub)")}[case]
+    before = sorted(str(p) + (p.read_bytes().hex()[:64] if p.is_file() else "") for p in tmp_path.rglob("*"))
+    capsys.readouterr()
+    assert export_main(["--init", str(src), "--to-hf", out, "--force"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert sorted(str(p) + (p.read_bytes().hex()[:64] if p.is_file() else "") for p in tmp_path.rglob("*")) == before
+    if "source" not in case:  # the library refuses these too
+        config, params = resolve_init(str(src))
+        with pytest.raises(UserError, match=words.split(" (")[0]):
+            export_hf(params, config, out, force=True)
+    else:  # beside it is fine, and a second export there replaces the first
+        assert export_main(["--init", str(src), "--to-hf", str(tmp_path / "hf")]) == 0
+        assert export_main(["--init", str(src), "--to-hf", str(tmp_path / "hf"), "--force"]) == 0
 
 
 def test_run_dir_delegates_to_checkpoint(tmp_path, monkeypatch):

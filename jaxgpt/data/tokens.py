@@ -15,19 +15,24 @@ are exactly `tokenizer.encode(file_text)` (a literal `<|endoftext|>` in the text
 special token, as in the book's `GPTDatasetV1`).
 
 The token file is a flat little-endian uint16 array (`<name>-<key>.bin`) with a JSON sidecar
-(`.json`: source, fingerprint, token count, dtype). Text is read and encoded in ~1 MB chunks
-cut only where BPE cannot merge across the cut, and tokens are appended to a temporary file
-that is renamed into place when complete, then the sidecar is written the same way: a
-killed run leaves at most an ignored `*.tmp-*` file, never a truncated file that is trusted.
-A later call reuses the file when the sidecar's fingerprint matches the source now.
+(`.json`: source, fingerprint, token count, dtype, sha256 of the token file). Text is read and
+encoded in ~1 MB chunks cut only where BPE cannot merge across the cut, and tokens are
+appended to a temporary file that is renamed into place when complete, then the sidecar is
+written the same way: a killed run leaves at most a `*.tmp-*` file (removed by the next run
+on that host once its writer is dead), never a truncated file that is trusted. A later call
+reuses the file only when the sidecar's fingerprint matches the source now and the token
+file matches the sidecar: its size always, its sha256 (whole file up to `VERIFY_FULL`
+bytes, else its first and last `VERIFY_ENDS` bytes) too.
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
 import os
 import re
+import socket
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -45,6 +50,8 @@ FORMAT_VERSION = 1
 DTYPE = "<u2"  # GPT-2's 50,257 ids fit in uint16
 CHUNK_CHARS = 1 << 20  # text handed to the encoder per piece
 HASH_LIMIT = 16 << 20  # files up to this size are fingerprinted by content, larger by size+mtime
+VERIFY_FULL = 1 << 30  # token files up to this size are fully re-hashed when reused
+VERIFY_ENDS = 16 << 20  # larger ones: the sha256 of their first and last this many bytes
 
 
 # ---------------------------------------------------------------------------------------
@@ -212,9 +219,10 @@ def _pieces(documents: Iterable[Iterable[str]]) -> Iterator[str | None]:
         yield from it
 
 
-def _write_tokens(source: Source, out, chunk_chars: int, num_threads: int) -> int:
-    """Encode `source` into the open binary file `out`; returns the token count."""
+def _write_tokens(source: Source, out, chunk_chars: int, num_threads: int) -> tuple[int, str]:
+    """Encode `source` into the open binary file `out`; returns (token count, sha256)."""
     count = 0
+    digest = hashlib.sha256()
     batch: list[str | None] = []
     chars = 0
 
@@ -224,7 +232,9 @@ def _write_tokens(source: Source, out, chunk_chars: int, num_threads: int) -> in
         ids: list[int] = []
         for piece in batch:
             ids.extend([tokenizer.EOT_ID] if piece is None else next(encoded))
-        np.asarray(ids, dtype=DTYPE).tofile(out)
+        data = np.asarray(ids, dtype=DTYPE).tobytes()
+        out.write(data)
+        digest.update(data)
         count += len(ids)
         batch.clear()
         chars = 0
@@ -236,12 +246,16 @@ def _write_tokens(source: Source, out, chunk_chars: int, num_threads: int) -> in
             flush()
     if batch:
         flush()
-    return count
+    return count, digest.hexdigest()
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f"{path.name}.tmp-{socket.gethostname()}-"
 
 
 def _atomic_write(path: Path, write: Callable) -> object:
     """Run `write(file)` on a unique temp file beside `path`, then rename it over `path`."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    tmp = path.with_name(f"{_tmp_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "wb") as f:
             result = write(f)
@@ -262,12 +276,46 @@ def token_file_paths(source: Source, cache_dir: str | Path = "") -> tuple[Path, 
     return cache / f"{stem}.bin", cache / f"{stem}.json"
 
 
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete this host's temp files of `path` whose writer is no longer running (a killed
+    tokenization); another host's, or a live writer's, are left alone."""
+    prefix = _tmp_prefix(path)
+    for tmp in path.parent.glob(f"{glob.escape(prefix)}*"):
+        pid = tmp.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _ends_sha256(path: Path, size: int) -> str:
+    """sha256 of the file, or for one over `VERIFY_FULL` bytes, of its first and last
+    `VERIFY_ENDS` bytes (a cheap check that still catches a file swapped or cut)."""
+    with open(path, "rb") as f:
+        if size <= VERIFY_FULL:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        digest = hashlib.sha256(f.read(VERIFY_ENDS))
+        f.seek(size - VERIFY_ENDS)
+        digest.update(f.read(VERIFY_ENDS))
+    return digest.hexdigest()
+
+
 def _cached_count(bin_path: Path, meta_path: Path, fingerprint: dict) -> int | None:
     try:
         meta = json.loads(meta_path.read_text())
         n = int(meta["tokens"])
         ok = (meta.get("format") == FORMAT_VERSION and meta.get("dtype") == DTYPE
               and meta.get("fingerprint") == fingerprint and n > 0 and bin_path.stat().st_size == 2 * n)
+        if ok and "check_sha256" in meta:  # sidecars from before hashes: the size check only
+            ok = _ends_sha256(bin_path, 2 * n) == meta["check_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return n if ok else None
@@ -296,14 +344,18 @@ def prepare_token_file(
         bin_path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create token cache folder {bin_path.parent} ({e.strerror}); set data.cache_dir") from None
+    _remove_stale_temporaries(bin_path)
+    _remove_stale_temporaries(meta_path)
     threads = num_threads or max(1, min(4, os.cpu_count() or 1))
     t0 = time.time()
-    n = _atomic_write(bin_path, lambda f: _write_tokens(src, f, chunk_chars, threads))
+    n, sha256 = _atomic_write(bin_path, lambda f: _write_tokens(src, f, chunk_chars, threads))
     if n == 0:
         bin_path.unlink(missing_ok=True)
         raise UserError(f"corpus {source!r} is empty (0 tokens); point data.path at a corpus with text in it")
+    check = sha256 if 2 * n <= VERIFY_FULL else _ends_sha256(bin_path, 2 * n)
     meta = {"format": FORMAT_VERSION, "source": src.key, "spec": source, "fingerprint": fingerprint,
-            "tokens": n, "dtype": DTYPE, "tokenizer": "gpt2", "seconds": round(time.time() - t0, 3)}
+            "tokens": n, "dtype": DTYPE, "tokenizer": "gpt2", "sha256": sha256, "check_sha256": check,
+            "seconds": round(time.time() - t0, 3)}
     _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     log.info("tokenized %s: %d tokens -> %s", source, n, bin_path)
     return bin_path, n

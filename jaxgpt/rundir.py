@@ -1,0 +1,212 @@
+"""Run-directory safety: no non-finite checkpoint, one metrics line per step, no user folder
+taken over, one run per directory at a time.
+
+The training loops call these at fixed points (see each docstring):
+
+    check_out_dir(out)                     before anything is written, for a new --out
+    with RunLock(run_dir): ...             around the whole run (process 0), before restore
+    mark_run(run_dir)                      first file a new run writes (after taking the lock)
+    truncate_metrics(metrics, step)        on --resume, once the restored step is known
+    guard.record(loss); guard.check(...)   every update; before every checkpoint save
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import math
+import os
+import socket
+from pathlib import Path
+from typing import Any, Sequence
+
+from jaxgpt.errors import UserError
+
+MARKER = ".jaxgpt-run"
+LOCK = ".lock"
+
+
+# ---------------------------------------------------------------------------------------
+# Never save non-finite state
+
+
+def _global_norm(tree: Any) -> float:
+    """The params' global L2 norm, one jitted reduction (inf/nan if any entry is)."""
+    import jax
+    import optax
+
+    global _norm_fn
+    if _norm_fn is None:
+        _norm_fn = jax.jit(optax.tree.norm)
+    return float(_norm_fn(tree))
+
+
+_norm_fn = None
+
+
+def check_finite_before_save(step: int, losses: Sequence[Any], params: Any = None, *,
+                             last_saved: int | None = None) -> None:
+    """Refuse to checkpoint diverged state: `UserError` naming the first bad step.
+
+    losses: the train losses of the updates since the previous save, in order (jax scalars
+    or floats), the last being update `step`; params: the state about to be saved (any
+    pytree; replicated arrays are fine, finiteness does not depend on replicas).
+    Called by the loops just before `checkpoint.save`, so the last good checkpoint stays
+    the latest and is never rotated out by a bad one.
+    """
+    import numpy as np
+
+    values = np.asarray([float(v) for v in _fetch(losses)], dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values))
+    good = f"the last good checkpoint is step {last_saved}" if last_saved is not None else "no checkpoint was written"
+    if bad.size:
+        first = step - len(values) + 1 + int(bad[0])
+        raise UserError(f"training diverged: train loss is {values[bad[0]]} at step {first}; not saving step {step} "
+                        f"({good}); lower train.lr or raise train.warmup_steps, then --resume")
+    if params is not None:
+        norm = _global_norm(params)
+        if not math.isfinite(norm):
+            raise UserError(f"training diverged: the params' global norm is {norm} at step {step}; not saving it "
+                            f"({good}); lower train.lr or raise train.warmup_steps, then --resume")
+
+
+def _fetch(values: Sequence[Any]) -> list:
+    import jax
+
+    return list(jax.device_get(list(values)))
+
+
+class DivergenceGuard:
+    """The losses since the last save, checked before the next one (`check_finite_before_save`).
+
+    `record(loss)` after every update (no device sync: the scalars are fetched at `check`);
+    `check(step, params)` right before saving `step`; `saved(step)` right after.
+    """
+
+    def __init__(self, last_saved: int | None = None):
+        self.losses: list[Any] = []
+        self.last_saved = last_saved
+
+    def record(self, loss: Any) -> None:
+        self.losses.append(loss)
+
+    def check(self, step: int, params: Any = None) -> None:
+        check_finite_before_save(step, self.losses, params, last_saved=self.last_saved)
+
+    def saved(self, step: int) -> None:
+        self.losses, self.last_saved = [], step
+
+
+# ---------------------------------------------------------------------------------------
+# Metrics: one record per step after a crash
+
+
+def truncate_metrics(path: str | Path, step: int, key: str = "step") -> int:
+    """Drop the JSONL records whose `key` is past `step` (and torn, unparseable lines), by an
+    atomic rewrite; returns how many were dropped. Call on --resume once the restored step is
+    known (RL loops: `key="iteration"` and the restored iteration), so steps logged after the
+    last checkpoint of a killed run are not recorded twice. Records without `key` stay."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            dropped += 1  # a line cut short by the kill
+            continue
+        if isinstance(record, dict) and isinstance(record.get(key), (int, float)) and record[key] > step:
+            dropped += 1
+        else:
+            kept.append(line)
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+# ---------------------------------------------------------------------------------------
+# --out: never take over a folder that is not ours
+
+
+def mark_run(run_dir: str | Path) -> None:
+    """Write the marker that makes `run_dir` recognisably a jaxgpt run (the first file a new
+    run writes, so a run killed before its first checkpoint is still known as ours)."""
+    path = Path(run_dir) / MARKER
+    if not path.exists():
+        path.write_text("jaxgpt run directory\n")
+
+
+def is_our_run(run_dir: str | Path) -> bool:
+    """A jaxgpt run: it holds our marker, or (runs from before the marker) config.yaml
+    beside a checkpoints/ folder."""
+    path = Path(run_dir)
+    return (path / MARKER).is_file() or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir())
+
+
+def check_out_dir(out: str | Path) -> Path:
+    """`--out` of a new run: absent, an empty folder, or a jaxgpt run (the loop then says
+    to --resume it); anything else is a one-line `UserError` and nothing is touched."""
+    path = Path(out)
+    if not path.exists():
+        return path
+    if not path.is_dir():
+        raise UserError(f"--out {out} is a file; give a new or empty folder")
+    if is_our_run(path) or not any(path.iterdir()):
+        return path
+    names = sorted(p.name for p in path.iterdir())
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    raise UserError(f"--out {out} already holds files that are not a jaxgpt run ({shown}); "
+                    "give a new or empty folder")
+
+
+# ---------------------------------------------------------------------------------------
+# One run per directory
+
+
+class RunLock:
+    """An exclusive `fcntl.flock` on `RUN/.lock` (holding pid and host) for the run's lifetime.
+
+    The kernel releases it when the process exits, however it dies, so a killed run leaves
+    no stale lock; a second run on the same directory gets a one-line `UserError`. Only
+    process 0 of a multi-process run should take it (`enabled=jax.process_index() == 0`).
+    The directory is created if needed (taking the lock is then the run's first write).
+    """
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True):
+        self.path = Path(run_dir) / LOCK
+        self.enabled = enabled
+        self._fd: int | None = None
+
+    def acquire(self) -> "RunLock":
+        if not self.enabled or self._fd is not None:
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{self.path.parent} is in use by another run ({holder}); wait for it to "
+                            "finish or choose another --out") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
