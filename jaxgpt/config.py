@@ -319,6 +319,13 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
+def at_least(section, prefix: str, minimum: float, *names: str) -> None:
+    """UserError naming `prefix.name` for the first of `names` in `section` below `minimum`."""
+    for name in names:
+        value = getattr(section, name)
+        _require(value >= minimum, f"{prefix}.{name} must be >= {minimum}, got {value}")
+
+
 def validate(cfg, *, check_vocab: bool = False) -> None:
     """Range checks that no type can express (non-finite numbers are refused when parsed).
     Raises `UserError` naming the key. `check_vocab`: see `load_config`."""

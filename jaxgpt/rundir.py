@@ -1,13 +1,14 @@
-"""Run-directory safety: no non-finite checkpoint, one metrics line per step, no user folder
-taken over, one run per directory at a time.
+"""A run directory (`config.yaml`, `metrics.jsonl`, `metrics.json`, plots, `checkpoints/`)
+and its safety: no non-finite checkpoint, one metrics line per step, no user folder taken
+over, one run per directory at a time.
 
-The training loops call these at fixed points (see each docstring):
+The driver (`jaxgpt.engine.driver`) and the loop call these at fixed points:
 
-    check_out_dir(out)                     before anything is written, for a new --out
+    RunDir(out, resume=...)                before anything is written (check_out_dir for a new --out)
     with RunLock(run_dir): ...             around the whole run (process 0), before restore
-    mark_run(run_dir)                      first file a new run writes (after taking the lock)
+    RunDir.create(cfg)                     marker (mark_run) first, then config.yaml
     truncate_metrics(metrics, step)        on --resume, once the restored step is known
-    guard.record(loss); guard.check(...)   every update; before every checkpoint save
+    guard.record(loss); guard.check(...)   every update; at every log record and checkpoint save
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import json
 import math
 import os
 import socket
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,6 +25,60 @@ from jaxgpt.errors import UserError
 
 MARKER = ".jaxgpt-run"
 LOCK = ".lock"
+
+
+def is_main_process() -> bool:
+    import jax
+
+    return jax.process_index() == 0
+
+
+def log(msg: str) -> None:
+    """One line on the console, from process 0 only (kept clear of progress bars)."""
+    if is_main_process():
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg)
+
+
+def default_out_dir(prefix: str) -> Path:
+    return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+class RunDir:
+    """A run directory. The constructor only checks (resuming needs a checkpoint; a new run
+    must not overwrite one, nor take over a folder that is not a run of ours); `create`
+    writes, after every input has been checked."""
+
+    def __init__(self, path: str | Path, *, resume: bool):
+        from jaxgpt import checkpoint
+
+        self.path = Path(path)
+        self.resume = resume
+        if resume:
+            if checkpoint.latest_step(self.path) is None:
+                raise UserError(f"--resume {self.path}: no checkpoint there to resume from")
+            return
+        check_out_dir(self.path)
+        if checkpoint.latest_step(self.path) is not None:
+            raise UserError(f"{self.path} already holds a run; pass --resume {self.path} to continue it "
+                            "or choose another --out")
+
+    def create(self, cfg) -> None:
+        """The marker, then config.yaml; a fresh run clears the metrics.jsonl that a run
+        stopped before its first checkpoint left behind."""
+        from jaxgpt.config import save_config
+
+        if is_main_process():
+            self.path.mkdir(parents=True, exist_ok=True)
+            mark_run(self.path)
+            save_config(cfg, self.path / "config.yaml")
+            if not self.resume:
+                self.metrics_jsonl.unlink(missing_ok=True)
+
+    @property
+    def metrics_jsonl(self) -> Path:
+        return self.path / "metrics.jsonl"
 
 
 # ---------------------------------------------------------------------------------------
@@ -44,7 +100,7 @@ _norm_fn = None
 
 
 def check_finite_before_save(step: int, losses: Sequence[Any], params: Any = None, *,
-                             last_saved: int | None = None) -> None:
+                             last_saved: int | None = None, unit: str = "step") -> None:
     """Refuse to checkpoint diverged state: `UserError` naming the first bad step.
 
     losses: the train losses of the updates since the previous save, in order (jax scalars
@@ -57,15 +113,16 @@ def check_finite_before_save(step: int, losses: Sequence[Any], params: Any = Non
 
     values = np.asarray([float(v) for v in _fetch(losses)], dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(values))
-    good = f"the last good checkpoint is step {last_saved}" if last_saved is not None else "no checkpoint was written"
+    good = (f"the last good checkpoint is {unit} {last_saved}" if last_saved is not None
+            else "no checkpoint was written")
     if bad.size:
         first = step - len(values) + 1 + int(bad[0])
-        raise UserError(f"training diverged: train loss is {values[bad[0]]} at step {first}; not saving step {step} "
-                        f"({good}); lower train.lr or raise train.warmup_steps, then --resume")
+        raise UserError(f"training diverged: train loss is {values[bad[0]]} at {unit} {first}; not saving {unit} "
+                        f"{step} ({good}); lower train.lr or raise train.warmup_steps, then --resume")
     if params is not None:
         norm = _global_norm(params)
         if not math.isfinite(norm):
-            raise UserError(f"training diverged: the params' global norm is {norm} at step {step}; not saving it "
+            raise UserError(f"training diverged: the params' global norm is {norm} at {unit} {step}; not saving it "
                             f"({good}); lower train.lr or raise train.warmup_steps, then --resume")
 
 
@@ -82,15 +139,15 @@ class DivergenceGuard:
     `check(step, params)` right before saving `step`; `saved(step)` right after.
     """
 
-    def __init__(self, last_saved: int | None = None):
+    def __init__(self, last_saved: int | None = None, unit: str = "step"):
         self.losses: list[Any] = []
-        self.last_saved = last_saved
+        self.last_saved, self.unit = last_saved, unit
 
     def record(self, loss: Any) -> None:
         self.losses.append(loss)
 
     def check(self, step: int, params: Any = None) -> None:
-        check_finite_before_save(step, self.losses, params, last_saved=self.last_saved)
+        check_finite_before_save(step, self.losses, params, last_saved=self.last_saved, unit=self.unit)
 
     def saved(self, step: int) -> None:
         self.losses, self.last_saved = [], step

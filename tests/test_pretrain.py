@@ -25,7 +25,10 @@ def test_run_directory_contents(tmp_path):
     from jaxgpt.tasks.pretrain import pretrain
 
     run = tmp_path / "run"
-    run.mkdir()  # as a run killed before its first checkpoint leaves it: metrics, no checkpoint
+    run.mkdir()  # as a run killed before its first checkpoint leaves it: marker, metrics, no checkpoint
+    from jaxgpt.rundir import mark_run
+
+    mark_run(run)
     (run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 9.0}\n')
     summary = pretrain(tiny_cfg(tmp_path), run)
     assert {"config.yaml", "metrics.jsonl", "metrics.json", "loss.png", "checkpoints"} <= {p.name for p in run.iterdir()}

@@ -11,6 +11,6 @@ See ARCHITECTURE.md for the picture and how to add a task.
 """
 from jaxgpt.engine.keys import Keys
 from jaxgpt.engine.recipe import Plot, Recipe, Schedule
-from jaxgpt.engine.run_dir import RunDir, default_out_dir, is_main_process, log
+from jaxgpt.rundir import RunDir, default_out_dir, is_main_process, log
 
 __all__ = ["Keys", "Plot", "Recipe", "RunDir", "Schedule", "default_out_dir", "is_main_process", "log"]

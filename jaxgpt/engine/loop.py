@@ -10,7 +10,9 @@ then, by the cadence (arguments, not config): a log record every `log_interval`
 iterations (the mean of each metric since the last record), an evaluation every
 `eval_interval` and at the end, a checkpoint at every evaluation, every
 `checkpoint_interval` and on Ctrl-C (which then stops the loop). Losses are checked for
-NaN/inf before every record and every save, so no checkpoint ever holds a diverged state.
+NaN/inf before every record, and losses and params before every save
+(`jaxgpt.rundir.DivergenceGuard`), so no checkpoint ever holds a diverged state and the last
+good one is never rotated out by a bad one.
 Records go to `metrics.jsonl` (and TensorBoard when asked) through one `MetricsWriter`.
 """
 from __future__ import annotations
@@ -28,8 +30,7 @@ from tqdm.auto import tqdm
 
 from jaxgpt import checkpoint
 from jaxgpt.engine.keys import Keys
-from jaxgpt.engine.run_dir import RunDir, is_main_process, log
-from jaxgpt.errors import UserError
+from jaxgpt.rundir import DivergenceGuard, RunDir, is_main_process, log
 from jaxgpt.metrics import MetricsWriter, mfu
 
 # `source(iteration, local_params) -> (minibatches, stats)`: host batches for the updates
@@ -112,7 +113,7 @@ class Loop:
         self.iteration_times: list[float] = []
         self.last_record: dict = {}
         self.last_eval: tuple[int, dict] | None = None  # (iteration, metrics) of the latest evaluation
-        self._unchecked: list[tuple[int, Any]] = []  # (iteration, loss) not yet checked for NaN
+        self.guard = DivergenceGuard(last_saved=self.manager.latest_step(), unit=self.unit)
 
     @property
     def step(self) -> int:
@@ -158,12 +159,11 @@ class Loop:
         jax.block_until_ready(collected[-1]["loss"])
         self.iteration_times.append(time.perf_counter() - t0)
         self.iteration = s + 1
-        losses = [m["loss"] for m in collected]
-        self._unchecked.append((s + 1, losses[0] if len(losses) == 1 else sum(losses)))
+        self.guard.record(sum(m["loss"] for m in collected[1:]) + collected[0]["loss"])  # NaN if any is
         return {"stats": stats, "metrics": collected}
 
     def _log(self, window: list[dict], evaluate: Callable | None) -> None:
-        self.check_finite()
+        self.guard.check(self.iteration)
         record: dict[str, Any] = {}
         if self.rl:
             record.update(iteration=self.iteration, step=self.step)
@@ -194,15 +194,6 @@ class Loop:
         names = self.metric_names or {k: k for k in collected[0] if k != "count"}
         return {new: float(np.mean([c[old] for c in collected])) for old, new in names.items()}
 
-    def check_finite(self) -> None:
-        """UserError naming the first iteration whose loss is NaN or inf since the last check."""
-        pending, self._unchecked = self._unchecked, []
-        for iteration, loss in zip([i for i, _ in pending], jax.device_get([l for _, l in pending])):
-            if not np.isfinite(loss):
-                raise UserError(
-                    f"training diverged: the loss is {float(loss)} at {self.unit} {iteration}; lower "
-                    "train.lr or raise train.warmup_steps (no checkpoint was written for it)")
-
     # -- results ---------------------------------------------------------------------------
     def tokens_per_sec(self) -> float:
         """Tokens per second of the median iteration after the first (which compiles)."""
@@ -222,10 +213,13 @@ class Loop:
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self) -> None:
-        """Checkpoint iteration `self.iteration` (once), after the NaN check."""
+        """Checkpoint iteration `self.iteration` (once), after the NaN check of the losses
+        since the last save and of the params."""
         if self.manager.latest_step() == self.iteration:
             return
-        self.check_finite()
+        state = self.placed.host()
+        self.guard.check(self.iteration, state["params"])
         meta = {**self.meta, "iteration": self.iteration, "step": self.step, "seed": self.seed,
                 "rng_key_data": np.asarray(jax.random.key_data(self.keys.dropout)).tolist()}
-        checkpoint.save(self.manager, self.iteration, self.placed.host(), meta)
+        checkpoint.save(self.manager, self.iteration, state, meta)
+        self.guard.saved(self.iteration)

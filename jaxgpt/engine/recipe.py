@@ -4,7 +4,8 @@ The driver (`jaxgpt.engine.driver.train`) owns the sequence every task shares; a
 fills in only what differs, through these hooks (defaults in brackets):
 
     set-up, before anything is written
-      validate()                 task-only checks                                  [none]
+      validate_config(cfg)       the task's own config sections (static: no devices, no data)  [none]
+      validate()                 checks that need the devices or other inputs      [none]
       load_data()                self.data                                         (required)
       schedule() -> Schedule     iterations, eval interval, updates per iteration  (required)
       model_attrs() -> dict      GPT attributes beyond lora (num_classes, value_head)  [{}]
@@ -34,7 +35,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from jaxgpt.engine.keys import Keys
 from jaxgpt.engine.loop import Loop, Throughput
-from jaxgpt.engine.run_dir import RunDir
+from jaxgpt.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,10 @@ class Recipe:
         self.trainable = self.total = 0  # parameter counts (set by the driver)
 
     # -- set-up ---------------------------------------------------------------------------
+    @staticmethod
+    def validate_config(cfg) -> None:
+        pass
+
     def validate(self) -> None:
         pass
 

@@ -10,8 +10,10 @@ from typing import Sequence
 import jax
 import numpy as np
 
+from jaxgpt.config import at_least
 from jaxgpt.engine import Recipe, Schedule
 from jaxgpt.errors import UserError
+from jaxgpt.token_sampling import SAMPLERS
 
 
 @dataclass(frozen=True)
@@ -29,21 +31,19 @@ class RolloutConfig:
     eval_batch_size: int = 100  # prompts per greedy evaluation call
 
 
-def validate_rollout(r: RolloutConfig, rows: int, devices: int, accum: int) -> None:
-    """Range checks, and that each minibatch of `rows` sequences splits over devices x accum."""
-    for name in ("prompts_per_step", "max_new_tokens", "inner_epochs", "minibatches", "eval_batch_size"):
-        if getattr(r, name) < 1:
-            raise UserError(f"rollout.{name} must be >= 1, got {getattr(r, name)}")
+def validate_rollout_config(r: RolloutConfig) -> None:
+    at_least(r, "rollout", 1, "prompts_per_step", "max_new_tokens", "inner_epochs", "minibatches", "eval_batch_size")
+    at_least(r, "rollout", 0, "top_k")
     if not r.temperature > 0:
         raise UserError(f"rollout.temperature must be > 0 (RL needs sampled completions), got {r.temperature}")
-    from jaxgpt.sampling import SAMPLERS
-
     if r.sampler not in SAMPLERS:
         raise UserError(f"rollout.sampler must be one of {', '.join(SAMPLERS)}, got {r.sampler!r}")
-    if r.top_k < 0:
-        raise UserError(f"rollout.top_k must be >= 0 (0 = off), got {r.top_k}")
     if not 0.0 < r.top_p <= 1.0:
         raise UserError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
+
+
+def validate_rollout(r: RolloutConfig, rows: int, devices: int, accum: int) -> None:
+    """That each minibatch of `rows` sequences splits over devices x accum."""
     if rows % r.minibatches:
         raise UserError(f"{rows} sequences per iteration do not split into rollout.minibatches={r.minibatches}")
     per = rows // r.minibatches

@@ -26,7 +26,9 @@ import jax
 import numpy as np
 
 from jaxgpt.engine import is_main_process
-from jaxgpt.data.classification import ClassifyDataConfig, encode_texts, load_classification, pad_batch
+from jaxgpt.config import at_least
+from jaxgpt.data.classification import (ClassifyDataConfig, encode_texts, load_classification, pad_batch,
+                                         validate_data)
 from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
@@ -50,6 +52,11 @@ class Classify(SplitTask):
     split_metrics = {"correct": "accuracy"}
     plots = (Plot("loss.png", "step", ("train_loss", "train_eval_loss", "val_loss"), "loss"),
              Plot("accuracy.png", "epoch", ("train_accuracy", "val_accuracy"), "accuracy"))
+
+    @staticmethod
+    def validate_config(cfg) -> None:
+        validate_data(cfg.data, cfg.model.context_length)
+        at_least(cfg.data, "data", 0, "seed")
 
     def load_data(self) -> None:
         self.data = load_classification(self.cfg.data, self.cfg.model.context_length,

@@ -43,6 +43,7 @@ from jaxgpt.model import GPT
 from jaxgpt.preference import dpo_loss_fn, reference_fn
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import LMLoRAConfig, PAIR_PLOTS, SplitTask, TaskConfig
+from jaxgpt.tasks.reward import Reward
 
 DEFAULT_CONFIG = default_config("dpo")
 REFERENCE_FILE = "reference_logprobs.npz"
@@ -157,9 +158,10 @@ class DPO(SplitTask):
     plots = (*PAIR_PLOTS, Plot("margin.png", "step", ("train_reward_margin", "val_reward_margin"),
                                "reward margin (chosen - rejected)"))
 
-    def validate(self) -> None:
-        super().validate()
-        validate_dpo(self.cfg)
+    @staticmethod
+    def validate_config(cfg) -> None:
+        Reward.validate_config(cfg)  # the same preference data section
+        validate_dpo(cfg)
 
     def load_data(self) -> None:
         self.data = load_preference(self.cfg.data, self.cfg.model.context_length, tfds_data_dir=self.tfds_data_dir)

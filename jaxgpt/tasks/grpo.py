@@ -33,7 +33,9 @@ from jaxgpt.engine import Plot, log
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
-from jaxgpt.rl.common import RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs
+from jaxgpt.config import at_least
+from jaxgpt.rl.common import (RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs,
+                              validate_rollout_config)
 from jaxgpt.rl.grpo import LOSS_AGGREGATIONS
 from jaxgpt.rl.rollout import completion_logprobs, completion_texts, rollout
 from jaxgpt.tasks import default_config
@@ -105,8 +107,6 @@ def load_task_data(cfg: GRPOConfig) -> TaskData:
     from jaxgpt.rl.tasks import get_task
 
     d = cfg.data
-    if d.eval_size < 0:
-        raise UserError(f"data.eval_size must be >= 0, got {d.eval_size}")
     task = get_task(d.task, d.path)
     problems, tokens, masks, dropped = {}, {}, {}, {}
     for split in ("rl", "eval"):
@@ -161,13 +161,16 @@ class GRPO(RLTask):
     def group_size(self) -> int:
         return self.cfg.grpo.group_size
 
-    def validate(self) -> None:
+    @staticmethod
+    def validate_config(cfg) -> None:
         from jaxgpt.rl.tasks import get_task
 
-        validate_grpo(self.cfg.grpo)
-        super().validate()
-        g, d = self.cfg.grpo, self.cfg.data
-        if g.supervision == "process" and not hasattr(get_task(d.task, d.path), "step_rewards"):
+        g, d = cfg.grpo, cfg.data
+        validate_grpo(g)
+        validate_rollout_config(cfg.rollout)
+        at_least(d, "data", 0, "seed", "eval_size", "max_prompt_tokens")
+        task = get_task(d.task, d.path)
+        if g.supervision == "process" and not hasattr(task, "step_rewards"):
             raise UserError(f"task {d.task} has no process rewards; set grpo.supervision=outcome (or auto)")
 
     def load_data(self) -> None:

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-from jaxgpt.data.instruct import InstructData, InstructDataConfig, load_instruct
+from jaxgpt.config import at_least
+from jaxgpt.data.instruct import InstructData, InstructDataConfig, load_instruct, validate_data
 from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.engine.loop import Throughput
@@ -112,9 +113,15 @@ class Instruct(SplitTask):
     plots = (Plot("loss.png", "step", ("train_loss", "val_loss"), "loss"),)
     jit_init = True
 
-    def validate(self) -> None:
-        super().validate()
-        validate_generate(self.cfg.generate)
+    @staticmethod
+    def validate_config(cfg) -> None:
+        validate_data(cfg.data, cfg.model.context_length)
+        at_least(cfg.data, "data", 0, "seed")
+        if cfg.data.task:
+            from jaxgpt.rl.tasks import get_task
+
+            get_task(cfg.data.task)
+        validate_generate(cfg.generate)
 
     def load_data(self) -> None:
         self.data = load_instruct(self.cfg.data, self.cfg.model.context_length, self.batch_size,

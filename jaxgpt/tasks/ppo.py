@@ -31,7 +31,9 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
-from jaxgpt.rl.common import RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs
+from jaxgpt.config import at_least
+from jaxgpt.rl.common import (RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs,
+                              validate_rollout_config)
 from jaxgpt.rl.rollout import completion_texts, rollout
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import LMLoRAConfig, TaskConfig
@@ -74,18 +76,18 @@ class PPOConfig(TaskConfig):
 
 
 def validate_ppo(p: PPOSection, d: PPODataConfig) -> None:
-    if not p.reward:
-        raise UserError("no reward model: pass --reward RUN (a `finetune.py reward` run directory)")
-    for name in ("kl_coef", "value_clip", "vf_coef"):
-        if getattr(p, name) < 0:
-            raise UserError(f"ppo.{name} must be >= 0, got {getattr(p, name)}")
+    at_least(p, "ppo", 0, "kl_coef", "value_clip", "vf_coef")
     if not p.clip_eps > 0:
         raise UserError(f"ppo.clip_eps must be > 0, got {p.clip_eps}")
     for name in ("gamma", "lam"):
         if not 0.0 <= getattr(p, name) <= 1.0:
             raise UserError(f"ppo.{name} must be in [0, 1], got {getattr(p, name)}")
-    if d.eval_size < 1:
-        raise UserError(f"data.eval_size must be >= 1, got {d.eval_size}")
+    if not d.path.strip() or not d.instruction_field:
+        raise UserError("data.path and data.instruction_field must be non-empty")
+    at_least(d, "data", 1, "eval_size")
+    at_least(d, "data", 0, "seed", "max_prompt_tokens")
+    if not p.reward:  # last: the default config has none, and the value checks above name their key
+        raise UserError("no reward model: pass --reward RUN (a `finetune.py reward` run directory)")
 
 
 def load_prompts(cfg: PPOConfig) -> dict:
@@ -142,8 +144,12 @@ class PPO(RLTask):
              Plot("kl.png", "iteration", ("kl", "eval_kl"), "KL to reference (per completion)"),
              Plot("loss.png", "iteration", ("value_loss", "pg_loss", "clip_frac"), "loss"))
 
+    @staticmethod
+    def validate_config(cfg) -> None:
+        validate_rollout_config(cfg.rollout)
+        validate_ppo(cfg.ppo, cfg.data)
+
     def validate(self) -> None:
-        validate_ppo(self.cfg.ppo, self.cfg.data)
         super().validate()
         rm_cfg, rm_params = load_reward_model(self.cfg.ppo.reward)
         self.rm = (rm_cfg, jax.device_put(rm_params))  # frozen; on the device once, not at every call

@@ -28,8 +28,8 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.config import ModelConfig
-from jaxgpt.data.preference import PreferenceDataConfig, load_preference
+from jaxgpt.config import ModelConfig, at_least
+from jaxgpt.data.preference import PreferenceDataConfig, load_preference, validate_data
 from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
@@ -98,6 +98,11 @@ class Reward(SplitTask):
     examples = "pairs"
     plots = (*PAIR_PLOTS, Plot("accuracy.png", "epoch", ("train_pairwise_accuracy", "val_pairwise_accuracy"),
                                "pairwise accuracy"))
+
+    @staticmethod
+    def validate_config(cfg) -> None:
+        validate_data(cfg.data, cfg.model.context_length)
+        at_least(cfg.data, "data", 0, "seed")
 
     def load_data(self) -> None:
         self.data = load_preference(self.cfg.data, self.cfg.model.context_length, tfds_data_dir=self.tfds_data_dir)
