@@ -215,7 +215,9 @@ def restore(run_dir: str | Path, target: Any, step: int | None = None, *,
     an abstract pytree (from `jax.eval_shape`) giving the structure, shapes and dtypes to
     restore into. With `quarantine` (resuming), damaged newer steps are moved aside."""
     run_dir = Path(run_dir)
-    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
+    # Abstract leaves keep their sharding (a mesh restores shard by shard, never gathered).
+    abstract = jax.tree_util.tree_map(
+        lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)
 
     def load(manager, s):
         saved = manager.item_metadata(s)["state"]

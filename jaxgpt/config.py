@@ -109,10 +109,23 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MeshConfig:
+    """`mesh` section: all 1 (the default) = pmap data parallelism over `train.num_devices`;
+    otherwise `jax.jit` over a (data, fsdp, tensor) mesh of every device (`jaxgpt.parallel.mesh`):
+    params and optimiser state sharded over fsdp, heads and MLP over tensor, batch rows over
+    data x fsdp. The product is the device count; one axis may be -1 (the rest)."""
+
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass(frozen=True)
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,6 +358,12 @@ def validate(cfg, *, check_vocab: bool = False) -> None:
         _require(d.seed >= 0, f"data.seed must be >= 0, got {d.seed}")
         _require(bool(d.path.strip()), "data.path is empty; give a bundled corpus name, a text file, a folder or tfds:NAME")
         _require(bool(d.text_field.strip()), "data.text_field is empty; name the tfds feature that holds the text")
+    mesh = getattr(cfg, "mesh", None)
+    if isinstance(mesh, MeshConfig):
+        sizes = (mesh.data, mesh.fsdp, mesh.tensor)
+        _require(all(v >= 1 or v == -1 for v in sizes) and sizes.count(-1) <= 1,
+                 f"mesh.data, mesh.fsdp and mesh.tensor must each be >= 1, one of them may be -1 (the rest of "
+                 f"the devices); got {', '.join(map(str, sizes))}")
     t = getattr(cfg, "train", None)
     if isinstance(t, TrainConfig):
         validate_train(t)

@@ -107,6 +107,8 @@ def _config_classes():
 
 
 def _bad_values(task: str, key: str, typ) -> list:
+    if key.startswith("mesh."):
+        return [0, -2]  # -1 is valid: the rest of the devices
     if typ is bool:
         return ["maybe"]
     if typ is int:

@@ -28,7 +28,7 @@ from jaxgpt.engine.recipe import Recipe, Schedule
 from jaxgpt.metrics import MetricsWriter, check_tensorboard, plot_curves, read_jsonl, write_json
 from jaxgpt.model import GPT, init_params
 from jaxgpt.optim import lr_schedule, make_optimizer
-from jaxgpt.parallel import DataParallel, resolve_num_devices
+from jaxgpt.parallel import layout_for
 from jaxgpt.rundir import RunDir, RunLock, default_out_dir, is_main_process, log, truncate_metrics
 from jaxgpt.steps import TrainState, create_train_state, eval_step, train_step
 
@@ -76,7 +76,7 @@ def prepare(recipe_cls: type[Recipe], cfg, run: RunDir, init: str | None, tfds_d
     if init and (not run.resume or recipe_cls.reference_on_resume):
         cfg, loaded = init_from(init, cfg)
     t = cfg.train
-    dp = DataParallel(resolve_num_devices(t.num_devices))
+    dp = layout_for(cfg)
     task = recipe_cls(cfg, dp=dp, run=run, keys=Keys.from_seed(t.seed), tfds_data_dir=tfds_data_dir)
     task.validate()
     if t.tensorboard:
@@ -98,7 +98,7 @@ def prepare(recipe_cls: type[Recipe], cfg, run: RunDir, init: str | None, tfds_d
     state = create_train_state(params, tx)
     meta, iteration = {}, 0
     if run.resume:
-        target = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+        target = dp.restore_target({"step": state.step, "params": state.params, "opt_state": state.opt_state})
         restored, meta = checkpoint.restore(run.path, target=target, quarantine=True)
         state, meta = TrainState(**restored), dict(meta or {})
         iteration = int(meta.get("iteration", state.step))
@@ -113,7 +113,7 @@ def run_loop(start: Start, run: RunDir, stop_after: int | None, started: float) 
     mode = f", {task.trainable:,} trainable ({task.cfg.finetune.train_mode})" if hasattr(task.cfg, "finetune") else ""
     log(" | ".join(filter(None, [f"model: {task.total:,} params{mode}", task.describe(),
                                  f"{start.schedule.iterations} {unit}s",
-                                 f"devices: {task.dp.num_devices} x {jax.process_count()} process(es)"])))
+                                 task.dp.describe()])))
     if run.resume:
         log(f"resuming {run.path} from {unit} {start.iteration}")
         if is_main_process():  # records a killed run logged after its last checkpoint

@@ -116,7 +116,7 @@ class RLTask(Recipe):
 
     def validate(self) -> None:
         r = self.cfg.rollout
-        validate_rollout(r, r.prompts_per_step * self.group_size, self.dp.num_devices, self.cfg.train.grad_accum_steps)
+        validate_rollout(r, r.prompts_per_step * self.group_size, self.dp.batch_shards, self.cfg.train.grad_accum_steps)
 
     def schedule(self) -> Schedule:
         from jaxgpt.tasks.common import schedule_steps
@@ -131,7 +131,7 @@ class RLTask(Recipe):
         raise NotImplementedError
 
     def prepare(self, params, meta: dict) -> None:
-        self.ref_params = jax.device_put(jax.device_get(plain_params(params, self.cfg)))  # its own copy, on device once
+        self.ref_params = self.dp.put_local(jax.device_get(plain_params(params, self.cfg)))  # its own copy, placed once
 
     def loss_fn(self, model):
         self.model = model  # the policy (LoRA adapters, a value head): what rescoring runs

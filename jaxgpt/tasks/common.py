@@ -9,6 +9,7 @@ A task's config subclasses `TaskConfig` (the sections every task has):
     train     FinetuneTrainConfig: TrainConfig + `epochs`
     lora      LoRAConfig (used when finetune.train_mode is lora)
     finetune  FinetuneConfig: `init` and `train_mode` (`jaxgpt.engine.params`)
+    mesh      MeshConfig: pmap replicas (default) or a sharded (data, fsdp, tensor) mesh
 
 loaded like `train.py`'s (defaults <- task YAML <- --model-config FILE's model section <-
 --set), written to RUN/config.yaml, and reloaded from there by `--resume RUN`. Flags are
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from jaxgpt.config import ModelConfig, TrainConfig, load_config, validate
+from jaxgpt.config import MeshConfig, ModelConfig, TrainConfig, load_config, validate
 from jaxgpt.engine import Plot, Recipe, Schedule, log
 from jaxgpt.engine.loop import Throughput
 from jaxgpt.engine.params import TRAIN_MODES
@@ -72,6 +73,7 @@ class TaskConfig:
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
 
 
 def validate_finetune(cfg) -> None:

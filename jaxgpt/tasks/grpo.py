@@ -24,7 +24,6 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import jax
 import numpy as np

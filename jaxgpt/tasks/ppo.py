@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import jax
 import numpy as np
@@ -152,7 +151,7 @@ class PPO(RLTask):
     def validate(self) -> None:
         super().validate()
         rm_cfg, rm_params = load_reward_model(self.cfg.ppo.reward)
-        self.rm = (rm_cfg, jax.device_put(rm_params))  # frozen; on the device once, not at every call
+        self.rm = (rm_cfg, self.dp.put_local(rm_params))  # frozen; placed once, not at every call
         policy = self.cfg.model
         if rm_cfg.vocab_size != policy.vocab_size:
             raise UserError(f"the reward model's vocabulary ({rm_cfg.vocab_size}) differs from the policy's "

@@ -19,7 +19,7 @@ import jax
 
 from jaxgpt import checkpoint
 from jaxgpt.config import Config
-from jaxgpt.engine import Plot, Recipe, Schedule, is_main_process, log
+from jaxgpt.engine import Plot, Recipe, Schedule, log
 from jaxgpt.engine.driver import train
 from jaxgpt.engine.loop import Throughput
 from jaxgpt.errors import UserError
@@ -59,14 +59,14 @@ class Pretrain(Recipe):
 
     def throughput(self) -> Throughput:
         seq = self.data.context_length
-        return Throughput(self.cfg.train.batch_size * seq, self.cfg.model, seq,
-                          self.dp.num_devices * jax.process_count())
+        return Throughput(self.cfg.train.batch_size * seq, self.cfg.model, seq, self.dp.device_count)
 
     def evaluate(self, placed) -> dict:
         out = self.dp.evaluate(self.p_eval, placed.params, self.data.val_batches(self.cfg.train.eval_batches))
         t = self.cfg.train
-        if t.sample_tokens and is_main_process():
-            log(f"step {placed.step} sample: {sample_text(self.cfg.model, placed.local_params(), t.sample_prompt, t.sample_tokens)!r}")
+        if t.sample_tokens:  # every process: params of a multi-process mesh are gathered for it
+            sample = sample_text(self.cfg.model, placed.local_params(), t.sample_prompt, t.sample_tokens)
+            log(f"step {placed.step} sample: {sample!r}")
         return {"val_loss": out["loss"]} if out else {}
 
     def summary(self, loop, before: dict, final: dict) -> dict:

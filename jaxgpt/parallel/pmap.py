@@ -1,49 +1,30 @@
-"""Data parallelism: the only module that calls `jax.pmap` or knows where arrays live.
+"""Data parallelism with `jax.pmap` (the default layout): state replicated on every local
+device, each device a slice of the batch.
 
 A global batch of `B` rows becomes `[devices, accum_steps, B / (devices * accum_steps), ...]`;
-state is replicated on every local device; gradients are summed across devices inside the
-step (`lax.psum` over `AXIS`). With one device the same step function is simply jitted and
-the leading device axis is left out, so CPU, GPU and TPU run identical step code.
-
-The training loop and the tasks see only `DataParallel.place(state, ...)`, a `PlacedState`
-(update, step, params for evaluation and for sampling, a host copy for checkpoints),
-`DataParallel.evaluate` (exact means over eval batches) and `DataParallel.put_frozen`
-(a frozen model, e.g. DPO's reference, laid out for the compiled steps): nothing outside
-this module branches on the device count.
-
-`jax.pmap` is in maintenance mode in JAX 0.10 (it is built on jit + shard_map); keeping
-every use here means a later move to `jit` + `Mesh` sharding touches this file alone.
+gradients are summed across devices inside the step (`lax.psum` over `AXIS`). With one
+device the same step function is simply jitted and the leading device axis is left out, so
+CPU, GPU and TPU run identical step code. `jax.pmap` is in maintenance mode in JAX 0.10 (it
+is built on jit + shard_map); `jaxgpt.parallel.mesh` is the jit + `Mesh` layout.
 """
 from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxgpt.errors import UserError
+from jaxgpt.parallel.layout import Layout
 
 AXIS = "batch"
 
 
-def resolve_num_devices(requested: int) -> int:
-    """`train.num_devices`: 0 = every local device; more than exist is an error."""
-    available = jax.local_device_count()
-    if requested == 0:
-        return available
-    if requested > available:
-        raise UserError(
-            f"train.num_devices={requested} but only {available} local device(s) exist; "
-            "use 0 for all of them"
-        )
-    return requested
-
-
 @dataclass(frozen=True)
-class DataParallel:
+class DataParallel(Layout):
     """How one process lays out state and batches over its local devices."""
 
     num_devices: int
@@ -121,10 +102,11 @@ class DataParallel:
         return jax.tree_util.tree_map(lambda x: _device_0(x)[0], tree)
 
     # -- compiled steps ----------------------------------------------------------------
-    def compile_train_step(self, step_fn: Callable, **static) -> Callable:
+    def compile_train_step(self, step_fn: Callable, state: Any = None, **static) -> Callable:
         """`step_fn(state, batch, key, *, axis_name, **static)` -> jitted or pmapped callable.
 
-        The state argument is donated: its buffers are reused for the new state.
+        The state argument is donated: its buffers are reused for the new state. (`state`,
+        the placed state, is for layouts whose compiled steps need its shardings.)
         """
         if self.num_devices == 1:
             return jax.jit(functools.partial(step_fn, axis_name=None, **static), donate_argnums=0)
@@ -152,53 +134,29 @@ class DataParallel:
         steps; unlike the train state it is never donated, so one device may alias it."""
         return self.replicate(tree) if self.num_devices > 1 else tree
 
-    def evaluate(self, p_eval: Callable, params: Any, batches: Iterable[dict]) -> dict:
-        """Exact means over every batch of a compiled eval step: sum each metric, divide by
-        the summed `count`. `params` as `PlacedState.params` gives them."""
-        totals: dict[str, float] = {}
-        for batch in batches:
-            sums = jax.device_get(self.first(p_eval(params, self.shard_eval(batch))))
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-        count = totals.pop("count", 0.0)
-        return {k: v / count for k, v in totals.items()} if count else {}
+    def local(self, tree: Any) -> Any:
+        return self.first(tree)
 
-    def place(self, state: Any, step_fn: Callable, accum_steps: int = 1, **static) -> "PlacedState":
-        """`state` (a `jaxgpt.steps.TrainState`) on this layout's devices, with `step_fn`
-        compiled for it (`compile_train_step(step_fn, **static)`)."""
-        return PlacedState(self, self.replicate(state), self.compile_train_step(step_fn, **static), accum_steps)
-
-
-class PlacedState:
-    """A train state laid out by a `DataParallel`, and the compiled step that updates it."""
-
-    def __init__(self, dp: DataParallel, state: Any, p_train: Callable, accum_steps: int):
-        self.dp, self.state, self._p_train, self.accum_steps = dp, state, p_train, accum_steps
-
-    def update(self, batch: dict, key) -> dict:
-        """One optimiser update on the host batch `[B, ...]` (this process's rows); returns
-        its metrics, psum'd over devices (device arrays: reading them syncs)."""
-        self.state, metrics = self._p_train(self.state, self.dp.shard_train(batch, self.accum_steps), key)
-        return self.dp.first(metrics)
+    def put_local(self, tree: Any) -> Any:
+        return jax.device_put(tree, self.devices[0])
 
     @property
-    def step(self) -> int:
-        """Optimiser updates done."""
-        return int(self.dp.first(self.state.step))
+    def device_count(self) -> int:
+        return self.num_devices * jax.process_count()
 
     @property
-    def params(self) -> Any:
-        """The params as this layout's compiled eval steps take them."""
-        return self.state.params
+    def batch_shards(self) -> int:
+        return self.num_devices
 
-    def local_params(self) -> Any:
-        """The params on one device (device 0's replica), for sampling and jitted scoring."""
-        return self.dp.first(self.state.params)
+    def restore_target(self, state: Any) -> Any:
+        device = jax.sharding.SingleDeviceSharding(self.devices[0])
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), state)
 
-    def host(self) -> dict:
-        """`{"step", "params", "opt_state"}` as host arrays (one copy): what Orbax saves."""
-        state = self.dp.unreplicate(self.state)
-        return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+    def saveable(self, tree: Any) -> Any:
+        return self.unreplicate(tree)
+
+    def describe(self) -> str:
+        return f"devices: {self.num_devices} x {jax.process_count()} process(es)"
 
 
 def _device_0(x):
