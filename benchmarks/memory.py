@@ -4,6 +4,13 @@
     python benchmarks/memory.py                       # gpt2-124m, seq 1024, batch 8, remat off/on
     python benchmarks/memory.py --budget-gib 16       # + the largest batch that fits 16 GiB
     python benchmarks/memory.py --set model.dtype=bfloat16 --json out.json
+    python benchmarks/memory.py --layouts --preset gpt2-774m --preset gpt2-1558m   # per device, 8 devices:
+                                                      # pmap replicas vs mesh fsdp=8 (remat off/on)
+
+With `--layouts` the global batch is split over 8 devices (8 fake CPU devices when no
+accelerator has them): a replica holds the whole state and its batch / 8 rows (pmap's
+per-device program); `fsdp=8` shards params, gradients and AdamW moments 8 ways
+(`jaxgpt.parallel.mesh`). Numbers are per device.
 
 The train step is lowered and compiled for abstract inputs (`jax.ShapeDtypeStruct`), and
 `compiled.memory_analysis()` gives argument, output, temporary and aliased bytes; the peak
@@ -15,11 +22,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+if "--layouts" in sys.argv and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -32,13 +42,20 @@ from jaxgpt.steps import create_train_state, lm_loss_fn, train_step  # noqa: E40
 GIB = 1024**3
 
 
-def peak_bytes(model_cfg, train_cfg, batch: int, seq: int) -> dict:
+def peak_bytes(model_cfg, train_cfg, batch: int, seq: int, mesh=None) -> dict:
+    """Per device. mesh: a `MeshParallel` (batch = the global batch), else one device."""
     tx = make_optimizer(train_cfg)
     state = jax.eval_shape(lambda k: create_train_state(init_params(model_cfg, k), tx), jax.random.key(0))
     tokens = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)  # [accum, batch, seq]
-    step = jax.jit(
-        lambda s, b, k: train_step(s, b, k, loss_fn=lm_loss_fn(GPT(model_cfg)), tx=tx), donate_argnums=0
-    )
+    loss_fn = lm_loss_fn(GPT(model_cfg))
+    if mesh is None:
+        step = jax.jit(lambda s, b, k: train_step(s, b, k, loss_fn=loss_fn, tx=tx), donate_argnums=0)
+    else:
+        from jax.sharding import PartitionSpec
+
+        state = mesh.restore_target(state)  # abstract, with the mesh's shardings
+        tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=mesh.sharding(PartitionSpec(None, ("data", "fsdp"))))
+        step = mesh.compile_train_step(train_step, state=state, loss_fn=loss_fn, tx=tx)
     t0 = time.perf_counter()
     compiled = step.lower(state, {"inputs": tokens, "targets": tokens}, jax.random.key(0)).compile()
     mem = compiled.memory_analysis()
@@ -65,16 +82,44 @@ def largest_batch(model_cfg, train_cfg, seq: int, budget: float, hi: int = 1024)
     return best
 
 
+def layouts(presets, seq: int, batch: int, overrides, budget_gib: float) -> list[dict]:
+    """Per-device peak of pmap replicas vs mesh fsdp=8, remat off/on, for each preset."""
+    from jaxgpt.parallel import MeshParallel
+
+    mesh = MeshParallel(1, 8, 1, devices=tuple(jax.devices()[:8]))
+    print(f"| preset | layout | remat | peak GiB / device | params + opt state GiB / device | fits {budget_gib:g} GiB |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for preset in presets:
+        cfg = load_config(None, [f"model.preset={preset}", "model.dropout=0.0", *overrides])
+        for name, layout, rows_per in (("pmap replicas", None, batch // 8), ("mesh fsdp=8", mesh, batch)):
+            for remat in (False, True):
+                r = peak_bytes(dataclasses.replace(cfg.model, remat=remat), cfg.train, rows_per, seq, layout)
+                r.update(preset=preset, layout=name, remat=remat, fits=r["peak_bytes"] <= budget_gib * GIB)
+                rows.append(r)
+                print(f"| {preset} | {name} | {remat} | {r['peak_bytes'] / GIB:.2f} | {r['argument_bytes'] / GIB:.2f} | "
+                      f"{'yes' if r['fits'] else 'no'} |", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="gpt2-124m")
+    p.add_argument("--preset", action="append", help="model preset (repeatable with --layouts; default gpt2-124m)")
+    p.add_argument("--layouts", action="store_true", help="per device on 8 devices: pmap replicas vs mesh fsdp=8")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--budget-gib", type=float, default=0.0, help="also find the largest batch under this peak")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
     p.add_argument("--json", help="write results here")
     args = p.parse_args(argv)
-
+    presets = args.preset or ["gpt2-124m"]
+    if args.layouts:
+        rows = layouts(presets, args.seq, args.batch, args.overrides, args.budget_gib or 16.0)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"backend": jax.devices()[0].platform, "seq": args.seq,
+                                                   "batch": args.batch, "rows": rows}, indent=2))
+        return 0
+    args.preset = presets[0]
     cfg = load_config(None, [f"model.preset={args.preset}", "model.dropout=0.0", *args.overrides])
     device = jax.devices()[0]
     print(f"backend: {device.platform} ({getattr(device, 'device_kind', '')}), {args.preset}, "

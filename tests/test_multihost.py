@@ -143,3 +143,25 @@ def test_a_killed_process_stops_the_other_in_bounded_time_and_both_resume_exactl
     assert sorted(resumed) == sorted(straight) == list(range(1, 25))
     assert [resumed[s]["train_loss"] for s in range(9, 25)] == [straight[s]["train_loss"] for s in range(9, 25)]
     assert _summary(run)["val_loss"] == _summary(tmp_path / "straight")["val_loss"]
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_sharded_mesh_match_one_process(tmp_path):
+    """fsdp=8 over 2 processes x 4 devices (each process writes its own shards of the
+    checkpoints) == fsdp=8 over 1 process x 8 devices, and the 2-process run resumes in 1."""
+    cache = tmp_path / "cache"
+    port = _free_port()
+    fsdp = ["--set", "mesh.fsdp=8", "--set", "model.n_embd=64", "--set", "model.n_head=4"]  # c_fc [64, 256]: sharded
+    _run_processes([
+        _train(["--out", str(tmp_path / "multi"), "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                "--process-id", str(i), *fsdp], 4, cache)
+        for i in range(2)
+    ])
+    _run_processes([_train(["--out", str(tmp_path / "single"), *fsdp], 8, cache)])
+    losses = {r: [json.loads(line)["train_loss"] for line in (tmp_path / r / "metrics.jsonl").read_text().splitlines()]
+              for r in ("multi", "single")}
+    assert losses["multi"] == pytest.approx(losses["single"], rel=1e-5)
+    assert _summary(tmp_path / "multi")["val_loss"] == pytest.approx(_summary(tmp_path / "single")["val_loss"], rel=1e-5)
+    resume = [sys.executable, "train.py", "--resume", str(tmp_path / "multi"), "--set", "train.max_steps=8"]
+    _run_processes([(resume, _env(8))])
+    assert _summary(tmp_path / "multi")["step"] == 8
