@@ -283,8 +283,14 @@ def load_params(run_dir: str | Path, config_cls=Config) -> tuple[Any, Any]:
     known = {f.name for f in dataclasses.fields(config_cls)}
     sections = {k: v for k, v in read_yaml(path).items() if k in known}
     cfg = load_config(None, cls=config_cls, base=sections)
-    # No target: Orbax restores the saved tree as it was written (host arrays).
-    load = lambda manager, s: manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    # Onto one device, whatever layout saved it (pmap replicas, or a mesh of other devices).
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def load(manager, s):
+        saved = manager.item_metadata(s)["state"]
+        abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                                          getattr(saved, "tree", saved))
+        return manager.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
     used, state, damaged = _newest_intact(run_dir, load, None)
     _report(run_dir, used, damaged, quarantine=False)  # reading a run never changes it
     return cfg, state["params"]

@@ -88,3 +88,27 @@ def test_bad_meshes_exit_2_before_anything_is_written(tmp_path, capsys, sets, wo
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_grpo_rollouts_and_lora_under_a_mesh(tmp_path, monkeypatch):
+    """Sampling, rollouts, greedy evaluation and LoRA merging with sharded params (fsdp 2 x
+    tensor 2): the first update's loss is the one-device run's, and its run exports to HF."""
+    import finetune
+    from jaxgpt.export import main as export_main
+    from jaxgpt.rl.tasks import ArithmeticTask
+
+    monkeypatch.setattr(ArithmeticTask, "reward", lambda self, c, p: float(len(c) % 2))  # a random model never solves one
+    tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=128", "model.context_length=64",
+            "rollout.prompts_per_step=4", "grpo.group_size=4", "rollout.max_new_tokens=12", "rollout.eval_batch_size=8",
+            "data.eval_size=8", "train.max_steps=2", "train.log_interval=1", "train.eval_interval=2",
+            "finetune.train_mode=lora", "lora.rank=2"]
+    records = {}
+    for name, extra in {"one": ["train.num_devices=1"], "mesh": ["mesh.fsdp=2", "mesh.tensor=2"]}.items():
+        argv = ["grpo", "--out", str(tmp_path / name)] + [a for s in tiny + extra for a in ("--set", s)]
+        assert finetune.main(argv) == 0
+        records[name] = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    assert records["mesh"][0]["reward"] == records["one"][0]["reward"]  # the same rollouts
+    assert records["mesh"][0]["loss"] == pytest.approx(records["one"][0]["loss"], rel=1e-4, abs=1e-6)
+    assert "eval_accuracy" in records["mesh"][-1]
+    assert export_main(["--init", str(tmp_path / "mesh"), "--to-hf", str(tmp_path / "hf")]) == 0
