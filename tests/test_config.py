@@ -228,3 +228,17 @@ def test_a_runs_own_config_keeps_its_vocabulary(tmp_path, tiny_model_cfg):
     save_config(Config(model=tiny_model_cfg), tmp_path / "mine.yaml")
     with pytest.raises(UserError, match="vocab_size=97"):
         load_config(tmp_path / "mine.yaml")
+
+
+def test_a_model_shape_file_works_with_every_entry_point():
+    """`--model-config configs/gpt2-124m.yaml` gives a fine-tuning task that file's shape
+    (its data/train sections, which the task's classes lack, are not read)."""
+    import finetune
+    from jaxgpt.tasks import TASKS, default_config, load
+
+    shape = Path(__file__).resolve().parent.parent / "configs" / "gpt2-124m.yaml"
+    for task in TASKS:
+        cfg = load_config(default_config(task), cls=load(task).RECIPE.config_class, model_file=shape)
+        assert (cfg.model.n_layer, cfg.model.n_head, cfg.model.n_embd, cfg.model.dropout) == (12, 12, 768, 0.1), task
+    args = finetune.build_parser().parse_args(["classify", "--model-config", str(shape)])
+    assert args.model_config == str(shape)
