@@ -17,10 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.cli import exit_on_user_error
+from jaxgpt.cli import add_finetune_args, exit_on_user_error, load_task_config
 from jaxgpt.errors import UserError
 from jaxgpt.tasks import TASKS, default_config, load
-from jaxgpt.tasks.common import add_finetune_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,8 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv=None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else list(argv))
-    from jaxgpt.engine.driver import train
-    from jaxgpt.tasks.common import load_task_config
+    from jaxgpt.engine.driver import train  # heavy imports after --help
 
     extra = {}
     for flag in TASKS[args.task].flags:

@@ -21,13 +21,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     initialize_distributed(args)
 
-    from jaxgpt.tasks import pretrain  # heavy imports after --help
+    from jaxgpt.checkpoint import read_run_config  # heavy imports after --help
+    from jaxgpt.tasks import pretrain
 
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     if args.resume:
         if args.config or args.model_config or args.out or args.init:
             parser.error("--resume takes its config and directory from the run; use only --set with it")
-        pretrain.pretrain(pretrain.resume_config(args.resume, overrides), args.resume, resume=True)
+        pretrain.pretrain(read_run_config(args.resume, overrides), args.resume, resume=True)
         return 0
     cfg = load_config(args.config or pretrain.DEFAULT_CONFIG, overrides, model_file=args.model_config)
     pretrain.pretrain(cfg, args.out, init=args.init)

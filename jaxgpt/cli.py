@@ -1,11 +1,16 @@
-"""Shared command-line plumbing: config flags, and turning `UserError` into exit code 2."""
+"""Shared command-line plumbing: config flags (train.py's and every `finetune.py TASK`'s),
+loading a task's config from them, and turning `UserError` into exit code 2. Imports stay
+light (no jax) so `--help` is fast."""
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import sys
+from pathlib import Path
 from typing import Callable, Sequence
 
+from jaxgpt.config import TRAIN_MODES, load_config
 from jaxgpt.errors import UserError
 
 
@@ -55,6 +60,55 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 
     initialize(args.coordinator, args.num_processes, args.process_id,
                peer_timeout=getattr(args, "peer_timeout", None))
+
+
+# ---------------------------------------------------------------------------------------
+# Fine-tuning tasks (`finetune.py TASK`)
+
+
+def add_finetune_args(parser: argparse.ArgumentParser) -> None:
+    """The flags every `finetune.py TASK` takes."""
+    add_config_args(parser)
+    for action in parser._actions:
+        if action.dest == "config":
+            action.help = "YAML config file (default: configs/finetune/<task>.yaml)"
+    parser.add_argument("--init", metavar="SPEC",
+                        help="start from weights: a run directory, an HF GPT-2 directory, or gpt2/gpt2-medium/... "
+                             "(default: random init; sets finetune.init)")
+    parser.add_argument("--train-mode", metavar="MODE",
+                        help=f"which params train: {' | '.join(TRAIN_MODES)} (sets finetune.train_mode)")
+    parser.add_argument("--data", help="data: bundled name, file, or tfds:NAME (sets data.path)")
+    parser.add_argument("--out", help="run directory (default: runs/<task>-<timestamp>)")
+    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
+
+
+def _quoted(key: str, value: str) -> str:
+    """A `--set` item whose value stays a string through --set's YAML parsing."""
+    return f"{key}={json.dumps(value)}"
+
+
+def load_task_config(args: argparse.Namespace, cls, default_path: Path, parser: argparse.ArgumentParser,
+                     extra: dict[str, str] | None = None):
+    """`(cfg, run_dir, resume)` from the shared flags; `extra`: a task's own flags as
+    `{config key: value}` (string values). Resuming reads RUN/config.yaml."""
+    from jaxgpt.tasks.common import validate_finetune  # imports jax: after --help
+
+    flags = {"data.path": args.data, "finetune.train_mode": args.train_mode, "finetune.init": args.init,
+             **(extra or {})}
+    overrides = list(args.overrides) + [_quoted(k, v) for k, v in flags.items() if v]
+    if args.resume:
+        if args.config or args.out or getattr(args, "model_config", None) or any(flags.values()):
+            parser.error("--resume takes its config, data, weights, train mode and directory from the run; "
+                         "use only --set with it")
+        path = Path(args.resume) / "config.yaml"
+        if not path.is_file():
+            raise UserError(f"--resume {args.resume}: not a run directory (no config.yaml)")
+        cfg = load_config(path, overrides, cls=cls)
+        validate_finetune(cfg)
+        return cfg, Path(args.resume), True
+    cfg = load_config(args.config or default_path, overrides, cls=cls, model_file=getattr(args, "model_config", None))
+    validate_finetune(cfg)
+    return cfg, Path(args.out) if args.out else None, False
 
 
 def main_entry(main: Callable[[Sequence[str] | None], int]) -> None:

@@ -66,6 +66,7 @@ PRESET_KEYS = frozenset(k for preset in PRESETS.values() for k in preset)
 REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
 ATTENTION_KINDS = ("reference", "xla", "cudnn")
+TRAIN_MODES = ("full", "last-block", "lora")  # finetune.train_mode (jaxgpt.engine.params)
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -330,6 +331,11 @@ def replace(cfg, **sections):
 def _require(ok: bool, message: str) -> None:
     if not ok:
         raise UserError(message)
+
+
+def one_of(value: str, choices, key: str) -> None:
+    """UserError naming `key` unless `value` is one of `choices`."""
+    _require(value in choices, f"{key} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def at_least(section, prefix: str, minimum: float, *names: str) -> None:

@@ -42,7 +42,8 @@ def max_diff(a, b) -> float:
 
 
 def pretraining(out: Path) -> dict:
-    from jaxgpt.tasks.pretrain import pretrain, resume_config
+    from jaxgpt.checkpoint import read_run_config
+    from jaxgpt.tasks.pretrain import pretrain
 
     result = {}
     sets = PRETRAIN + [f"data.cache_dir={out / 'cache'}"]
@@ -55,7 +56,7 @@ def pretraining(out: Path) -> dict:
                         "pmap1": ["train.num_devices=1", "mesh.fsdp=1"]}.items():
         run = out / f"resumed-{name}"
         shutil.copytree(out / "stopped", run)
-        pretrain(resume_config(run, extra), run, resume=True)
+        pretrain(read_run_config(run, extra), run, resume=True)
         result[f"resumed-{name}"] = [r["train_loss"] for r in read_jsonl(run / "metrics.jsonl")]
     return result
 

@@ -363,7 +363,7 @@ def test_ctrl_c_saves_the_iteration_and_resume_finishes(tmp_path, monkeypatch, v
 
 def test_a_completion_budget_shorter_than_the_solutions_is_reported(capsys):
     from jaxgpt.rl.tasks import get_task
-    from jaxgpt.tasks.grpo import warn_if_solutions_cut
+    from jaxgpt.rl.prompts import warn_if_solutions_cut
     from jaxgpt.tokenizer import encode
 
     problems = get_task("arithmetic").split("rl", 0)[:50]

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxgpt.config import TRAIN_MODES
 from jaxgpt.errors import UserError
 from jaxgpt.lora import check_targets, is_lora_leaf
 
-TRAIN_MODES = ("full", "last-block", "lora")
 # Top-level parameters that belong to a task head rather than to the transformer: an --init
 # checkpoint need not have them (a head of another shape starts fresh).
 HEAD_PARAMS = ("score", "value_head")

@@ -10,7 +10,7 @@ from typing import Sequence
 import jax
 import numpy as np
 
-from jaxgpt.config import at_least
+from jaxgpt.config import at_least, one_of
 from jaxgpt.engine import Recipe, Schedule
 from jaxgpt.errors import UserError
 from jaxgpt.token_sampling import SAMPLERS
@@ -36,8 +36,7 @@ def validate_rollout_config(r: RolloutConfig) -> None:
     at_least(r, "rollout", 0, "top_k")
     if not r.temperature > 0:
         raise UserError(f"rollout.temperature must be > 0 (RL needs sampled completions), got {r.temperature}")
-    if r.sampler not in SAMPLERS:
-        raise UserError(f"rollout.sampler must be one of {', '.join(SAMPLERS)}, got {r.sampler!r}")
+    one_of(r.sampler, SAMPLERS, "rollout.sampler")
     if not 0.0 < r.top_p <= 1.0:
         raise UserError(f"rollout.top_p must be in (0, 1], got {r.top_p}")
 
@@ -56,29 +55,6 @@ def validate_rollout(r: RolloutConfig, rows: int, devices: int, accum: int) -> N
 def sampling_kwargs(r: RolloutConfig) -> dict:
     return {"temperature": r.temperature, "top_k": r.top_k or None, "top_p": r.top_p if r.top_p < 1.0 else None,
             "method": r.sampler}
-
-
-def prompt_arrays(prompts: Sequence[Sequence[int]], *, max_prompt_tokens: int, max_new_tokens: int,
-                  context_length: int, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`(tokens [n, P], mask [n, P], kept)`: the prompts left-padded to one length P (one
-    compilation for every rollout), and the indices of the prompts kept.
-
-    max_prompt_tokens > 0 drops longer prompts and sets P; 0 keeps all, P = the longest."""
-    from jaxgpt.rl.rollout import pad_prompt_batch
-
-    lengths = np.array([len(p) for p in prompts])
-    kept = np.flatnonzero(lengths <= max_prompt_tokens) if max_prompt_tokens > 0 else np.arange(len(prompts))
-    if len(kept) == 0:
-        raise UserError(f"every {what} prompt is longer than data.max_prompt_tokens={max_prompt_tokens} "
-                        f"(shortest: {lengths.min()} tokens); raise it")
-    p = max_prompt_tokens if max_prompt_tokens > 0 else int(lengths.max())
-    if p + max_new_tokens > context_length:
-        raise UserError(f"{what} prompts of up to {p} tokens plus rollout.max_new_tokens={max_new_tokens} exceed "
-                        f"the model's context of {context_length}; set data.max_prompt_tokens "
-                        f"<= {context_length - max_new_tokens} or lower rollout.max_new_tokens")
-    tokens, mask = pad_prompt_batch([prompts[i] for i in kept], max_new_tokens=max_new_tokens,
-                                    context_length=context_length, length=p)
-    return tokens, mask, kept
 
 
 def prompt_indices(iteration: int, batch: int, n: int, seed: int) -> np.ndarray:
@@ -212,5 +188,5 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-__all__ = ["RLTask", "RolloutConfig", "Timer", "generate_all", "plain_params", "prompt_arrays", "prompt_indices",
+__all__ = ["RLTask", "RolloutConfig", "Timer", "generate_all", "plain_params", "prompt_indices",
            "sampling_kwargs", "take_rows", "validate_rollout"]

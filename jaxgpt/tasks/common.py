@@ -18,16 +18,13 @@ is `finetune.train_mode=M`, `--data X` is `data.path=X`.
 """
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from jaxgpt.config import MeshConfig, ModelConfig, TrainConfig, load_config, validate
+from jaxgpt.config import TRAIN_MODES, MeshConfig, ModelConfig, TrainConfig, load_config, validate
 from jaxgpt.engine import Plot, Recipe, Schedule, log
 from jaxgpt.engine.loop import Throughput
-from jaxgpt.engine.params import TRAIN_MODES
 from jaxgpt.errors import UserError
 from jaxgpt.lora import LoRAConfig, has_lora, merge_lora, validate_lora
 
@@ -77,7 +74,7 @@ class TaskConfig:
 
 
 def validate_finetune(cfg) -> None:
-    """Checks on the shared sections beyond `jaxgpt.config.validate` (called by load_task_config)."""
+    """Checks on the shared sections beyond `jaxgpt.config.validate` (called by `jaxgpt.cli.load_task_config`)."""
     validate(cfg)
     mode = cfg.finetune.train_mode
     if mode not in TRAIN_MODES:
@@ -94,55 +91,6 @@ def schedule_steps(cfg, steps_per_epoch: int) -> tuple[int, int]:
     if t.epochs > 0:
         return t.epochs * steps_per_epoch, steps_per_epoch
     return t.max_steps, t.eval_interval
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-
-def add_finetune_args(parser: argparse.ArgumentParser) -> None:
-    """The flags every `finetune.py TASK` takes."""
-    from jaxgpt.cli import add_config_args
-
-    add_config_args(parser)
-    for action in parser._actions:
-        if action.dest == "config":
-            action.help = "YAML config file (default: configs/finetune/<task>.yaml)"
-    parser.add_argument("--init", metavar="SPEC",
-                        help="start from weights: a run directory, an HF GPT-2 directory, or gpt2/gpt2-medium/... "
-                             "(default: random init; sets finetune.init)")
-    parser.add_argument("--train-mode", metavar="MODE",
-                        help=f"which params train: {' | '.join(TRAIN_MODES)} (sets finetune.train_mode)")
-    parser.add_argument("--data", help="data: bundled name, file, or tfds:NAME (sets data.path)")
-    parser.add_argument("--out", help="run directory (default: runs/<task>-<timestamp>)")
-    parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
-
-
-def _quoted(key: str, value: str) -> str:
-    """A `--set` item whose value stays a string through --set's YAML parsing."""
-    return f"{key}={json.dumps(value)}"
-
-
-def load_task_config(args: argparse.Namespace, cls, default_path: Path, parser: argparse.ArgumentParser,
-                     extra: dict[str, str] | None = None):
-    """`(cfg, run_dir, resume)` from the shared flags; `extra`: a task's own flags as
-    `{config key: value}` (string values). Resuming reads RUN/config.yaml."""
-    flags = {"data.path": args.data, "finetune.train_mode": args.train_mode, "finetune.init": args.init,
-             **(extra or {})}
-    overrides = list(args.overrides) + [_quoted(k, v) for k, v in flags.items() if v]
-    if args.resume:
-        if args.config or args.out or getattr(args, "model_config", None) or any(flags.values()):
-            parser.error("--resume takes its config, data, weights, train mode and directory from the run; "
-                         "use only --set with it")
-        path = Path(args.resume) / "config.yaml"
-        if not path.is_file():
-            raise UserError(f"--resume {args.resume}: not a run directory (no config.yaml)")
-        cfg = load_config(path, overrides, cls=cls)
-        validate_finetune(cfg)
-        return cfg, Path(args.resume), True
-    cfg = load_config(args.config or default_path, overrides, cls=cls, model_file=getattr(args, "model_config", None))
-    validate_finetune(cfg)
-    return cfg, Path(args.out) if args.out else None, False
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,5 +208,5 @@ def load_run(run_dir: str | Path, cls, *, merge: bool = True) -> tuple[Any, Any]
 
 
 __all__ = ["FinetuneConfig", "FinetuneTrainConfig", "LMLoRAConfig", "LM_LORA_TARGETS", "PAIR_PLOTS", "SPLITS", "SplitTask",
-           "TaskConfig", "add_finetune_args", "load_run", "load_task_config", "schedule_steps",
+           "TaskConfig", "load_run", "schedule_steps",
            "validate_finetune"]

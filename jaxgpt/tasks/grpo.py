@@ -28,14 +28,15 @@ from dataclasses import dataclass, field
 import jax
 import numpy as np
 
-from jaxgpt.engine import Plot, log
+from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
 from jaxgpt.model import GPT
-from jaxgpt.config import at_least
+from jaxgpt.config import at_least, one_of
 from jaxgpt.rl.common import (RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs,
                               validate_rollout_config)
 from jaxgpt.rl.grpo import LOSS_AGGREGATIONS
+from jaxgpt.rl.prompts import load_task_data, token_newlines
 from jaxgpt.rl.rollout import completion_logprobs, completion_texts, rollout
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import LMLoRAConfig, TaskConfig
@@ -78,76 +79,16 @@ class GRPOConfig(TaskConfig):
 def validate_grpo(g: GRPOSection) -> None:
     if g.group_size < 2:
         raise UserError(f"grpo.group_size must be >= 2 (advantages compare completions of a prompt), got {g.group_size}")
-    if not g.clip_eps > 0 or g.clip_eps_high < 0:
-        raise UserError(f"grpo.clip_eps must be > 0 and grpo.clip_eps_high >= 0, got {g.clip_eps}, {g.clip_eps_high}")
-    if g.kl_beta < 0:
-        raise UserError(f"grpo.kl_beta must be >= 0, got {g.kl_beta}")
-    if g.supervision not in SUPERVISION:
-        raise UserError(f"grpo.supervision must be one of {', '.join(SUPERVISION)}, got {g.supervision!r}")
-    if g.loss_agg not in LOSS_AGGREGATIONS:
-        raise UserError(f"grpo.loss_agg must be one of {', '.join(LOSS_AGGREGATIONS)}, got {g.loss_agg!r}")
-
-
-@dataclass
-class TaskData:
-    """Problems and their padded prompts: `rl` (training) and `eval` (held out)."""
-
-    task: object
-    problems: dict
-    tokens: dict
-    masks: dict
-    dropped: dict
-
-
-def load_task_data(cfg: GRPOConfig) -> TaskData:
-    from jaxgpt.prompts import format_prompt
-    from jaxgpt.rl.common import prompt_arrays
-    from jaxgpt.rl.rollout import encode_prompts
-    from jaxgpt.rl.tasks import get_task
-
-    d = cfg.data
-    task = get_task(d.task, d.path)
-    problems, tokens, masks, dropped = {}, {}, {}, {}
-    for split in ("rl", "eval"):
-        probs = task.split(split, d.seed)
-        if split == "eval" and d.eval_size:
-            probs = probs[: d.eval_size]
-        if not probs:
-            raise UserError(f"task {d.task}: the {split} split is empty; give more data")
-        ids = encode_prompts([format_prompt(p.question) for p in probs])
-        tokens[split], masks[split], kept = prompt_arrays(
-            ids, max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=cfg.rollout.max_new_tokens,
-            context_length=cfg.model.context_length, what=f"{d.task} {split}")
-        problems[split] = [probs[i] for i in kept]
-        dropped[split] = len(probs) - len(kept)
-    warn_if_solutions_cut(problems["rl"], cfg.rollout.max_new_tokens)
-    return TaskData(task, problems, tokens, masks, dropped)
-
-
-def warn_if_solutions_cut(problems, max_new_tokens: int) -> None:
-    """A completion cut at `max_new_tokens` has no final answer and scores 0, so a budget
-    shorter than the task's worked solutions silently zeroes every reward: say so."""
-    from jaxgpt.tokenizer import encode_batch
-
-    needed = np.array([len(ids) + 1 for ids in encode_batch([p.solution for p in problems])])  # + <|endoftext|>
-    cut = float(np.mean(needed > max_new_tokens))
-    if cut > 0:
-        log(f"warning: {cut:.0%} of the RL split's reference solutions need more than rollout.max_new_tokens="
-            f"{max_new_tokens} tokens (longest {needed.max()}, with <|endoftext|>); completions cut there have no "
-            "final answer and score 0: raise rollout.max_new_tokens")
+    if not g.clip_eps > 0:
+        raise UserError(f"grpo.clip_eps must be > 0, got {g.clip_eps}")
+    at_least(g, "grpo", 0, "clip_eps_high", "kl_beta")
+    one_of(g.supervision, SUPERVISION, "grpo.supervision")
+    one_of(g.loss_agg, LOSS_AGGREGATIONS, "grpo.loss_agg")
 
 
 def is_on_policy(r) -> bool:
     """One update per batch of rollouts, made with the params that sampled it."""
     return r.inner_epochs * r.minibatches == 1
-
-
-def token_newlines():
-    """`[vocab]` int32: how many newlines each GPT-2 token decodes to (process supervision
-    splits completions into solution lines by these)."""
-    from jaxgpt.tokenizer import N_VOCAB, decode
-
-    return np.array([decode([i]).count("\n") for i in range(N_VOCAB)], np.int32)
 
 
 class GRPO(RLTask):

@@ -33,6 +33,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.config import at_least
 from jaxgpt.rl.common import (RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs,
                               validate_rollout_config)
+from jaxgpt.rl.prompts import load_prompts
 from jaxgpt.rl.rollout import completion_texts, rollout
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import LMLoRAConfig, TaskConfig
@@ -87,31 +88,6 @@ def validate_ppo(p: PPOSection, d: PPODataConfig) -> None:
     at_least(d, "data", 0, "seed", "max_prompt_tokens")
     if not p.reward:  # last: the default config has none, and the value checks above name their key
         raise UserError("no reward model: pass --reward RUN (a `finetune.py reward` run directory)")
-
-
-def load_prompts(cfg: PPOConfig) -> dict:
-    """`{"train"|"eval": (tokens [n, P], mask [n, P])}` from the instruction records."""
-    from jaxgpt.data.records import read_records
-    from jaxgpt.prompts import format_prompt
-    from jaxgpt.rl.common import prompt_arrays
-    from jaxgpt.rl.rollout import encode_prompts
-
-    d = cfg.data
-    rows = read_records(d.path, {"instruction": d.instruction_field}, {"input": d.input_field})
-    if len(rows) <= d.eval_size:
-        raise UserError(f"{d.path} has {len(rows)} records, not more than data.eval_size={d.eval_size}")
-    order = np.random.default_rng(d.seed).permutation(len(rows))
-    out = {}
-    for split, index in (("eval", order[: d.eval_size]), ("train", order[d.eval_size:])):
-        ids = encode_prompts([format_prompt(rows[i]["instruction"], rows[i]["input"]) for i in index])
-        tokens, mask, kept = prompt_arrays(ids, max_prompt_tokens=d.max_prompt_tokens,
-                                           max_new_tokens=cfg.rollout.max_new_tokens,
-                                           context_length=cfg.model.context_length, what=f"{d.path} {split}")
-        out[split] = (tokens, mask, len(index) - len(kept))
-        if split == "eval":  # "instruction [input]" of each kept prompt, for eval_samples.jsonl
-            kept_rows = [rows[index[i]] for i in kept]
-            out["eval_text"] = [r["instruction"] + (f" [{r['input']}]" if r["input"] else "") for r in kept_rows]
-    return out
 
 
 def scorer(cfg: PPOConfig, policy_model, rm_cfg: ModelConfig):

@@ -17,12 +17,10 @@ from typing import Any
 
 import jax
 
-from jaxgpt import checkpoint
 from jaxgpt.config import Config
 from jaxgpt.engine import Plot, Recipe, Schedule, log
 from jaxgpt.engine.driver import train
 from jaxgpt.engine.loop import Throughput
-from jaxgpt.errors import UserError
 from jaxgpt.metrics import mfu
 from jaxgpt.steps import lm_loss_fn
 
@@ -89,13 +87,6 @@ class Pretrain(Recipe):
 
 # The Python entry point: pretrain(cfg, out_dir=None, *, resume=False, init=None, stop_after=None) -> summary
 pretrain = functools.partial(train, Pretrain)
-
-
-def resume_config(run_dir: str | Path, overrides=()) -> Config:
-    """The saved config of a run to resume (with `--set` overrides, e.g. more steps)."""
-    if checkpoint.latest_step(run_dir) is None:
-        raise UserError(f"--resume {run_dir}: no checkpoint there to resume from")
-    return checkpoint.read_run_config(run_dir, overrides)
 
 
 def sample_text(model_cfg, params: Any, prompt: str, max_new_tokens: int) -> str:

@@ -1,0 +1,113 @@
+"""RL prompt sets, encoded once and left-padded to one length per split (one compilation
+for every rollout): a verifiable task's problems (GRPO: `rl` and `eval` splits) or
+instruction prompts (PPO: `train` and held-out `eval`), in the Alpaca format
+(`jaxgpt.prompts.format_prompt`, as `finetune.py instruct` trains on)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from jaxgpt.data.records import read_records
+from jaxgpt.errors import UserError
+from jaxgpt.prompts import format_prompt
+from jaxgpt.rl.rollout import encode_prompts, pad_prompt_batch
+from jaxgpt.rl.tasks import get_task
+from jaxgpt.rundir import log
+from jaxgpt.tokenizer import N_VOCAB, decode, encode_batch
+
+
+def prompt_arrays(prompts: Sequence[Sequence[int]], *, max_prompt_tokens: int, max_new_tokens: int,
+                  context_length: int, what: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(tokens [n, P], mask [n, P], kept)`: the prompts left-padded to one length P (one
+    compilation for every rollout), and the indices of the prompts kept.
+
+    max_prompt_tokens > 0 drops longer prompts and sets P; 0 keeps all, P = the longest."""
+    lengths = np.array([len(p) for p in prompts])
+    kept = np.flatnonzero(lengths <= max_prompt_tokens) if max_prompt_tokens > 0 else np.arange(len(prompts))
+    if len(kept) == 0:
+        raise UserError(f"every {what} prompt is longer than data.max_prompt_tokens={max_prompt_tokens} "
+                        f"(shortest: {lengths.min()} tokens); raise it")
+    p = max_prompt_tokens if max_prompt_tokens > 0 else int(lengths.max())
+    if p + max_new_tokens > context_length:
+        raise UserError(f"{what} prompts of up to {p} tokens plus rollout.max_new_tokens={max_new_tokens} exceed "
+                        f"the model's context of {context_length}; set data.max_prompt_tokens "
+                        f"<= {context_length - max_new_tokens} or lower rollout.max_new_tokens")
+    tokens, mask = pad_prompt_batch([prompts[i] for i in kept], max_new_tokens=max_new_tokens,
+                                    context_length=context_length, length=p)
+    return tokens, mask, kept
+
+
+@dataclass
+class TaskData:
+    """Problems and their padded prompts: `rl` (training) and `eval` (held out)."""
+
+    task: object
+    problems: dict
+    tokens: dict
+    masks: dict
+    dropped: dict
+
+
+def load_task_data(cfg) -> TaskData:
+    """A GRPO config's task problems, `rl` and `eval` splits, as padded prompts."""
+    d = cfg.data
+    task = get_task(d.task, d.path)
+    problems, tokens, masks, dropped = {}, {}, {}, {}
+    for split in ("rl", "eval"):
+        probs = task.split(split, d.seed)
+        if split == "eval" and d.eval_size:
+            probs = probs[: d.eval_size]
+        if not probs:
+            raise UserError(f"task {d.task}: the {split} split is empty; give more data")
+        ids = encode_prompts([format_prompt(p.question) for p in probs])
+        tokens[split], masks[split], kept = prompt_arrays(
+            ids, max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=cfg.rollout.max_new_tokens,
+            context_length=cfg.model.context_length, what=f"{d.task} {split}")
+        problems[split] = [probs[i] for i in kept]
+        dropped[split] = len(probs) - len(kept)
+    warn_if_solutions_cut(problems["rl"], cfg.rollout.max_new_tokens)
+    return TaskData(task, problems, tokens, masks, dropped)
+
+
+def warn_if_solutions_cut(problems, max_new_tokens: int) -> None:
+    """A completion cut at `max_new_tokens` has no final answer and scores 0, so a budget
+    shorter than the task's worked solutions silently zeroes every reward: say so."""
+
+    needed = np.array([len(ids) + 1 for ids in encode_batch([p.solution for p in problems])])  # + <|endoftext|>
+    cut = float(np.mean(needed > max_new_tokens))
+    if cut > 0:
+        log(f"warning: {cut:.0%} of the RL split's reference solutions need more than rollout.max_new_tokens="
+            f"{max_new_tokens} tokens (longest {needed.max()}, with <|endoftext|>); completions cut there have no "
+            "final answer and score 0: raise rollout.max_new_tokens")
+
+
+def token_newlines():
+    """`[vocab]` int32: how many newlines each GPT-2 token decodes to (process supervision
+    splits completions into solution lines by these)."""
+    return np.array([decode([i]).count("\n") for i in range(N_VOCAB)], np.int32)
+
+
+def load_prompts(cfg) -> dict:
+    """`{"train"|"eval": (tokens [n, P], mask [n, P], dropped)}` from a PPO config's
+    instruction records, and `eval_text` (each eval prompt as "instruction [input]")."""
+    d = cfg.data
+    rows = read_records(d.path, {"instruction": d.instruction_field}, {"input": d.input_field})
+    if len(rows) <= d.eval_size:
+        raise UserError(f"{d.path} has {len(rows)} records, not more than data.eval_size={d.eval_size}")
+    order = np.random.default_rng(d.seed).permutation(len(rows))
+    out = {}
+    for split, index in (("eval", order[: d.eval_size]), ("train", order[d.eval_size:])):
+        ids = encode_prompts([format_prompt(rows[i]["instruction"], rows[i]["input"]) for i in index])
+        tokens, mask, kept = prompt_arrays(ids, max_prompt_tokens=d.max_prompt_tokens,
+                                           max_new_tokens=cfg.rollout.max_new_tokens,
+                                           context_length=cfg.model.context_length, what=f"{d.path} {split}")
+        out[split] = (tokens, mask, len(index) - len(kept))
+        if split == "eval":  # "instruction [input]" of each kept prompt, for eval_samples.jsonl
+            kept_rows = [rows[index[i]] for i in kept]
+            out["eval_text"] = [r["instruction"] + (f" [{r['input']}]" if r["input"] else "") for r in kept_rows]
+    return out
+
+
+__all__ = ["TaskData", "load_prompts", "load_task_data", "prompt_arrays", "token_newlines", "warn_if_solutions_cut"]
