@@ -155,9 +155,12 @@ class Loop:
         s = self.iteration
         t0 = time.perf_counter()
         minibatches, stats = source(s, self.placed.local_params)
+        t1 = time.perf_counter()
         collected = [self.placed.update(batch, self.keys.dropout) for batch in minibatches]
         jax.block_until_ready(collected[-1]["loss"])
         self.iteration_times.append(time.perf_counter() - t0)
+        if self.rl:  # an RL iteration's two phases: the source's rollouts, then the updates
+            stats = {**stats, "update_seconds": time.perf_counter() - t1}
         self.iteration = s + 1
         self.guard.record(sum(m["loss"] for m in collected[1:]) + collected[0]["loss"])  # NaN if any is
         return {"stats": stats, "metrics": collected}
