@@ -20,7 +20,7 @@ from jaxgpt.data import (
     prepare_tokens,
     split_tokens,
 )
-from jaxgpt.data import tokens as tokens_mod
+from jaxgpt.data import text as text_mod
 from jaxgpt.errors import UserError
 
 EOT = tokenizer.EOT_ID
@@ -270,11 +270,11 @@ def test_streaming_chunks_equal_one_shot(tmp_path):
     corpus.write_text(text, encoding="utf-8", newline="")
     expected = tokenizer.encode(corpus.read_text(encoding="utf-8"))  # universal newlines, as read
     for chunk in (16, 97, 1000):
-        pieces = list(tokens_mod.read_text_chunks(corpus, chunk))
+        pieces = list(text_mod.read_text_chunks(corpus, chunk))
         assert len(pieces) > 3
         toks = prepare_tokens(str(corpus), tmp_path / f"cache{chunk}", chunk_chars=chunk, num_threads=2)
         assert toks.tolist() == expected, chunk
-        pieces = list(tokens_mod.split_text(text, chunk))  # the same cuts on an in-memory string
+        pieces = list(text_mod.split_text(text, chunk))  # the same cuts on an in-memory string
         assert "".join(pieces) == text and len(pieces) > len(text) // (2 * chunk)
         assert sum(tokenizer.encode_batch(pieces), []) == tokenizer.encode(text)
     # Cutting after every newline instead (the obvious approach) would change the tokens:
