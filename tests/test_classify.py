@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from jaxgpt.config import ModelConfig, load_config
-from jaxgpt.data.classification import ClassifyDataConfig, load_classification, read_examples, read_file
+from jaxgpt.data.classification import ClassifyDataConfig, load_classification
+from jaxgpt.data.readers import read_file
+from jaxgpt.data.records import read_examples
 from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import EOT_ID
 

@@ -1,12 +1,17 @@
 """Token files, windows, batches and the TFDS source (CPU, offline, a few seconds)."""
 from __future__ import annotations
 
+import ast
 import json
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+import jaxgpt.data as data_pkg
 from jaxgpt import datasets, tokenizer
 from jaxgpt.config import DataConfig
 from jaxgpt.data import (
@@ -20,7 +25,7 @@ from jaxgpt.data import (
     prepare_tokens,
     split_tokens,
 )
-from jaxgpt.data import tokens as tokens_mod
+from jaxgpt.data import text as text_mod
 from jaxgpt.errors import UserError
 
 EOT = tokenizer.EOT_ID
@@ -270,11 +275,11 @@ def test_streaming_chunks_equal_one_shot(tmp_path):
     corpus.write_text(text, encoding="utf-8", newline="")
     expected = tokenizer.encode(corpus.read_text(encoding="utf-8"))  # universal newlines, as read
     for chunk in (16, 97, 1000):
-        pieces = list(tokens_mod.read_text_chunks(corpus, chunk))
+        pieces = list(text_mod.read_text_chunks(corpus, chunk))
         assert len(pieces) > 3
         toks = prepare_tokens(str(corpus), tmp_path / f"cache{chunk}", chunk_chars=chunk, num_threads=2)
         assert toks.tolist() == expected, chunk
-        pieces = list(tokens_mod.split_text(text, chunk))  # the same cuts on an in-memory string
+        pieces = list(text_mod.split_text(text, chunk))  # the same cuts on an in-memory string
         assert "".join(pieces) == text and len(pieces) > len(text) // (2 * chunk)
         assert sum(tokenizer.encode_batch(pieces), []) == tokenizer.encode(text)
     # Cutting after every newline instead (the obvious approach) would change the tokens:
@@ -411,3 +416,85 @@ def test_split_fractions_are_checked_by_every_record_task(module, cls, val, test
     with pytest.raises(UserError, match=message):
         mod.validate_data(cfg, 128)
     mod.validate_data(getattr(mod, cls)(path="x", val_fraction=0.1, test_fraction=0.2), 128)  # a valid split passes
+
+
+# ---------------------------------------------------------------------------------------
+# The package's layers (issue 17): no import cycle, no import in a function to dodge one
+
+# Bottom first: a module may import only modules listed before it.
+DATA_LAYERS = ["text", "readers", "tfds_builders", "tfds_source", "records", "tokens", "windows",
+               "classification", "instruct", "preference", "__init__"]
+DATA_DIR = Path(data_pkg.__file__).parent
+LAZY_ALLOWED = {"tensorflow_datasets"}  # slow to import; only tfds: sources may pay for it
+
+
+def _module_name(stem: str) -> str:
+    return "jaxgpt.data" if stem == "__init__" else f"jaxgpt.data.{stem}"
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(imported module, inside a function or class) of every import statement in `path`;
+    `from P import N` counts as module `P.N` where that is a module of this repository."""
+    root = DATA_DIR.parent.parent
+
+    def is_module(name: str) -> bool:
+        path = root / name.replace(".", "/")
+        return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+    package = "jaxgpt.data"
+    out = []
+
+    def visit(node, nested: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = nested or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                out.extend((alias.name, nested) for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + ([base] if base else []))
+                for alias in child.names:
+                    full = f"{base}.{alias.name}"
+                    out.append((full if is_module(full) else base, nested))
+            visit(child, inner)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")), False)
+    return out
+
+
+def test_data_package_layers():
+    import graphlib
+
+    stems = sorted(p.stem for p in DATA_DIR.glob("*.py"))
+    assert sorted(DATA_LAYERS) == stems, "place every module of jaxgpt/data in DATA_LAYERS"
+    graph, classes = {}, {}
+    for stem in DATA_LAYERS:
+        name = _module_name(stem)
+        imports = _imports(DATA_DIR / f"{stem}.py")
+        lazy = {m for m, nested in imports if nested}
+        assert lazy <= LAZY_ALLOWED, f"{name} imports {sorted(lazy - LAZY_ALLOWED)} inside a function"
+        above = [m for m, _ in imports if m.split(".")[:2] in (["jaxgpt", "rl"], ["jaxgpt", "tasks"])]
+        assert not above, f"{name} imports {above}: jaxgpt.data sits below jaxgpt.rl and jaxgpt.tasks"
+        graph[name] = {m for m, _ in imports if m == "jaxgpt.data" or m.startswith("jaxgpt.data.")} - {name}
+        for node in ast.parse((DATA_DIR / f"{stem}.py").read_text(encoding="utf-8")).body:
+            if isinstance(node, ast.ClassDef):
+                assert node.name not in classes, f"class {node.name} in both {classes[node.name]} and {name}"
+                classes[node.name] = name
+    list(graphlib.TopologicalSorter(graph).static_order())  # CycleError on a cycle
+    order = [_module_name(s) for s in DATA_LAYERS]
+    for name, deps in graph.items():
+        higher = sorted(d for d in deps if order.index(d) > order.index(name))
+        assert not higher, f"{name} imports {higher}, which DATA_LAYERS puts above it"
+
+    # Imported bottom-up in a fresh interpreter, every module loads, and nothing pulls in
+    # tensorflow_datasets, TensorFlow or the packages above (pretraining on a text file and
+    # `finetune.py --help` do not pay for them).
+    code = ("import importlib, sys\n"
+            f"for name in {order!r}:\n"
+            "    importlib.import_module(name)\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')\n"
+            "             or m.startswith(('jaxgpt.rl', 'jaxgpt.tasks'))))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=DATA_DIR.parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -18,6 +18,7 @@ from jaxgpt.data.instruct import (Encoded, InstructDataConfig, bucket_length, en
                                   load_instruct, make_batch, padding_fraction, split_sizes)
 from jaxgpt.errors import UserError
 from jaxgpt.prompts import format_prompt
+from jaxgpt.tasks.instruct import instruct_data
 from jaxgpt.tokenizer import EOT_ID, encode
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -189,12 +190,12 @@ def test_task_sft_splits(monkeypatch):
     fake.sft_splits = sft_splits
     monkeypatch.setitem(sys.modules, "jaxgpt.rl", types.ModuleType("jaxgpt.rl"))
     monkeypatch.setitem(sys.modules, "jaxgpt.rl.tasks", fake)
-    data = load_instruct(InstructDataConfig(task="fake", seed=9), 64, 4)
+    data = instruct_data(InstructDataConfig(task="fake", seed=9), 64, 4)
     assert calls == [("fake", 9)]
     assert [len(data.splits[s]) for s in ("train", "val", "test")] == [10, 3, 2]
     assert data.splits["test"].records[1]["output"] == "15"
     with pytest.raises(UserError, match="unknown task 'nope'"):
-        load_instruct(InstructDataConfig(task="nope"), 64, 4)
+        instruct_data(InstructDataConfig(task="nope"), 64, 4)
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,16 +32,12 @@ row's `lengths` says where its real tokens end, and the classifier reads positio
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from jaxgpt.data.records import check_split_fractions, file_format, json_values, pick_fields, read_text, text_lines
+from jaxgpt.data.records import check_split_fractions, read_examples
 from jaxgpt.errors import UserError
 from jaxgpt.tokenizer import EOT_ID, encode_batch
 
@@ -73,168 +69,6 @@ def validate_data(cfg: ClassifyDataConfig, context_length: int) -> None:
                         f"(model.context_length={context_length})")
     if not cfg.text_field or not cfg.label_field:
         raise UserError("data.text_field and data.label_field must be non-empty")
-
-
-# ---------------------------------------------------------------------------------------
-# Reading records
-
-
-def _label_text(value, where: str) -> str:
-    if value is None or isinstance(value, (dict, list)):
-        raise UserError(f"{where}: label must be a string or a number, got {json.dumps(value)}")
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    label = str(value).strip()
-    if not label:
-        raise UserError(f"{where}: empty label")
-    return label
-
-
-def _read_jsonl(path: Path, text: str, text_field: str, label_field: str):
-    texts, labels = [], []
-    for where, rec in json_values(path, text):
-        row = pick_fields(rec, f"{path} {where}", {"text": text_field}, {})
-        if label_field not in rec:
-            have = ", ".join(sorted(map(str, rec))) or "none"
-            raise UserError(f"{path} {where} has no label field {label_field!r} (it has: {have}); set data.label_field")
-        texts.append(row["text"])
-        labels.append(_label_text(rec[label_field], f"{path} {where}"))
-    return texts, labels
-
-
-def _read_csv(path: Path, text: str, text_field: str, label_field: str):
-    reader = csv.reader(io.StringIO(text))
-    try:
-        header = next(reader)
-    except StopIteration:
-        header = []
-    except csv.Error as e:
-        raise UserError(f"{path} line 1 is not valid CSV ({e})") from None
-    header = [h.strip().lstrip("\ufeff") for h in header]
-    for field, kind in ((text_field, "text"), (label_field, "label")):
-        if field not in header:
-            raise UserError(f"{path} has no {kind} column {field!r} in its header "
-                            f"(columns: {', '.join(header) or 'none'}); set data.{kind}_field")
-    ti, li = header.index(text_field), header.index(label_field)
-    texts, labels = [], []
-    try:
-        for row in reader:
-            if not row or all(not c.strip() for c in row):
-                continue
-            where = f"{path} line {reader.line_num}"
-            if len(row) <= max(ti, li):
-                raise UserError(f"{where} has {len(row)} columns; the header has {len(header)}")
-            texts.append(row[ti])
-            labels.append(_label_text(row[li], where))
-    except csv.Error as e:
-        raise UserError(f"{path} line {reader.line_num} is not valid CSV ({e})") from None
-    return texts, labels
-
-
-def _read_tsv(path: Path, text: str, text_field: str, label_field: str):
-    lines = text_lines(text)
-    first = next((i for i, line in enumerate(lines) if line.strip()), None)
-    if first is None:
-        return [], []
-    header = [h.strip().lstrip("\ufeff") for h in lines[first].split("\t")]
-    texts, labels = [], []
-    if text_field in header and label_field in header:
-        ti, li = header.index(text_field), header.index(label_field)
-        for i, line in enumerate(lines[first + 1:], first + 2):
-            if not line.strip():
-                continue
-            cols = line.split("\t")
-            if len(cols) != len(header):
-                raise UserError(f"{path} line {i} has {len(cols)} TAB-separated columns; the header has {len(header)}")
-            texts.append(cols[ti])
-            labels.append(_label_text(cols[li], f"{path} line {i}"))
-        return texts, labels
-    if len(header) == 1 or label_field in header or text_field in header:
-        raise UserError(f"{path}: neither a TSV header with columns {label_field!r} and {text_field!r} "
-                        f"(set data.label_field / data.text_field) nor headerless label<TAB>text lines "
-                        f"(line {first + 1} is {lines[first][:40]!r})")
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        if "\t" not in line:
-            raise UserError(f"{path} line {i} has no TAB; headerless TSV lines are label<TAB>text")
-        label, body = line.split("\t", 1)
-        texts.append(body)
-        labels.append(_label_text(label, f"{path} line {i}"))
-    return texts, labels
-
-
-def read_file(path: str | Path, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list[str]]:
-    """(texts, labels) of a JSONL/JSON/CSV/TSV file (see the module docstring)."""
-    path = Path(path)
-    text = read_text(path)
-    if not text.strip():
-        raise UserError(f"data file {path} is empty")
-    fmt = file_format(path)
-    reader = {"jsonl": _read_jsonl, "json": _read_jsonl, "csv": _read_csv, "tsv": _read_tsv}[fmt]
-    texts, labels = reader(path, text, text_field, label_field)
-    if not texts:
-        raise UserError(f"data file {path} has no examples")
-    return texts, labels
-
-
-def read_tfds(spec: str, text_field: str, label_field: str, data_dir: str | None = None):
-    from jaxgpt.data.tfds_source import _text_of, open_tfds
-
-    src = open_tfds(spec, data_dir)
-    n = len(src)
-    if n == 0:
-        raise UserError(f"tfds dataset {spec!r} is empty")
-    first = src[0]
-    for field, kind in ((text_field, "text"), (label_field, "label")):
-        if not isinstance(first, dict) or field not in first:
-            have = ", ".join(sorted(first)) if isinstance(first, dict) else type(first).__name__
-            raise UserError(f"tfds dataset {spec!r} has no {kind} feature {field!r} (it has: {have}); "
-                            f"set data.{kind}_field")
-    feature = None
-    try:
-        feature = src.dataset_info.features[label_field]
-    except Exception:  # noqa: BLE001 - features without names: labels are used as they are
-        pass
-    names = list(getattr(feature, "names", None) or [])
-    texts, labels = [], []
-    for start in range(0, n, 256):
-        for rec in src.__getitems__(list(range(start, min(n, start + 256)))):
-            texts.append(_text_of(rec[text_field], spec, text_field))
-            value = rec[label_field]
-            if isinstance(value, bytes):
-                value = value.decode("utf-8")
-            if names and not isinstance(value, str):
-                value = names[int(value)]
-            labels.append(_label_text(value.item() if hasattr(value, "item") else value, f"{spec} record {start}"))
-    return texts, labels
-
-
-def read_examples(spec: str, text_field: str = "text", label_field: str = "label", *,
-                  tfds_data_dir: str | None = None) -> tuple[list[str], list[str]]:
-    """(texts, labels) of `data.path`: a bundled name, a file, or tfds:NAME[:SPLIT]."""
-    from jaxgpt import datasets
-
-    spec = spec.strip()
-    if spec.startswith("tfds:"):
-        return read_tfds(spec, text_field, label_field, tfds_data_dir)
-    if spec in datasets.BUNDLED:
-        entry = datasets.BUNDLED[spec]
-        if entry.kind not in ("tsv", "csv", "jsonl", "json"):
-            raise UserError(f"bundled data set {spec!r} is {entry.kind} data, not labelled examples; "
-                            f"labelled: {', '.join(n for n in datasets.bundled_names() if datasets.BUNDLED[n].kind != 'text')}")
-        # Bundled TSVs are headerless label<TAB>text whatever the field names are.
-        return read_file(datasets.bundled_path(spec), text_field, label_field)
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return read_file(path, text_field, label_field)
-    if path.exists():
-        raise UserError(f"data.path {spec} is a folder; give a .jsonl, .json, .csv or .tsv file")
-    labelled = [n for n in datasets.bundled_names() if datasets.BUNDLED[n].kind != "text"]
-    raise UserError(f"data.path {spec!r} not found: neither a file, a bundled data set "
-                    f"({', '.join(labelled)}) nor tfds:NAME")
 
 
 # ---------------------------------------------------------------------------------------

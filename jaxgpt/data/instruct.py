@@ -8,7 +8,9 @@ Records are `{"instruction", "input", "output"}` strings (roles; the file's fiel
 `data.instruction_field` / `data.input_field` / `data.output_field`), read by
 `jaxgpt.data.records.read_records` from a bundled name (default `instruction-data`, the book's
 1,100 records), a .json/.jsonl(.gz) file or `tfds:NAME`; or, with `data.task`, the SFT splits
-of a verifiable task (`jaxgpt.rl.tasks.sft_splits`). File records are shuffled with
+of a verifiable task, which the caller passes in (`task_splits`: `jaxgpt.tasks.instruct` gets
+them from `jaxgpt.rl.tasks.sft_splits`; the data layer does not import the RL package, which
+sits above it). File records are shuffled with
 `data.seed` and split as Raschka ch. 7: train = int(0.85 n), test = int(0.1 n), val = the rest
 (935 / 110 / 55 for 1,100; fractions `data.test_fraction`, `data.val_fraction`).
 
@@ -35,7 +37,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxgpt.data.records import check_split_fractions
+from jaxgpt.data.records import check_split_fractions, read_records
 from jaxgpt.errors import UserError
 from jaxgpt.prompts import format_example
 from jaxgpt.tokenizer import EOT_ID, encode_batch
@@ -87,18 +89,20 @@ def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int,
     return n_train, n - n_train - n_test, n_test
 
 
-def read_splits(cfg: InstructDataConfig, *, tfds_data_dir: str | None = None) -> dict[str, list[dict[str, str]]]:
-    """`{split: [record]}`: a task's SFT splits, or `data.path` shuffled and split.
+def read_splits(cfg: InstructDataConfig, *, task_splits: dict[str, list[dict]] | None = None,
+                tfds_data_dir: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """`{split: [record]}`: the task's SFT splits `task_splits` (given exactly when `data.task`
+    is set), checked, or `data.path` shuffled and split.
 
     Each record gets `"where"`: how to find it in the source (for error messages)."""
-    if cfg.task:
-        from jaxgpt.rl.tasks import sft_splits  # only when asked: the RL package is optional here
-
-        splits = sft_splits(cfg.task, cfg.seed)
+    if bool(cfg.task) != (task_splits is not None):
+        raise ValueError(f"task_splits must be given exactly when data.task is set (data.task={cfg.task!r}); "
+                         "they are jaxgpt.rl.tasks.sft_splits(data.task, data.seed)")
+    if task_splits is not None:
         out = {}
         for split in SPLITS:
             out[split] = []
-            for i, rec in enumerate(splits.get(split, [])):
+            for i, rec in enumerate(task_splits.get(split, [])):
                 where = f"task {cfg.task!r} {split} record {i + 1}"
                 if not all(isinstance(rec.get(k, ""), str) for k in ROLES) or "instruction" not in rec \
                         or "output" not in rec:
@@ -106,8 +110,6 @@ def read_splits(cfg: InstructDataConfig, *, tfds_data_dir: str | None = None) ->
                 out[split].append({"instruction": rec["instruction"], "input": rec.get("input", ""),
                                    "output": rec["output"], "where": where})
         return out
-    from jaxgpt.data.records import read_records
-
     rows = read_records(cfg.path, {"instruction": cfg.instruction_field, "output": cfg.output_field},
                         {"input": cfg.input_field}, tfds_data_dir=tfds_data_dir)
     for i, row in enumerate(rows):
@@ -287,10 +289,13 @@ class InstructData:
 
 
 def load_instruct(cfg: InstructDataConfig, context_length: int, batch_size: int, *,
+                  task_splits: dict[str, list[dict]] | None = None,
                   tfds_data_dir: str | None = None) -> InstructData:
-    """Read, split, check and tokenize the data (see the module docstring)."""
+    """Read, split, check and tokenize the data (see the module docstring); `task_splits`:
+    the SFT splits of `data.task` (`jaxgpt.rl.tasks.sft_splits(data.task, data.seed)`),
+    given exactly when it is set."""
     validate_data(cfg, context_length)
-    splits = read_splits(cfg, tfds_data_dir=tfds_data_dir)
+    splits = read_splits(cfg, task_splits=task_splits, tfds_data_dir=tfds_data_dir)
     check_split_sizes(splits, cfg, batch_size)
     max_length = cfg.max_length or context_length
     encoded = {s: encode_split(splits[s], max_length) for s in SPLITS}

@@ -31,8 +31,10 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxgpt.data.records import check_split_fractions
+from jaxgpt.data.records import check_split_fractions, read_records
 from jaxgpt.errors import UserError
+from jaxgpt.prompts import format_prompt
+from jaxgpt.tokenizer import EOT_ID, encode, encode_batch
 
 SPLITS = ("train", "val", "test")
 SORT_CHUNK = 8  # training batches per length-sorted chunk
@@ -71,8 +73,6 @@ def validate_data(cfg: PreferenceDataConfig, context_length: int) -> None:
 
 def read_pairs(cfg: PreferenceDataConfig, *, tfds_data_dir: str | None = None) -> list[dict[str, str]]:
     """Every record as `{"instruction", "input", "chosen", "rejected"}` strings."""
-    from jaxgpt.data.records import read_records
-
     required = {"instruction": cfg.instruction_field, "chosen": cfg.chosen_field, "rejected": cfg.rejected_field}
     optional = {"input": cfg.input_field} if cfg.input_field else {}
     rows = read_records(cfg.path, required, optional, tfds_data_dir=tfds_data_dir)
@@ -92,17 +92,12 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
 
 def response_ids(response: str) -> list[int]:
     """Token ids of a response as trained on: the text, then <|endoftext|>."""
-    from jaxgpt.tokenizer import EOT_ID, encode
-
     return encode(response) + [EOT_ID]
 
 
 def encode_example(instruction: str, input: str, response: str) -> tuple[list[int], list[int]]:
     """`(prompt ids, response ids)` of one example (the response ends with <|endoftext|>);
     the reward CLI and RL rollouts score exactly these sequences."""
-    from jaxgpt.prompts import format_prompt
-    from jaxgpt.tokenizer import encode
-
     return encode(format_prompt(instruction, input)), response_ids(response)
 
 
@@ -224,8 +219,6 @@ class PreferenceData:
 
 
 def _pad_rows(rows: list[list[int]], length: int, dtype) -> np.ndarray:
-    from jaxgpt.tokenizer import EOT_ID
-
     out = np.full((len(rows), length), EOT_ID if dtype == np.int32 else 0, dtype)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
@@ -234,9 +227,6 @@ def _pad_rows(rows: list[list[int]], length: int, dtype) -> np.ndarray:
 
 def encode_pairs(rows: list[dict[str, str]], max_length: int, source: str) -> tuple[dict[str, np.ndarray], int]:
     """Token columns (see `PreferenceSplit`) of `rows`, and how many responses were truncated."""
-    from jaxgpt.prompts import format_prompt
-    from jaxgpt.tokenizer import EOT_ID, encode_batch
-
     prompts = encode_batch([format_prompt(r["instruction"], r["input"]) for r in rows])
     responses = {k: [ids + [EOT_ID] for ids in encode_batch([r[k] for r in rows])] for k in ("chosen", "rejected")}
     truncated = 0

@@ -16,13 +16,14 @@ special token, as in the book's `GPTDatasetV1`).
 
 The token file is a flat little-endian uint16 array (`<name>-<key>.bin`) with a JSON sidecar
 (`.json`: source, fingerprint, token count, dtype, sha256 of the token file). Text is read and
-encoded in ~1 MB chunks cut only where BPE cannot merge across the cut, and tokens are
-appended to a temporary file that is renamed into place when complete, then the sidecar is
-written the same way: a killed run leaves at most a `*.tmp-*` file (removed by the next run
-on that host once its writer is dead), never a truncated file that is trusted. A later call
-reuses the file only when the sidecar's fingerprint matches the source now and the token
-file matches the sidecar: its size always, its sha256 (whole file up to `VERIFY_FULL`
-bytes, else its first and last `VERIFY_ENDS` bytes) too.
+encoded in ~1 MB chunks cut only where BPE cannot merge across the cut (`jaxgpt.data.text`;
+tfds records come from `jaxgpt.data.tfds_source`), and tokens are appended to a temporary
+file that is renamed into place when complete, then the sidecar is written the same way: a
+killed run leaves at most a `*.tmp-*` file (removed by the next run on that host once its
+writer is dead), never a truncated file that is trusted. A later call reuses the file only
+when the sidecar's fingerprint matches the source now and the token file matches the
+sidecar: its size always, its sha256 (whole file up to `VERIFY_FULL` bytes, else its first
+and last `VERIFY_ENDS` bytes) too.
 """
 from __future__ import annotations
 
@@ -31,115 +32,30 @@ import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from jaxgpt import tokenizer
+from jaxgpt import datasets, tokenizer
+from jaxgpt.data.text import CHUNK_CHARS, Source, read_text_chunks, slugify
+from jaxgpt.data.tfds_source import tfds_source
 from jaxgpt.errors import UserError
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DTYPE = "<u2"  # GPT-2's 50,257 ids fit in uint16
-CHUNK_CHARS = 1 << 20  # text handed to the encoder per piece
 HASH_LIMIT = 16 << 20  # files up to this size are fingerprinted by content, larger by size+mtime
 VERIFY_FULL = 1 << 30  # token files up to this size are fully re-hashed when reused
 VERIFY_ENDS = 16 << 20  # larger ones: the sha256 of their first and last this many bytes
 
 
 # ---------------------------------------------------------------------------------------
-# Cutting text where BPE gives the same tokens either side
-
-
-def _safe_cut(text: str, start: int) -> int:
-    """Largest p >= start with text[p] whitespace and text[p-1] not, else -1.
-
-    GPT-2's pre-tokenizer never joins a non-space character with the whitespace after it,
-    and only *trailing* whitespace behaves differently at the end of a string (`\\s++$`:
-    "a\\n\\n" ends in token 628, but "a\\n\\nb" has 198, 198). Cutting *before* a whitespace
-    run that follows a non-space character therefore gives the same pre-tokens, hence the
-    same tokens, as encoding the whole text at once. Newlines are preferred, then spaces.
-    """
-    for sep in ("\n", " "):
-        p = len(text)
-        while True:
-            p = text.rfind(sep, start, p)
-            if p <= 0:
-                break
-            if not text[p - 1].isspace():  # str.isspace covers every regex \s character
-                return p
-    return -1
-
-
-_FORWARD_CUT = re.compile(r"(?<=\S)[\n ]")
-
-
-def split_text(text: str, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
-    """Pieces of `text` of about `max_chars`, cut as `_safe_cut` allows (longer where it can't)."""
-    while len(text) > max_chars:
-        p = _safe_cut(text[: max_chars + 1], 1)
-        if p <= 0:
-            m = _FORWARD_CUT.search(text, max_chars)
-            if m is None:
-                break
-            p = m.start()
-        yield text[:p]
-        text = text[p:]
-    if text:
-        yield text
-
-
-def read_text_chunks(path: Path, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
-    """A UTF-8 file as safe-cut pieces of ~`max_chars`, never holding the whole file.
-
-    A file with no safe cut for `8 * max_chars` characters is cut there anyway (the tokens
-    at that one seam may then differ from one-shot encoding; real text never does this).
-    """
-    carry = ""
-    try:
-        with open(path, encoding="utf-8") as f:  # universal newlines, as the book reads it
-            while True:
-                block = f.read(max_chars)
-                if not block:
-                    break
-                carry += block
-                if len(carry) <= max_chars:
-                    continue
-                p = _safe_cut(carry, 1)
-                if p <= 0 and len(carry) >= 8 * max_chars:
-                    p = len(carry)
-                if p > 0:
-                    yield carry[:p]
-                    carry = carry[p:]
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
-    if carry:
-        yield carry
-
-
-# ---------------------------------------------------------------------------------------
 # Sources
-
-
-@dataclass
-class Source:
-    """A resolved corpus: a stable key (names the cache file), a fingerprint of its current
-    contents, and a factory for its documents (each an iterable of text pieces)."""
-
-    spec: str  # as the user wrote it
-    key: str  # canonical identity, e.g. "file:/abs/path"
-    slug: str  # readable part of the cache file name
-    fingerprint: dict
-    documents: Callable[[], Iterable[Iterable[str]]] = field(repr=False)
 
 
 def _file_fingerprint(path: Path, rel: str) -> list:
@@ -149,21 +65,13 @@ def _file_fingerprint(path: Path, rel: str) -> list:
     return [rel, st.st_size, st.st_mtime_ns]
 
 
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_.")[:48] or "corpus"
-
-
 def resolve_source(
     spec: str, text_field: str = "text", tfds_data_dir: str | None = None, chunk_chars: int = CHUNK_CHARS
 ) -> Source:
     """Interpret `data.path`; UserError if it names nothing usable."""
-    from jaxgpt import datasets
-
     if not spec or not spec.strip():
         raise UserError("data.path is empty; give a bundled corpus name, a text file, a folder or tfds:NAME")
     if spec.startswith("tfds:"):
-        from jaxgpt.data.tfds_source import tfds_source
-
         return tfds_source(spec, text_field, tfds_data_dir, chunk_chars)
     if spec in datasets.BUNDLED:
         entry = datasets.BUNDLED[spec]
@@ -173,12 +81,12 @@ def resolve_source(
                 f"text corpora: {', '.join(datasets.bundled_names('text'))}"
             )
         path = datasets.bundled_path(spec)
-        return Source(spec, f"bundled:{spec}", _slug(spec), {"files": [_file_fingerprint(path, entry.file)]},
+        return Source(spec, f"bundled:{spec}", slugify(spec), {"files": [_file_fingerprint(path, entry.file)]},
                       lambda: [read_text_chunks(path, chunk_chars)])
     path = Path(spec).expanduser()
     if path.is_file():
         path = path.resolve()
-        return Source(spec, f"file:{path}", _slug(path.stem), {"files": [_file_fingerprint(path, path.name)]},
+        return Source(spec, f"file:{path}", slugify(path.stem), {"files": [_file_fingerprint(path, path.name)]},
                       lambda: [read_text_chunks(path, chunk_chars)])
     if path.is_dir():
         path = path.resolve()
@@ -186,7 +94,7 @@ def resolve_source(
         if not files:
             raise UserError(f"folder {path} has no .txt files; data.path needs a folder of *.txt documents")
         fp = {"files": [_file_fingerprint(p, p.relative_to(path).as_posix()) for p in files]}
-        return Source(spec, f"dir:{path}", _slug(path.name), fp,
+        return Source(spec, f"dir:{path}", slugify(path.name), fp,
                       lambda: (read_text_chunks(p, chunk_chars) for p in files))
     raise UserError(
         f"data.path {spec!r} is neither a bundled corpus ({', '.join(datasets.bundled_names('text'))}) "

@@ -66,6 +66,18 @@ def validate_generate(cfg: GenerateConfig) -> None:
                         f"got {cfg.max_new_tokens}, {cfg.batch_size}")
 
 
+def instruct_data(data: InstructDataConfig, context_length: int, batch_size: int, *,
+                  tfds_data_dir: str | None = None) -> InstructData:
+    """`load_instruct`, given the SFT splits of `data.task` when one is set: `jaxgpt.data` sits
+    below the RL package and does not import it, so the task layer fetches them."""
+    task_splits = None
+    if data.task:
+        from jaxgpt.rl.tasks import sft_splits  # only when asked, as validate_config does
+
+        task_splits = sft_splits(data.task, data.seed)
+    return load_instruct(data, context_length, batch_size, task_splits=task_splits, tfds_data_dir=tfds_data_dir)
+
+
 # ---------------------------------------------------------------------------------------
 # Generation
 
@@ -124,7 +136,7 @@ class Instruct(SplitTask):
         validate_generate(cfg.generate)
 
     def load_data(self) -> None:
-        self.data = load_instruct(self.cfg.data, self.cfg.model.context_length, self.batch_size,
+        self.data = instruct_data(self.cfg.data, self.cfg.model.context_length, self.batch_size,
                                   tfds_data_dir=self.tfds_data_dir)
         self.padding = self.data.padding_stats(self.batch_size)
 
