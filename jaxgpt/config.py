@@ -40,6 +40,7 @@ class ModelConfig:
     attention: str = "reference"  # reference (einsum) | xla | cudnn (jax.nn.dot_product_attention)
     remat: bool = False  # jax.checkpoint each block
     remat_policy: str = "nothing_saveable"  # a name in jax.checkpoint_policies
+    init: str = "gpt2"  # random init: gpt2 (N(0, 0.02), scaled residuals) | torch-default (the book's)
 
     @property
     def head_dim(self) -> int:
@@ -277,6 +278,8 @@ def validate(cfg) -> None:
             raise UserError(f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
         if m.attention not in ("reference", "xla", "cudnn"):
             raise UserError(f"model.attention must be reference, xla or cudnn, got {m.attention!r}")
+        if m.init not in ("gpt2", "torch-default"):
+            raise UserError(f"model.init must be gpt2 or torch-default, got {m.init!r}")
     d = getattr(cfg, "data", None)
     if isinstance(d, DataConfig):
         if d.stride < 0 or d.context_length < 0:
