@@ -87,6 +87,7 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 0  # 0 = the whole validation split
+    eval_train_batches: int = 0  # > 0: also log train_eval_loss, dropout off, on the first N train batches
     checkpoint_interval: int = 0  # 0 = only at eval points and at the end
     keep_checkpoints: int = 2
     sample_prompt: str = "Every effort moves you"
@@ -302,6 +303,8 @@ def validate(cfg) -> None:
                      "checkpoint_interval", "sample_tokens"):
             if getattr(t, name) < 0:
                 raise UserError(f"train.{name} must be >= 0, got {getattr(t, name)}")
+        if t.eval_train_batches < 0:
+            raise UserError(f"train.eval_train_batches must be >= 0, got {t.eval_train_batches}")
         if not 0.0 <= t.min_lr_ratio <= 1.0:
             raise UserError(f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
         if t.keep_checkpoints < 1:

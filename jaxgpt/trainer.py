@@ -291,7 +291,11 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = F
 
     def evaluate(params) -> dict:
         out = evaluate_batches(dp, p_eval, params, data.val_batches(t.eval_batches))
-        return {"val_loss": out["loss"]} if out else {}
+        result = {"val_loss": out["loss"]} if out else {}
+        if t.eval_train_batches:  # the train loss as the book reports it: eval mode, fixed batches
+            train_out = evaluate_batches(dp, p_eval, params, data.train_eval_batches(t.eval_train_batches))
+            result["train_eval_loss"] = train_out["loss"]
+        return result
 
     def show_sample(step: int, params) -> None:
         if t.sample_tokens and is_main_process():
@@ -310,6 +314,7 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = F
         "tokens_seen": loop.step * loop.tokens_per_step,
         "train_loss": result["train_loss"],
         "val_loss": final.get("val_loss"),
+        **({"train_eval_loss": final["train_eval_loss"]} if "train_eval_loss" in final else {}),
         "tokens_per_sec": loop.tokens_per_sec(),
         "mfu": mfu(loop.tokens_per_sec(), m, seq, dp.num_devices * jax.process_count()),
         "params": n_params,
@@ -324,7 +329,7 @@ def pretrain(cfg: Config, out_dir: str | Path | None = None, *, resume: bool = F
         if summary["sample"]:
             log(f"sample: {summary['sample']!r}")
         records = read_jsonl(run.metrics_jsonl)
-        plot_curves(run.path / "loss.png", records, "tokens_seen", ["train_loss", "val_loss"], "loss")
+        plot_curves(run.path / "loss.png", records, "tokens_seen", ["train_loss", "train_eval_loss", "val_loss"], "loss")
     return summary
 
 
