@@ -22,12 +22,14 @@ def main(argv=None) -> int:
     initialize_distributed(args)
 
     from jaxgpt.checkpoint import read_run_config  # heavy imports after --help
+    from jaxgpt.rundir import RunDir
     from jaxgpt.tasks import pretrain
 
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     if args.resume:
         if args.config or args.model_config or args.out or args.init:
             parser.error("--resume takes its config and directory from the run; use only --set with it")
+        RunDir(args.resume, resume=True)  # one line when RUN holds no checkpoint, before its config is read
         pretrain.pretrain(read_run_config(args.resume, overrides), args.resume, resume=True)
         return 0
     cfg = load_config(args.config or pretrain.DEFAULT_CONFIG, overrides, model_file=args.model_config)

@@ -47,6 +47,7 @@ class ModelConfig:
     attention: str = "reference"  # reference (einsum) | xla | cudnn (jax.nn.dot_product_attention)
     remat: bool = False  # jax.checkpoint each block
     remat_policy: str = "nothing_saveable"  # a name in jax.checkpoint_policies
+    init: str = "gpt2"  # random init: gpt2 (N(0, 0.02), scaled residuals) | torch-default (the book's)
 
     @property
     def head_dim(self) -> int:
@@ -66,6 +67,7 @@ PRESET_KEYS = frozenset(k for preset in PRESETS.values() for k in preset)
 REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
 ATTENTION_KINDS = ("reference", "xla", "cudnn")
+MODEL_INITS = ("gpt2", "torch-default")
 TRAIN_MODES = ("full", "last-block", "lora")  # finetune.train_mode (jaxgpt.engine.params)
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -102,6 +104,7 @@ class TrainConfig:
     log_interval: int = 10
     eval_interval: int = 100
     eval_batches: int = 0  # 0 = the whole validation split
+    eval_train_batches: int = 0  # > 0: also log train_eval_loss, dropout off, on the first N train batches
     checkpoint_interval: int = 0  # 0 = only at eval points and at the end
     keep_checkpoints: int = 2
     sample_prompt: str = "Every effort moves you"
@@ -382,6 +385,7 @@ def validate_model(m: ModelConfig, *, check_vocab: bool = False) -> None:
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _require(m.layer_norm_epsilon > 0, f"model.layer_norm_epsilon must be positive, got {m.layer_norm_epsilon}")
     _require(m.dtype in DTYPES, f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    _require(m.init in MODEL_INITS, f"model.init must be {' or '.join(MODEL_INITS)}, got {m.init!r}")
     _require(m.attention in ATTENTION_KINDS,
              f"model.attention must be {', '.join(ATTENTION_KINDS[:-1])} or {ATTENTION_KINDS[-1]}, got {m.attention!r}")
     _require(m.remat_policy in REMAT_POLICIES,
@@ -400,7 +404,7 @@ def validate_train(t: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum_steps", "max_steps", "log_interval", "eval_interval"):
         _require(getattr(t, name) > 0, f"train.{name} must be positive, got {getattr(t, name)}")
     for name in ("warmup_steps", "weight_decay", "grad_clip", "num_devices", "eval_batches",
-                 "checkpoint_interval", "sample_tokens", "seed"):
+                 "checkpoint_interval", "sample_tokens", "seed", "eval_train_batches"):
         _require(getattr(t, name) >= 0, f"train.{name} must be >= 0, got {getattr(t, name)}")
     for name in ("b1", "b2"):
         _require(0.0 <= getattr(t, name) < 1.0, f"train.{name} must be in [0, 1), got {getattr(t, name)}")

@@ -88,12 +88,37 @@ def fused_attention(q, k, v, mask, *, implementation: str | None, is_causal: boo
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
-def _dense(features: int, name: str, *, config: ModelConfig, use_bias=True, std=0.02,
+def _uniform(bound: float):
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _dense_inits(config: ModelConfig, fan_in: int, std: float) -> dict:
+    """Kernel and bias initialisers of a dense layer with `fan_in` inputs.
+
+    `gpt2` (the default): kernel N(0, std), bias 0, as GPT-2 (std 0.02, residual
+    projections 0.02 / sqrt(2 * n_layer)). `torch-default`: PyTorch's `nn.Linear` default
+    (kaiming-uniform with a = sqrt(5)), kernel and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
+    what the book's `GPTModel` starts from.
+    """
+    if config.init == "torch-default":
+        bound = 1.0 / math.sqrt(fan_in)
+        return dict(kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+                    bias_init=_uniform(bound))
+    return dict(kernel_init=nn.initializers.normal(std))
+
+
+def _embedding_init(config: ModelConfig, std: float):
+    """GPT-2: N(0, std) (wte 0.02, wpe 0.01); torch-default: `nn.Embedding`'s N(0, 1)."""
+    return nn.initializers.normal(1.0 if config.init == "torch-default" else std)
+
+
+def _dense(features: int, name: str, *, config: ModelConfig, fan_in: int, use_bias=True, std=0.02,
            lora: LoRAConfig | None = None, fused: int = 1):
     """Every dense layer of the model. With `lora`, targeted layers get adapters
-    (`jaxgpt.lora.LoRADense`; same kernel/bias leaves and math as `nn.Dense`)."""
+    (`jaxgpt.lora.LoRADense`; same kernel/bias leaves and math as `nn.Dense`).
+    `fan_in` is the input width (for `model.init=torch-default`)."""
     kwargs = dict(use_bias=use_bias, dtype=compute_dtype(config), param_dtype=jnp.float32,
-                  kernel_init=nn.initializers.normal(std), name=name)
+                  name=name, **_dense_inits(config, fan_in, std))
     if lora is None:
         return nn.Dense(features, **kwargs)
     return LoRADense(features, lora=lora, fused=fused, **kwargs)
@@ -114,7 +139,7 @@ class CausalSelfAttention(nn.Module):
         """
         cfg = self.config
         b, t, _ = x.shape
-        qkv = _dense(3 * cfg.n_embd, "c_attn", config=cfg, use_bias=cfg.qkv_bias, lora=self.lora, fused=3)(x)
+        qkv = _dense(3 * cfg.n_embd, "c_attn", config=cfg, fan_in=cfg.n_embd, use_bias=cfg.qkv_bias, lora=self.lora, fused=3)(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in (q, k, v))  # [b, t, h, hd]
         new_cache = None
@@ -131,7 +156,8 @@ class CausalSelfAttention(nn.Module):
         else:
             y = fused_attention(q, k, v, mask, implementation=cfg.attention, is_causal=is_causal)
         y = y.reshape(b, t, cfg.n_embd)
-        y = _dense(cfg.n_embd, "c_proj", config=cfg, std=0.02 / math.sqrt(2 * cfg.n_layer), lora=self.lora)(y)
+        y = _dense(cfg.n_embd, "c_proj", config=cfg, fan_in=cfg.n_embd, std=0.02 / math.sqrt(2 * cfg.n_layer),
+                   lora=self.lora)(y)
         return y, new_cache
 
 
@@ -142,9 +168,10 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        h = _dense(4 * cfg.n_embd, "c_fc", config=cfg, lora=self.lora)(x)
+        h = _dense(4 * cfg.n_embd, "c_fc", config=cfg, fan_in=cfg.n_embd, lora=self.lora)(x)
         h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
-        return _dense(cfg.n_embd, "c_proj", config=cfg, std=0.02 / math.sqrt(2 * cfg.n_layer), lora=self.lora)(h)
+        return _dense(cfg.n_embd, "c_proj", config=cfg, fan_in=4 * cfg.n_embd, std=0.02 / math.sqrt(2 * cfg.n_layer),
+                      lora=self.lora)(h)
 
 
 class Block(nn.Module):
@@ -207,9 +234,9 @@ class GPT(nn.Module):
         cfg = self.config
         dtype = compute_dtype(cfg)
         self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
-                            embedding_init=nn.initializers.normal(0.02))
+                            embedding_init=_embedding_init(cfg, 0.02))
         self.wpe = nn.Embed(cfg.context_length, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
-                            embedding_init=nn.initializers.normal(0.01))
+                            embedding_init=_embedding_init(cfg, 0.01))
         block_cls = Block
         if cfg.remat:  # is_causal and deterministic are Python flags: static under jax.checkpoint
             block_cls = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
@@ -220,9 +247,10 @@ class GPT(nn.Module):
         # module path) stay what they were.
         self.embed_dropout = nn.Dropout(cfg.dropout, name="Dropout_0")
         if self.num_classes:
-            self.score = _dense(self.num_classes, "score", config=cfg, use_bias=False, lora=self.lora)
+            self.score = _dense(self.num_classes, "score", config=cfg, fan_in=cfg.n_embd, use_bias=False,
+                                lora=self.lora)
         elif not cfg.tie_embeddings:
-            self.lm_head = _dense(cfg.vocab_size, "lm_head", config=cfg, use_bias=False)
+            self.lm_head = _dense(cfg.vocab_size, "lm_head", config=cfg, fan_in=cfg.n_embd, use_bias=False)
         if self.value_head:
             self.critic = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="value_head",
                                    kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)

@@ -195,3 +195,31 @@ def test_checkpoint_interval_saves_on_logged_steps_too(tmp_path):
 
     pretrain(tiny_cfg(tmp_path, "train.checkpoint_interval=2", "train.keep_checkpoints=10"), tmp_path / "run")
     assert sorted(checkpoint.checkpoint_manager(tmp_path / "run", read_only=True).all_steps()) == [2, 3, 4, 6]
+
+
+def test_eval_mode_train_loss(tmp_path):
+    """train.eval_train_batches=N logs `train_eval_loss` at eval points: the mean token loss,
+    dropout off, of the first N train batches in corpus order. Checked against the final
+    checkpoint's weights scored here by hand (numpy log-softmax); off (0) by default."""
+    import numpy as np
+
+    from jaxgpt.checkpoint import load_params
+    from jaxgpt.data import pretraining_data
+    from jaxgpt.model import GPT
+    from jaxgpt.tasks.pretrain import pretrain
+
+    assert load_config(None).train.eval_train_batches == 0
+    cfg = tiny_cfg(tmp_path, "train.eval_train_batches=2", "train.max_steps=4", "train.eval_interval=2",
+                   "train.sample_tokens=0", "train.num_devices=1")
+    summary = pretrain(cfg, tmp_path / "run")
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "train_eval_loss" in r] == [2, 4]
+    _, params = load_params(tmp_path / "run")
+    windows = pretraining_data(cfg).splits.train
+    batch = windows.take(np.arange(2 * cfg.train.batch_size))  # 2 batches of 4, in order
+    logits = np.asarray(GPT(cfg.model).apply({"params": params}, batch["inputs"]), np.float64)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    expected = -np.take_along_axis(logp, batch["targets"][..., None], -1).mean()
+    assert summary["train_eval_loss"] == pytest.approx(expected, rel=1e-5)
+    assert records[-1]["train_eval_loss"] == pytest.approx(expected, rel=1e-5)

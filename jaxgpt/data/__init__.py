@@ -51,6 +51,7 @@ class PretrainingData:
     (data.seed, step), so resuming at `step` replays the same stream.
     `val_batches(max_batches)`: every val window once, {"inputs", "targets", "mask"}, with
     [B/P, T] leaves (mask float32, 0 on padding rows); nothing when val_ratio is 0.
+    `train_eval_batches(max_batches)`: the same for the first train windows, in order.
     """
 
     source: str
@@ -72,6 +73,12 @@ class PretrainingData:
         if self.splits.val is None:
             return iter(())
         return eval_batches(self.splits.val, self.batch_size, max_batches,
+                            self.process_index, self.process_count)
+
+    def train_eval_batches(self, max_batches: int) -> Iterator[dict[str, np.ndarray]]:
+        """The first `max_batches` batches of train windows in corpus order (capped at all
+        of them), shaped like `val_batches`: a fixed set to score in eval mode."""
+        return eval_batches(self.splits.train, self.batch_size, max_batches,
                             self.process_index, self.process_count)
 
     def describe(self) -> str:

@@ -5,9 +5,11 @@ every `data.stride` tokens, the last `data.val_ratio` of the stream for validati
 s is a pure function of (data.seed, s), and in a multi-process run each process reads only
 its rows of the global batch. Evaluation: the val loss over `train.eval_batches` batches
 (0 = all) every `train.eval_interval` steps and at the end, with a greedy sample of
-`train.sample_prompt`. metrics.json: step, tokens_seen, train_loss (running mean of the
-last logged window, dropout on), val_loss, tokens_per_sec (median step after the first),
-mfu, params, sample.
+`train.sample_prompt`; with `train.eval_train_batches` N > 0 also `train_eval_loss`, the
+train loss in eval mode (dropout off) over the first N train batches, as the book reports
+it. metrics.json: step, tokens_seen, train_loss (the running mean of the updates' losses
+over the last logged window, dropout on), val_loss, [train_eval_loss], tokens_per_sec
+(median step after the first), mfu, params, sample.
 """
 from __future__ import annotations
 
@@ -60,18 +62,23 @@ class Pretrain(Recipe):
         return Throughput(self.cfg.train.batch_size * seq, self.cfg.model, seq, self.dp.device_count)
 
     def evaluate(self, placed) -> dict:
-        out = self.dp.evaluate(self.p_eval, placed.params, self.data.val_batches(self.cfg.train.eval_batches))
         t = self.cfg.train
+        out = self.dp.evaluate(self.p_eval, placed.params, self.data.val_batches(t.eval_batches))
+        result = {"val_loss": out["loss"]} if out else {}
+        if t.eval_train_batches:  # the train loss as the book reports it: eval mode, fixed batches
+            train_out = self.dp.evaluate(self.p_eval, placed.params, self.data.train_eval_batches(t.eval_train_batches))
+            result["train_eval_loss"] = train_out["loss"]
         if t.sample_tokens:  # every process: params of a multi-process mesh are gathered for it
             sample = sample_text(self.cfg.model, placed.local_params(), t.sample_prompt, t.sample_tokens)
             log(f"step {placed.step} sample: {sample!r}")
-        return {"val_loss": out["loss"]} if out else {}
+        return result
 
     def summary(self, loop, before: dict, final: dict) -> dict:
         m, t, tp = self.cfg.model, self.cfg.train, loop.throughput
         tps = loop.tokens_per_sec()
         return {"tokens_seen": loop.iteration * tp.tokens_per_iteration,
                 "train_loss": loop.last_record.get("train_loss"), "val_loss": final.get("val_loss"),
+                **({"train_eval_loss": final["train_eval_loss"]} if "train_eval_loss" in final else {}),
                 "tokens_per_sec": tps, "mfu": mfu(tps, m, tp.seq_len, tp.num_devices), "params": self.total,
                 "sample": sample_text(m, loop.placed.local_params(), t.sample_prompt, t.sample_tokens)
                 if t.sample_tokens else ""}
