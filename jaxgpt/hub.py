@@ -27,7 +27,6 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import shutil
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -240,10 +239,3 @@ def _load_run_dir(path: Path) -> tuple[ModelConfig, Params]:
     if has_lora(params):  # a LoRA fine-tuning run: fold its adapters in with its own alpha
         params = merge_lora(params, config.lora)
     return config.model, params
-
-
-def remove_preset(name: str) -> None:
-    """Delete a cached preset (e.g. after a corrupt download)."""
-    name = PRESET_ALIASES.get(name, name)
-    shutil.rmtree(preset_dir(name), ignore_errors=True)
-    _record_path(name).unlink(missing_ok=True)
