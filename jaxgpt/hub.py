@@ -37,7 +37,8 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.download import Expected, VerificationError, fetch_verified, file_matches, warn
 from jaxgpt.errors import UserError
 from jaxgpt.lora import LoRAConfig, has_lora, merge_lora
-from jaxgpt.weights import check_params, load_hf_dir, load_openai_dir
+from jaxgpt.weights import check_params, load_hf_dir
+from jaxgpt.weights_openai import load_openai_dir
 
 Params = dict[str, Any]
 

@@ -21,22 +21,14 @@ axis in that order in both. The `attn.bias` / `attn.masked_bias` entries of olde
 checkpoints are causal-mask buffers, not parameters, and are skipped. With tied embeddings
 the head is `wte` itself: `lm_head.weight` must be absent or equal to `wte.weight`.
 
-OpenAI's original TensorFlow checkpoints use `model/wte`, `model/h0/ln_1/g|b`,
-`model/h0/attn/c_attn/w` (`[1, d, 3d]`, a 1x1 convolution; the leading 1 is squeezed) and
-so on; `OPENAI_NAMES` maps them.
+OpenAI's original TensorFlow checkpoints have their own names (`jaxgpt.weights_openai`).
 
-Memory: loaders stream. Each tensor is read on its own (`safetensors.safe_open` with
-`framework="numpy"` reads one tensor from the memory-mapped file), shape-checked before its
-data is read, converted to float32, moved into a jax array, and the host copy dropped before
-the next tensor is read. Peak host memory is therefore one full set of float32 params plus
-one tensor in flight (plus, for a tied checkpoint that also stores `lm_head.weight`, one
-`[V, d]` tensor for the equality check), never two full copies of a 1558M model.
-`pytorch_model.bin` is opened with `torch.load(mmap=True)` for the same reason, and with
-`weights_only=True`: nothing in a pickle is ever executed (see `_load_torch_bin`).
-
-Related modules: `jaxgpt.hub.resolve_init` is the one `--init SPEC` resolver (run directory,
-HF directory, OpenAI TF directory or preset download); `jaxgpt.export.export_hf` writes the
-HF format back.
+Memory: loaders stream, one tensor at a time from the memory-mapped file (shape-checked
+before its data is read, converted to float32, moved to a jax array, its host copy dropped),
+so peak host memory is one float32 set of params plus one tensor, never two copies of a
+1558M model. `pytorch_model.bin` is read with `torch.load(mmap=True, weights_only=True)`:
+nothing in a pickle is ever executed. `jaxgpt.hub.resolve_init` is the one `--init SPEC`
+resolver; `jaxgpt.export.export_hf` writes the HF format back.
 """
 from __future__ import annotations
 
@@ -123,17 +115,6 @@ def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> ModelCo
     )
 
 
-def config_from_openai(hparams: Mapping[str, Any], where: str = "hparams.json") -> ModelConfig:
-    """OpenAI's hparams.json (`n_vocab`, `n_ctx`, `n_embd`, `n_head`, `n_layer`): always
-    gelu_new, epsilon 1e-5, tied embeddings."""
-    try:
-        return config_from_hf(
-            {"vocab_size": hparams["n_vocab"], "n_positions": hparams["n_ctx"], "n_embd": hparams["n_embd"],
-             "n_layer": hparams["n_layer"], "n_head": hparams["n_head"]}, where)
-    except KeyError as e:
-        raise UserError(f"{where}: missing {e.args[0]}") from None
-
-
 def read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(Path(path).read_text())
@@ -179,30 +160,6 @@ def hf_target(key: str) -> Target | None:
     leaf = ("scale" if kind == "weight" else "bias") if module.startswith("ln") else (
         "kernel" if kind == "weight" else "bias")
     return Target((f"h_{layer}", *module.split("."), leaf))
-
-
-_TF_LAYER = re.compile(r"model/h(\d+)/(ln_1|ln_2|attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)/([gbw])")
-
-
-def openai_target(name: str) -> Target | None:
-    """Map an OpenAI TF variable (`model/h0/attn/c_attn/w`, ...) to its jaxgpt path."""
-    if name in ("model/wte", "model/wpe"):
-        return Target((name.split("/")[1], "embedding"))
-    if name in ("model/ln_f/g", "model/ln_f/b"):
-        return Target(("ln_f", "scale" if name.endswith("g") else "bias"))
-    m = _TF_LAYER.fullmatch(name)
-    if m is None:
-        return None
-    layer, module, kind = m.groups()
-    if module.startswith("ln"):
-        if kind == "w":
-            return None
-        return Target((f"h_{layer}", module, "scale" if kind == "g" else "bias"))
-    if kind == "g":
-        return None
-    if kind == "w":
-        return Target((f"h_{layer}", *module.split("/"), "kernel"), "squeeze0")
-    return Target((f"h_{layer}", *module.split("/"), "bias"))
 
 
 def hf_key(path: tuple[str, ...], prefix: str = "transformer.") -> str:
@@ -433,39 +390,6 @@ def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
         state = _load_torch_bin(bin_file)
         return config, convert_tensors(_torch_tensors(state), config, hf_target, str(bin_file))
     raise UserError(f"{path} has config.json but no model.safetensors (or pytorch_model.bin) next to it")
-
-
-# ---------------------------------------------------------------------------------------
-# OpenAI TensorFlow checkpoints
-
-
-def load_openai_variables(names_and_shapes: Iterable[tuple[str, Any]], read: Callable[[str], Any],
-                          hparams: Mapping[str, Any], source: str = "checkpoint") -> tuple[ModelConfig, Params]:
-    """jaxgpt `(config, params)` from OpenAI GPT-2 variables given as `(name, shape)` pairs
-    and a `read(name)` function (`tf.train.load_variable` bound to the checkpoint, or a dict
-    lookup in tests). Non-parameter variables (optimizer slots etc.) must not be present."""
-    config = config_from_openai(hparams)
-    tensors = (Tensor(n, tuple(s), lambda n=n: read(n)) for n, s in names_and_shapes)
-    return config, convert_tensors(tensors, config, openai_target, source)
-
-
-def load_openai_dir(path: str | Path) -> tuple[ModelConfig, Params]:
-    """OpenAI's original release directory (hparams.json, checkpoint, model.ckpt.*)."""
-    path = Path(path)
-    hparams = read_json(path / "hparams.json")
-    try:
-        import tensorflow as tf  # noqa: F401
-    except ImportError:
-        raise UserError(f"{path} is an OpenAI TensorFlow checkpoint: reading it needs TensorFlow "
-                        "(pip install tensorflow), or use the converted Hugging Face weights instead "
-                        "(--init gpt2 or a directory with config.json and model.safetensors)") from None
-    prefix = tf.train.latest_checkpoint(str(path)) or str(path / "model.ckpt")
-    try:
-        names = tf.train.list_variables(prefix)
-    except Exception as e:
-        raise UserError(f"cannot read TensorFlow checkpoint {prefix}: {e}") from None
-    names = [(n, s) for n, s in names if n.startswith("model/")]  # skip e.g. a global step
-    return load_openai_variables(names, lambda n: tf.train.load_variable(prefix, n), hparams, prefix)
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from jaxgpt import hub, weights  # noqa: E402
+from jaxgpt import hub, weights, weights_openai  # noqa: E402
 from jaxgpt.config import PRESETS, ModelConfig  # noqa: E402
 from jaxgpt.errors import UserError  # noqa: E402
 from jaxgpt.export import config_to_hf, export_hf  # noqa: E402
@@ -333,13 +333,13 @@ def test_openai_tf_mapping_with_fake_reader(hf_models):
     want_cfg, want = resolve_init(str(path))
     variables = openai_variables(model)
     hparams = {"n_vocab": 257, "n_ctx": 64, "n_embd": 48, "n_head": 3, "n_layer": 3}
-    cfg, params = weights.load_openai_variables([(k, v.shape) for k, v in variables.items()],
+    cfg, params = weights_openai.load_openai_variables([(k, v.shape) for k, v in variables.items()],
                                                 variables.__getitem__, hparams)
     assert cfg == want_cfg
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params, want)
     variables["model/h2/mlp/c_fc/w"] = variables["model/h2/mlp/c_fc/w"][:, :, :10]
     with pytest.raises(UserError, match=r"h_2/mlp/c_fc/kernel: checkpoint has \[48, 10\], model expects \[48, 192\]"):
-        weights.load_openai_variables([(k, v.shape) for k, v in variables.items()], variables.__getitem__, hparams)
+        weights_openai.load_openai_variables([(k, v.shape) for k, v in variables.items()], variables.__getitem__, hparams)
 
 
 def test_openai_tf_dir_needs_tensorflow(tmp_path, monkeypatch):
