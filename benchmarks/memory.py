@@ -2,6 +2,8 @@
 """Peak training memory from XLA's compiled memory analysis (no arrays are allocated).
 
     python benchmarks/memory.py                       # gpt2-124m, seq 1024, batch 8, remat off/on
+    python benchmarks/memory.py --attention reference,blockwise --head-chunk 0,1024
+                                                      # + each attention kind x LM-head chunking
     python benchmarks/memory.py --budget-gib 16       # + the largest batch that fits 16 GiB
     python benchmarks/memory.py --set model.dtype=bfloat16 --json out.json
     python benchmarks/memory.py --layouts --preset gpt2-774m --preset gpt2-1558m   # per device, 8 devices:
@@ -35,6 +37,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxgpt.config import load_config  # noqa: E402
+from jaxgpt.losses import HEAD_CHUNK_TOKENS  # noqa: E402
 from jaxgpt.model import GPT, init_params  # noqa: E402
 from jaxgpt.optim import make_optimizer  # noqa: E402
 from jaxgpt.steps import create_train_state, lm_loss_fn, train_step  # noqa: E402
@@ -42,12 +45,14 @@ from jaxgpt.steps import create_train_state, lm_loss_fn, train_step  # noqa: E40
 GIB = 1024**3
 
 
-def peak_bytes(model_cfg, train_cfg, batch: int, seq: int, mesh=None) -> dict:
-    """Per device. mesh: a `MeshParallel` (batch = the global batch), else one device."""
+def peak_bytes(model_cfg, train_cfg, batch: int, seq: int, mesh=None, head_chunk: int = HEAD_CHUNK_TOKENS) -> dict:
+    """Per device. mesh: a `MeshParallel` (batch = the global batch), else one device.
+    head_chunk: tokens per slice of the fused LM head + loss; 0 = the whole batch in one
+    slice (the `[tokens, vocab]` logits materialised, as an unfused head would)."""
     tx = make_optimizer(train_cfg)
     state = jax.eval_shape(lambda k: create_train_state(init_params(model_cfg, k), tx), jax.random.key(0))
     tokens = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)  # [accum, batch, seq]
-    loss_fn = lm_loss_fn(GPT(model_cfg))
+    loss_fn = lm_loss_fn(GPT(model_cfg), chunk_size=head_chunk or batch * seq)
     if mesh is None:
         step = jax.jit(lambda s, b, k: train_step(s, b, k, loss_fn=loss_fn, tx=tx), donate_argnums=0)
     else:
@@ -110,6 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--budget-gib", type=float, default=0.0, help="also find the largest batch under this peak")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="config override")
+    p.add_argument("--attention", default="", help="comma list of model.attention kinds to compare (default: the config's)")
+    p.add_argument("--head-chunk", default=str(HEAD_CHUNK_TOKENS),
+                   help="comma list of LM-head chunk sizes in tokens (0 = no chunking: the full logits)")
     p.add_argument("--json", help="write results here")
     args = p.parse_args(argv)
     presets = args.preset or ["gpt2-124m"]
@@ -124,18 +132,20 @@ def main(argv=None) -> int:
     device = jax.devices()[0]
     print(f"backend: {device.platform} ({getattr(device, 'device_kind', '')}), {args.preset}, "
           f"seq {args.seq}, batch {args.batch}, dtype {cfg.model.dtype}")
-    print("| remat | policy | peak GiB | temporaries GiB | params+opt (args) GiB | compile s |")
-    print("|---|---|---|---|---|---|")
+    print("| attention | LM-head chunk | remat | policy | peak GiB | temporaries GiB | params+opt (args) GiB | compile s |")
+    print("|---|---|---|---|---|---|---|---|")
     rows = []
-    for remat in (False, True):
-        mcfg = dataclasses.replace(cfg.model, remat=remat)
-        r = peak_bytes(mcfg, cfg.train, args.batch, args.seq)
-        r.update(remat=remat, policy=mcfg.remat_policy if remat else "-")
+    kinds = [a for a in args.attention.split(",") if a] or [cfg.model.attention]
+    chunks = [int(c) for c in args.head_chunk.split(",")]
+    for attention, chunk, remat in ((a, c, r) for a in kinds for c in chunks for r in (False, True)):
+        mcfg = dataclasses.replace(cfg.model, remat=remat, attention=attention)
+        r = peak_bytes(mcfg, cfg.train, args.batch, args.seq, head_chunk=chunk)
+        r.update(attention=attention, head_chunk=chunk, remat=remat, policy=mcfg.remat_policy if remat else "-")
         if args.budget_gib:
             r["largest_batch_in_budget"] = largest_batch(mcfg, cfg.train, args.seq, args.budget_gib * GIB)
         rows.append(r)
-        print(f"| {remat} | {r['policy']} | {r['peak_bytes'] / GIB:.2f} | {r['temp_bytes'] / GIB:.2f} | "
-              f"{r['argument_bytes'] / GIB:.2f} | {r['compile_s']:.0f} |"
+        print(f"| {attention} | {chunk or 'none'} | {remat} | {r['policy']} | {r['peak_bytes'] / GIB:.2f} | "
+              f"{r['temp_bytes'] / GIB:.2f} | {r['argument_bytes'] / GIB:.2f} | {r['compile_s']:.0f} |"
               + (f" largest batch in {args.budget_gib:g} GiB: {r['largest_batch_in_budget']}" if args.budget_gib else ""))
     if args.json:
         Path(args.json).write_text(json.dumps({"backend": device.platform, "preset": args.preset, "seq": args.seq,

@@ -10,6 +10,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
+
+# Tokens per slice of the fused LM head (`head_cross_entropy`, `head_logprobs`): each slice's
+# `[chunk, vocab]` float32 logits (~200 MB at GPT-2's vocabulary) are the largest buffer the
+# head ever holds, instead of `[tokens, vocab]` for the whole batch.
+HEAD_CHUNK_TOKENS = 1024
 
 
 def token_cross_entropy(logits, targets, mask=None):
@@ -46,8 +52,117 @@ def sequence_logprobs(logits, tokens, response_mask):
     token of a row cannot be scored and must not be a response token. Shared by the reward
     model's data, DPO (policy and reference) and the RL losses, so all score the same tokens.
     """
-    per_token = token_logprobs(logits, tokens)
+    return response_sum(token_logprobs(logits, tokens), response_mask)
+
+
+def response_sum(per_token, response_mask):
+    """`[batch]`: per-token log-probs `[batch, seq - 1]` (`token_logprobs`, `head_logprobs`)
+    summed over each row's response tokens (`response_mask [batch, seq]`, as above)."""
     return jnp.sum(per_token * response_mask[:, 1:].astype(jnp.float32), axis=-1)
+
+
+def _chunked(x, *rows, chunk_size: int):
+    """`x [n, d]` and `rows` (each `[n]`) cut into `[n_chunks, chunk, ...]` slices, the last
+    one zero-padded (callers give padding a zero mask, so it scores nothing)."""
+    n = x.shape[0]
+    c = max(1, min(chunk_size, n))
+    pad = (-n) % c
+    out = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in (x, *rows)]
+    return [a.reshape((-1, c) + a.shape[1:]) for a in out]
+
+
+def _target_logit(logits, targets):
+    """`logits[i, targets[i]]` for `logits [c, vocab]`, `targets [c]`."""
+    return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+
+
+@jax.custom_vjp
+def _fused_ce_sum(xs, kernel, ts, ms):
+    """Sum of masked cross-entropies over chunks. xs: `[n_chunks, chunk, d]`, kernel
+    `[d, vocab]` (same dtype), ts `[n_chunks, chunk]` int32, ms float32 mask."""
+
+    def body(total, chunk):
+        xc, tc, mc = chunk
+        logits = jnp.dot(xc, kernel, preferred_element_type=jnp.float32)
+        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - _target_logit(logits, tc)) * mc), None
+
+    return lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts, ms))[0]
+
+
+def _fused_ce_fwd(xs, kernel, ts, ms):
+    """The loss and its gradients in one pass over the chunks: d loss / d logits is
+    `softmax - onehot` per chunk, turned at once into the hidden states' and the kernel's
+    gradients, so the backward pass has no logits to recompute or keep. When the kernel is
+    frozen (LoRA), its unused accumulator is dead code that XLA removes."""
+
+    def body(carry, chunk):
+        total, dkernel = carry
+        xc, tc, mc = chunk
+        logits = jnp.dot(xc, kernel, preferred_element_type=jnp.float32)  # [c, vocab]
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        total = total + jnp.sum((lse - _target_logit(logits, tc)) * mc)
+        probs = jnp.exp(logits - lse[:, None]) * mc[:, None]
+        is_target = lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tc[:, None]
+        dlogits = jnp.where(is_target, probs - mc[:, None], probs).astype(xc.dtype)
+        dx = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32).astype(xc.dtype)
+        dkernel = dkernel + jnp.dot(xc.T, dlogits, preferred_element_type=jnp.float32)
+        return (total, dkernel), dx
+
+    init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
+    (total, dkernel), dxs = lax.scan(body, init, (xs, ts, ms))
+    return total, (dxs, dkernel.astype(kernel.dtype))
+
+
+def _fused_ce_bwd(residuals, g):
+    dxs, dkernel = residuals
+    return (g.astype(dxs.dtype) * dxs, g.astype(dkernel.dtype) * dkernel, None, None)
+
+
+_fused_ce_sum.defvjp(_fused_ce_fwd, _fused_ce_bwd)
+
+
+def head_cross_entropy(hidden, kernel, targets, mask=None, *, chunk_size: int = HEAD_CHUNK_TOKENS):
+    """`token_cross_entropy(hidden @ kernel, targets, mask)` with the LM head fused into the loss.
+
+    hidden: `[..., n_embd]` (final-LayerNorm states, compute dtype); kernel: `[n_embd, vocab]`
+    (`jaxgpt.model.lm_head_kernel`); targets, mask: `[...]`. The head and the loss run over
+    `chunk_size`-token slices, and the gradient is formed slice by slice in the same pass,
+    so neither the `[tokens, vocab]` logits nor their gradient is ever materialised: at
+    GPT-2's vocabulary they are the largest buffers of a training step. Logits are float32
+    (the matmul accumulates in float32 whatever the compute dtype).
+    Returns `(loss_sum, count)`, float32 scalars.
+    """
+    d = hidden.shape[-1]
+    m = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+    xs, ts, ms = _chunked(hidden.reshape(-1, d), targets.reshape(-1).astype(jnp.int32), m.reshape(-1),
+                          chunk_size=chunk_size)
+    return _fused_ce_sum(xs, kernel.astype(hidden.dtype), ts, ms), jnp.sum(m)
+
+
+def head_logprobs(hidden, kernel, tokens, *, temperature: float = 1.0, chunk_size: int = HEAD_CHUNK_TOKENS):
+    """`token_logprobs(hidden @ kernel / temperature, tokens)` without the `[batch, seq, vocab]`
+    logits: `[batch, seq - 1]` float32, entry i the log-prob of token i + 1.
+
+    hidden: `[batch, seq, n_embd]`, the states of `tokens [batch, seq]`; kernel: `[n_embd,
+    vocab]`. The head runs over `chunk_size`-token slices whose logits are recomputed in the
+    backward pass (`jax.checkpoint`): per-token log-probs get a per-token cotangent, so the
+    gradient cannot be formed ahead as `head_cross_entropy` does. What DPO's and the RL
+    losses' log-probs use.
+    """
+    b, t, d = hidden.shape
+    kernel = kernel.astype(hidden.dtype)
+    targets = tokens[:, 1:].astype(jnp.int32).reshape(-1)
+    xs, ts = _chunked(hidden[:, :-1].reshape(-1, d), targets, chunk_size=chunk_size)
+
+    @jax.checkpoint
+    def one(xc, tc):
+        logits = jnp.dot(xc, kernel, preferred_element_type=jnp.float32)
+        if temperature != 1.0:
+            logits = logits / temperature
+        return _target_logit(logits, tc) - jax.nn.logsumexp(logits, axis=-1)
+
+    per_token = lax.map(lambda chunk: one(*chunk), (xs, ts)).reshape(-1)
+    return per_token[: b * (t - 1)].reshape(b, t - 1)
 
 
 def last_token(x, lengths):

@@ -26,6 +26,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxgpt.attention import (
+    blockwise_attention,
+    choose_attention,
+    fused_attention,
+    reference_attention,
+)
 from jaxgpt.config import ModelConfig
 from jaxgpt.lora import LoRAConfig, LoRADense
 
@@ -60,34 +66,6 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int | None = None)
     }
 
 
-def reference_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
-    """Plain softmax attention, the numerical reference for the fused kernels.
-
-    q: `[batch, q_len, heads, head_dim]`, k/v: `[batch, kv_len, heads, head_dim]`,
-    mask: `[batch, 1, q_len, kv_len]` bool (True = may attend). Scores and softmax run in
-    float32 whatever the input dtype. Returns `[batch, q_len, heads, head_dim]`.
-    """
-    scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-    weights = jax.nn.softmax(scores, axis=-1)
-    if dropout_rate > 0.0 and dropout_rng is not None:
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
-
-
-def fused_attention(q, k, v, mask, *, implementation: str | None, is_causal: bool):
-    """`jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on NVIDIA GPUs).
-
-    With `is_causal` the mask is implied and not materialised, which the cuDNN kernel needs.
-    """
-    impl = None if implementation == "xla" else implementation
-    if is_causal:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
-
-
 def _uniform(bound: float):
     return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
@@ -102,9 +80,9 @@ def _dense_inits(config: ModelConfig, fan_in: int, std: float) -> dict:
     """
     if config.init == "torch-default":
         bound = 1.0 / math.sqrt(fan_in)
-        return dict(kernel_init=nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-                    bias_init=_uniform(bound))
-    return dict(kernel_init=nn.initializers.normal(std))
+        return {"kernel_init": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
+                "bias_init": _uniform(bound)}
+    return {"kernel_init": nn.initializers.normal(std)}
 
 
 def _embedding_init(config: ModelConfig, std: float):
@@ -148,13 +126,19 @@ class CausalSelfAttention(nn.Module):
             v = jax.lax.dynamic_update_slice(cache_layer["v"], v.astype(cache_layer["v"].dtype), (0, cache_index, 0, 0))
             new_cache = {"k": k, "v": v}
         attn_dropout = 0.0 if deterministic else cfg.dropout
-        if cfg.attention == "reference" or attn_dropout > 0.0:
-            # The fused kernels have no dropout on attention weights; training with dropout
-            # takes the reference path so the regulariser is not silently dropped.
-            rng = self.make_rng("dropout") if attn_dropout > 0.0 else None
+        # The fused kernels have no dropout on attention weights: with dropout, `xla`/`cudnn`
+        # run `reference` and `auto` a kernel that has it (`jaxgpt.attention.choose_attention`),
+        # so the regulariser is never silently dropped.
+        kind = choose_attention(cfg.attention, dtype=q.dtype, dropout=attn_dropout, kv_len=k.shape[1],
+                                is_causal=is_causal, head_dim=cfg.head_dim)
+        rng = self.make_rng("dropout") if attn_dropout > 0.0 else None
+        if kind == "reference":
             y = reference_attention(q, k, v, mask, dropout_rate=attn_dropout, dropout_rng=rng)
+        elif kind == "blockwise":  # causal: the mask is generated per tile, not read
+            y = blockwise_attention(q, k, v, None if is_causal else mask, is_causal=is_causal,
+                                    dropout_rate=attn_dropout, dropout_rng=rng)
         else:
-            y = fused_attention(q, k, v, mask, implementation=cfg.attention, is_causal=is_causal)
+            y = fused_attention(q, k, v, mask, implementation=kind, is_causal=is_causal)
         y = y.reshape(b, t, cfg.n_embd)
         y = _dense(cfg.n_embd, "c_proj", config=cfg, fan_in=cfg.n_embd, std=0.02 / math.sqrt(2 * cfg.n_layer),
                    lora=self.lora)(y)
@@ -348,3 +332,10 @@ def param_shapes(config: ModelConfig, **attrs):
 
 def count_params(params) -> int:
     return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+
+
+def lm_head_kernel(config: ModelConfig, params) -> Array:
+    """The LM head's kernel `[n_embd, vocab]` float32 (`GPT.lm_logits` is `hidden @ it`): the
+    tied `wte/embedding` transposed, or `lm_head/kernel`. For the fused head + loss
+    (`jaxgpt.losses.head_cross_entropy`, `head_logprobs`), which never forms the logits."""
+    return params["wte"]["embedding"].T if config.tie_embeddings else params["lm_head"]["kernel"]

@@ -27,7 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.losses import last_token, sequence_logprobs
+from jaxgpt.losses import head_logprobs, last_token, response_sum
+from jaxgpt.model import lm_head_kernel
 
 
 def _f32(x):
@@ -85,7 +86,8 @@ def preference_sums(loss, r_chosen, r_rejected, weight=None) -> tuple[jax.Array,
 
 def response_logprobs(model, params, batch, dropout_key=None):
     """`(logp_chosen [b], logp_rejected [b])`: summed log-probs of each response given its
-    prompt (`jaxgpt.losses.sequence_logprobs`).
+    prompt (`jaxgpt.losses.head_logprobs`: the LM head fused into the log-softmax, so the
+    `[2b, t, vocab]` logits are never formed; the same sums as `sequence_logprobs`).
 
     batch: `chosen`, `rejected` `[b, t]` int32, `chosen_mask`, `rejected_mask` `[b, t]` (1 on
     response tokens), optional `positions [b, w]` int32 (consecutive, starting at or before
@@ -98,12 +100,13 @@ def response_logprobs(model, params, batch, dropout_key=None):
     positions = batch.get("positions")
     if positions is not None:
         positions = jnp.concatenate([positions, positions])
-    logits = model.apply({"params": params}, tokens, deterministic=dropout_key is None, head_positions=positions,
-                         rngs=None if dropout_key is None else {"dropout": dropout_key})
+    hidden = model.apply({"params": params}, tokens, deterministic=dropout_key is None, head_positions=positions,
+                         return_hidden=True, rngs=None if dropout_key is None else {"dropout": dropout_key})
     if positions is not None:
         tokens = jnp.take_along_axis(tokens, positions, axis=1)
         mask = jnp.take_along_axis(mask, positions, axis=1)
-    return jnp.split(sequence_logprobs(logits, tokens, mask), 2)
+    per_token = head_logprobs(hidden, lm_head_kernel(model.config, params), tokens)
+    return jnp.split(response_sum(per_token, mask), 2)
 
 
 def reference_fn(ref_model):

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxgpt.losses import token_cross_entropy
+from jaxgpt.losses import HEAD_CHUNK_TOKENS, head_cross_entropy
 
 LossFn = Callable[[Any, dict, Any], tuple[jax.Array, dict]]
 
@@ -40,18 +40,24 @@ def create_train_state(params, tx: optax.GradientTransformation) -> TrainState:
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
-def lm_loss_fn(model: nn.Module) -> LossFn:
-    """Next-token loss. batch: `inputs`, `targets` `[batch, seq]`, optional `mask` `[batch, seq]`."""
+def lm_loss_fn(model: nn.Module, chunk_size: int = HEAD_CHUNK_TOKENS) -> LossFn:
+    """Next-token loss. batch: `inputs`, `targets` `[batch, seq]`, optional `mask` `[batch, seq]`.
+
+    The LM head runs fused into the cross-entropy over `chunk_size`-token slices
+    (`jaxgpt.losses.head_cross_entropy`): the `[batch, seq, vocab]` logits are never formed."""
+    from jaxgpt.model import lm_head_kernel
 
     def loss_fn(params, batch, dropout_key):
-        logits = model.apply(
+        hidden = model.apply(
             {"params": params},
             batch["inputs"],
             attention_mask=batch.get("attention_mask"),
             deterministic=dropout_key is None,
+            return_hidden=True,
             rngs=None if dropout_key is None else {"dropout": dropout_key},
         )
-        loss_sum, count = token_cross_entropy(logits, batch["targets"], batch.get("mask"))
+        loss_sum, count = head_cross_entropy(hidden, lm_head_kernel(model.config, params), batch["targets"],
+                                             batch.get("mask"), chunk_size=chunk_size)
         return loss_sum, {"count": count}
 
     return loss_fn

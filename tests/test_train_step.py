@@ -151,3 +151,61 @@ def test_labels_differentiate_only_the_trainable_leaves(tiny_model_cfg):
     expected = optax.tree.norm(grads["h_1"]) / aux["count"]
     np.testing.assert_allclose(float(m2["grad_norm"]), float(expected), rtol=1e-5)
     assert float(m1["grad_norm"]) > float(m2["grad_norm"])  # the unlabeled norm counts frozen gradients too
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_fused_head_loss_equals_the_plain_loss_and_gradients(tiny_model_cfg, tied):
+    """`lm_loss_fn` (LM head fused into the loss, over token chunks) against the logits
+    `GPT.apply` returns put through optax's cross-entropy: loss and every parameter's
+    gradient, tied and untied head, 5-token chunks that do not divide the 2 x 16 tokens, a
+    mask. float32: rel 1e-5 on the loss, abs 1e-5 on gradients (rounding of the chunked
+    sums; the largest gradients here are ~0.5)."""
+    import dataclasses
+
+    cfg = dataclasses.replace(tiny_model_cfg, tie_embeddings=tied)
+    model = GPT(cfg)
+    params = init_params(cfg, jax.random.key(0))
+    batch = {k: v[:2] for k, v in _batches(cfg, n=1)[0].items()}
+    batch["mask"] = (np.arange(16)[None, :] % 3 != 0).astype(np.float32).repeat(2, 0)
+
+    def plain(p):
+        logits = model.apply({"params": p}, batch["inputs"])
+        return token_cross_entropy(logits, batch["targets"], batch["mask"])[0]
+
+    def fused(p):
+        return lm_loss_fn(model, chunk_size=5)(p, batch, None)[0]
+
+    (want, want_grads), (got, got_grads) = jax.value_and_grad(plain)(params), jax.value_and_grad(fused)(params)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), got_grads, want_grads)
+
+
+def test_fused_head_logprobs_equal_log_softmax_and_skip_a_frozen_kernels_gradient():
+    """`head_logprobs` (chunked, recomputed in the backward pass) against `token_logprobs`
+    of the materialised logits at temperature 0.7, values and gradients; and with the kernel
+    frozen the compiled cross-entropy gradient does fewer FLOPs (its kernel-gradient matmul
+    is dead code, as for a LoRA run's frozen head)."""
+    from jaxgpt.losses import head_cross_entropy, head_logprobs, token_logprobs
+
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    hidden, kernel = jax.random.normal(k1, (3, 7, 16)), 0.3 * jax.random.normal(k2, (16, 50))
+    tokens = jax.random.randint(k3, (3, 7), 0, 50)
+
+    def plain(h, w):
+        return jnp.sum(token_logprobs(h @ w / 0.7, tokens) * jnp.arange(6.0))
+
+    def fused(h, w):
+        return jnp.sum(head_logprobs(h, w, tokens, temperature=0.7, chunk_size=4) * jnp.arange(6.0))
+
+    np.testing.assert_allclose(fused(hidden, kernel), plain(hidden, kernel), rtol=1e-6)
+    for a, b in zip(jax.grad(fused, (0, 1))(hidden, kernel), jax.grad(plain, (0, 1))(hidden, kernel)):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+
+    def ce(h, w):
+        return head_cross_entropy(h, w, tokens, chunk_size=4)[0]
+
+    def flops(argnums):
+        cost = jax.jit(jax.grad(ce, argnums)).lower(hidden, kernel).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    assert flops((0,)) < 0.8 * flops((0, 1))

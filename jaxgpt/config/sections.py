@@ -20,7 +20,12 @@ class ModelConfig:
     tie_embeddings: bool = True
     layer_norm_epsilon: float = 1e-5
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
-    attention: str = "reference"  # reference (einsum) | xla | cudnn (jax.nn.dot_product_attention)
+    # reference (einsum, materialises the scores) | xla | cudnn (jax.nn.dot_product_attention;
+    # no attention dropout, so with dropout > 0 in training they run reference) | blockwise
+    # (flash-style tiles, scores never materialised, dropout honoured; jaxgpt.attention) |
+    # auto (cudnn on NVIDIA for causal bf16/fp16, else xla on GPU/TPU, blockwise with dropout there;
+    # on CPU blockwise from 256 keys causal / 1024 with a padding or cache mask, else reference)
+    attention: str = "reference"
     remat: bool = False  # jax.checkpoint each block
     remat_policy: str = "nothing_saveable"  # a name in jax.checkpoint_policies
     init: str = "gpt2"  # random init: gpt2 (N(0, 0.02), scaled residuals) | torch-default (the book's)
@@ -42,7 +47,7 @@ PRESET_KEYS = frozenset(k for preset in PRESETS.values() for k in preset)
 # save_only_these_names, are factories that need arguments a config cannot give).
 REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
-ATTENTION_KINDS = ("reference", "xla", "cudnn")
+ATTENTION_KINDS = ("reference", "xla", "cudnn", "blockwise", "auto")
 MODEL_INITS = ("gpt2", "torch-default")
 TRAIN_MODES = ("full", "last-block", "lora")  # finetune.train_mode (jaxgpt.engine.params)
 DTYPES = ("float32", "bfloat16", "float16")

@@ -95,15 +95,12 @@ def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, *, c
 def policy_and_values(model, params, tokens, attention_mask, n: int, temperature: float = 1.0):
     """`(logp [b, n], values [b, n])` of the last n tokens from one pass of the trunk: the
     LM head and the value head of `model` (`GPT(value_head=True)`) on the same hidden states."""
-    from jaxgpt.losses import token_logprobs
-    from jaxgpt.model import GPT
+    from jaxgpt.losses import head_logprobs
+    from jaxgpt.model import GPT, lm_head_kernel
     from jaxgpt.rl.rollout import completion_hidden
 
     hidden = completion_hidden(model, params, tokens, attention_mask, n)  # [b, n + 1, d]
-    logits = model.apply({"params": params}, hidden, method=GPT.lm_logits)
-    if temperature != 1.0:
-        logits = logits / temperature
-    logp = token_logprobs(logits, tokens[:, -(n + 1):])
+    logp = head_logprobs(hidden, lm_head_kernel(model.config, params), tokens[:, -(n + 1):], temperature=temperature)
     return logp, model.apply({"params": params}, hidden[:, :-1], method=GPT.values)
 
 

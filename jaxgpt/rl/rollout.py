@@ -28,8 +28,8 @@ import numpy as np
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.losses import token_logprobs
-from jaxgpt.model import GPT
+from jaxgpt.losses import head_logprobs
+from jaxgpt.model import GPT, lm_head_kernel
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer=None) -> list[list[int]]:
@@ -113,14 +113,12 @@ def completion_logprobs(model: GPT, params, tokens, attention_mask, n: int, temp
     """log pi(completion token | prefix) `[b, n]` float32 for rollout `tokens [b, P + n]`
     (0-masking of padding is the caller's, with `completion_mask`).
 
-    `losses.token_logprobs` over the last n + 1 columns: the shared log-prob function.
+    `losses.head_logprobs` over the last n + 1 columns: the shared log-prob function, the
+    LM head fused in (no `[b, n, vocab]` logits).
     temperature != 1 scores under the tempered policy softmax(logits / T), the policy that
     actually sampled the completions (the sampler's own log-probs are untempered)."""
     hidden = completion_hidden(model, params, tokens, attention_mask, n)
-    logits = model.apply({"params": params}, hidden, method=GPT.lm_logits)
-    if temperature != 1.0:
-        logits = logits / temperature
-    return token_logprobs(logits, tokens[:, -(n + 1):])
+    return head_logprobs(hidden, lm_head_kernel(model.config, params), tokens[:, -(n + 1):], temperature=temperature)
 
 
 def right_padded(tokens, attention_mask, pad_id: int = 0):
