@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Training throughput: jaxgpt vs the PyTorch reference (`llms-from-scratch`'s `GPTModel`).
+"""Training throughput: jaxgpt vs the PyTorch references (`llms-from-scratch`'s GPTModel).
 
 Both sides do the same work per step on the same shapes: forward, mean token
 cross-entropy, backward, global-norm gradient clipping at 1.0, AdamW (weight decay 0.1 on
@@ -14,16 +14,25 @@ median. With `--rounds R` the timed steps are split into R blocks per framework,
 alternately (jaxgpt block, torch block, ...), each block after one extra untimed step, so
 slow drifts in machine load hit both frameworks alike.
 
-MFU uses `jaxgpt.metrics.flops_per_token` (6N + attention, N including the LM head) for both
-frameworks and `jaxgpt.metrics.peak_flops_per_device()` as the peak (on CPU: cores x 2.5 GHz
-x 32 fp32 FLOP/cycle unless JAXGPT_PEAK_FLOPS is set); the peak used is printed.
+PyTorch references (`benchmarks/torch_refs.py`): `torch` (the book's `GPTModel`, eager),
+`torch-sdpa` (`GPTModelFast`: scaled_dot_product_attention, same parameter count) and
+`torch-compile` (`torch.compile(GPTModel)`; compilation falls in the warm-up steps). The
+`x torch` column is each row's tokens/s over the eager `torch` row's.
+
+MFU uses `jaxgpt.metrics.flops_per_token` (6N + attention, N including the LM head) for every
+framework, against two ceilings: "MFU (nominal)", `jaxgpt.metrics.peak_flops_per_device()`
+(on CPU: cores x 2.5 GHz x 32 or 64 fp32 FLOP/cycle unless JAXGPT_PEAK_FLOPS is set), and
+"MFU (measured)", the measured ceiling: the larger of a jitted JAX and a torch fp32
+2048 x 2048 @ 2048 x 2048 matmul rate (median of 7), measured in the same run before the
+cases (`--matmul-n`; 0 skips it); fp32 rows only (no bf16 matmul is measured).
 
 Threads: torch gets `torch.set_num_threads(n)` with n = the usable cores (os.cpu_count()
 unless the process is pinned with taskset); XLA:CPU uses every usable core by default and no
 XLA flag is changed here (set XLA_FLAGS yourself to experiment).
 
-`--frameworks jax,jax-chunked-ce,torch` adds a row for jaxgpt with a prototype LM-head +
-cross-entropy fused over token chunks (`chunked_lm_loss_fn` below), proposed for the library.
+jaxgpt's step is the library's: the LM head fused into the cross-entropy over 1024-token
+chunks (`jaxgpt.losses.head_cross_entropy`). `--frameworks jax,jax-unfused-head,...` adds a
+row with the head run as one slice over all tokens (the logits materialised), to compare.
 
     python benchmarks/train_throughput.py --configs small,124m --steps 20 --warmup 3 \
         --json bench.json
@@ -36,7 +45,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import statistics
@@ -49,6 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # name -> (YAML file or None, overrides, batch, seq)
 CONFIGS = {
+    "tiny": (None, ["model.n_layer=2", "model.n_head=2", "model.n_embd=64", "model.context_length=32"], 2, 32),
     "small": (REPO / "configs" / "default.yaml", [], 16, 128),
     "124m": (None, ["model.preset=gpt2-124m"], 4, 256),
 }
@@ -119,56 +128,9 @@ def machine_info(jax, torch) -> dict:
 # jaxgpt side
 
 
-def chunked_lm_loss_fn(model, chunk: int = 256):
-    """Prototype (proposed for jaxgpt.losses/steps): `lm_loss_fn` with the LM head fused into
-    the cross-entropy and run over `chunk`-token slices in a `lax.scan`, each slice's logits
-    recomputed in the backward pass (`jax.checkpoint`), so the `[tokens, vocab]` float32
-    logits and their gradient are never materialised. Same loss and gradients as
-    `lm_loss_fn` up to float rounding. Handles the tied and the untied head."""
-    import jax
-    import jax.numpy as jnp
-    from jax import lax
-
-    from jaxgpt.model import compute_dtype
-
-    cfg = model.config
-    dtype = compute_dtype(cfg)
-
-    def loss_fn(params, batch, dropout_key):
-        h = model.apply({"params": params}, batch["inputs"], attention_mask=batch.get("attention_mask"),
-                        deterministic=dropout_key is None, return_hidden=True,
-                        rngs=None if dropout_key is None else {"dropout": dropout_key})
-        kernel = params["wte"]["embedding"].T if cfg.tie_embeddings else params["lm_head"]["kernel"]
-        kernel = kernel.astype(dtype)
-        targets = batch["targets"].reshape(-1)
-        mask = batch.get("mask")
-        mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask.reshape(-1).astype(jnp.float32)
-        x = h.reshape(-1, h.shape[-1]).astype(dtype)
-        n = x.shape[0]
-        c = min(chunk, n)
-        pad = (-n) % c
-        if pad:
-            x = jnp.pad(x, ((0, pad), (0, 0)))
-            targets, mask = jnp.pad(targets, (0, pad)), jnp.pad(mask, (0, pad))
-        xs = x.reshape(-1, c, x.shape[-1])
-        ts, ms = targets.reshape(-1, c), mask.reshape(-1, c)
-
-        @jax.checkpoint
-        def one(xc, tc, mc):
-            logits = jnp.dot(xc, kernel, preferred_element_type=jnp.float32)
-            lse = jax.nn.logsumexp(logits, axis=-1)
-            tgt = jnp.take_along_axis(logits, tc[:, None], axis=-1)[:, 0]
-            return jnp.sum((lse - tgt) * mc)
-
-        total, _ = lax.scan(lambda acc, inp: (acc + one(*inp), None), jnp.zeros((), jnp.float32),
-                            (xs, ts, ms))
-        return total, {"count": jnp.sum(mask)}
-
-    return loss_fn
-
-
 class JaxRunner:
-    def __init__(self, case: Case, seed: int = 0, loss: str = "library"):
+    def __init__(self, case: Case, seed: int = 0, head_chunk: int = 0):
+        """head_chunk: tokens per LM-head slice (0: the library default)."""
         import jax
         import numpy as np
 
@@ -187,9 +149,8 @@ class JaxRunner:
         params = init_params(cfg, jax.random.key(seed))
         self.n_params = count_params(params)
         self.dp = DataParallel(1)
-        self.step_fn = self.dp.compile_train_step(train_step, loss_fn=(
-            lm_loss_fn(GPT(cfg)) if loss == "library" else chunked_lm_loss_fn(GPT(cfg), int(loss.split(":")[1]))),
-            tx=tx)
+        loss_fn = lm_loss_fn(GPT(cfg), chunk_size=head_chunk) if head_chunk else lm_loss_fn(GPT(cfg))
+        self.step_fn = self.dp.compile_train_step(train_step, loss_fn=loss_fn, tx=tx)
         self.state = self.dp.replicate(create_train_state(params, tx))
         del params
         rng = np.random.default_rng(seed)
@@ -211,78 +172,27 @@ class JaxRunner:
         return float(self.last_loss)
 
 
-# ---------------------------------------------------------------------------------------
-# PyTorch reference side
+def jax_matmul_flops(n: int = 2048, reps: int = 7) -> float:
+    """Measured fp32 FLOP/s of a jitted `n x n @ n x n` matmul: 2 n^3 / median time."""
+    import jax
+    import jax.numpy as jnp
 
-
-def torch_gpt_config(cfg) -> dict:
-    """The book's GPT_CONFIG_124M-style dict for a jaxgpt ModelConfig."""
-    return {
-        "vocab_size": cfg.vocab_size,
-        "context_length": cfg.context_length,
-        "emb_dim": cfg.n_embd,
-        "n_heads": cfg.n_head,
-        "n_layers": cfg.n_layer,
-        "drop_rate": 0.0,
-        "qkv_bias": False,
-    }
-
-
-class TorchRunner:
-    def __init__(self, case: Case, device: str, seed: int = 0, adamw: str = "default"):
-        import numpy as np
-        import torch
-        import torch.nn.functional as F
-        from llms_from_scratch.ch04 import GPTModel
-
-        self.torch, self.F, self.device = torch, F, device
-        torch.manual_seed(seed)
-        self.model = GPTModel(torch_gpt_config(case.model_cfg)).to(device)
-        self.model.train()
-        self.n_params = sum(p.numel() for p in self.model.parameters())
-        params = list(self.model.parameters())
-        # Decay matrices only, as jaxgpt.optim does (biases, LayerNorm scale/shift undecayed).
-        groups = [
-            {"params": [p for p in params if p.ndim >= 2], "weight_decay": WEIGHT_DECAY},
-            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        ]
-        impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[adamw]
-        self.opt = torch.optim.AdamW(groups, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, **impl)
-        rng = np.random.default_rng(seed)
-        tokens = rng.integers(0, case.model_cfg.vocab_size, (case.batch, case.seq + 1), dtype=np.int64)
-        t = torch.from_numpy(tokens).to(device)
-        self.inputs, self.targets = t[:, :-1].contiguous(), t[:, 1:].contiguous()
-        self.autocast = case.precision == "bf16"
-        self.last_loss = None
-
-    def _sync(self):
-        if self.device.startswith("cuda"):
-            self.torch.cuda.synchronize()
-
-    def step(self) -> float:
-        torch, F = self.torch, self.F
-        self._sync()
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, precision="highest"))
+    jax.block_until_ready(mm(a, b))  # compile
+    times = []
+    for _ in range(reps):
         t0 = time.perf_counter()
-        self.opt.zero_grad(set_to_none=True)
-        with torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16, enabled=self.autocast):
-            logits = self.model(self.inputs)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), self.targets.flatten())
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), GRAD_CLIP)
-        self.opt.step()
-        self._sync()
-        dt = time.perf_counter() - t0
-        self.last_loss = loss.detach()
-        return dt
-
-    def loss(self) -> float:
-        return float(self.last_loss)
+        jax.block_until_ready(mm(a, b))
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
 
 
 # ---------------------------------------------------------------------------------------
 
 
-def summarise(times: list[float], case: Case, peak: float) -> dict:
+def summarise(times: list[float], case: Case, peak: float, ceiling: float | None) -> dict:
     from jaxgpt.metrics import flops_per_token
 
     med = statistics.median(times)
@@ -297,17 +207,22 @@ def summarise(times: list[float], case: Case, peak: float) -> dict:
         "tokens_per_s": tps,
         "flops_per_token": fpt,
         "mfu": tps * fpt / peak,
+        "mfu_measured": tps * fpt / ceiling if ceiling and case.precision == "fp32" else None,
     }
 
 
-def run_case(case: Case, frameworks: list[str], args, torch_device: str, peak: float) -> None:
+def run_case(case: Case, frameworks: list[str], args, torch_device: str, peak: float,
+             ceiling: float | None) -> None:
     runners = {}
     if "jax" in frameworks:
         runners["jaxgpt"] = JaxRunner(case, args.seed)
-    if "jax-chunked-ce" in frameworks:
-        runners["jaxgpt-chunked-ce"] = JaxRunner(case, args.seed, f"chunked:{args.ce_chunk}")
-    if "torch" in frameworks:
-        runners["torch"] = TorchRunner(case, torch_device, args.seed, args.torch_adamw)
+    if "jax-unfused-head" in frameworks:
+        runners["jaxgpt-unfused-head"] = JaxRunner(case, args.seed, head_chunk=case.batch * case.seq)
+    for fw in [f for f in frameworks if f.startswith("torch")]:
+        from torch_refs import TorchRunner
+
+        runners[fw] = TorchRunner(case, torch_device, args.seed, args.torch_adamw, variant=fw, lr=LR,
+                                  weight_decay=WEIGHT_DECAY, betas=BETAS, grad_clip=GRAD_CLIP)
     counts = {k: r.n_params for k, r in runners.items()}
     if len(set(counts.values())) > 1:
         print(f"  WARNING: parameter counts differ: {counts}", file=sys.stderr)
@@ -330,7 +245,7 @@ def run_case(case: Case, frameworks: list[str], args, torch_device: str, peak: f
             print(f"  {name}: round {i + 1}/{rounds}: median {statistics.median(times[name][-n:]):.4f}s "
                   f"over {n} steps, loss {r.loss():.3f}", file=sys.stderr)
     for name, r in runners.items():
-        case.results[name] = {**summarise(times[name], case, peak), "params": r.n_params,
+        case.results[name] = {**summarise(times[name], case, peak, ceiling), "params": r.n_params,
                               "final_loss": r.loss(), "step_times_s": times[name]}
     del runners
 
@@ -341,11 +256,12 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=20, help="timed steps per framework and config")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation)")
     p.add_argument("--rounds", type=int, default=2,
-                   help="alternate jaxgpt/torch in this many blocks of timed steps")
+                   help="alternate the frameworks in this many blocks of timed steps")
     p.add_argument("--frameworks", default="jax,torch",
-                   help="comma list of: jax, torch, jax-chunked-ce (jaxgpt with the prototype "
-                   "chunked LM-head cross-entropy of this script; an extra row)")
-    p.add_argument("--ce-chunk", type=int, default=256, help="tokens per chunk for jax-chunked-ce")
+                   help="comma list of: jax, torch, torch-sdpa, torch-compile, jax-unfused-head (jaxgpt "
+                   "with the LM head as one slice over all tokens; an extra row)")
+    p.add_argument("--matmul-n", type=int, default=2048,
+                   help="size of the fp32 matmul measured as the MFU ceiling (0: skip)")
     p.add_argument("--device-kind", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: whatever jax.devices()[0] is; gpu adds the 124m bf16 rows")
     p.add_argument("--no-bf16", action="store_true", help="skip the GPU bf16 rows")
@@ -362,7 +278,11 @@ def main(argv=None) -> int:
 
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
     torch = None
-    if "torch" in frameworks:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # torch_refs
+    known = {"jax", "jax-unfused-head", "torch", "torch-sdpa", "torch-compile"}
+    if set(frameworks) - known:
+        p.error(f"unknown frameworks {sorted(set(frameworks) - known)}; choose from {', '.join(sorted(known))}")
+    if any(f.startswith("torch") for f in frameworks):
         import torch
 
         torch.set_num_threads(_cores())
@@ -408,6 +328,18 @@ def main(argv=None) -> int:
     peak = peak_flops_per_device()
     info = machine_info(jax, torch)
     info["peak_flops_per_device"] = peak
+    ceiling = None
+    if args.matmul_n:
+        rates = {"jax": jax_matmul_flops(args.matmul_n)}
+        if torch is not None:
+            from torch_refs import torch_matmul_flops
+
+            rates["torch"] = torch_matmul_flops(args.matmul_n, device=torch_device)
+        ceiling = max(rates.values())
+        info["matmul_fp32_flops"] = {"n": args.matmul_n, **rates}
+        info["measured_ceiling_flops"] = ceiling
+        print("measured fp32 matmul " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in rates.items())
+              + f" GFLOP/s (n={args.matmul_n}); ceiling {ceiling / 1e9:.1f} GFLOP/s", file=sys.stderr)
     info["torch_device"] = torch_device if torch is not None else None
     print(f"machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']} ({platform_}, "
           f"{info['jax_device_kind']}); torch {info['torch']} ({info['torch_threads']} threads, "
@@ -416,28 +348,39 @@ def main(argv=None) -> int:
     for case in cases:
         case_fw = frameworks
         if case.precision == "bf16" and torch_device == "cpu":
-            case_fw = [f for f in frameworks if f != "torch"]  # no CPU bf16 reference
-        run_case(case, case_fw, args, torch_device, peak)
+            case_fw = [f for f in frameworks if not f.startswith("torch")]  # no CPU bf16 reference
+        run_case(case, case_fw, args, torch_device, peak, ceiling)
 
     # ---- report
+    from torch_refs import TORCH_VARIANTS
+
+    try:
+        info["load_avg_at_end"] = os.getloadavg()
+    except OSError:
+        pass
     lines = [
         f"Machine: {info['cpu']}, {info['cores']} cores; jax {info['jax']} ({platform_}); "
         f"torch {info['torch']} ({info['torch_threads']} threads, {torch_device}); "
-        f"MFU peak {peak / 1e9:.1f} GFLOP/s per device",
+        f"MFU (nominal) peak {peak / 1e9:.1f} GFLOP/s per device; MFU (measured) ceiling "
+        + (f"{ceiling / 1e9:.1f} GFLOP/s (max of JAX/torch fp32 {args.matmul_n}^2 matmul)" if ceiling else "not measured")
+        + (f"; load avg at start {tuple(round(x, 2) for x in info['load_avg_at_start'])}"
+           if "load_avg_at_start" in info else ""),
         "",
-        "| config | precision | batch x seq | framework | median step (s) | min step (s) | tokens/s (median) | MFU | jax/torch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        ("| config | precision | batch x seq | framework | median step (s) | min step (s) | tokens/s (median) "
+         "| MFU (nominal) | MFU (measured) | x torch |"),
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = []
     for c in cases:
         th = c.results.get("torch")
         for fw, r in c.results.items():
             ratio = r["tokens_per_s"] / th["tokens_per_s"] if th and fw != "torch" else None
+            mfu_m = f"{100 * r['mfu_measured']:.1f}%" if r["mfu_measured"] is not None else ""
             lines.append(
                 f"| {c.config} | {c.precision} | {c.batch} x {c.seq} | "
-                f"{'torch (llms-from-scratch GPTModel)' if fw == 'torch' else fw} | "
+                f"{f'{fw} ({TORCH_VARIANTS[fw]})' if fw in TORCH_VARIANTS else fw} | "
                 f"{r['median_step_s']:.4f} | {r['min_step_s']:.4f} | {r['tokens_per_s']:,.0f} | {100 * r['mfu']:.1f}% | "
-                f"{(f'{ratio:.2f}x' if ratio is not None else '')} |"
+                f"{mfu_m} | {(f'{ratio:.2f}x' if ratio is not None else '')} |"
             )
             rows.append({
                 "config": c.config, "precision": c.precision, "batch": c.batch, "seq": c.seq,
@@ -445,7 +388,7 @@ def main(argv=None) -> int:
                 "model": {k: getattr(c.model_cfg, k) for k in (
                     "vocab_size", "context_length", "n_layer", "n_head", "n_embd", "dropout",
                     "qkv_bias", "tie_embeddings", "dtype", "attention")},
-                **r, "jax_over_torch": ratio,
+                **r, "jax_over_torch": ratio,  # this row's tokens/s over the eager torch row's
             })
     print("\n".join(lines))
     if args.json:

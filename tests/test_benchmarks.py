@@ -1,0 +1,37 @@
+"""Smoke tests of the benchmark scripts (tiny shapes; seconds)."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_smoke(tmp_path, capsys):
+    gpu_check = _load("gpu_check")
+    out = tmp_path / "gpu_check.json"
+    assert gpu_check.main(["--smoke", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| bf16 vs fp32 top-1 agreement |" in table and "| train tokens/s |" in table
+    row = json.loads(out.read_text())
+    positive = ["logits_fp32_std", "logits_top1_agreement", "train_tokens_per_s", "train_step_s",
+                "train_flops_per_step_xla", "train_mfu_xla", "train_flops_per_step_6n", "train_mfu_6n",
+                "peak_flops_per_device", "peak_memory_bytes", "decode_b1_tokens_per_s",
+                f"decode_b{row['decode_batches'][1]}_tokens_per_s", "params"]
+    for key in positive:
+        assert isinstance(row[key], (int, float)) and math.isfinite(row[key]) and row[key] > 0, (key, row[key])
+    # bf16 compute against fp32 on the same params: small differences, same argmax nearly everywhere.
+    assert 0 <= row["logits_max_abs_diff"] < 0.1
+    assert row["logits_top1_agreement"] >= 0.9
+    assert math.isfinite(row["train_loss"])
+    # XLA's FLOP count of the whole step is within 2x of the 6N + attention model count.
+    assert 0.5 < row["train_flops_per_step_xla"] / row["train_flops_per_step_6n"] < 2
+    if row["platform"] == "cpu":
+        assert row["attention"] == "xla" and any("cudnn skipped" in n for n in row["notes"])
