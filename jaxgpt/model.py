@@ -222,7 +222,8 @@ class GPT(nn.Module):
         self.wpe = nn.Embed(cfg.context_length, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
                             embedding_init=_embedding_init(cfg, 0.01))
         block_cls = Block
-        if cfg.remat:  # is_causal and deterministic are Python flags: static under jax.checkpoint
+        if cfg.remat and cfg.remat_policy != "nothing_saveable":  # nothing_saveable: `_recomputed_block`
+            # is_causal and deterministic are Python flags: static under jax.checkpoint
             block_cls = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
                                  static_argnums=(3, 4))
         self.h = [block_cls(cfg, self.lora) for _ in range(cfg.n_layer)]  # named h_0, h_1, ...
@@ -291,7 +292,13 @@ class GPT(nn.Module):
         x = self.wte(tokens) + self.wpe(positions)
         x = self.embed_dropout(x, deterministic=deterministic)
         new_layers = []
+        recompute = (self.config.remat and self.config.remat_policy == "nothing_saveable" and cache is None
+                     and not self.is_initializing())
         for i, block in enumerate(self.h):
+            if recompute:
+                x, new_layer = self._recomputed_block(i, x, mask, is_causal, deterministic), None
+                new_layers.append(new_layer)
+                continue
             layer_cache = None if cache is None else cache["layers"][i]
             x, new_layer = block(x, mask, is_causal, deterministic, layer_cache,
                                  start if cache is not None else None)
@@ -299,6 +306,26 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         new_cache = None if cache is None else {"layers": tuple(new_layers), "valid": key_valid, "index": start + t}
         return x, new_cache
+
+    def _recomputed_block(self, i, x, mask, is_causal, deterministic):
+        """Block `h_i` on `x [batch, seq, n_embd]`, its activations recomputed in the backward
+        pass (`model.remat` with `nothing_saveable`): only the block's input is kept.
+
+        Not `jax.checkpoint`: XLA:CPU expands checkpoint's optimization barriers and CSE then
+        merges the recomputation back into the forward pass, so nothing is saved there
+        (BENCHMARKS.md). `recompute_after_cotangent` orders the recomputation after the
+        incoming gradient by a data dependency, which every backend keeps. Dropout masks come
+        from the block's own stream: other draws than without remat, the same distribution."""
+        block = self.h[i]
+        params = block.variables["params"]
+        rng = None if deterministic or self.config.dropout == 0.0 else block.make_rng("dropout")
+        detached = Block(self.config, self.lora, parent=None)  # unbound: a pure function of p
+
+        def run(p, x, mask, rng):
+            rngs = None if rng is None else {"dropout": rng}
+            return detached.apply({"params": p}, x, mask, is_causal, deterministic, rngs=rngs)[0]
+
+        return recompute_after_cotangent(run)(params, x, mask, rng)
 
     def lm_logits(self, hidden):
         """The LM head: `[..., n_embd]` -> float32 `[..., vocab]`."""
@@ -312,6 +339,30 @@ class GPT(nn.Module):
     def values(self, hidden):
         """The value head: `[..., n_embd]` -> float32 `[...]`."""
         return self.critic(hidden.astype(jnp.float32))[..., 0]
+
+
+def recompute_after_cotangent(fn):
+    """`fn(params, x, *rest) -> y` with nothing saved for the backward pass but its inputs:
+    the backward recomputes `fn` and differentiates it w.r.t. `params` and `x` (`rest`, e.g.
+    masks and PRNG keys, get no gradient). The recomputation's input is made to depend on
+    the cotangent (`x + 0 * g[0]`), so no backend can hoist it into, or merge it with, the
+    forward pass."""
+
+    @jax.custom_vjp
+    def wrapped(params, x, *rest):
+        return fn(params, x, *rest)
+
+    def forward(params, x, *rest):
+        return fn(params, x, *rest), (params, x, rest)
+
+    def backward(residuals, g):
+        params, x, rest = residuals
+        x = x + jnp.zeros((), x.dtype) * g.reshape(-1)[0].astype(x.dtype)
+        _, vjp = jax.vjp(lambda p, x: fn(p, x, *rest), params, x)
+        return (*vjp(g), *(None for _ in rest))
+
+    wrapped.defvjp(forward, backward)
+    return wrapped
 
 
 def init_params(config: ModelConfig, key: Array, seq_len: int = 8, **attrs):
