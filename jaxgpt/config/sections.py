@@ -26,8 +26,10 @@ class ModelConfig:
     # auto (cudnn on NVIDIA for causal bf16/fp16, else xla on GPU/TPU, blockwise with dropout there;
     # on CPU blockwise from 256 keys causal / 1024 with a padding or cache mask, else reference)
     attention: str = "reference"
-    remat: bool = False  # jax.checkpoint each block
-    remat_policy: str = "nothing_saveable"  # a name in jax.checkpoint_policies
+    remat: bool = False  # recompute each block's activations in the backward pass
+    # a name in jax.checkpoint_policies; nothing_saveable (keep only each block's input) runs
+    # through jaxgpt.model.recompute_after_cotangent, which XLA:CPU honours too; others nn.remat
+    remat_policy: str = "nothing_saveable"
     init: str = "gpt2"  # random init: gpt2 (N(0, 0.02), scaled residuals) | torch-default (the book's)
 
     @property
