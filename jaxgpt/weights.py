@@ -383,7 +383,7 @@ def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
     bin_file = path / "pytorch_model.bin"
     if bin_file.is_file():
         try:
-            import torch
+            import torch  # noqa: F401  (only to give a clear error when it is missing)
         except ImportError:
             raise UserError(f"{bin_file} needs torch to read (pip install torch), or convert it to "
                             "model.safetensors") from None

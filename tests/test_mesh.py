@@ -16,7 +16,6 @@ import pytest
 
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.parallel.mesh import param_spec
-from jaxgpt.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 
