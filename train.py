@@ -7,6 +7,7 @@ import sys
 
 from jaxgpt.cli import add_config_args, add_distributed_args, exit_on_user_error, initialize_distributed
 from jaxgpt.config import load_config
+from jaxgpt.hostmem import reexec_with_huge_pages
 
 
 @exit_on_user_error
@@ -38,4 +39,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    reexec_with_huge_pages()  # before any work: see jaxgpt.hostmem
     sys.exit(main())

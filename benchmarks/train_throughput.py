@@ -116,6 +116,7 @@ def machine_info(jax, torch) -> dict:
         "jax_device_kind": getattr(dev, "device_kind", ""),
         "jax_devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge pages: jaxgpt.hostmem
     }
     try:
         info["load_avg_at_start"] = os.getloadavg()
@@ -363,6 +364,7 @@ def main(argv=None) -> int:
         f"torch {info['torch']} ({info['torch_threads']} threads, {torch_device}); "
         f"MFU (nominal) peak {peak / 1e9:.1f} GFLOP/s per device; MFU (measured) ceiling "
         + (f"{ceiling / 1e9:.1f} GFLOP/s (max of JAX/torch fp32 {args.matmul_n}^2 matmul)" if ceiling else "not measured")
+        + f"; GLIBC_TUNABLES={info['glibc_tunables'] or '(unset: 4 KiB pages)'}"
         + (f"; load avg at start {tuple(round(x, 2) for x in info['load_avg_at_start'])}"
            if "load_avg_at_start" in info else ""),
         "",
@@ -404,4 +406,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxgpt.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # as train.py does (JAXGPT_HUGE_PAGES=0: 4 KiB pages)
     sys.exit(main())

@@ -71,6 +71,23 @@ def _chunked(x, *rows, chunk_size: int):
     return [a.reshape((-1, c) + a.shape[1:]) for a in out]
 
 
+def _exp_and_logsumexp(logits):
+    """`(e, total, lse)` for `logits [c, vocab]`: `e = exp(logits - max)` `[c, vocab]`, its
+    row sums `total [c]` (so softmax is `e / total`) and `lse [c]` = logsumexp(logits).
+
+    On XLA:CPU an exponential fused into a row reduction runs ~10x slower than the same
+    exponential as an elementwise pass (measured: 147 vs 13 ms on `[1024, 50257]`), and a
+    logsumexp-then-softmax computes it twice. So the exponentials are formed once, kept
+    apart from the sum by an optimisation barrier, and reused for the gradient.
+    """
+    mx = lax.stop_gradient(jnp.max(logits, axis=-1))
+    e = jnp.exp(logits - mx[:, None])
+    if jax.default_backend() == "cpu":
+        e = lax.optimization_barrier(e)
+    total = jnp.sum(e, axis=-1)
+    return e, total, mx + jnp.log(total)
+
+
 def _target_logit(logits, targets):
     """`logits[i, targets[i]]` for `logits [c, vocab]`, `targets [c]`."""
     return jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
@@ -84,7 +101,7 @@ def _fused_ce_sum(xs, kernel, ts, ms):
     def body(total, chunk):
         xc, tc, mc = chunk
         logits = jnp.dot(xc, kernel, preferred_element_type=jnp.float32)
-        return total + jnp.sum((jax.nn.logsumexp(logits, axis=-1) - _target_logit(logits, tc)) * mc), None
+        return total + jnp.sum((_exp_and_logsumexp(logits)[2] - _target_logit(logits, tc)) * mc), None
 
     return lax.scan(body, jnp.zeros((), jnp.float32), (xs, ts, ms))[0]
 
@@ -99,9 +116,9 @@ def _fused_ce_fwd(xs, kernel, ts, ms):
         total, dkernel = carry
         xc, tc, mc = chunk
         logits = jnp.dot(xc, kernel, preferred_element_type=jnp.float32)  # [c, vocab]
-        lse = jax.nn.logsumexp(logits, axis=-1)
+        e, row_total, lse = _exp_and_logsumexp(logits)
         total = total + jnp.sum((lse - _target_logit(logits, tc)) * mc)
-        probs = jnp.exp(logits - lse[:, None]) * mc[:, None]
+        probs = e * (mc / row_total)[:, None]  # softmax, masked
         is_target = lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tc[:, None]
         dlogits = jnp.where(is_target, probs - mc[:, None], probs).astype(xc.dtype)
         dx = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32).astype(xc.dtype)
@@ -159,7 +176,7 @@ def head_logprobs(hidden, kernel, tokens, *, temperature: float = 1.0, chunk_siz
         logits = jnp.dot(xc, kernel, preferred_element_type=jnp.float32)
         if temperature != 1.0:
             logits = logits / temperature
-        return _target_logit(logits, tc) - jax.nn.logsumexp(logits, axis=-1)
+        return _target_logit(logits, tc) - _exp_and_logsumexp(logits)[2]
 
     per_token = lax.map(lambda chunk: one(*chunk), (xs, ts)).reshape(-1)
     return per_token[: b * (t - 1)].reshape(b, t - 1)
