@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxgpt.recompute import after_cotangent
+
 BLOCK_Q = 128  # default tile sizes of `blockwise_attention` (read at call time)
 BLOCK_K = 128
 # `auto` on CPU takes `blockwise` from these key lengths on. Measured on a 2-core CPU (fwd+bwd,
@@ -203,7 +205,9 @@ def _flash_bwd(spec, res, g):
         dk = lax.dynamic_update_slice_in_dim(dk, dkj, j * bk, axis=1)
         return dq, dk, lax.dynamic_update_slice_in_dim(dv, dvj, j * bk, axis=1)
 
-    init = (jnp.zeros(q.shape, jnp.float32), jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+    # zeros made after g: else XLA:CPU schedules these constant buffers early and holds them
+    # through the whole forward pass (3 x [b, T, h, d] per layer)
+    init = after_cotangent(tuple(jnp.zeros(x.shape, jnp.float32) for x in (q, k, v)), g)
     dq, dk, dv = lax.fori_loop(0, nk, k_tile, init)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None
 

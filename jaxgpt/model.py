@@ -34,6 +34,7 @@ from jaxgpt.attention import (
 )
 from jaxgpt.config import ModelConfig
 from jaxgpt.lora import LoRAConfig, LoRADense
+from jaxgpt.recompute import LayerNorm, gelu_tanh, recompute_after_cotangent
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -153,7 +154,7 @@ class MLP(nn.Module):
     def __call__(self, x):
         cfg = self.config
         h = _dense(4 * cfg.n_embd, "c_fc", config=cfg, fan_in=cfg.n_embd, lora=self.lora)(x)
-        h = jax.nn.gelu(h, approximate=True)  # GPT-2's "gelu_new"
+        h = gelu_tanh(h)  # GPT-2's "gelu_new"; keeps only h for the backward pass
         return _dense(cfg.n_embd, "c_proj", config=cfg, fan_in=4 * cfg.n_embd, std=0.02 / math.sqrt(2 * cfg.n_layer),
                       lora=self.lora)(h)
 
@@ -167,7 +168,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, mask, is_causal, deterministic=True, cache_layer=None, cache_index=None):
         cfg = self.config
-        ln = lambda name: nn.LayerNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), name=name)
+        ln = lambda name: LayerNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), name=name)
         drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
         y, new_cache = CausalSelfAttention(cfg, self.lora, name="attn")(
             ln("ln_1")(x), mask, is_causal, deterministic, cache_layer, cache_index
@@ -227,7 +228,7 @@ class GPT(nn.Module):
             block_cls = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
                                  static_argnums=(3, 4))
         self.h = [block_cls(cfg, self.lora) for _ in range(cfg.n_layer)]  # named h_0, h_1, ...
-        self.ln_f = nn.LayerNorm(cfg.layer_norm_epsilon, dtype=dtype)
+        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, dtype=dtype)
         # Named as the inline module it used to be, so its dropout masks (derived from the
         # module path) stay what they were.
         self.embed_dropout = nn.Dropout(cfg.dropout, name="Dropout_0")
@@ -339,30 +340,6 @@ class GPT(nn.Module):
     def values(self, hidden):
         """The value head: `[..., n_embd]` -> float32 `[...]`."""
         return self.critic(hidden.astype(jnp.float32))[..., 0]
-
-
-def recompute_after_cotangent(fn):
-    """`fn(params, x, *rest) -> y` with nothing saved for the backward pass but its inputs:
-    the backward recomputes `fn` and differentiates it w.r.t. `params` and `x` (`rest`, e.g.
-    masks and PRNG keys, get no gradient). The recomputation's input is made to depend on
-    the cotangent (`x + 0 * g[0]`), so no backend can hoist it into, or merge it with, the
-    forward pass."""
-
-    @jax.custom_vjp
-    def wrapped(params, x, *rest):
-        return fn(params, x, *rest)
-
-    def forward(params, x, *rest):
-        return fn(params, x, *rest), (params, x, rest)
-
-    def backward(residuals, g):
-        params, x, rest = residuals
-        x = x + jnp.zeros((), x.dtype) * g.reshape(-1)[0].astype(x.dtype)
-        _, vjp = jax.vjp(lambda p, x: fn(p, x, *rest), params, x)
-        return (*vjp(g), *(None for _ in rest))
-
-    wrapped.defvjp(forward, backward)
-    return wrapped
 
 
 def init_params(config: ModelConfig, key: Array, seq_len: int = 8, **attrs):

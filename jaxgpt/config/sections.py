@@ -28,7 +28,7 @@ class ModelConfig:
     attention: str = "reference"
     remat: bool = False  # recompute each block's activations in the backward pass
     # a name in jax.checkpoint_policies; nothing_saveable (keep only each block's input) runs
-    # through jaxgpt.model.recompute_after_cotangent, which XLA:CPU honours too; others nn.remat
+    # through jaxgpt.recompute.recompute_after_cotangent, which XLA:CPU honours too; others nn.remat
     remat_policy: str = "nothing_saveable"
     init: str = "gpt2"  # random init: gpt2 (N(0, 0.02), scaled residuals) | torch-default (the book's)
 

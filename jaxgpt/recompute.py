@@ -1,0 +1,131 @@
+"""Recomputation in the backward pass that no backend can undo: what keeps training memory low.
+
+`jax.checkpoint` protects its recomputation with optimisation barriers; XLA:CPU's pipeline
+expands them and CSE then merges the recomputation back into the forward pass, so on CPU it
+saves nothing (BENCHMARKS.md, "Remat on XLA:CPU"). The custom VJPs here instead make the
+recomputation's input depend on the incoming cotangent (`after_cotangent`), a data
+dependency that every backend keeps, so the recomputed values cannot exist before the
+backward pass reaches them.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_GELU_CUBIC = 0.044715
+
+
+def after_cotangent(tree, g):
+    """`tree` (arrays), each made to depend on the cotangent `g` (`x + 0 * g[0]`, which XLA
+    does not fold for floats), so what is computed from them is ordered after `g`: it cannot
+    be CSE'd with the forward pass, nor scheduled early and held through it."""
+    zero = jnp.zeros((), jnp.float32) * g.reshape(-1)[0].astype(jnp.float32)
+    return jax.tree_util.tree_map(lambda x: x + zero.astype(x.dtype), tree)
+
+
+def recompute_after_cotangent(fn):
+    """`fn(params, x, *rest) -> y` with nothing saved for the backward pass but its inputs:
+    the backward recomputes `fn` and differentiates it w.r.t. `params` and `x` (`rest`, e.g.
+    masks and PRNG keys, get no gradient). `model.remat` runs each block through this."""
+
+    @jax.custom_vjp
+    def wrapped(params, x, *rest):
+        return fn(params, x, *rest)
+
+    def forward(params, x, *rest):
+        return fn(params, x, *rest), (params, x, rest)
+
+    def backward(residuals, g):
+        params, x, rest = residuals
+        _, vjp = jax.vjp(lambda p, x: fn(p, x, *rest), params, after_cotangent(x, g))
+        return (*vjp(g), *(None for _ in rest))
+
+    wrapped.defvjp(forward, backward)
+    return wrapped
+
+
+@jax.custom_vjp
+def gelu_tanh(x):
+    """GPT-2's GELU ("gelu_new", the tanh approximation), elementwise on `x [..., 4 * n_embd]`,
+    equal to `jax.nn.gelu(x, approximate=True)`. Autodiff of that keeps its intermediates
+    (the tanh, the cubic) for the backward pass: with 8 x 1024 tokens and n_embd 768 that is
+    96 MiB per intermediate per layer. This keeps only `x`, which the MLP's backward holds
+    anyway, and recomputes the derivative from it."""
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_tanh_fwd(x):
+    return jax.nn.gelu(x, approximate=True), x
+
+
+def _gelu_tanh_bwd(x, g):
+    x = after_cotangent(x, g)
+    xf = x.astype(jnp.float32)
+    t = jnp.tanh(_SQRT_2_OVER_PI * (xf + _GELU_CUBIC * xf**3))
+    # d/dx 0.5 x (1 + t) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 c x^2)
+    dx = 0.5 * (1.0 + t) + 0.5 * xf * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_CUBIC * xf * xf)
+    return ((g.astype(jnp.float32) * dx).astype(g.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+def _layer_norm_stats(x, epsilon: float):
+    """Float32 mean and 1 / std over the last axis, `[..., 1]` each (Flax's statistics: fast
+    variance E[x^2] - E[x]^2, clipped at zero)."""
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.maximum(0.0, (xf * xf).mean(-1, keepdims=True) - mean * mean)
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, epsilon: float):
+    """LayerNorm over the last axis of `x [..., d]` with `scale`, `bias` `[d]` (float32
+    result, computed as `flax.linen.LayerNorm` computes it). Autodiff of that keeps about
+    four `[..., d]` float32 intermediates per call for the backward pass (2.3 GiB of gpt2-124m's
+    8 x 1024 training step); this keeps `x` and the `[..., 1]` statistics, and recomputes the
+    normalised values in the backward pass."""
+    mean, rstd = _layer_norm_stats(x, epsilon)
+    return (x - mean) * (rstd * scale) + bias
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+    mean, rstd = _layer_norm_stats(x, epsilon)
+    return (x - mean) * (rstd * scale) + bias, (x, scale, bias, mean, rstd)
+
+
+def _layer_norm_bwd(epsilon, residuals, g):
+    x, scale, bias, mean, rstd = residuals
+    # all four after g: else CSE shares the forward's broadcasts of scale and mean, which
+    # XLA:CPU materialises and then holds through the whole forward pass
+    x, scale, mean, rstd = after_cotangent((x, scale, mean, rstd), g)
+    xhat = (x.astype(jnp.float32) - mean) * rstd
+    g = g.astype(jnp.float32)
+    rows = tuple(range(g.ndim - 1))
+    dxhat = g * scale
+    dx = rstd * (dxhat - dxhat.mean(-1, keepdims=True) - xhat * (dxhat * xhat).mean(-1, keepdims=True))
+    return (dx.astype(x.dtype), (g * xhat).sum(rows).astype(scale.dtype), g.sum(rows).astype(bias.dtype))
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """`flax.linen.LayerNorm` (the same `scale` / `bias` parameters, initialisers and values),
+    through `layer_norm`, whose backward pass keeps only the input. Output in `dtype`."""
+
+    epsilon: float = 1e-5
+    dtype: Any = None
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+        return layer_norm(x, scale, bias, self.epsilon).astype(self.dtype or jnp.result_type(x, scale))
