@@ -43,7 +43,9 @@ def recompute_after_cotangent(fn):
 
     def backward(residuals, g):
         params, x, rest = residuals
-        _, vjp = jax.vjp(lambda p, x: fn(p, x, *rest), params, after_cotangent(x, g))
+        # params too: else XLA:CPU materialises the recomputation's bias broadcasts early
+        # (they depend on params only) and holds all of them through the forward pass
+        _, vjp = jax.vjp(lambda p, x: fn(p, x, *rest), *after_cotangent((params, x), g))
         return (*vjp(g), *(None for _ in rest))
 
     wrapped.defvjp(forward, backward)
