@@ -35,3 +35,17 @@ def test_gpu_check_smoke(tmp_path, capsys):
     assert 0.5 < row["train_flops_per_step_xla"] / row["train_flops_per_step_6n"] < 2
     if row["platform"] == "cpu":
         assert row["attention"] == "xla" and any("cudnn skipped" in n for n in row["notes"])
+
+
+def test_profile_step_smoke(tmp_path, capsys):
+    """One profiled step of the tiny config: XLA's trace is read and attributed to the
+    model's components (the profiler API and HLO metadata move between JAX releases)."""
+    profile_step = _load("profile_step")
+    out = tmp_path / "profile.json"
+    assert profile_step.main(["--config", "tiny", "--frameworks", "jax", "--warmup", "1", "--json", str(out)]) == 0
+    assert "| component / pass | ms | share |" in capsys.readouterr().out
+    comps = json.loads(out.read_text())["jax"]["components_ms"]
+    named = {k.split(" / ")[0] for k, v in comps.items() if v > 0}
+    for comp in ("LM head + cross-entropy (fused)", "layer norms", "mlp: c_fc matmul + bias",
+                 "attn: scores, softmax, weighted sum", "AdamW, clipping, grad accumulation"):
+        assert comp in named, (comp, sorted(named))
