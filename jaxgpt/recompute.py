@@ -1,11 +1,15 @@
-"""Recomputation in the backward pass that no backend can undo: what keeps training memory low.
+"""What the backward pass keeps: custom VJPs that save their inputs and recompute the rest.
+
+- `LayerNorm` / `layer_norm` and `gelu_tanh`: the model's normalisation and activation, equal
+  to Flax's LayerNorm and `jax.nn.gelu(approximate=True)`, whose autodiff keeps several
+  `[tokens, d]` intermediates per call (BENCHMARKS.md, "Peak training memory").
+- `recompute_after_cotangent`: a whole block recomputed in the backward pass (`model.remat`).
 
 `jax.checkpoint` protects its recomputation with optimisation barriers; XLA:CPU's pipeline
 expands them and CSE then merges the recomputation back into the forward pass, so on CPU it
-saves nothing (BENCHMARKS.md, "Remat on XLA:CPU"). The custom VJPs here instead make the
-recomputation's input depend on the incoming cotangent (`after_cotangent`), a data
-dependency that every backend keeps, so the recomputed values cannot exist before the
-backward pass reaches them.
+saves nothing. Here the recomputation's inputs are made to depend on the incoming cotangent
+(`after_cotangent`), a data dependency that every backend keeps: what is recomputed cannot
+be shared with the forward pass, nor computed before the backward pass reaches it.
 """
 from __future__ import annotations
 
