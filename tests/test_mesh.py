@@ -2,7 +2,8 @@
 device and of pmap replicas, resumes onto another layout, and refuses bad meshes.
 
 Tolerances: losses rel 1e-5; params abs 1e-5 (float32 reduction order; Adam turns the
-~1e-9 noise of the key bias's zero gradient into ~1e-6 moves, as in test_train_step)."""
+~1e-9 noise of the key bias's zero gradient into ~1e-6 moves, as in test_train_step), but for
+the few elements whose gradient is itself float noise (`_same_adam_params`)."""
 from __future__ import annotations
 
 import json
@@ -50,7 +51,17 @@ def test_mesh_update_equals_one_device():
                      jax.device_get(placed.host()["params"]))
     assert "fsdp" in str(placed.state.params["h_0"]["mlp"]["c_fc"]["kernel"].sharding.spec)  # really sharded
     np.testing.assert_allclose(out["one"][0], out["mesh"][0], rtol=1e-5)
-    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), out["one"][1], out["mesh"][1])
+    jax.tree_util.tree_map(_same_adam_params, out["one"][1], out["mesh"][1])
+
+
+def _same_adam_params(a, b):
+    """Params after a few AdamW steps at lr 1e-3 from the same start: abs 1e-5 everywhere but
+    on a few elements whose gradient is float noise (Adam's first steps move every element by
+    ~lr whatever its gradient's size, so one with a gradient of ~1e-8, at Adam's eps, moves by
+    an amount the reduction order decides: seen 1.2e-5); those within 1e-4, a tenth of one
+    step. A layout bug moves many elements by ~lr."""
+    diff = np.abs(np.asarray(a) - np.asarray(b))
+    assert diff.max() < 1e-4 and (diff > 1e-5).mean() < 1e-3, (diff.max(), (diff > 1e-5).sum(), diff.size)
 
 
 @pytest.mark.slow
