@@ -17,9 +17,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.cli import add_finetune_args, exit_on_user_error, load_task_config
+from jaxgpt.cli.common import add_finetune_args, exit_on_user_error, load_task_config
 from jaxgpt.errors import UserError
-from jaxgpt.hostmem import reexec_with_huge_pages
+from jaxgpt.cli.hostmem import reexec_with_huge_pages
 from jaxgpt.tasks import TASKS, default_config, load
 
 
@@ -56,5 +56,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # before any work: see jaxgpt.hostmem
+    reexec_with_huge_pages()  # before any work: see jaxgpt.cli.hostmem
     sys.exit(main())

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.cli import add_config_args, add_distributed_args, exit_on_user_error, initialize_distributed
+from jaxgpt.cli.common import add_config_args, add_distributed_args, exit_on_user_error, initialize_distributed
 from jaxgpt.config import load_config
-from jaxgpt.hostmem import reexec_with_huge_pages
+from jaxgpt.cli.hostmem import reexec_with_huge_pages
 
 
 @exit_on_user_error
@@ -22,8 +22,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     initialize_distributed(args)
 
-    from jaxgpt.checkpoint import read_run_config  # heavy imports after --help
-    from jaxgpt.rundir import RunDir
+    from jaxgpt.io.checkpoint import read_run_config  # heavy imports after --help
+    from jaxgpt.engine.rundir import RunDir
     from jaxgpt.tasks import pretrain
 
     overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
@@ -39,5 +39,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    reexec_with_huge_pages()  # before any work: see jaxgpt.hostmem
+    reexec_with_huge_pages()  # before any work: see jaxgpt.cli.hostmem
     sys.exit(main())

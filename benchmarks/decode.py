@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Batch-1 greedy decode: jaxgpt's sampler vs the book's KV-cache GPTModel, and the memory-bound limit.
 
-* jaxgpt: `jaxgpt.sampling.generate_tokens` (the library's jitted prefill + `lax.while_loop`
+* jaxgpt: `jaxgpt.generation.decode.generate_tokens` (the library's jitted prefill + `lax.while_loop`
   decode through a fixed-size KV cache), temperature 0, no eos. A first call compiles and is
   discarded; each timed call is `block_until_ready`'d.
 * torch: `llms_from_scratch.kv_cache.gpt2.GPTModel` (the book's KV-cache GPT, its cache a
@@ -209,8 +209,8 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxgpt.model import count_params, init_params
-    from jaxgpt.sampling import generate_tokens
+    from jaxgpt.models.gpt2 import count_params, init_params
+    from jaxgpt.generation.decode import generate_tokens
 
     load_start = _loadavg()
     cfg = model_config(args)

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """One-call GPU check of jaxgpt (one NVIDIA GPU, < 8 minutes): numerics, training speed, memory, decode.
 
-Everything goes through the library (`jaxgpt.model`, `jaxgpt.steps.train_step` /
-`lm_loss_fn`, `jaxgpt.optim.make_optimizer`, `jaxgpt.sampling.generate_tokens`) on a random
+Everything goes through the library (`jaxgpt.models.gpt2`, `jaxgpt.train.steps.train_step` /
+`lm_loss_fn`, `jaxgpt.train.optim.make_optimizer`, `jaxgpt.generation.decode.generate_tokens`) on a random
 gpt2-124m (GPT-2's defaults: tied head, qkv bias; dropout 0 so the fused attention path is
 taken) and prints one table (`--json` writes it too):
 
@@ -13,8 +13,8 @@ taken) and prints one table (`--json` writes it too):
   median step time over `--steps` after `--warmup` (compilation excluded). MFU two ways:
   FLOPs per step from XLA's cost analysis of the compiled step (`compiled.cost_analysis()`;
   XLA may not count FLOPs inside cuDNN custom calls, so this can undercount attention), and
-  the 6N + attention count of `jaxgpt.metrics.flops_per_token`; the peak is
-  `jaxgpt.metrics.peak_flops_per_device()` (bf16 dense peaks by device kind: H100/H200 989e12,
+  the 6N + attention count of `jaxgpt.engine.metrics.flops_per_token`; the peak is
+  `jaxgpt.engine.metrics.peak_flops_per_device()` (bf16 dense peaks by device kind: H100/H200 989e12,
   A100 312e12, L4 121e12, ...; on CPU the nominal fp32 peak; JAXGPT_PEAK_FLOPS overrides).
 * peak memory: the device's `memory_stats()["peak_bytes_in_use"]` after training where the
   backend reports it, else the compiled step's memory analysis (arguments + outputs + temps
@@ -67,7 +67,7 @@ def logits_agreement(cfg, params, tokens, attention16: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxgpt.model import GPT
+    from jaxgpt.models.gpt2 import GPT
 
     def logits(c):
         return jax.jit(lambda p, t: GPT(c).apply({"params": p}, t))(params, tokens)
@@ -86,10 +86,10 @@ def train_check(cfg, params, args, peak: float) -> dict:
     import numpy as np
 
     from jaxgpt.config import TrainConfig
-    from jaxgpt.metrics import flops_per_token
-    from jaxgpt.model import GPT
-    from jaxgpt.optim import make_optimizer
-    from jaxgpt.steps import create_train_state, lm_loss_fn, train_step
+    from jaxgpt.engine.metrics import flops_per_token
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.train.optim import make_optimizer
+    from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step
 
     tx = make_optimizer(TrainConfig(batch_size=args.batch, lr=3e-4, warmup_steps=0, max_steps=10_000,
                                     grad_clip=1.0, num_devices=1))
@@ -137,7 +137,7 @@ def decode_check(cfg, params, batch: int, args) -> tuple[float, object]:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxgpt.sampling import generate_tokens
+    from jaxgpt.generation.decode import generate_tokens
 
     prompt = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (batch, args.prompt_len)), jnp.int32)
     mask = jnp.ones(prompt.shape, bool)
@@ -164,8 +164,8 @@ def run(args) -> dict:
 
     from jaxgpt.config import PRESETS, ModelConfig
     from jaxgpt.config.checks import validate_model
-    from jaxgpt.metrics import peak_flops_per_device
-    from jaxgpt.model import count_params, init_params
+    from jaxgpt.engine.metrics import peak_flops_per_device
+    from jaxgpt.models.gpt2 import count_params, init_params
 
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"

@@ -37,10 +37,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxgpt.config import load_config  # noqa: E402
-from jaxgpt.losses import HEAD_CHUNK_TOKENS  # noqa: E402
-from jaxgpt.model import GPT, init_params  # noqa: E402
-from jaxgpt.optim import make_optimizer  # noqa: E402
-from jaxgpt.steps import create_train_state, lm_loss_fn, train_step  # noqa: E402
+from jaxgpt.train.losses import HEAD_CHUNK_TOKENS  # noqa: E402
+from jaxgpt.models.gpt2 import GPT, init_params  # noqa: E402
+from jaxgpt.train.optim import make_optimizer  # noqa: E402
+from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step  # noqa: E402
 
 GIB = 1024**3
 

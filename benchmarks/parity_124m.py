@@ -6,7 +6,7 @@ Two modes (results printed and, with `--json`, written as JSON):
 `--mode parity` (default): jaxgpt against two PyTorch models it did not write, from the
 same initial weights, fed the same batches, with dropout 0 and the same optimiser:
 
-* `hf`: Hugging Face `GPT2LMHeadModel` via `jaxgpt.torch_twin` (qkv bias zero and frozen);
+* `hf`: Hugging Face `GPT2LMHeadModel` via `jaxgpt.io.torch_twin` (qkv bias zero and frozen);
 * `book`: the book's own `GPTModel` (`llms_from_scratch.ch04`, `pip install --no-deps
   llms-from-scratch`; its declared dependencies pull TensorFlow), weights mapped by
   `book_state_dict` / `params_from_book` below.
@@ -25,7 +25,7 @@ float32 noise floor that jaxgpt's differences should be read against.
 (`create_dataloader_v1`, `GPTModel`, `train_model_simple`, `calc_loss_loader`): 90% of the
 *characters* for training, `torch.manual_seed(123)` before the loaders and again before the
 model, AdamW(lr 4e-4, weight decay 0.1 on *all* parameters), dropout 0.1, 10 epochs, eval
-every 5 steps over 5 batches. The BPE comes from `jaxgpt.tokenizer` (the same tiktoken
+every 5 steps over 5 batches. The BPE comes from `jaxgpt.text.gpt2_bpe` (the same tiktoken
 encoding, offline). `--init gpt2` starts the book's model from jaxgpt's default GPT-2 init
 instead, and `--decay matrices` decays only jaxgpt's decay set: the two differences between
 the projects, tried one at a time inside the book's own loop. The final model is also
@@ -53,7 +53,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from flax import traverse_util  # noqa: E402
 
-from jaxgpt import torch_twin  # noqa: E402
+from jaxgpt.io import torch_twin  # noqa: E402
 from jaxgpt.config import load_config, replace  # noqa: E402
 
 CH05 = REPO / "configs" / "book" / "ch05.yaml"
@@ -110,7 +110,7 @@ def params_from_book(model, cfg):
         for dst, src in (("ln_1", "norm1"), ("ln_2", "norm2")):
             flat[(h, dst, "scale")], flat[(h, dst, "bias")] = s[f"{b}{src}.scale"], s[f"{b}{src}.shift"]
     params = traverse_util.unflatten_dict({k: jnp.asarray(np.ascontiguousarray(v)) for k, v in flat.items()})
-    from jaxgpt.weights import check_params
+    from jaxgpt.io.hf_load import check_params
 
     check_params(params, cfg, "book GPTModel")
     return params
@@ -154,9 +154,9 @@ def run_parity(args) -> dict:
     import functools
 
     from jaxgpt.data import pretraining_data
-    from jaxgpt.model import GPT, init_params
-    from jaxgpt.optim import make_optimizer
-    from jaxgpt.steps import create_train_state, lm_loss_fn, train_step
+    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.train.optim import make_optimizer
+    from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step
 
     cfg = ch05_config(args, dropout=0.0)
     m, t = cfg.model, replace(cfg, train={"max_steps": args.steps}).train
@@ -259,9 +259,11 @@ def run_book_ch05(args) -> dict:
     import llms_from_scratch.ch02 as ch02
     from llms_from_scratch.ch05 import calc_loss_loader, train_model_simple
 
-    from jaxgpt import datasets, tokenizer
+    from jaxgpt.data import bundled as datasets
+
+    from jaxgpt.text import gpt2_bpe as tokenizer
     from jaxgpt.data import pretraining_data
-    from jaxgpt.model import init_params
+    from jaxgpt.models.gpt2 import init_params
 
     cfg = ch05_config(args, dropout=0.1)
     m = cfg.model

@@ -241,7 +241,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from jaxgpt.hostmem import reexec_with_huge_pages
+    from jaxgpt.cli.hostmem import reexec_with_huge_pages
 
     reexec_with_huge_pages()  # as train.py does (JAXGPT_HUGE_PAGES=0: 4 KiB pages)
     sys.exit(main())

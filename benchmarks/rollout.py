@@ -37,7 +37,7 @@ import numpy as np
 
 def measure(args) -> dict:
     from jaxgpt.config import PRESETS, ModelConfig
-    from jaxgpt.model import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT, init_params
     from jaxgpt.rl.rollout import completion_logprobs, rollout
 
     shape = dict(PRESETS[args.preset]) if args.preset else dict(n_layer=args.n_layer, n_head=args.n_head,

@@ -65,7 +65,7 @@ class TorchRunner:
         self.model.train()
         self.n_params = sum(p.numel() for p in self.model.parameters())
         params = list(self.model.parameters())
-        # Decay matrices only, as jaxgpt.optim does (biases, LayerNorm scale/shift undecayed).
+        # Decay matrices only, as jaxgpt.train.optim does (biases, LayerNorm scale/shift undecayed).
         groups = [
             {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},

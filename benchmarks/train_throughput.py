@@ -19,8 +19,8 @@ PyTorch references (`benchmarks/torch_refs.py`): `torch` (the book's `GPTModel`,
 `torch-compile` (`torch.compile(GPTModel)`; compilation falls in the warm-up steps). The
 `x torch` column is each row's tokens/s over the eager `torch` row's.
 
-MFU uses `jaxgpt.metrics.flops_per_token` (6N + attention, N including the LM head) for every
-framework, against two ceilings: "MFU (nominal)", `jaxgpt.metrics.peak_flops_per_device()`
+MFU uses `jaxgpt.engine.metrics.flops_per_token` (6N + attention, N including the LM head) for every
+framework, against two ceilings: "MFU (nominal)", `jaxgpt.engine.metrics.peak_flops_per_device()`
 (on CPU: cores x 2.5 GHz x 32 or 64 fp32 FLOP/cycle unless JAXGPT_PEAK_FLOPS is set), and
 "MFU (measured)", the measured ceiling: the larger of a jitted JAX and a torch fp32
 2048 x 2048 @ 2048 x 2048 matmul rate (median of 7), measured in the same run before the
@@ -31,7 +31,7 @@ unless the process is pinned with taskset); XLA:CPU uses every usable core by de
 XLA flag is changed here (set XLA_FLAGS yourself to experiment).
 
 jaxgpt's step is the library's: the LM head fused into the cross-entropy over 1024-token
-chunks (`jaxgpt.losses.head_cross_entropy`). `--frameworks jax,jax-unfused-head,...` adds a
+chunks (`jaxgpt.train.losses.head_cross_entropy`). `--frameworks jax,jax-unfused-head,...` adds a
 row with the head run as one slice over all tokens (the logits materialised), to compare.
 
     python benchmarks/train_throughput.py --configs small,124m --steps 20 --warmup 3 \
@@ -116,7 +116,7 @@ def machine_info(jax, torch) -> dict:
         "jax_device_kind": getattr(dev, "device_kind", ""),
         "jax_devices": jax.device_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge pages: jaxgpt.hostmem
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),  # huge pages: jaxgpt.cli.hostmem
     }
     try:
         info["load_avg_at_start"] = os.getloadavg()
@@ -136,10 +136,10 @@ class JaxRunner:
         import numpy as np
 
         from jaxgpt.config import TrainConfig
-        from jaxgpt.model import GPT, count_params, init_params
-        from jaxgpt.optim import make_optimizer
+        from jaxgpt.models.gpt2 import GPT, count_params, init_params
+        from jaxgpt.train.optim import make_optimizer
         from jaxgpt.parallel import DataParallel
-        from jaxgpt.steps import create_train_state, lm_loss_fn, train_step
+        from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step
 
         self.jax = jax
         cfg = case.model_cfg
@@ -194,7 +194,7 @@ def jax_matmul_flops(n: int = 2048, reps: int = 7) -> float:
 
 
 def summarise(times: list[float], case: Case, peak: float, ceiling: float | None) -> dict:
-    from jaxgpt.metrics import flops_per_token
+    from jaxgpt.engine.metrics import flops_per_token
 
     med = statistics.median(times)
     tokens = case.batch * case.seq
@@ -294,7 +294,7 @@ def main(argv=None) -> int:
             return 2
 
     from jaxgpt.config import load_config
-    from jaxgpt.metrics import peak_flops_per_device
+    from jaxgpt.engine.metrics import peak_flops_per_device
 
     platform_ = jax.devices()[0].platform
     on_gpu = platform_ == "gpu"
@@ -406,7 +406,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from jaxgpt.hostmem import reexec_with_huge_pages
+    from jaxgpt.cli.hostmem import reexec_with_huge_pages
 
     reexec_with_huge_pages()  # as train.py does (JAXGPT_HUGE_PAGES=0: 4 KiB pages)
     sys.exit(main())

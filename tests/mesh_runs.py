@@ -22,7 +22,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from jaxgpt.config import load_config  # noqa: E402
-from jaxgpt.metrics import read_jsonl  # noqa: E402
+from jaxgpt.engine.metrics import read_jsonl  # noqa: E402
 
 MODEL = ["model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.context_length=32", "model.dropout=0.0"]
 PRETRAIN = MODEL + ["data.stride=16", "train.batch_size=8", "train.max_steps=6", "train.warmup_steps=2",
@@ -32,7 +32,7 @@ LAYOUTS = {"one": ["train.num_devices=1"], "pmap": [], "data8": ["mesh.data=8"],
 
 
 def params_of(run: Path):
-    from jaxgpt.checkpoint import load_params
+    from jaxgpt.io.checkpoint import load_params
 
     return jax.tree_util.tree_leaves(load_params(run)[1])
 
@@ -42,7 +42,7 @@ def max_diff(a, b) -> float:
 
 
 def pretraining(out: Path) -> dict:
-    from jaxgpt.checkpoint import read_run_config
+    from jaxgpt.io.checkpoint import read_run_config
     from jaxgpt.tasks.pretrain import pretrain
 
     result = {}
@@ -79,11 +79,11 @@ def lora_classification(out: Path) -> dict:
 
 def grpo_updates(out: Path) -> dict:
     from jaxgpt.config import ModelConfig, TrainConfig
-    from jaxgpt.model import GPT, init_params
-    from jaxgpt.optim import make_optimizer
+    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.train.optim import make_optimizer
     from jaxgpt.parallel import DataParallel, MeshParallel
     from jaxgpt.rl.grpo import grpo_loss_fn
-    from jaxgpt.steps import create_train_state, train_step
+    from jaxgpt.train.steps import create_train_state, train_step
 
     cfg = ModelConfig(vocab_size=97, context_length=32, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
     params = init_params(cfg, jax.random.key(0))

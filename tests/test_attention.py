@@ -1,4 +1,4 @@
-"""`jaxgpt.attention`: blockwise (flash-style) attention equals the reference, forward and
+"""`jaxgpt.models.attention`: blockwise (flash-style) attention equals the reference, forward and
 gradients, for every mask the model builds; dropout is honoured and the backward pass uses the
 forward's mask; `model.attention=blockwise` gives the reference's logits, grads and generations.
 
@@ -13,15 +13,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import attention
-from jaxgpt.attention import (
+from jaxgpt.models import attention
+from jaxgpt.models.attention import (
     blockwise_attention,
     choose_attention,
     dropout_keep_mask,
     reference_attention,
 )
-from jaxgpt.model import GPT, init_params
-from jaxgpt.sampling import generate_tokens
+from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.generation.decode import generate_tokens
 
 B, T, H, D, TILE = 2, 20, 2, 8, 8
 ATOL = 1e-5
@@ -169,11 +169,11 @@ def test_gpt_blockwise_matches_reference(tiny_model_cfg, small_tiles):
 def test_gpt_blockwise_dropout_trains(tiny_model_cfg, small_tiles, monkeypatch):
     """Training with dropout hands the rate and a key to the blockwise kernel (whose dropout
     the tests above check); the result is deterministic per key and changes with the key."""
-    import jaxgpt.model
+    import jaxgpt.models.gpt2
 
     seen = []
     spy = lambda *a, **kw: seen.append((kw["dropout_rate"], kw["dropout_rng"] is not None)) or blockwise_attention(*a, **kw)
-    monkeypatch.setattr(jaxgpt.model, "blockwise_attention", spy)
+    monkeypatch.setattr(jaxgpt.models.gpt2, "blockwise_attention", spy)
     cfg = dataclasses.replace(tiny_model_cfg, attention="blockwise", dropout=0.5)
     params = _params(tiny_model_cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, T), 0, cfg.vocab_size)

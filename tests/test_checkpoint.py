@@ -4,12 +4,12 @@ import jax
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint
+from jaxgpt.io import checkpoint
 from jaxgpt.config import Config, TrainConfig, save_config
 from jaxgpt.errors import UserError
-from jaxgpt.model import init_params
-from jaxgpt.optim import make_optimizer
-from jaxgpt.steps import create_train_state
+from jaxgpt.models.gpt2 import init_params
+from jaxgpt.train.optim import make_optimizer
+from jaxgpt.train.steps import create_train_state
 
 
 def _state(cfg, seed=0):

@@ -17,7 +17,7 @@ from jaxgpt.data.classification import ClassifyDataConfig, load_classification
 from jaxgpt.data.readers import read_file
 from jaxgpt.data.records import read_examples
 from jaxgpt.errors import UserError
-from jaxgpt.tokenizer import EOT_ID
+from jaxgpt.text.gpt2_bpe import EOT_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -107,7 +107,7 @@ def test_bad_files(tmp_path, name, content, fields, message):
 
 
 def test_tfds_sms_spam_builder(tmp_path):
-    from jaxgpt import datasets
+    from jaxgpt.data import bundled as datasets
 
     texts, labels = read_examples("tfds:sms_spam", tfds_data_dir=str(tmp_path / "tfds"))
     assert (texts, labels) == read_file(datasets.bundled_path("sms-spam"))
@@ -119,10 +119,10 @@ def test_tfds_sms_spam_builder(tmp_path):
 
 
 def test_prediction_reads_the_last_real_token():
-    from jaxgpt.losses import last_token
+    from jaxgpt.train.losses import last_token
 
     m = ModelConfig(vocab_size=97, context_length=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-    from jaxgpt.model import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT, init_params
 
     params = init_params(m, jax.random.key(0), num_classes=3)
     apply = jax.jit(lambda tokens: GPT(m, num_classes=3).apply({"params": params}, tokens))
@@ -188,7 +188,7 @@ def test_predict_cli(tiny_run, tmp_path):
     run, _ = tiny_run
     texts = tmp_path / "texts.txt"
     texts.write_text("great, wonderful film number 3\n\nawful boring movie number 1\n")
-    out = subprocess.run([sys.executable, "-m", "jaxgpt.classify", "--init", str(run), "great, wonderful film",
+    out = subprocess.run([sys.executable, "-m", "jaxgpt", "classify", "--init", str(run), "great, wonderful film",
                           "--file", str(texts)], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
@@ -196,7 +196,7 @@ def test_predict_cli(tiny_run, tmp_path):
     for line in lines:
         label, prob = line.split()
         assert label in ("neg", "pos") and 0.0 <= float(prob) <= 1.0
-    bad = subprocess.run([sys.executable, "-m", "jaxgpt.classify", "--init", str(tmp_path)],
+    bad = subprocess.run([sys.executable, "-m", "jaxgpt", "classify", "--init", str(tmp_path)],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
@@ -222,9 +222,9 @@ def test_lora_run_and_resume_match_a_straight_run(tmp_path):
 def test_init_from_a_pretraining_run_last_block(tmp_path):
     """--init RUN loads the LM weights by name (lm_head dropped, a fresh score head added);
     last-block mode trains h_{n-1}, ln_f and the head only, and the frozen rest is the init's."""
-    from jaxgpt import checkpoint
+    from jaxgpt.io import checkpoint
     from jaxgpt.config import Config, save_config
-    from jaxgpt.model import init_params
+    from jaxgpt.models.gpt2 import init_params
     from jaxgpt.tasks.common import load_run
     from jaxgpt.tasks.classify import ClassifyConfig
 

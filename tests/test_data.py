@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import jaxgpt.data as data_pkg
-from jaxgpt import datasets, tokenizer
+from jaxgpt.data import bundled as datasets
+from jaxgpt.text import gpt2_bpe as tokenizer
 from jaxgpt.config import DataConfig
 from jaxgpt.data import (
     BatchSampler,
@@ -422,7 +423,7 @@ def test_split_fractions_are_checked_by_every_record_task(module, cls, val, test
 # The package's layers (issue 17): no import cycle, no import in a function to dodge one
 
 # Bottom first: a module may import only modules listed before it.
-DATA_LAYERS = ["text", "readers", "tfds_builders", "tfds_source", "records", "tokens", "windows",
+DATA_LAYERS = ["bundled", "text", "readers", "tfds_builders", "tfds_source", "records", "tokens", "windows",
                "classification", "instruct", "preference", "__init__"]
 DATA_DIR = Path(data_pkg.__file__).parent
 LAZY_ALLOWED = {"tensorflow_datasets"}  # slow to import; only tfds: sources may pay for it
@@ -430,6 +431,11 @@ LAZY_ALLOWED = {"tensorflow_datasets"}  # slow to import; only tfds: sources may
 
 def _module_name(stem: str) -> str:
     return "jaxgpt.data" if stem == "__init__" else f"jaxgpt.data.{stem}"
+
+
+def _module_file(stem: str) -> Path:
+    """A module's file; `bundled` (the packaged data sets) is a package of its own."""
+    return DATA_DIR / stem / "__init__.py" if (DATA_DIR / stem).is_dir() else DATA_DIR / f"{stem}.py"
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
@@ -465,18 +471,18 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
 def test_data_package_layers():
     import graphlib
 
-    stems = sorted(p.stem for p in DATA_DIR.glob("*.py"))
+    stems = sorted([p.stem for p in DATA_DIR.glob("*.py")] + [p.parent.name for p in DATA_DIR.glob("*/__init__.py")])
     assert sorted(DATA_LAYERS) == stems, "place every module of jaxgpt/data in DATA_LAYERS"
     graph, classes = {}, {}
     for stem in DATA_LAYERS:
         name = _module_name(stem)
-        imports = _imports(DATA_DIR / f"{stem}.py")
+        imports = _imports(_module_file(stem))
         lazy = {m for m, nested in imports if nested}
         assert lazy <= LAZY_ALLOWED, f"{name} imports {sorted(lazy - LAZY_ALLOWED)} inside a function"
         above = [m for m, _ in imports if m.split(".")[:2] in (["jaxgpt", "rl"], ["jaxgpt", "tasks"])]
         assert not above, f"{name} imports {above}: jaxgpt.data sits below jaxgpt.rl and jaxgpt.tasks"
         graph[name] = {m for m, _ in imports if m == "jaxgpt.data" or m.startswith("jaxgpt.data.")} - {name}
-        for node in ast.parse((DATA_DIR / f"{stem}.py").read_text(encoding="utf-8")).body:
+        for node in ast.parse(_module_file(stem).read_text(encoding="utf-8")).body:
             if isinstance(node, ast.ClassDef):
                 assert node.name not in classes, f"class {node.name} in both {classes[node.name]} and {name}"
                 classes[node.name] = name

@@ -1,11 +1,11 @@
-"""The peer watchdog (jaxgpt.distributed.PeerWatchdog) against an in-memory key-value store;
+"""The peer watchdog (jaxgpt.parallel.distributed.PeerWatchdog) against an in-memory key-value store;
 the real 2-process kill is tests/test_multihost.py (slow)."""
 import threading
 import time
 
 import pytest
 
-from jaxgpt.distributed import PeerWatchdog, resolve_peer_timeout
+from jaxgpt.parallel.distributed import PeerWatchdog, resolve_peer_timeout
 from jaxgpt.errors import UserError
 
 

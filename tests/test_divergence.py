@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import checkpoint
+from jaxgpt.io import checkpoint
 from jaxgpt.engine.keys import Keys
 from jaxgpt.engine.loop import Cadence, Loop
 from jaxgpt.errors import UserError
-from jaxgpt.metrics import MetricsWriter, read_jsonl
-from jaxgpt.rundir import RunDir
+from jaxgpt.engine.metrics import MetricsWriter, read_jsonl
+from jaxgpt.engine.rundir import RunDir
 
 NAN_AT = 7  # the first update whose loss (and whose resulting params) are NaN
 
@@ -72,7 +72,7 @@ def _assert_stopped_at_the_good_checkpoint(run, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: training diverged") and ("step 2" in err[-1] or "iteration 2" in err[-1]), err[-1]
     assert checkpoint.latest_step(run) == 1
-    from jaxgpt.hub import resolve_init
+    from jaxgpt.io.hub import resolve_init
 
     _, params = resolve_init(str(run))
     assert all(np.isfinite(np.asarray(p)).all() for p in jax.tree_util.tree_leaves(params))

@@ -15,9 +15,9 @@ import pytest
 from jaxgpt.config import Config, ModelConfig, load_config, save_config
 from jaxgpt.data.preference import PreferenceDataConfig, load_preference
 from jaxgpt.errors import UserError
-from jaxgpt.losses import sequence_logprobs
-from jaxgpt.model import GPT, init_params
-from jaxgpt.preference import dpo_logits, dpo_loss, implicit_rewards
+from jaxgpt.train.losses import sequence_logprobs
+from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.train.preference_losses import dpo_logits, dpo_loss, implicit_rewards
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(context_length=64, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
@@ -40,7 +40,7 @@ def write_pairs(path: Path, n: int = 20, fields=("instruction", "input", "chosen
 
 def make_lm_run(path: Path, model: ModelConfig = MODEL, seed: int = 3, extra: dict | None = None) -> Path:
     """A run directory holding random LM weights (what --init reads), with extra config sections."""
-    from jaxgpt import checkpoint
+    from jaxgpt.io import checkpoint
 
     params = jax.device_get(init_params(model, jax.random.key(seed)))
     path.mkdir(parents=True)
@@ -109,7 +109,7 @@ def test_sequence_logprobs_match_a_per_token_loop_with_a_real_gpt():
 
 def test_response_window_equals_the_full_head(tmp_path):
     """`positions` (the LM head on the response window only) give the full-logits sums."""
-    from jaxgpt.preference import response_logprobs
+    from jaxgpt.train.preference_losses import response_logprobs
 
     data = load_preference(PreferenceDataConfig(path=str(write_pairs(tmp_path / "p.jsonl")), bucket=16), 64)
     model = GPT(MODEL)
@@ -130,9 +130,9 @@ def test_response_window_equals_the_full_head(tmp_path):
 def test_lora_reference_is_the_policys_own_base_leaves(tmp_path):
     """LoRA: the reference tree holds the very arrays the policy freezes (one copy), the plain
     model on it is the policy with adapters off, and precomputing it pmapped == jitted."""
-    from jaxgpt.lora import LoRAConfig, is_lora_leaf
+    from jaxgpt.models.lora import LoRAConfig, is_lora_leaf
     from jaxgpt.parallel import DataParallel
-    from jaxgpt.preference import response_logprobs
+    from jaxgpt.train.preference_losses import response_logprobs
     from jaxgpt.tasks.dpo import precompute_reference, reference_params
 
     lora = LoRAConfig(rank=2, targets=("c_attn", "c_fc"))
@@ -213,8 +213,8 @@ def test_run_directory_and_margin(dpo_run):
     assert [r["split"] for r in responses] == ["val", "val", "test", "test"]
     assert all(isinstance(r["response_before"], str) and isinstance(r["response_after"], str) for r in responses)
     # The reference log-probs stored are the init model's (not the trained policy's).
-    from jaxgpt.hub import resolve_init
-    from jaxgpt.preference import response_logprobs
+    from jaxgpt.io.hub import resolve_init
+    from jaxgpt.train.preference_losses import response_logprobs
 
     cfg, params = resolve_init(str(init))
     data = load_preference(PreferenceDataConfig(path=str(dpo_run[2]), val_fraction=0.2, test_fraction=0.2,
@@ -291,8 +291,8 @@ def test_truncated_responses_are_counted(tmp_path):
     assert data.truncated == 1 and "1 responses truncated" in data.describe()
     full = [s for s in data.splits.values() if len(s) and (s.columns["chosen_lengths"] == 64).any()]
     assert len(full) == 1
-    from jaxgpt.prompts import format_prompt
-    from jaxgpt.tokenizer import encode
+    from jaxgpt.text.prompts import format_prompt
+    from jaxgpt.text.gpt2_bpe import encode
 
     n = len(encode(format_prompt("Say 0.")))
     assert load_preference(PreferenceDataConfig(path=str(tmp_path / "t.jsonl")), n + 1).truncated == 12

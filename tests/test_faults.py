@@ -1,6 +1,6 @@
 """Faults end to end: a damaged newest checkpoint, bad config values, a killed tokenizer.
 
-Each test drives the real entry points in-process (`train.main`, `jaxgpt.generate.main`)
+Each test drives the real entry points in-process (`train.main`, `jaxgpt.cli.generate.main`)
 on a tiny model, so what it checks is what a user would see: the exit code, one line on
 stderr, the files left behind and the losses of the resumed run.
 """
@@ -66,13 +66,13 @@ def test_resume_after_damaged_latest_uses_the_previous_step(straight, tmp_path, 
     assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]
     summary = lambda r: json.loads((r / "metrics.json").read_text())
     assert summary(run)["val_loss"] == summary(straight)["val_loss"]
-    from jaxgpt import checkpoint
+    from jaxgpt.io import checkpoint
 
     assert checkpoint.all_steps(run) == [3, 6] and checkpoint.verify_step(run / "checkpoints" / "6") is None
 
 
 def test_generate_and_resume_with_no_intact_checkpoint(straight, tmp_path, capsys):
-    from jaxgpt import generate
+    from jaxgpt.cli.common import generate
 
     run = tmp_path / "run"
     shutil.copytree(straight, run)
@@ -131,7 +131,9 @@ def test_a_tokenizer_killed_midway_leaves_nothing_a_later_run_uses(tmp_path):
 
     import numpy as np
 
-    from jaxgpt import datasets, tokenizer
+    from jaxgpt.data import bundled as datasets
+
+    from jaxgpt.text import gpt2_bpe as tokenizer
     from jaxgpt.data.tokens import prepare_token_file
 
     text = datasets.bundled_path("the-verdict").read_text(encoding="utf-8") * 150
@@ -166,7 +168,7 @@ def test_a_token_file_changed_in_place_is_not_trusted(tmp_path, monkeypatch):
     tokenized again (a run never trains on tokens that are not its corpus's)."""
     import numpy as np
 
-    from jaxgpt import tokenizer
+    from jaxgpt.text import gpt2_bpe as tokenizer
     from jaxgpt.data.tokens import prepare_token_file
 
     corpus = tmp_path / "c.txt"

@@ -102,8 +102,8 @@ def _toy_experience(params, cfg, key, group_size=8):
 def test_grpo_raises_the_reward_of_a_toy_task():
     """Through the real pieces (rollout, advantages, loss_fn, shared train_step): a random
     GPT learns to emit token 5, the reward going from ~1/16 to > 0.8."""
-    from jaxgpt.model import GPT, init_params
-    from jaxgpt.steps import create_train_state, train_step
+    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.train.steps import create_train_state, train_step
 
     cfg = ModelConfig(vocab_size=16, context_length=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
     tx = optax.adam(3e-3)
@@ -122,7 +122,7 @@ def test_grpo_raises_the_reward_of_a_toy_task():
 def test_on_policy_loss_equals_the_loss_with_exact_old_logprobs():
     """`on_policy` (one update per batch) skips the rescoring pass: loss and gradient are those
     of the clipped loss given the current policy's own (tempered) log-probs as old ones."""
-    from jaxgpt.model import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT, init_params
     from jaxgpt.rl.rollout import completion_logprobs
 
     cfg = ModelConfig(vocab_size=16, context_length=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
@@ -144,9 +144,9 @@ def test_on_policy_loss_equals_the_loss_with_exact_old_logprobs():
 
 def test_update_is_the_same_on_1_and_4_devices():
     """The loss is a sum / count through the shared step: 4 devices (psum) give the update of 1."""
-    from jaxgpt.model import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT, init_params
     from jaxgpt.parallel import DataParallel
-    from jaxgpt.steps import create_train_state, train_step
+    from jaxgpt.train.steps import create_train_state, train_step
 
     cfg = ModelConfig(vocab_size=16, context_length=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
     params = init_params(cfg, jax.random.key(0))
@@ -341,7 +341,7 @@ def test_ctrl_c_saves_the_iteration_and_resume_finishes(tmp_path, monkeypatch, v
     the command exits 130 without a summary, and --resume completes the run."""
     import signal
 
-    from jaxgpt import checkpoint
+    from jaxgpt.io import checkpoint
     from jaxgpt.rl.tasks import ArithmeticTask
 
     calls = {"n": 0}
@@ -363,8 +363,8 @@ def test_ctrl_c_saves_the_iteration_and_resume_finishes(tmp_path, monkeypatch, v
 
 def test_a_completion_budget_shorter_than_the_solutions_is_reported(capsys):
     from jaxgpt.rl.tasks import get_task
-    from jaxgpt.rl.prompts import warn_if_solutions_cut
-    from jaxgpt.tokenizer import encode
+    from jaxgpt.rl.prompt_sets import warn_if_solutions_cut
+    from jaxgpt.text.gpt2_bpe import encode
 
     problems = get_task("arithmetic").split("rl", 0)[:50]
     longest = max(len(encode(p.solution)) + 1 for p in problems)

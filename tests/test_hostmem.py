@@ -1,4 +1,4 @@
-"""jaxgpt.hostmem: when the entry points re-execute with glibc's huge pages, and that they do."""
+"""jaxgpt.cli.hostmem: when the entry points re-execute with glibc's huge pages, and that they do."""
 import os
 import subprocess
 import sys
@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxgpt.hostmem import TUNABLE, huge_pages_env
+from jaxgpt.cli.hostmem import TUNABLE, huge_pages_env
 
 MADVISE = "always [madvise] never\n"
 
@@ -32,7 +32,7 @@ def test_leaves_the_environment_alone(environ, mode, libc):
 
 def test_a_script_re_executes_with_its_arguments(tmp_path):
     script = tmp_path / "s.py"
-    script.write_text("import os, sys\nfrom jaxgpt.hostmem import reexec_with_huge_pages\n"
+    script.write_text("import os, sys\nfrom jaxgpt.cli.hostmem import reexec_with_huge_pages\n"
                       "reexec_with_huge_pages()\nprint(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXGPT_HUGE_PAGES")}
     out = subprocess.run([sys.executable, str(script), "a", "--b"], env=env, capture_output=True, text=True,

@@ -17,9 +17,9 @@ from jaxgpt.config import load_config
 from jaxgpt.data.instruct import (Encoded, InstructDataConfig, bucket_length, encode_split, epoch_batches,
                                   load_instruct, make_batch, padding_fraction, split_sizes)
 from jaxgpt.errors import UserError
-from jaxgpt.prompts import format_prompt
+from jaxgpt.text.prompts import format_prompt
 from jaxgpt.tasks.instruct import instruct_data
-from jaxgpt.tokenizer import EOT_ID, encode
+from jaxgpt.text.gpt2_bpe import EOT_ID, encode
 
 ROOT = Path(__file__).resolve().parent.parent
 E = EOT_ID
@@ -100,8 +100,8 @@ def test_encode_split_tokens_and_truncation():
 def test_loss_ignores_padding_and_prompt(tiny_model_cfg):
     """The LM loss of a batch is the mean CE over exactly the masked targets: changing a
     padding or prompt target changes nothing, a response target changes the loss."""
-    from jaxgpt.model import GPT, init_params
-    from jaxgpt.steps import lm_loss_fn
+    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.train.steps import lm_loss_fn
 
     cfg = tiny_model_cfg
     data = _toy([[1, 2, 3, 4, 5, 96], [6, 7, 8, 96]], [3, 2])
@@ -229,7 +229,7 @@ def test_run_directory_and_metrics(tiny_run):
     assert [r["epoch"] for r in records if "val_loss" in r] == [0.0, 1.0, 2.0]
     responses = json.loads((run / "responses.json").read_text())
     assert len(responses) == 4
-    from jaxgpt.scoring import score_responses
+    from jaxgpt.text.scoring import score_responses
 
     scores = score_responses([r["model_response"] for r in responses], [r["output"] for r in responses])
     assert summary["test_rougeL_f1"] == pytest.approx(scores["rougeL_f1"])
@@ -240,10 +240,10 @@ def test_run_directory_and_metrics(tiny_run):
 def test_responses_are_the_greedy_kv_cache_decode(tiny_run):
     """responses.json holds each test prompt's greedy continuation, cut at <|endoftext|>:
     recomputed here one prompt at a time without a cache."""
-    from jaxgpt.model import GPT
+    from jaxgpt.models.gpt2 import GPT
     from jaxgpt.tasks.instruct import InstructConfig
     from jaxgpt.tasks.common import load_run
-    from jaxgpt.tokenizer import decode
+    from jaxgpt.text.gpt2_bpe import decode
 
     run, _ = tiny_run
     cfg, params = load_run(run, InstructConfig)
@@ -262,8 +262,8 @@ def test_responses_are_the_greedy_kv_cache_decode(tiny_run):
 
 
 def test_generate_instruction_prints_the_response(tiny_run, capsys):
-    from jaxgpt import generate as cli
-    from jaxgpt.sampling import greedy_responses
+    from jaxgpt.cli.common import generate as cli
+    from jaxgpt.generation.decode import greedy_responses
     from jaxgpt.tasks.instruct import InstructConfig
     from jaxgpt.tasks.common import load_run
 
@@ -284,8 +284,8 @@ def test_generate_instruction_prints_the_response(tiny_run, capsys):
 def test_lora_run_and_resume_match_a_straight_run(tmp_path, capsys):
     """LoRA mode end to end; N steps, stop, --resume == 2N steps straight (dropout on); the
     generate CLI merges the run's adapters."""
-    from jaxgpt import generate as cli
-    from jaxgpt.lora import merge_lora
+    from jaxgpt.cli.common import generate as cli
+    from jaxgpt.models.lora import merge_lora
     from jaxgpt.tasks.common import load_run
     from jaxgpt.tasks.instruct import InstructConfig, finetune_instruct
 

@@ -10,10 +10,10 @@ import pytest
 
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.errors import UserError
-from jaxgpt.lora import LoRAConfig, check_targets, has_lora, lora_param_count, matches, merge_lora
-from jaxgpt.model import GPT, init_params, param_shapes
-from jaxgpt.optim import TRAIN, count_trainable, make_optimizer
-from jaxgpt.steps import create_train_state, train_step
+from jaxgpt.models.lora import LoRAConfig, check_targets, has_lora, lora_param_count, matches, merge_lora
+from jaxgpt.models.gpt2 import GPT, init_params, param_shapes
+from jaxgpt.train.optim import TRAIN, count_trainable, make_optimizer
+from jaxgpt.train.steps import create_train_state, train_step
 from jaxgpt.engine.params import graft, train_labels
 
 
@@ -152,9 +152,9 @@ def test_init_from_a_lora_run_merges_with_the_runs_own_alpha(tiny, tmp_path):
     """`--init RUN` (hub.resolve_init: generate, export, train, finetune) on a LoRA run folds
     the adapters in with the run's lora.alpha, not the default: the plain LM it returns gives
     the LoRA model's logits."""
-    from jaxgpt import checkpoint
+    from jaxgpt.io import checkpoint
     from jaxgpt.config import Config, save_config
-    from jaxgpt.hub import resolve_init
+    from jaxgpt.io.hub import resolve_init
 
     @dataclasses.dataclass(frozen=True)
     class LoRARunConfig(Config):

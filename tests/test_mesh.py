@@ -35,10 +35,10 @@ def test_param_specs_shard_matrices_and_split_heads():
 
 def test_mesh_update_equals_one_device():
     """Three updates with fsdp=2 x tensor=2 on the suite's 4 devices == one device."""
-    from jaxgpt.model import GPT, init_params
-    from jaxgpt.optim import make_optimizer
+    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.train.optim import make_optimizer
     from jaxgpt.parallel import DataParallel, MeshParallel
-    from jaxgpt.steps import create_train_state, lm_loss_fn, train_step
+    from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step
 
     cfg = ModelConfig(vocab_size=97, context_length=16, n_layer=1, n_head=2, n_embd=128, dropout=0.0)
     params, tx = init_params(cfg, jax.random.key(0)), make_optimizer(TrainConfig(lr=1e-3, warmup_steps=0))
@@ -105,7 +105,7 @@ def test_grpo_rollouts_and_lora_under_a_mesh(tmp_path, monkeypatch):
     """Sampling, rollouts, greedy evaluation and LoRA merging with sharded params (fsdp 2 x
     tensor 2): the first update's loss is the one-device run's, and its run exports to HF."""
     import finetune
-    from jaxgpt.export import main as export_main
+    from jaxgpt.cli.export import main as export_main
     from jaxgpt.rl.tasks import ArithmeticTask
 
     monkeypatch.setattr(ArithmeticTask, "reward", lambda self, c, p: float(len(c) % 2))  # a random model never solves one

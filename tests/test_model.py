@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxgpt.config import PRESETS, ModelConfig, load_config
-from jaxgpt.model import GPT, count_params, init_cache, init_params, param_shapes, reference_attention
+from jaxgpt.models.gpt2 import GPT, count_params, init_cache, init_params, param_shapes, reference_attention
 
 
 def test_gpt2_124m_parameter_counts():
@@ -111,7 +111,7 @@ def test_remat_recomputes_on_xla_cpu_too():
     """`remat` (nothing_saveable) must lower the compiled step's temporaries on XLA:CPU,
     where `jax.checkpoint` saves nothing (its barriers are expanded, then CSE undoes the
     recomputation); and the custom VJP's gradients, dropout key included, equal autodiff's."""
-    from jaxgpt.model import recompute_after_cotangent
+    from jaxgpt.models.gpt2 import recompute_after_cotangent
 
     cfg = ModelConfig(vocab_size=97, context_length=128, n_layer=4, n_head=2, n_embd=64, dropout=0.0)
     params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))
@@ -141,7 +141,7 @@ def test_gelu_tanh_equals_autodiff_and_keeps_only_its_input():
     float32 derivative), second
     derivative included; and a stack of GELU MLPs compiles with fewer temporaries, since
     only the GELU's input is kept for the backward pass."""
-    from jaxgpt.recompute import gelu_tanh
+    from jaxgpt.models.recompute import gelu_tanh
 
     x = jnp.linspace(-8.0, 8.0, 4001)
     ref = lambda x: jax.nn.gelu(x, approximate=True)
@@ -171,7 +171,7 @@ def test_layer_norm_equals_flax_and_keeps_only_its_input():
     """`recompute.LayerNorm` against `flax.linen.LayerNorm`: the same parameter tree, values
     (float32 output rtol 1e-6; bfloat16 output equal) and gradients w.r.t. x, scale and bias
     (rtol 1e-5); and a stack of LayerNorm + dense layers compiles with fewer temporaries."""
-    from jaxgpt.recompute import LayerNorm
+    from jaxgpt.models.recompute import LayerNorm
 
     x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (4, 16, 96))
     g = jax.random.normal(jax.random.key(1), x.shape)

@@ -1,9 +1,9 @@
 """Training parity with a PyTorch model jaxgpt did not write: Hugging Face `GPT2LMHeadModel`.
 
 Shaped as the book's GPTModel (untied head; no qkv bias, which on the HF side is a zero,
-frozen c_attn bias), with the same weights (moved both ways by `jaxgpt.torch_twin`), the
+frozen c_attn bias), with the same weights (moved both ways by `jaxgpt.io.torch_twin`), the
 same batches and the same optimiser (`torch.optim.AdamW` with jaxgpt's decay set vs
-`jaxgpt.optim.make_optimizer` driven through the real `jaxgpt.steps.train_step`), the two
+`jaxgpt.train.optim.make_optimizer` driven through the real `jaxgpt.train.steps.train_step`), the two
 must give the same logits and the same training losses.
 
 Tolerances (float32, dropout off): logits 1e-4 absolute (observed ~1e-5 on logits of std
@@ -29,12 +29,12 @@ from flax import traverse_util
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from jaxgpt import torch_twin  # noqa: E402
+from jaxgpt.io import torch_twin  # noqa: E402
 from jaxgpt.config import ModelConfig, TrainConfig, load_config  # noqa: E402
 from jaxgpt.errors import UserError  # noqa: E402
-from jaxgpt.model import GPT, init_params  # noqa: E402
-from jaxgpt.optim import make_optimizer  # noqa: E402
-from jaxgpt.steps import create_train_state, lm_loss_fn, train_step  # noqa: E402
+from jaxgpt.models.gpt2 import GPT, init_params  # noqa: E402
+from jaxgpt.train.optim import make_optimizer  # noqa: E402
+from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 LOGIT_ATOL = 1e-4

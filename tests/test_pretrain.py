@@ -26,7 +26,7 @@ def test_run_directory_contents(tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()  # as a run killed before its first checkpoint leaves it: marker, metrics, no checkpoint
-    from jaxgpt.rundir import mark_run
+    from jaxgpt.engine.rundir import mark_run
 
     mark_run(run)
     (run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 9.0}\n')
@@ -146,14 +146,14 @@ def test_cli_train_then_generate(tmp_path):
     assert done.returncode == 0, done.stderr
     assert json.loads((run / "metrics.json").read_text())["step"] == 8
     gen = subprocess.run(
-        [sys.executable, "-m", "jaxgpt.generate", "--init", str(run), "--prompt", "Every effort moves you",
+        [sys.executable, "-m", "jaxgpt", "generate", "--init", str(run), "--prompt", "Every effort moves you",
          "--max-new-tokens", "5"],
         cwd=ROOT, capture_output=True, text=True,
     )
     assert gen.returncode == 0, gen.stderr
     assert gen.stdout.startswith("Every effort moves you")
     bad = subprocess.run(
-        [sys.executable, "-m", "jaxgpt.generate", "--init", str(run), "--prompt", "word " * 40,
+        [sys.executable, "-m", "jaxgpt", "generate", "--init", str(run), "--prompt", "word " * 40,
          "--max-new-tokens", "5"],
         cwd=ROOT, capture_output=True, text=True,
     )
@@ -164,7 +164,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
     import signal
     import time
 
-    from jaxgpt import checkpoint
+    from jaxgpt.io import checkpoint
 
     run = tmp_path / "run"
     sets = [x for s in TINY + ["train.max_steps=100000", f"data.cache_dir={tmp_path / 'cache'}"] for x in ("--set", s)]
@@ -190,7 +190,7 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_130(tmp_path):
 def test_checkpoint_interval_saves_on_logged_steps_too(tmp_path):
     """train.checkpoint_interval=2 with a log line every step: checkpoints at 2 and 4 (not
     eval points) as well as the eval points 3 and 6."""
-    from jaxgpt import checkpoint
+    from jaxgpt.io import checkpoint
     from jaxgpt.tasks.pretrain import pretrain
 
     pretrain(tiny_cfg(tmp_path, "train.checkpoint_interval=2", "train.keep_checkpoints=10"), tmp_path / "run")
@@ -203,9 +203,9 @@ def test_eval_mode_train_loss(tmp_path):
     checkpoint's weights scored here by hand (numpy log-softmax); off (0) by default."""
     import numpy as np
 
-    from jaxgpt.checkpoint import load_params
+    from jaxgpt.io.checkpoint import load_params
     from jaxgpt.data import pretraining_data
-    from jaxgpt.model import GPT
+    from jaxgpt.models.gpt2 import GPT
     from jaxgpt.tasks.pretrain import pretrain
 
     assert load_config(None).train.eval_train_batches == 0

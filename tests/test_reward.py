@@ -17,8 +17,8 @@ import pytest
 from jaxgpt.config import ModelConfig, load_config
 from jaxgpt.data.preference import PreferenceDataConfig, encode_example, load_preference, split_indices
 from jaxgpt.errors import UserError
-from jaxgpt.preference import pairwise_loss, preference_sums
-from jaxgpt.tokenizer import EOT_ID, decode
+from jaxgpt.train.preference_losses import pairwise_loss, preference_sums
+from jaxgpt.text.gpt2_bpe import EOT_ID, decode
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(context_length=64, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
@@ -55,7 +55,7 @@ def test_pairwise_loss_closed_form():
 
 
 def test_bundled_preference_data_split_format_and_batches():
-    from jaxgpt.prompts import format_prompt
+    from jaxgpt.text.prompts import format_prompt
 
     data = load_preference(PreferenceDataConfig(), 128)
     assert data.num_read == 1100 and {s: len(data.splits[s]) for s in ("train", "val", "test")} == \
@@ -105,7 +105,7 @@ def test_tfds_preference_data_equals_bundled(tmp_path):
 
 
 def test_reward_scores_read_the_last_real_token():
-    from jaxgpt.model import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT, init_params
     from jaxgpt.tasks.reward import reward_scores
 
     params = init_params(MODEL, jax.random.key(0), num_classes=1)
@@ -169,14 +169,14 @@ def test_load_reward_model_and_cli(reward_run, tmp_path):
         tokens[i, : len(r)] = r
     direct = np.asarray(reward_scores(model_cfg, params, tokens, np.array([len(r) for r in ids], np.int32)))
     assert direct[0] > direct[1]
-    out = subprocess.run([sys.executable, "-m", "jaxgpt.reward", "--init", str(run), "--instruction", "Add 3 and 3.",
+    out = subprocess.run([sys.executable, "-m", "jaxgpt", "reward", "--init", str(run), "--instruction", "Add 3 and 3.",
                           "--response", "Sure, it is 6.", "--response", "Go away, 3."],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr
     np.testing.assert_allclose([float(x) for x in out.stdout.split()], direct, atol=1e-3)
     with pytest.raises(UserError, match="not a jaxgpt run directory"):
         load_reward_model(tmp_path)
-    bad = subprocess.run([sys.executable, "-m", "jaxgpt.reward", "--init", str(tmp_path), "--instruction", "x",
+    bad = subprocess.run([sys.executable, "-m", "jaxgpt", "reward", "--init", str(tmp_path), "--instruction", "x",
                           "--response", "y"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
@@ -186,7 +186,7 @@ def test_lora_from_an_instruct_like_run_and_resume(reward_run, tmp_path):
     stop, --resume == 2N straight; the merged params score like the LoRA model."""
     from test_dpo import make_lm_run
 
-    from jaxgpt.model import GPT
+    from jaxgpt.models.gpt2 import GPT
     from jaxgpt.tasks.common import load_run
     from jaxgpt.tasks.reward import DEFAULT_CONFIG, RewardConfig, load_reward_model, reward_scores, train_reward_model
 

@@ -9,8 +9,8 @@ import pytest
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.losses import token_logprobs
-from jaxgpt.model import GPT, init_params
+from jaxgpt.train.losses import token_logprobs
+from jaxgpt.models.gpt2 import GPT, init_params
 from jaxgpt.rl.rollout import (completion_logprobs, completion_texts, pad_prompt_batch,
                                positions_of, right_padded, rollout)
 
@@ -84,7 +84,7 @@ def test_lm_logits_on_hidden_states_is_the_models_head(tie, dtype):
 
 
 def test_greedy_rollout_is_generate(setup):
-    from jaxgpt.sampling import generate
+    from jaxgpt.generation.decode import generate
 
     cfg, params, tokens, mask, _ = setup
     out = rollout(params, cfg, tokens, mask, jax.random.key(0), max_new_tokens=10, temperature=0.0, eos_id=EOS)
@@ -101,7 +101,7 @@ def test_greedy_rollout_is_generate(setup):
 
 
 def test_same_key_same_rollout_one_compilation(setup):
-    from jaxgpt.sampling import trace_count
+    from jaxgpt.generation.decode import trace_count
 
     cfg, params, tokens, mask, out = setup
     before = trace_count()
@@ -136,7 +136,7 @@ def test_pad_prompt_batch_errors():
 def test_completion_texts_cut_at_eos():
     out = {"tokens": np.array([[9, 9, 40, 41, 3, 3], [9, 9, 42, 43, 44, 45]]),
            "completion_mask": np.array([[1, 1, 1, 0], [1, 1, 1, 1]], bool), "lengths": np.array([3, 4])}
-    from jaxgpt.tokenizer import decode
+    from jaxgpt.text.gpt2_bpe import decode
 
     texts = completion_texts(out, EOS, tokenizer=type("T", (), {"decode": staticmethod(lambda ids: ",".join(map(str, ids)))}))
     assert texts == ["40,41", "42,43,44,45"]
@@ -148,7 +148,7 @@ def test_completion_texts_cut_at_eos():
 def test_inverse_cdf_sampler_has_the_categorical_distribution():
     """`categorical_inverse_cdf` (the rollout's default token draw) against exact probabilities:
     several blocks, a vocabulary that is not a multiple of the block, zero-probability ids."""
-    from jaxgpt.sampling import categorical_inverse_cdf
+    from jaxgpt.generation.decode import categorical_inverse_cdf
 
     v = 700  # 3 blocks of 256, the last one partial
     logits = np.full(v, -np.inf, np.float32)

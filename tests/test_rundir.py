@@ -1,4 +1,4 @@
-"""jaxgpt.rundir: the checks the training loops make around saves, resumes and --out."""
+"""jaxgpt.engine.rundir: the checks the training loops make around saves, resumes and --out."""
 import json
 import os
 import signal
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxgpt.errors import UserError
-from jaxgpt.rundir import (DivergenceGuard, RunLock, check_finite_before_save, check_out_dir, is_our_run,
+from jaxgpt.engine.rundir import (DivergenceGuard, RunLock, check_finite_before_save, check_new_run_dir, is_our_run,
                            mark_run, truncate_metrics)
 
 
@@ -57,25 +57,25 @@ def test_truncate_metrics_drops_steps_past_the_restored_one(tmp_path):
 
 
 def test_out_dir_must_be_new_empty_or_ours(tmp_path):
-    assert check_out_dir(tmp_path / "new") == tmp_path / "new"
+    assert check_new_run_dir(tmp_path / "new") == tmp_path / "new"
     (tmp_path / "empty").mkdir()
-    check_out_dir(tmp_path / "empty")
+    check_new_run_dir(tmp_path / "empty")
     users = tmp_path / "users"
     users.mkdir()
     (users / "config.yaml").write_text("mine: true\n")
     (users / "metrics.jsonl").write_text("{}\n")
     with pytest.raises(UserError, match=r"not a jaxgpt run \(config.yaml, metrics.jsonl\)"):
-        check_out_dir(users)
+        check_new_run_dir(users)
     assert sorted(p.name for p in users.iterdir()) == ["config.yaml", "metrics.jsonl"]
     assert not is_our_run(users)
     mark_run(tmp_path / "empty")  # a run killed before its first checkpoint is still ours
     (tmp_path / "empty" / "metrics.jsonl").write_text("{}\n")
-    check_out_dir(tmp_path / "empty")
+    check_new_run_dir(tmp_path / "empty")
     (users / "checkpoints").mkdir()  # a run from before the marker: config.yaml + checkpoints/
     assert is_our_run(users)
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        check_out_dir(tmp_path / "file")
+        check_new_run_dir(tmp_path / "file")
 
 
 def test_run_lock_is_exclusive_and_released(tmp_path):
@@ -93,7 +93,7 @@ def test_run_lock_is_exclusive_and_released(tmp_path):
 def test_a_killed_runs_lock_is_not_stale(tmp_path):
     """flock is released by the kernel when its holder dies, even by SIGKILL."""
     run = tmp_path / "run"
-    code = f"from jaxgpt.rundir import RunLock; import time; RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(60)"
+    code = f"from jaxgpt.engine.rundir import RunLock; import time; RunLock({str(run)!r}).acquire(); print('locked', flush=True); time.sleep(60)"
     holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
                               cwd=os.path.dirname(os.path.dirname(__file__)))
     try:

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxgpt import sampling
+from jaxgpt.generation import decode as sampling
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPT, init_params
-from jaxgpt.sampling import generate, generate_tokens, pad_prompts, sample_logits
+from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.generation.decode import generate, generate_tokens, pad_prompts, sample_logits
 
 CFG = ModelConfig(vocab_size=128, context_length=48, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
 
@@ -204,7 +204,7 @@ def test_bad_prompts_raise_user_error():
 
 
 def test_cli(monkeypatch, tmp_path, capsys):
-    from jaxgpt import generate as cli
+    from jaxgpt.cli.common import generate as cli
 
     assert cli.main(["--init", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
     assert "error:" in capsys.readouterr().err

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from jaxgpt.scoring import exact_match, rouge_l_f1, score_responses
+from jaxgpt.text.scoring import exact_match, rouge_l_f1, score_responses
 
 
 def _f1(lcs: int, n_pred: int, n_ref: int) -> float:

@@ -7,8 +7,8 @@ import pytest
 import tiktoken.load
 import tiktoken_ext.openai_public as openai_public
 
-from jaxgpt import tokenizer
-from jaxgpt.datasets import bundled_path
+from jaxgpt.text import gpt2_bpe as tokenizer
+from jaxgpt.data.bundled import bundled_path
 from jaxgpt.errors import UserError
 
 

@@ -7,11 +7,11 @@ import optax
 import pytest
 
 from jaxgpt.config import TrainConfig
-from jaxgpt.losses import token_cross_entropy
-from jaxgpt.model import GPT, init_params
-from jaxgpt.optim import FREEZE, TRAIN, count_trainable, decay_mask, label_params, lr_schedule, make_optimizer
+from jaxgpt.train.losses import token_cross_entropy
+from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.train.optim import FREEZE, TRAIN, count_trainable, decay_mask, label_params, lr_schedule, make_optimizer
 from jaxgpt.parallel import DataParallel
-from jaxgpt.steps import create_train_state, eval_step, lm_loss_fn, train_step
+from jaxgpt.train.steps import create_train_state, eval_step, lm_loss_fn, train_step
 
 
 def _batches(cfg, n=5, batch=8, seq=16, seed=0):
@@ -185,7 +185,7 @@ def test_fused_head_logprobs_equal_log_softmax_and_skip_a_frozen_kernels_gradien
     of the materialised logits at temperature 0.7, values and gradients; and with the kernel
     frozen the compiled cross-entropy gradient does fewer FLOPs (its kernel-gradient matmul
     is dead code, as for a LoRA run's frozen head)."""
-    from jaxgpt.losses import head_cross_entropy, head_logprobs, token_logprobs
+    from jaxgpt.train.losses import head_cross_entropy, head_logprobs, token_logprobs
 
     k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
     hidden, kernel = jax.random.normal(k1, (3, 7, 16)), 0.3 * jax.random.normal(k2, (16, 50))

@@ -26,13 +26,13 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
-from jaxgpt import hub, weights, weights_openai  # noqa: E402
+from jaxgpt.io import hub, hf_load as weights, openai_tf as weights_openai  # noqa: E402
 from jaxgpt.config import PRESETS, ModelConfig  # noqa: E402
 from jaxgpt.errors import UserError  # noqa: E402
-from jaxgpt.export import config_to_hf, export_hf  # noqa: E402
-from jaxgpt.export import main as export_main  # noqa: E402
-from jaxgpt.hub import resolve_init  # noqa: E402
-from jaxgpt.model import GPT, count_params, init_params, param_shapes  # noqa: E402
+from jaxgpt.io.hf_export import config_to_hf, export_hf  # noqa: E402
+from jaxgpt.cli.export import main as export_main  # noqa: E402
+from jaxgpt.io.hub import resolve_init  # noqa: E402
+from jaxgpt.models.gpt2 import GPT, count_params, init_params, param_shapes  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 LOGIT_ATOL = 1e-4  # float32, absolute
@@ -140,7 +140,7 @@ def test_conv1d_layout_needs_no_transpose(hf_models):
 def test_greedy_generation_matches_transformers(hf_models, name):
     """40 greedy tokens, token for token, through jaxgpt's KV-cache decoder; two prompts of
     different lengths share one left-padded batch, each compared with HF on its own."""
-    from jaxgpt.sampling import generate_tokens
+    from jaxgpt.generation.decode import generate_tokens
 
     path, model = hf_models[name]
     config, params = resolve_init(str(path))
@@ -468,7 +468,7 @@ class _Hub:
         import http.server
         import threading
 
-        from jaxgpt.download import git_blob_sha1
+        from jaxgpt.io.download import git_blob_sha1
 
         self.name, self.requests, self.faults = name, [], []
         self.files = {f: (folder / f).read_bytes() for f in hub.PRESET_FILES}
@@ -716,16 +716,16 @@ def test_run_dir_delegates_to_checkpoint(tmp_path, monkeypatch):
     (run / "config.yaml").write_text("model: {}\n")
     config = ModelConfig(vocab_size=11, context_length=8, n_layer=1, n_head=1, n_embd=4)
     params = init_params(config, jax.random.key(0))
-    fake = types.ModuleType("jaxgpt.checkpoint")
+    fake = types.ModuleType("jaxgpt.io.checkpoint")
     fake.load_params = lambda p, **kwargs: (types.SimpleNamespace(model=config), params)
-    monkeypatch.setitem(sys.modules, "jaxgpt.checkpoint", fake)
+    monkeypatch.setitem(sys.modules, "jaxgpt.io.checkpoint", fake)
     assert resolve_init(str(run)) == (config, params)
 
 
 def test_run_dir_real_checkpoint(tmp_path):
-    ckpt = pytest.importorskip("jaxgpt.checkpoint")
+    ckpt = pytest.importorskip("jaxgpt.io.checkpoint")
     if not all(hasattr(ckpt, n) for n in ("load_params", "checkpoint_manager", "save")):
-        pytest.skip("jaxgpt.checkpoint has no load_params/save yet")
+        pytest.skip("jaxgpt.io.checkpoint has no load_params/save yet")
     from jaxgpt.config import Config, save_config
 
     config = ModelConfig(vocab_size=11, context_length=8, n_layer=1, n_head=1, n_embd=4, tie_embeddings=False)
@@ -744,7 +744,7 @@ def test_run_dir_real_checkpoint(tmp_path):
 def test_lora_params_must_be_merged_before_export(tmp_path):
     """Unmerged adapters are refused (their scale alpha / r lives in the run's config, which
     `--init RUN` reads); merged with `merge_lora` they export as W + A @ B * alpha / r."""
-    from jaxgpt.lora import LoRAConfig, merge_lora
+    from jaxgpt.models.lora import LoRAConfig, merge_lora
 
     config = ModelConfig(vocab_size=11, context_length=8, n_layer=1, n_head=1, n_embd=4)
     params = jax.device_get(init_params(config, jax.random.key(0)))

@@ -68,7 +68,7 @@ def validate_model(m: ModelConfig, *, check_vocab: bool = False) -> None:
              f"model.remat_policy {m.remat_policy!r} is not a jax.checkpoint_policies policy; "
              f"choose one of {', '.join(REMAT_POLICIES)}")
     if check_vocab:
-        from jaxgpt.tokenizer import N_VOCAB
+        from jaxgpt.text.gpt2_bpe import N_VOCAB
 
         _require(m.vocab_size >= N_VOCAB,
                  f"model.vocab_size={m.vocab_size} is smaller than the GPT-2 tokenizer's {N_VOCAB:,} ids; "

@@ -22,13 +22,13 @@ class ModelConfig:
     dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
     # reference (einsum, materialises the scores) | xla | cudnn (jax.nn.dot_product_attention;
     # no attention dropout, so with dropout > 0 in training they run reference) | blockwise
-    # (flash-style tiles, scores never materialised, dropout honoured; jaxgpt.attention) |
+    # (flash-style tiles, scores never materialised, dropout honoured; jaxgpt.models.attention) |
     # auto (cudnn on NVIDIA for causal bf16/fp16, else xla on GPU/TPU, blockwise with dropout there;
     # on CPU blockwise from 256 keys causal / 1024 with a padding or cache mask, else reference)
     attention: str = "reference"
     remat: bool = False  # recompute each block's activations in the backward pass
     # a name in jax.checkpoint_policies; nothing_saveable (keep only each block's input) runs
-    # through jaxgpt.recompute.recompute_after_cotangent, which XLA:CPU honours too; others nn.remat
+    # through jaxgpt.models.recompute.recompute_after_cotangent, which XLA:CPU honours too; others nn.remat
     remat_policy: str = "nothing_saveable"
     init: str = "gpt2"  # random init: gpt2 (N(0, 0.02), scaled residuals) | torch-default (the book's)
 

@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxgpt.data.records import check_split_fractions, read_examples
 from jaxgpt.errors import UserError
-from jaxgpt.tokenizer import EOT_ID, encode_batch
+from jaxgpt.text.gpt2_bpe import EOT_ID, encode_batch
 
 SPLITS = ("train", "val", "test")
 

@@ -14,7 +14,7 @@ sits above it). File records are shuffled with
 `data.seed` and split as Raschka ch. 7: train = int(0.85 n), test = int(0.1 n), val = the rest
 (935 / 110 / 55 for 1,100; fractions `data.test_fraction`, `data.val_fraction`).
 
-An example is `prompt + response + <|endoftext|>` (`jaxgpt.prompts.format_example`; prompt
+An example is `prompt + response + <|endoftext|>` (`jaxgpt.text.prompts.format_example`; prompt
 and response tokenized separately so the boundary is exact), cut to `max_length + 1` tokens.
 Its row: `inputs = seq[:-1]`, `targets = seq[1:]`, right-padded with `<|endoftext|>`;
 `mask` is 1 on scored targets: the response tokens and the first `<|endoftext|>` (the model
@@ -39,8 +39,8 @@ import numpy as np
 
 from jaxgpt.data.records import check_split_fractions, read_records
 from jaxgpt.errors import UserError
-from jaxgpt.prompts import format_example
-from jaxgpt.tokenizer import EOT_ID, encode_batch
+from jaxgpt.text.prompts import format_example
+from jaxgpt.text.gpt2_bpe import EOT_ID, encode_batch
 
 SPLITS = ("train", "val", "test")
 ROLES = ("instruction", "input", "output")

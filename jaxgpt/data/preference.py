@@ -7,10 +7,10 @@ config keys: `data.instruction_field`, `data.input_field`, `data.chosen_field`,
 .json/.jsonl(.gz) file or tfds:NAME). Default: the bundled `preference-data` (Raschka ch. 7
 DPO notebook: the 1,100 instructions with a polite `chosen` and an impolite `rejected` reply).
 
-A sequence is `format_prompt(instruction, input) + response + <|endoftext|>` (jaxgpt.prompts,
+A sequence is `format_prompt(instruction, input) + response + <|endoftext|>` (jaxgpt.text.prompts,
 the same format instruction tuning trains on), prompt and response tokenized separately so
 the boundary is exact. Its *response mask* is 1 on the response tokens (the end-of-text
-included) and 0 on the prompt and the padding: what `jaxgpt.losses.sequence_logprobs` scores.
+included) and 0 on the prompt and the padding: what `jaxgpt.train.losses.sequence_logprobs` scores.
 
 Sequences hold at most `max_length` tokens (`data.max_length`, 0 = the model's context). A
 prompt that leaves no room for a response is an error (naming the record); responses that do
@@ -33,8 +33,8 @@ import numpy as np
 
 from jaxgpt.data.records import check_split_fractions, read_records
 from jaxgpt.errors import UserError
-from jaxgpt.prompts import format_prompt
-from jaxgpt.tokenizer import EOT_ID, encode, encode_batch
+from jaxgpt.text.prompts import format_prompt
+from jaxgpt.text.gpt2_bpe import EOT_ID, encode, encode_batch
 
 SPLITS = ("train", "val", "test")
 SORT_CHUNK = 8  # training batches per length-sorted chunk

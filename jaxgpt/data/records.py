@@ -5,7 +5,7 @@
     rows[0]   # {"instruction": "...", "output": "...", "input": ""}: keys are roles, values strings
     texts, labels = read_examples("sms-spam")   # labelled examples, for classification
 
-The layer above the sources (`jaxgpt.datasets`, `jaxgpt.data.tfds_source`) and the file
+The layer above the sources (`jaxgpt.data.bundled`, `jaxgpt.data.tfds_source`) and the file
 readers (`jaxgpt.data.readers`), below the task datasets: every task whose examples are
 records resolves its `data.path` here, so a spec means the same thing to all of them.
 `read_records` serves the tasks whose records are JSON objects (instruction tuning,
@@ -20,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Mapping
 
-from jaxgpt import datasets
+from jaxgpt.data import bundled as datasets
 from jaxgpt.data.readers import label_text, pick_fields, read_file, read_json_records
 from jaxgpt.data.tfds_source import iter_records, open_tfds, text_of
 from jaxgpt.errors import UserError

@@ -44,14 +44,14 @@ import types
 from pathlib import Path
 from typing import Any, Iterator
 
-from jaxgpt import datasets
+from jaxgpt.data import bundled as datasets
 from jaxgpt.data.readers import read_file, read_json_records
 
 
 class LocalBuilder:
-    """Recipe of a TFDS builder whose data is a file bundled in `jaxgpt.datasets` (no download).
+    """Recipe of a TFDS builder whose data is a file bundled in `jaxgpt.data.bundled` (no download).
 
-    Subclasses set `BUNDLED_NAME` (a key of `jaxgpt.datasets.BUNDLED`) and may override
+    Subclasses set `BUNDLED_NAME` (a key of `jaxgpt.data.bundled.BUNDLED`) and may override
     `_features(features)` and `_generate_examples(path)`. The default is one record per file,
     `{"text": <whole file>}` in a single `train` split. The methods run on the registered
     TFDS class (see the module docstring), whose next base is `GeneratorBasedBuilder`.
@@ -79,7 +79,7 @@ class LocalBuilder:
             features=tfds.features.FeaturesDict(self._features(tfds.features)),
             disable_shuffling=True,
             homepage=self.HOMEPAGE or None,
-            license="see jaxgpt/datasets/LICENSES.md",
+            license="see jaxgpt/data/bundled/LICENSES.md",
         )
 
     def _split_generators(self, dl_manager) -> dict:

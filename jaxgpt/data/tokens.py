@@ -2,7 +2,7 @@
 
 A *source* (`data.path`) is one of
 
-* a bundled corpus name (`"the-verdict"`, see `jaxgpt.datasets`),
+* a bundled corpus name (`"the-verdict"`, see `jaxgpt.data.bundled`),
 * a UTF-8 text file,
 * a folder: every `*.txt` below it, recursively, in sorted relative-path order,
 * `"tfds:NAME"` or `"tfds:NAME:SPLIT"` (split defaults to `train`; NAME may carry a config
@@ -40,7 +40,9 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from jaxgpt import datasets, tokenizer
+from jaxgpt.data import bundled as datasets
+
+from jaxgpt.text import gpt2_bpe as tokenizer
 from jaxgpt.data.text import CHUNK_CHARS, Source, read_text_chunks, slugify
 from jaxgpt.data.tfds_source import tfds_source
 from jaxgpt.errors import UserError

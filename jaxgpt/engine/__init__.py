@@ -4,13 +4,13 @@
         -> jaxgpt.tasks.<task>: a Recipe (config, data, model attributes, loss, batches, evals)
         -> driver.train(recipe_cls, cfg, ...): run directory, --init, state, before/after evals
         -> loop.Loop: iterations of minibatches; logs, evals, checkpoints, Ctrl-C, NaN checks
-        -> jaxgpt.parallel (placement, compiled steps) -> jaxgpt.steps (pure train/eval steps)
-        -> jaxgpt.model / losses / optim
+        -> jaxgpt.parallel (placement, compiled steps) -> jaxgpt.train.steps (pure train/eval steps)
+        -> jaxgpt.models.gpt2 / losses / optim
 
 See ARCHITECTURE.md for the picture and how to add a task.
 """
 from jaxgpt.engine.keys import Keys
 from jaxgpt.engine.recipe import Plot, Recipe, Schedule
-from jaxgpt.rundir import RunDir, default_out_dir, is_main_process, log
+from jaxgpt.engine.rundir import RunDir, default_out_dir, is_main_process, log
 
 __all__ = ["Keys", "Plot", "Recipe", "RunDir", "Schedule", "default_out_dir", "is_main_process", "log"]

@@ -20,17 +20,17 @@ from typing import Any
 
 import jax
 
-from jaxgpt import checkpoint
+from jaxgpt.io import checkpoint
 from jaxgpt.engine.keys import Keys
 from jaxgpt.engine.loop import Cadence, Loop
 from jaxgpt.engine.params import check_lora_targets, graft, init_from, param_counts, train_labels
 from jaxgpt.engine.recipe import Recipe, Schedule
-from jaxgpt.metrics import MetricsWriter, check_tensorboard, plot_curves, read_jsonl, write_json
-from jaxgpt.model import GPT, init_params
-from jaxgpt.optim import lr_schedule, make_optimizer
+from jaxgpt.engine.metrics import MetricsWriter, check_tensorboard, plot_curves, read_jsonl, write_json
+from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.train.optim import lr_schedule, make_optimizer
 from jaxgpt.parallel import layout_for
-from jaxgpt.rundir import RunDir, RunLock, default_out_dir, is_main_process, log, truncate_metrics
-from jaxgpt.steps import TrainState, create_train_state, eval_step, train_step
+from jaxgpt.engine.rundir import RunDir, RunLock, default_out_dir, is_main_process, log, truncate_metrics
+from jaxgpt.train.steps import TrainState, create_train_state, eval_step, train_step
 
 
 @dataclass

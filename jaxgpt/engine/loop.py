@@ -11,7 +11,7 @@ iterations (the mean of each metric since the last record), an evaluation every
 `eval_interval` and at the end, a checkpoint at every evaluation, every
 `checkpoint_interval` and on Ctrl-C (which then stops the loop). Losses are checked for
 NaN/inf before every record, and losses and params before every save
-(`jaxgpt.rundir.DivergenceGuard`), so no checkpoint ever holds a diverged state and the last
+(`jaxgpt.engine.rundir.DivergenceGuard`), so no checkpoint ever holds a diverged state and the last
 good one is never rotated out by a bad one.
 Records go to `metrics.jsonl` (and TensorBoard when asked) through one `MetricsWriter`.
 """
@@ -28,10 +28,10 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxgpt import checkpoint
+from jaxgpt.io import checkpoint
 from jaxgpt.engine.keys import Keys
-from jaxgpt.rundir import DivergenceGuard, RunDir, is_main_process, log
-from jaxgpt.metrics import MetricsWriter, mfu
+from jaxgpt.engine.rundir import DivergenceGuard, RunDir, is_main_process, log
+from jaxgpt.engine.metrics import MetricsWriter, mfu
 
 # `source(iteration, local_params) -> (minibatches, stats)`: host batches for the updates
 # of `iteration`, and host-side statistics (floats) to log; `local_params()` gives the

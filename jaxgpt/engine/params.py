@@ -1,5 +1,5 @@
 """A run's initial parameters: `--init` weights grafted into a fresh model, and the label
-tree of the train mode (which leaves the optimiser updates; `jaxgpt.optim`).
+tree of the train mode (which leaves the optimiser updates; `jaxgpt.train.optim`).
 
 Train modes (`finetune.train_mode`; pretraining trains everything, with no label tree):
 
@@ -20,7 +20,7 @@ import numpy as np
 
 from jaxgpt.config import TRAIN_MODES
 from jaxgpt.errors import UserError
-from jaxgpt.lora import check_targets, is_lora_leaf
+from jaxgpt.models.lora import check_targets, is_lora_leaf
 
 # Top-level parameters that belong to a task head rather than to the transformer: an --init
 # checkpoint need not have them (a head of another shape starts fresh).
@@ -29,10 +29,10 @@ ALWAYS_TRAINED = ("value_head",)
 
 
 def init_from(spec: str, cfg):
-    """`(cfg, params)` for `--init SPEC` (`jaxgpt.hub.resolve_init`): the model section
+    """`(cfg, params)` for `--init SPEC` (`jaxgpt.io.hub.resolve_init`): the model section
     becomes the checkpoint's shape, keeping this run's dropout, compute dtype, attention
     kernel and remat settings; a LoRA run's adapters come merged."""
-    from jaxgpt.hub import resolve_init
+    from jaxgpt.io.hub import resolve_init
 
     model_cfg, params = resolve_init(spec)
     keep = {k: getattr(cfg.model, k) for k in ("dropout", "dtype", "attention", "remat", "remat_policy")}
@@ -68,7 +68,7 @@ def graft(fresh, loaded, source: str):
 
 def train_labels(params, mode: str, n_layer: int):
     """The label tree of `mode` (see the module docstring) over `params`."""
-    from jaxgpt.optim import label_params
+    from jaxgpt.train.optim import label_params
 
     if mode == "full":
         return label_params(params, lambda path, leaf: True)
@@ -82,7 +82,7 @@ def train_labels(params, mode: str, n_layer: int):
 
 def check_lora_targets(cfg, model_attrs: dict) -> None:
     """Every lora.targets entry must match a dense layer of the model (checked on shapes)."""
-    from jaxgpt.model import param_shapes
+    from jaxgpt.models.gpt2 import param_shapes
 
     plain = {k: v for k, v in model_attrs.items() if k != "lora"}
     check_targets(cfg.lora, param_shapes(cfg.model, **plain))
@@ -90,7 +90,7 @@ def check_lora_targets(cfg, model_attrs: dict) -> None:
 
 def param_counts(params, labels) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
-    from jaxgpt.optim import count_trainable
+    from jaxgpt.train.optim import count_trainable
 
     total = sum(int(np.size(p)) for p in jax.tree_util.tree_leaves(params))
     return count_trainable(params, labels), total

@@ -35,7 +35,7 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from jaxgpt.engine.keys import Keys
 from jaxgpt.engine.loop import Loop, Throughput
-from jaxgpt.rundir import RunDir
+from jaxgpt.engine.rundir import RunDir
 
 
 @dataclass(frozen=True)

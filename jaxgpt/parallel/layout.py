@@ -34,7 +34,7 @@ class Layout:
         return {k: v / count for k, v in totals.items()} if count else {}
 
     def place(self, state: Any, step_fn: Callable, accum_steps: int = 1, **static) -> "PlacedState":
-        """`state` (a `jaxgpt.steps.TrainState`, host or restored arrays) laid out on the
+        """`state` (a `jaxgpt.train.steps.TrainState`, host or restored arrays) laid out on the
         devices, with `step_fn` compiled for it (`compile_train_step(step_fn, **static)`)."""
         placed = self.replicate(state)
         return PlacedState(self, placed, self.compile_train_step(step_fn, state=placed, **static), accum_steps)

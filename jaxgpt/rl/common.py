@@ -13,7 +13,7 @@ import numpy as np
 from jaxgpt.config import at_least, one_of
 from jaxgpt.engine import Recipe, Schedule
 from jaxgpt.errors import UserError
-from jaxgpt.token_sampling import SAMPLERS
+from jaxgpt.generation.samplers import SAMPLERS
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class RLTask(Recipe):
         return self.evaluate(placed)
 
     def summary(self, loop, before: dict, final: dict) -> dict:
-        from jaxgpt.metrics import read_jsonl
+        from jaxgpt.engine.metrics import read_jsonl
 
         self.records = read_jsonl(self.run.metrics_jsonl)
         self.trained = [rec for rec in self.records if "reward" in rec]
@@ -151,7 +151,7 @@ class RLTask(Recipe):
 def plain_params(params, cfg, drop: Sequence[str] = ("value_head",)):
     """The GPT params the sampler and the reward/reference code read: LoRA merged (lora mode),
     extra heads dropped."""
-    from jaxgpt.lora import has_lora, merge_lora
+    from jaxgpt.models.lora import has_lora, merge_lora
 
     params = {k: v for k, v in params.items() if k not in drop}
     if has_lora(params):  # merged on the host (merge_lora is numpy): small next to a rollout

@@ -16,7 +16,7 @@ reference model (the k3 estimator, unbiased and always >= 0):
 aggregated either per sequence (the paper: mean over each completion's tokens, then mean
 over completions) or per token (DAPO: mean over all completion tokens of the batch, so long
 completions weigh more). Every function here is pure; `grpo_loss_fn` adapts them to the
-shared `jaxgpt.steps.train_step` as `(loss_sum, {"count": ..., other sums})`, so gradient
+shared `jaxgpt.train.steps.train_step` as `(loss_sum, {"count": ..., other sums})`, so gradient
 accumulation and device psums give the exact batch mean.
 """
 from __future__ import annotations
@@ -110,7 +110,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, clip_eps: float = 0
 
 def grpo_loss_fn(model, *, clip_eps: float, clip_eps_high: float | None, kl_beta: float, loss_agg: str,
                  temperature: float = 1.0, on_policy: bool = False):
-    """`loss_fn(params, batch, dropout_key)` for `jaxgpt.steps.train_step`.
+    """`loss_fn(params, batch, dropout_key)` for `jaxgpt.train.steps.train_step`.
 
     batch: `tokens`, `attention_mask` `[b, P + N]`; `completion_mask`, `old_logprobs`,
     `ref_logprobs` `[b, N]`; `advantages [b]`. Dropout stays off whatever the key: the

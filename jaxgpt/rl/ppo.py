@@ -21,7 +21,7 @@ penalty keeps the policy near the frozen reference. Losses, per completion token
     value   0.5 * max((V - R)^2, (V_old + clip(V - V_old, +-value_clip) - R)^2)
 
 summed as `policy + vf_coef * value` and averaged over every completion token of the batch
-(`(loss_sum, {"count": tokens, ...})` for the shared `jaxgpt.steps.train_step`).
+(`(loss_sum, {"count": tokens, ...})` for the shared `jaxgpt.train.steps.train_step`).
 """
 from __future__ import annotations
 
@@ -95,8 +95,8 @@ def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, *, c
 def policy_and_values(model, params, tokens, attention_mask, n: int, temperature: float = 1.0):
     """`(logp [b, n], values [b, n])` of the last n tokens from one pass of the trunk: the
     LM head and the value head of `model` (`GPT(value_head=True)`) on the same hidden states."""
-    from jaxgpt.losses import head_logprobs
-    from jaxgpt.model import GPT, lm_head_kernel
+    from jaxgpt.train.losses import head_logprobs
+    from jaxgpt.models.gpt2 import GPT, lm_head_kernel
     from jaxgpt.rl.rollout import completion_hidden
 
     hidden = completion_hidden(model, params, tokens, attention_mask, n)  # [b, n + 1, d]
@@ -105,7 +105,7 @@ def policy_and_values(model, params, tokens, attention_mask, n: int, temperature
 
 
 def ppo_loss_fn(model, *, clip_eps: float, value_clip: float, vf_coef: float, temperature: float = 1.0):
-    """`loss_fn(params, batch, dropout_key)` for `jaxgpt.steps.train_step` (dropout off).
+    """`loss_fn(params, batch, dropout_key)` for `jaxgpt.train.steps.train_step` (dropout off).
 
     batch: `tokens`, `attention_mask` `[b, P + N]`; `completion_mask`, `old_logprobs`,
     `old_values`, `advantages`, `returns` `[b, N]`."""

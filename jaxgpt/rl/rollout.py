@@ -1,6 +1,6 @@
 """Rollouts: G sampled completions per prompt in one jitted call, and their log-probs.
 
-Sampling is `jaxgpt.sampling.generate_tokens` (a fixed-size KV cache, one prefill call,
+Sampling is `jaxgpt.generation.decode.generate_tokens` (a fixed-size KV cache, one prefill call,
 then a `lax.while_loop` that emits a token per step and stops once every row has emitted
 `<|endoftext|>`; no Python loop over tokens). A rollout batch lays the left-padded prompt
 and its completion side by side:
@@ -28,13 +28,13 @@ import numpy as np
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.losses import head_logprobs
-from jaxgpt.model import GPT, lm_head_kernel
+from jaxgpt.train.losses import head_logprobs
+from jaxgpt.models.gpt2 import GPT, lm_head_kernel
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer=None) -> list[list[int]]:
     """Token ids of each prompt text (GPT-2 BPE, `<|endoftext|>` allowed)."""
-    from jaxgpt.tokenizer import encode
+    from jaxgpt.text.gpt2_bpe import encode
 
     return [list(tokenizer.encode(p)) if tokenizer is not None else encode(p) for p in prompts]
 
@@ -77,7 +77,7 @@ def rollout(params, config: ModelConfig, prompt_tokens, prompt_mask, key, *, gro
     entry, which would otherwise dominate a small model's rollout."""
     prompt_tokens = jnp.repeat(jnp.asarray(prompt_tokens, jnp.int32), group_size, axis=0)
     prompt_mask = jnp.repeat(jnp.asarray(prompt_mask, bool), group_size, axis=0)
-    from jaxgpt.sampling import generate_tokens
+    from jaxgpt.generation.decode import generate_tokens
 
     out = generate_tokens(params, config, prompt_tokens, prompt_mask, key, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
@@ -138,7 +138,7 @@ def right_padded(tokens, attention_mask, pad_id: int = 0):
 def completion_texts(out: dict, eos_id: int | None, tokenizer=None) -> list[str]:
     """Decoded completions of a rollout dict (its last N columns cut at `lengths`, the final
     eos dropped)."""
-    from jaxgpt.tokenizer import decode
+    from jaxgpt.text.gpt2_bpe import decode
 
     dec = tokenizer.decode if tokenizer is not None else decode
     n = out["completion_mask"].shape[1]

@@ -4,7 +4,7 @@ A task module defines its config class (a `common.TaskConfig` subclass, defaults
 `configs/finetune/<task>.yaml`), its recipe (`RECIPE`, a `jaxgpt.engine.Recipe` subclass)
 and a Python entry point (`finetune_classifier`, ...) that calls `jaxgpt.engine.driver.train`.
 Adding a task is one module plus its `TASKS` entry below, whose `flags` are the task's own
-command-line shorthands for config keys (the shared ones are in `jaxgpt.cli.add_finetune_args`).
+command-line shorthands for config keys (the shared ones are in `jaxgpt.cli.common.add_finetune_args`).
 Modules are imported only when their subcommand runs, so `finetune.py --help` stays fast.
 Config files `configs/finetune/<task>.yaml` and `configs/finetune/<task>-<variant>.yaml`
 belong to `<task>`'s config class (`config_class_for`).

@@ -1,6 +1,6 @@
 """`finetune.py classify`: sequence classification with a GPT (Raschka ch. 6 and appendix E).
 
-The LM head is replaced by a `num_classes` head (`score`, `jaxgpt.model.GPT(num_classes=...)`),
+The LM head is replaced by a `num_classes` head (`score`, `jaxgpt.models.gpt2.GPT(num_classes=...)`),
 and the class logits are read at each row's last real token (rows are right-padded with
 `<|endoftext|>`; attention is causal, so nothing after that token, padding included, can
 change them). Loss: cross-entropy on those logits, through the shared `train_step` and
@@ -32,7 +32,7 @@ from jaxgpt.data.classification import (ClassifyDataConfig, encode_texts, load_c
 from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
-from jaxgpt.losses import classification_loss_fn, last_token
+from jaxgpt.train.losses import classification_loss_fn, last_token
 from jaxgpt.tasks import common, default_config
 from jaxgpt.tasks.common import SplitTask, TaskConfig
 
@@ -108,7 +108,7 @@ def load_classifier(run_dir: str | Path) -> tuple[ClassifyConfig, Any, list[str]
 def predict(cfg: ClassifyConfig, params, labels: Sequence[str], max_length: int, texts: Sequence[str],
             batch_size: int = 32) -> list[tuple[str, float]]:
     """`(label, probability)` of the most likely class of each text (truncated to max_length)."""
-    from jaxgpt.model import GPT
+    from jaxgpt.models.gpt2 import GPT
 
     model = GPT(cfg.model, num_classes=len(labels))  # params are merged: no LoRA attribute
 

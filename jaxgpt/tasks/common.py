@@ -26,7 +26,7 @@ from jaxgpt.config import TRAIN_MODES, MeshConfig, ModelConfig, TrainConfig, loa
 from jaxgpt.engine import Plot, Recipe, Schedule, log
 from jaxgpt.engine.loop import Throughput
 from jaxgpt.errors import UserError
-from jaxgpt.lora import LoRAConfig, has_lora, merge_lora, validate_lora
+from jaxgpt.models.lora import LoRAConfig, has_lora, merge_lora, validate_lora
 
 LM_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every dense layer of an LM (its head is tied to wte)
 SPLITS = ("train", "val", "test")
@@ -74,7 +74,7 @@ class TaskConfig:
 
 
 def validate_finetune(cfg) -> None:
-    """Checks on the shared sections beyond `jaxgpt.config.validate` (called by `jaxgpt.cli.load_task_config`)."""
+    """Checks on the shared sections beyond `jaxgpt.config.validate` (called by `jaxgpt.cli.common.load_task_config`)."""
     validate(cfg)
     mode = cfg.finetune.train_mode
     if mode not in TRAIN_MODES:
@@ -193,7 +193,7 @@ PAIR_PLOTS = (Plot("loss.png", "step", ("train_loss", "train_eval_loss", "val_lo
 
 def load_run(run_dir: str | Path, cls, *, merge: bool = True) -> tuple[Any, Any]:
     """`(cfg, params)` of a fine-tuning run's latest checkpoint; LoRA adapters merged."""
-    from jaxgpt import checkpoint
+    from jaxgpt.io import checkpoint
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -2,9 +2,9 @@
 
 The policy starts from `--init` (an instruction-tuned run, e.g. runs/sft) and the *reference*
 is that same initial model, frozen. For every pair the policy's and the reference's summed
-response log-probs (`jaxgpt.losses.sequence_logprobs`, prompt and padding masked) give
+response log-probs (`jaxgpt.train.losses.sequence_logprobs`, prompt and padding masked) give
 `dpo_loss = -log sigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r)))`
-(`jaxgpt.preference.dpo_loss`; `dpo.label_smoothing` > 0 gives conservative DPO).
+(`jaxgpt.train.preference_losses.dpo_loss`; `dpo.label_smoothing` > 0 gives conservative DPO).
 
 The reference is an explicit argument, never hidden state, and it is used exactly once: a
 pass at the start computes `ref_chosen`, `ref_rejected` for every pair of every split
@@ -38,9 +38,9 @@ from jaxgpt.data.preference import SPLITS, PreferenceData, PreferenceDataConfig,
 from jaxgpt.engine import Plot, is_main_process
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
-from jaxgpt.lora import merge_lora, without_adapters
-from jaxgpt.model import GPT
-from jaxgpt.preference import dpo_loss_fn, reference_fn
+from jaxgpt.models.lora import merge_lora, without_adapters
+from jaxgpt.models.gpt2 import GPT
+from jaxgpt.train.preference_losses import dpo_loss_fn, reference_fn
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import LMLoRAConfig, PAIR_PLOTS, SplitTask, TaskConfig
 from jaxgpt.tasks.reward import Reward
@@ -134,9 +134,9 @@ def _load_reference(path: Path, data: PreferenceData) -> dict:
 
 def sample_responses(model_cfg: ModelConfig, params, records: list[dict], max_new_tokens: int, key) -> list[str]:
     """Greedy responses to `records`' prompts, in one batch; `params` are plain (merged)."""
-    from jaxgpt.prompts import format_prompt
-    from jaxgpt.sampling import greedy_responses
-    from jaxgpt.tokenizer import encode
+    from jaxgpt.text.prompts import format_prompt
+    from jaxgpt.generation.decode import greedy_responses
+    from jaxgpt.text.gpt2_bpe import encode
 
     prompts = [encode(format_prompt(r["instruction"], r["input"])) for r in records]
     return greedy_responses(params, model_cfg, prompts, key, max_new_tokens=max_new_tokens,

@@ -6,7 +6,7 @@ completion 1/0 by the task's strict verifier, turns rewards into group-normalise
 advantages, scores the completions under the frozen reference model, and makes
 `rollout.inner_epochs x rollout.minibatches` updates with the clipped GRPO loss
 (`jaxgpt.rl.grpo`) through the shared, pmapped train step. Prompts are the Alpaca format
-(`jaxgpt.prompts.format_prompt`, instruction = the question), as in `finetune.py instruct
+(`jaxgpt.text.prompts.format_prompt`, instruction = the question), as in `finetune.py instruct
 --task NAME`, whose run is the usual `--init`.
 
 Evaluation: greedy accuracy on the task's held-out eval split before training
@@ -31,16 +31,16 @@ import numpy as np
 from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPT
+from jaxgpt.models.gpt2 import GPT
 from jaxgpt.config import at_least, one_of
 from jaxgpt.rl.common import (RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs,
                               validate_rollout_config)
 from jaxgpt.rl.grpo import LOSS_AGGREGATIONS
-from jaxgpt.rl.prompts import load_task_data, token_newlines
+from jaxgpt.rl.prompt_sets import load_task_data, token_newlines
 from jaxgpt.rl.rollout import completion_logprobs, completion_texts, rollout
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import LMLoRAConfig, TaskConfig
-from jaxgpt.tokenizer import EOT_ID
+from jaxgpt.text.gpt2_bpe import EOT_ID
 
 DEFAULT_CONFIG = default_config("grpo")
 SUPERVISION = ("outcome", "process", "auto")

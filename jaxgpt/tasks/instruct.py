@@ -6,8 +6,8 @@ from the loss by default, length-bucketed batches). Training is the shared `trai
 through the shared engine (AdamW, full / last-block / LoRA label trees, pmapped data parallelism,
 checkpoints, `--resume`); the val loss is measured before the first update
 (`val_loss_before`) and at the end of every epoch. At the end the test records are answered
-greedily (KV cache, batched, `jaxgpt.sampling.generate_tokens`, stopping at `<|endoftext|>`)
-and scored against the references (`jaxgpt.scoring`: exact match, ROUGE-L F1).
+greedily (KV cache, batched, `jaxgpt.generation.decode.generate_tokens`, stopping at `<|endoftext|>`)
+and scored against the references (`jaxgpt.text.scoring`: exact match, ROUGE-L F1).
 
 Run directory: config.yaml, metrics.jsonl (a step-0 record with `val_loss_before`'s value,
 then the train loop's records), metrics.json, loss.png, responses.json (the test records
@@ -35,9 +35,9 @@ from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.engine.loop import Throughput
 from jaxgpt.errors import UserError
-from jaxgpt.lora import has_lora, merge_lora
-from jaxgpt.sampling import greedy_responses
-from jaxgpt.steps import lm_loss_fn
+from jaxgpt.models.lora import has_lora, merge_lora
+from jaxgpt.generation.decode import greedy_responses
+from jaxgpt.train.steps import lm_loss_fn
 from jaxgpt.tasks import common, default_config
 from jaxgpt.tasks.common import LMLoRAConfig, SplitTask, TaskConfig
 
@@ -84,7 +84,7 @@ def instruct_data(data: InstructDataConfig, context_length: int, batch_size: int
 
 def answer_and_score(params, cfg: InstructConfig, data: InstructData, key) -> tuple[list[dict], dict]:
     """`(responses.json rows, {"test_exact_match", "test_rougeL_f1"})` for the test split."""
-    from jaxgpt.scoring import score_responses
+    from jaxgpt.text.scoring import score_responses
 
     test = data.splits["test"]
     if not len(test):

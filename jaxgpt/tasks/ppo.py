@@ -33,12 +33,12 @@ from jaxgpt.errors import UserError
 from jaxgpt.config import at_least
 from jaxgpt.rl.common import (RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs,
                               validate_rollout_config)
-from jaxgpt.rl.prompts import load_prompts
+from jaxgpt.rl.prompt_sets import load_prompts
 from jaxgpt.rl.rollout import completion_texts, rollout
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import LMLoRAConfig, TaskConfig
 from jaxgpt.tasks.reward import load_reward_model
-from jaxgpt.tokenizer import EOT_ID
+from jaxgpt.text.gpt2_bpe import EOT_ID
 
 DEFAULT_CONFIG = default_config("ppo")
 
@@ -94,7 +94,7 @@ def scorer(cfg: PPOConfig, policy_model, rm_cfg: ModelConfig):
     """Jitted `score(params, ref_params, rm_params, tokens, attention_mask)` -> old log-probs,
     values, reference log-probs `[b, N]` and reward-model scores `[b]`: the frozen models are
     explicit arguments."""
-    from jaxgpt.model import GPT
+    from jaxgpt.models.gpt2 import GPT
     from jaxgpt.rl.ppo import policy_and_values
     from jaxgpt.rl.rollout import completion_logprobs, right_padded
     from jaxgpt.tasks.reward import reward_scores

@@ -23,8 +23,8 @@ from jaxgpt.config import Config
 from jaxgpt.engine import Plot, Recipe, Schedule, log
 from jaxgpt.engine.driver import train
 from jaxgpt.engine.loop import Throughput
-from jaxgpt.metrics import mfu
-from jaxgpt.steps import lm_loss_fn
+from jaxgpt.engine.metrics import mfu
+from jaxgpt.train.steps import lm_loss_fn
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent.parent / "configs" / "default.yaml"
 
@@ -98,8 +98,8 @@ pretrain = functools.partial(train, Pretrain)
 
 def sample_text(model_cfg, params: Any, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of `prompt` (shortened to fit the context), for progress samples."""
-    from jaxgpt.sampling import generate
-    from jaxgpt.tokenizer import encode
+    from jaxgpt.generation.decode import generate
+    from jaxgpt.text.gpt2_bpe import encode
 
     ids = encode(prompt)[-max(model_cfg.context_length - max_new_tokens, 1):]
     max_new = min(max_new_tokens, model_cfg.context_length - len(ids))

@@ -5,7 +5,7 @@ leaf `score/kernel [n_embd, 1]`), read at each row's last real token: the <|endo
 after the response (rows are right-padded; attention is causal, so padding cannot change
 it). Each pair's chosen and rejected sequences (`jaxgpt.data.preference`, the instruction
 format) go through one forward pass, and the loss is `-log sigmoid(r_chosen - r_rejected)`
-(`jaxgpt.preference.pairwise_loss`), through the shared `train_step` and the shared engine (AdamW,
+(`jaxgpt.train.preference_losses.pairwise_loss`), through the shared `train_step` and the shared engine (AdamW,
 train modes full / last-block / lora, pmapped data parallelism, checkpoints, `--resume`).
 
 Metrics: `{split}_pairwise_accuracy` (fraction of pairs scored chosen > rejected),
@@ -16,7 +16,7 @@ first update. Run directory: config.yaml, metrics.jsonl, metrics.json, loss.png,
 accuracy.png, checkpoints/.
 
 For RL (PPO) and scoring: `load_reward_model(run)` and the pure `reward_scores(...)`;
-`python -m jaxgpt.reward --init RUN --instruction ... --response ...` prints scores.
+`python -m jaxgpt reward --init RUN --instruction ... --response ...` prints scores.
 """
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ from jaxgpt.data.preference import PreferenceDataConfig, load_preference, valida
 from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
-from jaxgpt.lora import LoRAConfig
-from jaxgpt.losses import last_token
-from jaxgpt.preference import reward_loss_fn
+from jaxgpt.models.lora import LoRAConfig
+from jaxgpt.train.losses import last_token
+from jaxgpt.train.preference_losses import reward_loss_fn
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import PAIR_PLOTS, SplitTask, TaskConfig
 
@@ -56,7 +56,7 @@ def reward_scores(model_cfg: ModelConfig, params, tokens, lengths):
     (merged) reward-model params from `load_reward_model`. Rows should be scored as trained:
     `format_prompt(instruction, input) + response + <|endoftext|>`
     (`jaxgpt.data.preference.encode_example`), the end-of-text being the last real token."""
-    from jaxgpt.model import GPT
+    from jaxgpt.models.gpt2 import GPT
 
     scores = GPT(model_cfg, num_classes=1).apply({"params": params}, jnp.asarray(tokens, jnp.int32))
     return last_token(scores, jnp.asarray(lengths, jnp.int32))[:, 0]
@@ -73,8 +73,8 @@ class _RewardRun:
 def load_reward_model(run_dir: str | Path) -> tuple[ModelConfig, Any]:
     """`(model_cfg, params)` of a reward run's latest checkpoint: plain params (LoRA adapters
     merged) with a `score/kernel [n_embd, 1]` head, for `reward_scores`."""
-    from jaxgpt import checkpoint
-    from jaxgpt.lora import has_lora, merge_lora
+    from jaxgpt.io import checkpoint
+    from jaxgpt.models.lora import has_lora, merge_lora
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():

@@ -1,7 +1,7 @@
 """OpenAI's original GPT-2 release (TensorFlow): `model/wte`, `model/h0/ln_1/g|b`,
 `model/h0/attn/c_attn/w` (`[1, d, 3d]`, a 1x1 convolution; the leading 1 is squeezed) and
 so on, mapped onto jaxgpt's GPT-2 names through the same converter as Hugging Face
-checkpoints (`jaxgpt.weights.convert_tensors`). Reading the files needs TensorFlow."""
+checkpoints (`jaxgpt.io.hf_load.convert_tensors`). Reading the files needs TensorFlow."""
 from __future__ import annotations
 
 import re
@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.weights import Params, Target, Tensor, config_from_hf, convert_tensors, read_json
+from jaxgpt.io.hf_load import Params, Target, Tensor, config_from_hf, convert_tensors, read_json
 
 
 def config_from_openai(hparams: Mapping[str, Any], where: str = "hparams.json") -> ModelConfig:

@@ -4,7 +4,7 @@ over, one run per directory at a time.
 
 The driver (`jaxgpt.engine.driver`) and the loop call these at fixed points:
 
-    RunDir(out, resume=...)                before anything is written (check_out_dir for a new --out)
+    RunDir(out, resume=...)                before anything is written (check_new_run_dir for a new --out)
     with RunLock(run_dir): ...             around the whole run (process 0), before restore
     RunDir.create(cfg)                     marker (mark_run) first, then config.yaml
     truncate_metrics(metrics, step)        on --resume, once the restored step is known
@@ -51,7 +51,7 @@ class RunDir:
     writes, after every input has been checked."""
 
     def __init__(self, path: str | Path, *, resume: bool):
-        from jaxgpt import checkpoint
+        from jaxgpt.io import checkpoint
 
         self.path = Path(path)
         self.resume = resume
@@ -59,7 +59,7 @@ class RunDir:
             if checkpoint.latest_step(self.path) is None:
                 raise UserError(f"--resume {self.path}: no checkpoint there to resume from")
             return
-        check_out_dir(self.path)
+        check_new_run_dir(self.path)
         if checkpoint.latest_step(self.path) is not None:
             raise UserError(f"{self.path} already holds a run; pass --resume {self.path} to continue it "
                             "or choose another --out")
@@ -204,7 +204,7 @@ def is_our_run(run_dir: str | Path) -> bool:
     return (path / MARKER).is_file() or ((path / "config.yaml").is_file() and (path / "checkpoints").is_dir())
 
 
-def check_out_dir(out: str | Path) -> Path:
+def check_new_run_dir(out: str | Path) -> Path:
     """`--out` of a new run: absent, an empty folder, or a jaxgpt run (the loop then says
     to --resume it); anything else is a one-line `UserError` and nothing is touched."""
     path = Path(out)

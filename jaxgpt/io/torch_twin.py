@@ -1,5 +1,5 @@
 """A PyTorch twin of a jaxgpt model: Hugging Face `GPT2LMHeadModel` with the same weights,
-plus `torch.optim.AdamW` set up like `jaxgpt.optim.make_optimizer`.
+plus `torch.optim.AdamW` set up like `jaxgpt.train.optim.make_optimizer`.
 
 This is the reference that training parity is checked against (`tests/test_parity.py`,
 `benchmarks/parity_124m.py`): a torch implementation that jaxgpt did not write, fed the
@@ -10,7 +10,7 @@ same weights and batches, must give the same logits and, step after step, the sa
     opt = torch_adamw(model, params, train_cfg)    # decay on exactly jaxgpt's decay set
     loss = torch_lm_loss(model, inputs, targets)   # mean next-token CE, [batch, seq] ints
 
-Names go through `jaxgpt.weights` / `jaxgpt.export` (one rename table for the whole
+Names go through `jaxgpt.io.hf_load` / `jaxgpt.io.hf_export` (one rename table for the whole
 project). HF GPT-2 always has a qkv bias; for a `qkv_bias=False` config (the book's model)
 it is set to zero and frozen (`requires_grad=False`, left out of the optimiser), which is
 exactly the same function and the same training dynamics. torch is imported lazily, so
@@ -26,7 +26,7 @@ from flax import traverse_util
 
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.errors import UserError
-from jaxgpt.weights import Tensor, convert_tensors, hf_key, hf_target
+from jaxgpt.io.hf_load import Tensor, convert_tensors, hf_key, hf_target
 
 Params = dict[str, Any]
 _QKV_BIAS = ".attn.c_attn.bias"
@@ -40,7 +40,7 @@ def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
     """
     from transformers import GPT2Config
 
-    from jaxgpt.export import config_to_hf
+    from jaxgpt.io.hf_export import config_to_hf
 
     cfg = GPT2Config(**{k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "dtype")})
     cfg._attn_implementation = attn_implementation
@@ -54,7 +54,7 @@ def to_torch(params: Params, config: ModelConfig, *, attn_implementation: str = 
     import torch
     from transformers import GPT2LMHeadModel
 
-    from jaxgpt.export import hf_state_dict
+    from jaxgpt.io.hf_export import hf_state_dict
 
     model = GPT2LMHeadModel(hf_config(config, attn_implementation)).to(torch.float32)
     state = {k: torch.tensor(v) for k, v in hf_state_dict(params, config).items()}
@@ -88,8 +88,8 @@ def from_torch(model, config: ModelConfig) -> Params:
 
 
 def decay_names(params: Params) -> set[str]:
-    """HF names of the parameters `jaxgpt.optim.decay_mask` decays (matrices and embeddings)."""
-    from jaxgpt.optim import decay_mask
+    """HF names of the parameters `jaxgpt.train.optim.decay_mask` decays (matrices and embeddings)."""
+    from jaxgpt.train.optim import decay_mask
 
     flat = traverse_util.flatten_dict(decay_mask(params))
     return {hf_key(path) for path, decays in flat.items() if decays}

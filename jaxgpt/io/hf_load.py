@@ -1,6 +1,6 @@
 """Convert GPT-2 weights between jaxgpt and Hugging Face / OpenAI checkpoints.
 
-jaxgpt's parameter names are GPT-2's (see `jaxgpt.model`), so conversion is a rename:
+jaxgpt's parameter names are GPT-2's (see `jaxgpt.models.gpt2`), so conversion is a rename:
 
     HF key (with or without `transformer.`)     jaxgpt path                shape
     wte.weight                                   wte/embedding              [V, d]
@@ -21,14 +21,14 @@ axis in that order in both. The `attn.bias` / `attn.masked_bias` entries of olde
 checkpoints are causal-mask buffers, not parameters, and are skipped. With tied embeddings
 the head is `wte` itself: `lm_head.weight` must be absent or equal to `wte.weight`.
 
-OpenAI's original TensorFlow checkpoints have their own names (`jaxgpt.weights_openai`).
+OpenAI's original TensorFlow checkpoints have their own names (`jaxgpt.io.openai_tf`).
 
 Memory: loaders stream, one tensor at a time from the memory-mapped file (shape-checked
 before its data is read, converted to float32, moved to a jax array, its host copy dropped),
 so peak host memory is one float32 set of params plus one tensor, never two copies of a
 1558M model. `pytorch_model.bin` is read with `torch.load(mmap=True, weights_only=True)`:
-nothing in a pickle is ever executed. `jaxgpt.hub.resolve_init` is the one `--init SPEC`
-resolver; `jaxgpt.export.export_hf` writes the HF format back.
+nothing in a pickle is ever executed. `jaxgpt.io.hub.resolve_init` is the one `--init SPEC`
+resolver; `jaxgpt.io.hf_export.export_hf` writes the HF format back.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ from flax import traverse_util
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.model import param_shapes
+from jaxgpt.models.gpt2 import param_shapes
 
 Params = dict[str, Any]
 

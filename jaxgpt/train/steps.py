@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from jaxgpt.losses import HEAD_CHUNK_TOKENS, head_cross_entropy
+from jaxgpt.train.losses import HEAD_CHUNK_TOKENS, head_cross_entropy
 
 LossFn = Callable[[Any, dict, Any], tuple[jax.Array, dict]]
 
@@ -44,8 +44,8 @@ def lm_loss_fn(model: nn.Module, chunk_size: int = HEAD_CHUNK_TOKENS) -> LossFn:
     """Next-token loss. batch: `inputs`, `targets` `[batch, seq]`, optional `mask` `[batch, seq]`.
 
     The LM head runs fused into the cross-entropy over `chunk_size`-token slices
-    (`jaxgpt.losses.head_cross_entropy`): the `[batch, seq, vocab]` logits are never formed."""
-    from jaxgpt.model import lm_head_kernel
+    (`jaxgpt.train.losses.head_cross_entropy`): the `[batch, seq, vocab]` logits are never formed."""
+    from jaxgpt.models.gpt2 import lm_head_kernel
 
     def loss_fn(params, batch, dropout_key):
         hidden = model.apply(
@@ -82,7 +82,7 @@ def train_step(
     batch leaves: `[accum_steps, micro_batch, ...]` (this device's share of the global batch).
     key: the run's dropout stream; folded with the step, the device and the micro-batch so
     no two micro-batches anywhere share a mask.
-    labels: the optimiser's label tree (`jaxgpt.optim`; None: every leaf trains). Only
+    labels: the optimiser's label tree (`jaxgpt.train.optim`; None: every leaf trains). Only
     `"train"` leaves are differentiated, summed and reduced across devices; frozen leaves
     get zero gradients that are never computed (a LoRA step skips the frozen weights'
     gradients, the tied head's `[vocab, n_embd]` one included). `grad_norm` is the norm of
@@ -128,7 +128,7 @@ class _TrainableSplit:
     """The params as a list of trainable leaves (what `jax.grad` sees) and the frozen rest."""
 
     def __init__(self, params, labels):
-        from jaxgpt.optim import TRAIN
+        from jaxgpt.train.optim import TRAIN
 
         self.leaves, self.treedef = jax.tree_util.tree_flatten(params)
         if labels is None:

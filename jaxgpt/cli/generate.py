@@ -1,15 +1,15 @@
-"""`python -m jaxgpt.generate`: continue prompts with a trained or pretrained model.
+"""`python -m jaxgpt generate`: continue prompts with a trained or pretrained model.
 
-    python -m jaxgpt.generate --init runs/my-run --prompt "Every effort moves you"
-    python -m jaxgpt.generate --init runs/my-run --prompt-file prompts.txt \\
+    python -m jaxgpt generate --init runs/my-run --prompt "Every effort moves you"
+    python -m jaxgpt generate --init runs/my-run --prompt-file prompts.txt \\
         --max-new-tokens 100 --temperature 0.8 --top-k 50 --seed 1
-    python -m jaxgpt.generate --init runs/sft --instruction "Rewrite the sentence in passive voice." \\
+    python -m jaxgpt generate --init runs/sft --instruction "Rewrite the sentence in passive voice." \\
         --input "The chef cooks the meal."
 
 Each prompt's continuation is printed as prompt + generated text, prompts separated by a
-blank line. All prompts run as one left-padded batch through `jaxgpt.sampling.generate`.
+blank line. All prompts run as one left-padded batch through `jaxgpt.generation.decode.generate`.
 With `--instruction` (and optionally `--input`) the prompt is the Alpaca prompt of
-`jaxgpt.prompts.format_prompt`, the format `finetune.py instruct` trains on, and only the
+`jaxgpt.text.prompts.format_prompt`, the format `finetune.py instruct` trains on, and only the
 response is printed (the text generated after the prompt, up to `<|endoftext|>`).
 A LoRA fine-tuning run is merged with its own `lora` section first.
 Bad input (a missing run directory, out-of-range values, a prompt too long for the context)
@@ -22,23 +22,23 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from jaxgpt.cli import exit_on_user_error, main_entry
+from jaxgpt.cli.common import exit_on_user_error, main_entry
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 
 
 def load_init(spec: str) -> tuple[ModelConfig, Any]:
-    """`--init` -> (ModelConfig, plain params) through `jaxgpt.hub.resolve_init`: run
+    """`--init` -> (ModelConfig, plain params) through `jaxgpt.io.hub.resolve_init`: run
     directories (a LoRA run comes merged with its own alpha), Hugging Face or OpenAI
     directories, and preset names like "gpt2"."""
-    from jaxgpt.hub import resolve_init
+    from jaxgpt.io.hub import resolve_init
 
     return resolve_init(spec)
 
 
 def get_tokenizer():
-    """The GPT-2 BPE (`jaxgpt.tokenizer`); a function so tests can swap it."""
-    from jaxgpt.tokenizer import get_encoding
+    """The GPT-2 BPE (`jaxgpt.text.gpt2_bpe`); a function so tests can swap it."""
+    from jaxgpt.text.gpt2_bpe import get_encoding
 
     return get_encoding()
 
@@ -46,7 +46,7 @@ def get_tokenizer():
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; other commands (instruction prompts, ...) extend it."""
     parser = argparse.ArgumentParser(
-        prog="python -m jaxgpt.generate",
+        prog="python -m jaxgpt generate",
         description="Generate text continuations from a GPT-2 model (KV-cached, batched, jitted).",
     )
     parser.add_argument("--init", required=True, metavar="SPEC",
@@ -85,7 +85,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             raise UserError("--instruction builds the prompt itself; give it without --prompt / --prompt-file")
         if not args.instruction.strip():
             raise UserError("--instruction is empty")
-        from jaxgpt.prompts import format_prompt
+        from jaxgpt.text.prompts import format_prompt
 
         return [format_prompt(args.instruction, args.input)]
     if args.input:
@@ -111,7 +111,7 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from jaxgpt.sampling import check_sampling_args, generate
+    from jaxgpt.generation.decode import check_sampling_args, generate
 
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     prompts = read_prompts(args)

@@ -6,7 +6,7 @@ A targeted dense layer keeps its kernel `W [in, out]` and bias, and gains two le
     lora_b [r, out]  zeros, so a fresh adapter changes nothing
     y = x @ W + b + (x @ lora_a) @ lora_b * alpha / r
 
-Which leaves train is decided elsewhere, by a label tree (`jaxgpt.optim`): LoRA training
+Which leaves train is decided elsewhere, by a label tree (`jaxgpt.train.optim`): LoRA training
 labels only `lora_a`/`lora_b` as trainable (`is_lora_leaf`). `merge_lora` folds the adapters
 into the kernels and returns plain params that the plain model (no `lora`) runs.
 

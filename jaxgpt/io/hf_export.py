@@ -1,35 +1,30 @@
-"""Export GPT-2 weights to a Hugging Face directory: `export_hf` and its command line.
+"""Export GPT-2 weights to a Hugging Face directory (`export_hf`); the command line is
+`python -m jaxgpt export` (`jaxgpt.cli.export`).
 
-    python -m jaxgpt.export --init SPEC --to-hf OUTDIR [--force]
-
-SPEC is anything `--init` accepts (a jaxgpt run directory, a Hugging Face or OpenAI GPT-2
-directory, or a preset such as `gpt2`). OUTDIR receives config.json and model.safetensors,
-loadable with `transformers.GPT2LMHeadModel.from_pretrained(OUTDIR)`. LoRA adapters are
-merged first. The export is written to a temporary directory and renamed into place, so an
-interrupted run leaves no half-written OUTDIR; a non-empty OUTDIR is refused unless --force,
-which replaces only a previous export (a folder of config.json and model.safetensors alone),
-never the working folder, a folder above it, or the --init source.
+The folder receives config.json and model.safetensors, loadable with
+`transformers.GPT2LMHeadModel.from_pretrained(OUTDIR)`. The export is written to a temporary
+directory and renamed into place, so an interrupted run leaves no half-written OUTDIR; a
+non-empty OUTDIR is refused unless `force`, which replaces only a previous export (a folder of
+config.json and model.safetensors alone), never the working folder, a folder above it, or the
+source weights.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxgpt.cli import exit_on_user_error, main_entry
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.hub import ACCEPTED, resolve_init
-from jaxgpt.lora import has_lora
-from jaxgpt.weights import check_params, hf_key
+from jaxgpt.models.lora import has_lora
+from jaxgpt.io.hf_load import check_params, hf_key
 
 Params = dict[str, Any]
 GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos and eos
@@ -82,7 +77,7 @@ def hf_tensors(params: Params, config: ModelConfig) -> dict[str, tuple[tuple[int
     """
     if has_lora(params):
         raise UserError("params hold LoRA adapters (lora_a/lora_b): merge them first with "
-                        "jaxgpt.lora.merge_lora(params, run_config.lora) (--init RUN does this)")
+                        "jaxgpt.models.lora.merge_lora(params, run_config.lora) (--init RUN does this)")
     check_params(params, config)
     out: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
     for path, value in traverse_util.flatten_dict(params).items():
@@ -137,7 +132,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, tuple[tuple[int, ...]
 EXPORT_FILES = frozenset({"config.json", "model.safetensors"})
 
 
-def check_out_dir(out_dir: str | Path, force: bool = False, source: str | Path | None = None) -> Path:
+def check_export_dir(out_dir: str | Path, force: bool = False, source: str | Path | None = None) -> Path:
     """The absolute export directory, or a one-line `UserError`; nothing is touched.
 
     A non-empty OUTDIR is refused unless `force`, and `force` replaces only a previous
@@ -175,10 +170,10 @@ def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *,
     a temporary sibling directory that is renamed into place, so an interrupted export
     leaves nothing half-written at `out_dir`. A non-empty `out_dir` is refused unless
     `force`, in which case it is replaced as a whole, and only if it holds nothing but a
-    previous export (`check_out_dir`). Host memory: one tensor at a time
+    previous export (`check_export_dir`). Host memory: one tensor at a time
     beyond the params themselves (see `write_safetensors`).
     """
-    out = check_out_dir(out_dir, force)
+    out = check_export_dir(out_dir, force)
     tensors = hf_tensors(params, model_config)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -201,33 +196,3 @@ def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-
-# ---------------------------------------------------------------------------------------
-# Command line
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m jaxgpt.export", description=__doc__.split("\n\n")[0])
-    p.add_argument("--init", required=True, metavar="SPEC", help=f"weights to export: {ACCEPTED}")
-    p.add_argument("--to-hf", required=True, metavar="OUTDIR", dest="to_hf",
-                   help="directory to write config.json and model.safetensors into")
-    p.add_argument("--force", action="store_true",
-                   help="replace OUTDIR if it holds a previous export (config.json + model.safetensors only)")
-    return p
-
-
-@exit_on_user_error
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    check_out_dir(args.to_hf, args.force, source=args.init)  # fail before a long load, not after
-    config, params = resolve_init(args.init)
-    out = export_hf(params, config, args.to_hf, force=args.force)
-    print(f"wrote {out} (config.json, model.safetensors): n_layer={config.n_layer} n_head={config.n_head} "
-          f"n_embd={config.n_embd} vocab_size={config.vocab_size} tied={config.tie_embeddings}")
-    return 0
-
-
-if __name__ == "__main__":
-    main_entry(main)

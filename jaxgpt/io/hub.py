@@ -3,7 +3,7 @@
 Accepted forms, tried in this order:
 
 1. a jaxgpt run directory (holds `config.yaml`): its latest checkpoint, through
-   `jaxgpt.checkpoint.load_params`;
+   `jaxgpt.io.checkpoint.load_params`;
 2. a Hugging Face GPT-2 directory (holds `config.json`, plus `model.safetensors`, a sharded
    `model.safetensors.index.json`, or `pytorch_model.bin` when torch is installed);
 3. OpenAI's original TensorFlow release directory (holds `hparams.json` and
@@ -15,7 +15,7 @@ Accepted forms, tried in this order:
 
 Preset downloads are pinned and verified (`PRESET_PINS`): each preset is fetched at a fixed
 commit of its hub repository, never `main`, and every file is checked before it enters the
-cache (`jaxgpt.download`): against the size and sha256 written here (gpt2), or against the
+cache (`jaxgpt.io.download`): against the size and sha256 written here (gpt2), or against the
 size and hash the hub's metadata API gives for that commit (the LFS sha256 of
 model.safetensors, the git blob id of config.json). A partial or mismatched file is deleted
 and fetched again once. `$JAXGPT_HF_ENDPOINT` replaces https://huggingface.co (a mirror).
@@ -34,11 +34,11 @@ from pathlib import Path
 from typing import Any
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.download import Expected, VerificationError, fetch_verified, file_matches, warn
+from jaxgpt.io.download import Expected, VerificationError, fetch_verified, file_matches, warn
 from jaxgpt.errors import UserError
-from jaxgpt.lora import LoRAConfig, has_lora, merge_lora
-from jaxgpt.weights import check_params, load_hf_dir
-from jaxgpt.weights_openai import load_openai_dir
+from jaxgpt.models.lora import LoRAConfig, has_lora, merge_lora
+from jaxgpt.io.hf_load import check_params, load_hf_dir
+from jaxgpt.io.openai_tf import load_openai_dir
 
 Params = dict[str, Any]
 
@@ -232,9 +232,9 @@ class _ModelSection:
 
 def _load_run_dir(path: Path) -> tuple[ModelConfig, Params]:
     try:
-        from jaxgpt.checkpoint import load_params
+        from jaxgpt.io.checkpoint import load_params
     except ImportError:
-        raise UserError(f"{path} is a jaxgpt run directory but jaxgpt.checkpoint.load_params is not "
+        raise UserError(f"{path} is a jaxgpt run directory but jaxgpt.io.checkpoint.load_params is not "
                         "available in this install") from None
     config, params = load_params(path, config_cls=_ModelSection)
     if has_lora(params):  # a LoRA fine-tuning run: fold its adapters in with its own alpha

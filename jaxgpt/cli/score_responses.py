@@ -1,6 +1,6 @@
 """Score responses with a reward model trained by `python finetune.py reward`.
 
-    python -m jaxgpt.reward --init runs/rm --instruction "Name a color." --response "Blue." --response "Ugh, blue."
+    python -m jaxgpt reward --init runs/rm --instruction "Name a color." --response "Blue." --response "Ugh, blue."
 
 Prints one score a line, in the order of the `--response` flags (higher = preferred). Each
 response is scored as the model was trained: `format_prompt(instruction, input)` + response +
@@ -13,12 +13,12 @@ import argparse
 import sys
 from typing import Sequence
 
-from jaxgpt.cli import exit_on_user_error
+from jaxgpt.cli.common import exit_on_user_error
 from jaxgpt.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jaxgpt.reward", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt reward", description=__doc__.split("\n")[0])
     parser.add_argument("--init", required=True, metavar="RUN", help="a reward-model run directory")
     parser.add_argument("--instruction", required=True, help="the instruction (the prompt's task)")
     parser.add_argument("--input", default="", help="optional input for the instruction")
@@ -35,7 +35,7 @@ def score_responses(run_dir: str, instruction: str, input: str,
 
     from jaxgpt.data.preference import encode_example
     from jaxgpt.tasks.reward import load_reward_model, reward_scores
-    from jaxgpt.tokenizer import EOT_ID
+    from jaxgpt.text.gpt2_bpe import EOT_ID
 
     model_cfg, params = load_reward_model(run_dir)
     context = model_cfg.context_length
