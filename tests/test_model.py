@@ -216,7 +216,7 @@ def test_dropout_is_active_only_in_training(tiny_model_cfg):
     assert np.abs(np.asarray(train - eval1)).max() > 1e-3
 
 
-@pytest.mark.parametrize("name", list(PRESETS))
+@pytest.mark.parametrize("name", [p for p in PRESETS if p.startswith("gpt2")])  # others: test_llama_qwen.py
 def test_presets_shapes(name):
     cfg = load_config(None, [f"model.preset={name}"]).model
     shapes = param_shapes(cfg)

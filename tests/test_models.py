@@ -51,7 +51,8 @@ def test_no_code_outside_the_models_package_names_a_familys_params_or_builds_its
         names.add(family.block_prefix + "_")
     names -= set(LOGICAL_AXES)  # jaxgpt's own axis vocabulary ("mlp"), not a family's name
     module_classes = {f.module.__name__ for f in families()}
-    pattern = re.compile(r"(^|[/.\s])(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")($|[/.\s{\d])")
+    # a name alone, or as a component of a path ("h_0/attn/c_attn", f"h_{i}")
+    pattern = re.compile(r"(^|/)(" + "|".join(sorted(map(re.escape, names), key=len, reverse=True)) + r")($|/)")
     offenders = []
     for path in sorted(JAXGPT.rglob("*.py")):
         if path.relative_to(JAXGPT).parts[0] == "models":

@@ -275,7 +275,8 @@ class GPT2Family(Family):
         if m is None:
             return None
         layer, module, kind = m.groups()
-        if module.startswith("ln") == (kind == "w") or (not module.startswith("ln") and kind == "g"):
+        norm = module.startswith("ln")
+        if (norm and kind == "w") or (not norm and kind == "g"):
             return None
         target = self.hf_target(f"h.{layer}.{module.replace('/', '.')}.{leaf(kind)}")
         return Target(target.path, "squeeze0" if kind == "w" else target.transform)
