@@ -72,7 +72,7 @@ def test_resume_after_damaged_latest_uses_the_previous_step(straight, tmp_path, 
 
 
 def test_generate_and_resume_with_no_intact_checkpoint(straight, tmp_path, capsys):
-    from jaxgpt.cli.common import generate
+    from jaxgpt.cli import generate
 
     run = tmp_path / "run"
     shutil.copytree(straight, run)
