@@ -24,7 +24,7 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         try:
-            return main(*args, **kwargs) or 0
+            return _together(main(*args, **kwargs) or 0)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             return _alone(2)
@@ -32,7 +32,7 @@ def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
             if getattr(e, "message", ""):
                 print(e.message, file=sys.stderr)
             code = getattr(e, "exit_code", 130)
-            return code if getattr(e, "agreed", False) else _alone(code)
+            return _together(code) if getattr(e, "agreed", False) else _alone(code)
         except BaseException:
             if _multiprocess():
                 import traceback
@@ -50,6 +50,15 @@ def _multiprocess() -> bool:
     from jaxgpt.parallel.distributed import is_multiprocess
 
     return is_multiprocess()
+
+
+def _together(code: int) -> int:
+    """`code`, for an exit every process makes (noted for the watchdog: see distributed)."""
+    if _multiprocess():
+        from jaxgpt.parallel.distributed import set_exit_code
+
+        set_exit_code(code)
+    return code
 
 
 def _alone(code: int) -> int:

@@ -40,7 +40,7 @@ from jaxgpt.engine.rundir import (RunDir, RunLock, check_free_space, default_out
                                   truncate_metrics)
 from jaxgpt.errors import UserError
 from jaxgpt.io.files import DiskFull, disk_full_reason, is_disk_full
-from jaxgpt.parallel.distributed import is_multiprocess, stop_sync
+from jaxgpt.parallel.distributed import is_multiprocess, set_run, stop_sync
 from jaxgpt.train.steps import TrainState, create_train_state, eval_step, train_step
 
 
@@ -68,6 +68,7 @@ def train(recipe_cls: type[Recipe], cfg, out_dir: str | Path | None = None, *, r
     started = time.perf_counter()
     run = RunDir(out_dir or default_out_dir(recipe_cls.name), resume=resume)
     lock = RunLock(run.path, enabled=is_main_process())
+    set_run(run.path)
     with StopRequests(stop_sync()) as stops:
         try:
             if resume:  # before the restore, which may move damaged checkpoints aside

@@ -40,7 +40,7 @@ class MetricsWriter:
         line = (json.dumps(record) + "\n").encode()
         size = self.path.stat().st_size if self.path.exists() else 0
         try:
-            with disk_full_as("a metrics record", self.path), self.path.open("ab") as f:
+            with disk_full_as("a metrics record", self.path), open(self.path, "ab") as f:
                 f.write(line)
                 f.flush()
         except DiskFull:  # no torn line: cut the file back to its last whole record

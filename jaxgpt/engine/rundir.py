@@ -47,6 +47,16 @@ def log(msg: str) -> None:
         tqdm.write(msg)
 
 
+def warn(msg: str) -> None:
+    """`warning: msg` on stderr, from process 0 only (kept clear of progress bars)."""
+    if is_main_process():
+        import sys
+
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"warning: {msg}", file=sys.stderr)
+
+
 def default_out_dir(prefix: str) -> Path:
     return Path("runs") / f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}"
 
@@ -258,7 +268,10 @@ def check_free_space(path: str | Path, checkpoint_bytes: int, keep: int, existin
     whole), less the `existing` ones already there. Less than that is a warning (returned
     and printed: the run may end or space be freed first); less than the next single
     checkpoint is a `UserError`, since the first save would fail."""
-    free = free_bytes(path)
+    try:
+        free = free_bytes(path)
+    except OSError:  # a filesystem that does not say: nothing to check against
+        return None
     needed = max(1, keep + 1 - existing) * checkpoint_bytes
     if free >= needed:
         return None
@@ -266,10 +279,10 @@ def check_free_space(path: str | Path, checkpoint_bytes: int, keep: int, existin
     if free < checkpoint_bytes:
         raise UserError(f"{path}: {gib(free)} free, but one checkpoint takes about {gib(checkpoint_bytes)}; free "
                         "space or choose another --out")
-    msg = (f"warning: {path} has {gib(free)} free, less than the {gib(needed)} that "
+    msg = (f"{path} has {gib(free)} free, less than the {gib(needed)} that "
            f"{max(1, keep + 1 - existing)} more checkpoint(s) of about {gib(checkpoint_bytes)} need "
            f"(train.keep_checkpoints={keep}, plus the one being written); the run stops with a one-line error if the disk fills")
-    log(msg)
+    warn(msg)
     return msg
 
 

@@ -88,18 +88,24 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
     manager's `keep`. On failure what was written of `step` is removed (so a step without a
     manifest is never left by this code) and a full disk raises `DiskFull`."""
     directory = Path(str(manager.directory))
+    what = f"checkpoint step {step}"
+    with _quiet_disk_full_logs(), disk_full_as(what, directory / str(step)):
+        # A failure here may leave Orbax's threads writing the step: what they leave is
+        # `tidy`'s, at the next --resume.
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
     try:
-        with _quiet_disk_full_logs(), disk_full_as(f"checkpoint step {step}", directory / str(step)):
-            manager.save(
-                step,
-                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-                force=True,
-            )
-            manager.wait_until_finished()
+        with _quiet_disk_full_logs(), disk_full_as(what, directory / str(step)):
+            manager.wait_until_finished()  # Orbax's writes are over once this returns or raises
             if jax.process_index() == 0:
                 write_manifest(directory / str(step), step)
-    except BaseException:
-        if jax.process_index() == 0:
+    except BaseException as e:
+        # A multi-process failure other than a full disk is a peer's death: its writes may go
+        # on, so the step is left to `tidy` rather than pulled from under them.
+        if jax.process_index() == 0 and (jax.process_count() == 1 or is_disk_full(e)):
             _remove_partial(directory, step)
             with contextlib.suppress(Exception):
                 manager.reload()
@@ -127,9 +133,8 @@ def _discard(path: Path) -> None:
     delete it; a kill in between leaves only the trash, which `tidy` empties."""
     trash = path.parent / TRASH_DIR
     trash.mkdir(exist_ok=True)
-    target = trash / f"{path.name}-{os.getpid()}-{time.monotonic_ns()}"
-    os.replace(path, target)
-    shutil.rmtree(target, ignore_errors=True)
+    os.replace(path, trash / f"{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    _empty_trash(path.parent)
 
 
 def _empty_trash(directory: Path) -> None:

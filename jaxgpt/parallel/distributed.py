@@ -103,11 +103,32 @@ def resolve_peer_timeout(value: float | None) -> float:
 
 
 _leaving = threading.Lock()  # the first thread to leave says why; the others wait for the exit
+_run = "RUN"  # the run directory, for the messages (set by the driver)
+_exit_code = 0  # what this process exits with once its work is done (set by the entry point)
+
+
+def set_run(path) -> None:
+    """Name the run directory in the watchdog's messages (`--resume PATH`)."""
+    global _run
+    _run = str(path)
+
+
+def set_exit_code(code: int) -> None:
+    """The code this process exits with after a normal end (0, or 130/143 after a stop that
+    every process made): kept if a peer dies while this one is exiting."""
+    global _exit_code
+    _exit_code = code
 
 
 def _die(msg: str) -> None:
     """One line on stderr, then exit 2 at once: the main thread may be stuck in a collective."""
     leave(2, f"\nerror: {msg}")  # on its own line, after any progress bar
+
+
+def _gone(msg: str) -> None:
+    """A peer died while this process was exiting after its work was done: say so, exit with
+    the code it was exiting with (not waiting for the dead peer in JAX's shutdown barrier)."""
+    leave(_exit_code, f"warning: {msg}")
 
 
 def leave(code: int, line: str | None = None) -> None:
@@ -142,10 +163,11 @@ class PeerWatchdog(threading.Thread):
     """
 
     def __init__(self, client, process_id: int, num_processes: int, timeout: float,
-                 on_dead: Callable[[str], None] = _die, interval: float | None = None):
+                 on_dead: Callable[[str], None] = _die, interval: float | None = None,
+                 on_gone: Callable[[str], None] = _gone):
         super().__init__(name="jaxgpt-peer-watchdog", daemon=True)
         self.client, self.me, self.n, self.timeout = client, process_id, num_processes, timeout
-        self.on_dead = on_dead
+        self.on_dead, self.on_gone = on_dead, on_gone
         self.interval = interval if interval is not None else min(5.0, max(0.2, timeout / 10))
         self._halt = threading.Event()
         self._leaving = threading.Event()
@@ -171,15 +193,20 @@ class PeerWatchdog(threading.Thread):
                 if not self._halt.is_set() and not self._leaving.is_set():
                     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
                     self.on_dead(f"process {self.me} lost the coordinator (process 0) [{first}]; stopping; "
-                                 "restart every process with --resume RUN")
+                                 f"restart every process with --resume {_run}")
                 return
             now = time.monotonic()
             for p in peers:
                 if beats.get(p) != seen[p]:
                     seen[p], changed[p] = beats.get(p), now
                 elif p not in exited and now - changed[p] > self.timeout:
-                    self.on_dead(f"process {p} of {self.n} sent no heartbeat for {self.timeout:g} s (it died or "
-                                 f"hangs); stopping process {self.me} too; restart every process with --resume RUN")
+                    if self._leaving.is_set():
+                        self.on_gone(f"process {p} of {self.n} sent no heartbeat for {self.timeout:g} s while "
+                                     f"process {self.me} was exiting; not waiting for it")
+                    else:
+                        self.on_dead(f"process {p} of {self.n} sent no heartbeat for {self.timeout:g} s (it died "
+                                     f"or hangs); stopping process {self.me} too; restart every process with "
+                                     f"--resume {_run}")
                     return
             self._halt.wait(self.interval)
 
