@@ -72,7 +72,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     timeout = resolve_peer_timeout(peer_timeout)
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu") or _only_cpu():
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.config.update("jax_enable_preemption_service", False)  # StopSync handles SIGTERM (module doc)
+    try:
+        jax.config.update("jax_enable_preemption_service", False)  # StopSync handles SIGTERM (module doc)
+    except Exception:  # a JAX without the option: our handler replaces its C++ one when the run starts
+        pass
     heartbeat = heartbeat_timeout(timeout)
     if explicit:
         jax.distributed.initialize(coordinator, num_processes, process_id, heartbeat_timeout_seconds=heartbeat)
