@@ -68,7 +68,7 @@ def train(recipe_cls: type[Recipe], cfg, out_dir: str | Path | None = None, *, r
     started = time.perf_counter()
     run = RunDir(out_dir or default_out_dir(recipe_cls.name), resume=resume)
     lock = RunLock(run.path, enabled=is_main_process())
-    set_run(run.path)
+    named = set_run(run.path)
     with StopRequests(stop_sync()) as stops:
         try:
             if resume:  # before the restore, which may move damaged checkpoints aside
@@ -85,6 +85,7 @@ def train(recipe_cls: type[Recipe], cfg, out_dir: str | Path | None = None, *, r
         finally:
             run.remove_temporaries()
             lock.release()
+            set_run(named)
 
 
 def run_failure(e: BaseException, run: RunDir) -> UserError | None:
@@ -95,7 +96,7 @@ def run_failure(e: BaseException, run: RunDir) -> UserError | None:
             what = str(e)
         else:
             path = getattr(e, "filename", None) or run.path
-            what = str(DiskFull("a run file", path, disk_full_reason(e)))
+            what = str(DiskFull("a file", path, disk_full_reason(e)))
         newest = checkpoint.newest_intact_step(run.path)
         if newest is None:
             return UserError(f"{what}; no checkpoint was written yet; free space and run again")

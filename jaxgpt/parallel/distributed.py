@@ -110,10 +110,12 @@ _run = "RUN"  # the run directory, for the messages (set by the driver)
 _exit_code = 0  # what this process exits with once its work is done (set by the entry point)
 
 
-def set_run(path) -> None:
-    """Name the run directory in the watchdog's messages (`--resume PATH`)."""
+def set_run(path) -> str:
+    """Name the run directory in the watchdog's messages (`--resume PATH`); returns the
+    previous name."""
     global _run
-    _run = str(path)
+    previous, _run = _run, str(path)
+    return previous
 
 
 def set_exit_code(code: int) -> None:
