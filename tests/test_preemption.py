@@ -168,6 +168,26 @@ def test_a_second_sigterm(straight, tmp_path, monkeypatch, capsys, second):
     assert _leftovers(run) == []
 
 
+def test_a_sigterm_during_a_save_stops_right_after_it(straight, tmp_path, monkeypatch, capsys):
+    """The notice comes while step 8's checkpoint is written: that step is the one saved, no
+    further step runs."""
+    from jaxgpt.io import checkpoint
+
+    real = checkpoint.write_manifest
+
+    def write_manifest(step_dir, step):
+        if step == 8:
+            signal.raise_signal(signal.SIGTERM)
+        return real(step_dir, step)
+
+    monkeypatch.setattr(checkpoint, "write_manifest", write_manifest)
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert _train(_new_run(straight, tmp_path)) == 143
+    assert "preempted (SIGTERM): saved a checkpoint at step 8;" in capsys.readouterr().out
+    assert checkpoint.all_steps(run) == [8] and [r["step"] for r in _records(run)] == [4, 8]
+
+
 def test_kill_term_from_outside(tmp_path):
     """`kill -TERM` as a scheduler sends it, to a real process: exit 143, the line, the step
     it names is the newest checkpoint, no lock left."""

@@ -139,6 +139,7 @@ class Loop:
                 stop = stops.should_stop(done)
                 if is_eval or (c.checkpoint_interval and done % c.checkpoint_interval == 0) or stop:
                     self.save()
+                    stop = stop or stops.should_stop(done)  # asked during the save: this step is saved
                 if stop:
                     bar.close()
                     log(stops.describe(done, self.unit, str(self.run_dir.path)))
