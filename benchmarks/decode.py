@@ -209,7 +209,7 @@ def main(argv=None) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxgpt.models.gpt2 import count_params, init_params
+    from jaxgpt.models import count_params, init_params
     from jaxgpt.generation.decode import generate_tokens
 
     load_start = _loadavg()

@@ -67,10 +67,10 @@ def logits_agreement(cfg, params, tokens, attention16: str) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import build_model
 
     def logits(c):
-        return jax.jit(lambda p, t: GPT(c).apply({"params": p}, t))(params, tokens)
+        return jax.jit(lambda p, t: build_model(c).apply({"params": p}, t))(params, tokens)
 
     l32 = logits(replace(cfg, dtype="float32", attention="reference"))
     l16 = logits(replace(cfg, dtype="bfloat16", attention=attention16))
@@ -87,7 +87,7 @@ def train_check(cfg, params, args, peak: float) -> dict:
 
     from jaxgpt.config import TrainConfig
     from jaxgpt.engine.metrics import flops_per_token
-    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import build_model
     from jaxgpt.train.optim import make_optimizer
     from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step
 
@@ -99,7 +99,7 @@ def train_check(cfg, params, args, peak: float) -> dict:
     toks = rng.integers(0, cfg.vocab_size, (1, args.batch, args.seq + 1), dtype=np.int32)  # [accum, b, t+1]
     batch = jax.device_put({"inputs": toks[..., :-1], "targets": toks[..., 1:]})
     key = jax.random.key(2)
-    step = jax.jit(functools.partial(train_step, loss_fn=lm_loss_fn(GPT(cfg)), tx=tx), donate_argnums=0)
+    step = jax.jit(functools.partial(train_step, loss_fn=lm_loss_fn(build_model(cfg)), tx=tx), donate_argnums=0)
     t0 = time.perf_counter()
     compiled = step.lower(state, batch, key).compile()
     compile_s = time.perf_counter() - t0
@@ -165,7 +165,7 @@ def run(args) -> dict:
     from jaxgpt.config import PRESETS, ModelConfig
     from jaxgpt.config.checks import validate_model
     from jaxgpt.engine.metrics import peak_flops_per_device
-    from jaxgpt.models.gpt2 import count_params, init_params
+    from jaxgpt.models import count_params, init_params
 
     dev = jax.devices()[0]
     on_gpu = dev.platform == "gpu"

@@ -8,6 +8,8 @@
     python benchmarks/memory.py --set model.dtype=bfloat16 --json out.json
     python benchmarks/memory.py --layouts --preset gpt2-774m --preset gpt2-1558m   # per device, 8 devices:
                                                       # pmap replicas vs mesh fsdp=8 (remat off/on)
+    python benchmarks/memory.py --finetune --preset qwen3-8b --preset llama-3.1-8b --seq 2048 --batch 8 \
+        --set model.param_dtype=bfloat16 --set model.remat=true   # per device on fsdp=8: LoRA and full
 
 With `--layouts` the global batch is split over 8 devices (8 fake CPU devices when no
 accelerator has them): a replica holds the whole state and its batch / 8 rows (pmap's
@@ -30,7 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-if "--layouts" in sys.argv and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+if ("--layouts" in sys.argv or "--finetune" in sys.argv) and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import jax  # noqa: E402
@@ -38,29 +40,36 @@ import jax.numpy as jnp  # noqa: E402
 
 from jaxgpt.config import load_config  # noqa: E402
 from jaxgpt.train.losses import HEAD_CHUNK_TOKENS  # noqa: E402
-from jaxgpt.models.gpt2 import GPT, init_params  # noqa: E402
+from jaxgpt.models import build_model, init_params  # noqa: E402
 from jaxgpt.train.optim import make_optimizer  # noqa: E402
 from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step  # noqa: E402
 
 GIB = 1024**3
 
 
-def peak_bytes(model_cfg, train_cfg, batch: int, seq: int, mesh=None, head_chunk: int = HEAD_CHUNK_TOKENS) -> dict:
+def peak_bytes(model_cfg, train_cfg, batch: int, seq: int, mesh=None, head_chunk: int = HEAD_CHUNK_TOKENS,
+               lora=None) -> dict:
     """Per device. mesh: a `MeshParallel` (batch = the global batch), else one device.
     head_chunk: tokens per slice of the fused LM head + loss; 0 = the whole batch in one
-    slice (the `[tokens, vocab]` logits materialised, as an unfused head would)."""
-    tx = make_optimizer(train_cfg)
-    state = jax.eval_shape(lambda k: create_train_state(init_params(model_cfg, k), tx), jax.random.key(0))
+    slice (the `[tokens, vocab]` logits materialised, as an unfused head would). lora: a
+    `LoRAConfig`: train only the adapters (`--train-mode lora`: the base frozen, no moments)."""
+    from jaxgpt.engine.params import train_labels
+
+    attrs = {"lora": lora} if lora is not None else {}
+    abstract = jax.eval_shape(lambda k: init_params(model_cfg, k, **attrs), jax.random.key(0))
+    labels = train_labels(abstract, "lora", model_cfg) if lora is not None else None
+    tx = make_optimizer(train_cfg, labels)
+    state = jax.eval_shape(lambda k: create_train_state(init_params(model_cfg, k, **attrs), tx), jax.random.key(0))
     tokens = jax.ShapeDtypeStruct((1, batch, seq), jnp.int32)  # [accum, batch, seq]
-    loss_fn = lm_loss_fn(GPT(model_cfg), chunk_size=head_chunk or batch * seq)
+    loss_fn = lm_loss_fn(build_model(model_cfg, **attrs), chunk_size=head_chunk or batch * seq)
     if mesh is None:
-        step = jax.jit(lambda s, b, k: train_step(s, b, k, loss_fn=loss_fn, tx=tx), donate_argnums=0)
+        step = jax.jit(lambda s, b, k: train_step(s, b, k, loss_fn=loss_fn, tx=tx, labels=labels), donate_argnums=0)
     else:
         from jax.sharding import PartitionSpec
 
         state = mesh.restore_target(state)  # abstract, with the mesh's shardings
         tokens = jax.ShapeDtypeStruct(tokens.shape, tokens.dtype, sharding=mesh.sharding(PartitionSpec(None, ("data", "fsdp"))))
-        step = mesh.compile_train_step(train_step, state=state, loss_fn=loss_fn, tx=tx)
+        step = mesh.compile_train_step(train_step, state=state, loss_fn=loss_fn, tx=tx, labels=labels)
     t0 = time.perf_counter()
     compiled = step.lower(state, {"inputs": tokens, "targets": tokens}, jax.random.key(0)).compile()
     mem = compiled.memory_analysis()
@@ -91,12 +100,12 @@ def layouts(presets, seq: int, batch: int, overrides, budget_gib: float) -> list
     """Per-device peak of pmap replicas vs mesh fsdp=8, remat off/on, for each preset."""
     from jaxgpt.parallel import MeshParallel
 
-    mesh = MeshParallel(1, 8, 1, devices=tuple(jax.devices()[:8]))
     print(f"| preset | layout | remat | peak GiB / device | params + opt state GiB / device | fits {budget_gib:g} GiB |")
     print("|---|---|---|---|---|---|")
     rows = []
     for preset in presets:
         cfg = load_config(None, [f"model.preset={preset}", "model.dropout=0.0", *overrides])
+        mesh = MeshParallel(1, 8, 1, devices=tuple(jax.devices()[:8]), model=cfg.model)
         for name, layout, rows_per in (("pmap replicas", None, batch // 8), ("mesh fsdp=8", mesh, batch)):
             for remat in (False, True):
                 r = peak_bytes(dataclasses.replace(cfg.model, remat=remat), cfg.train, rows_per, seq, layout)
@@ -107,10 +116,35 @@ def layouts(presets, seq: int, batch: int, overrides, budget_gib: float) -> list
     return rows
 
 
+def finetune(presets, seq: int, batch: int, overrides) -> list[dict]:
+    """Per-device peak of LoRA and full fine-tuning on a mesh of fsdp=8 (model settings, such
+    as bfloat16 weights and remat, from `--set`), and whether it fits 16 and 80 GiB."""
+    from jaxgpt.models.lora import LoRAConfig
+    from jaxgpt.parallel import MeshParallel
+
+    print("| preset | train mode | param dtype | remat | peak GiB / device | params + opt GiB / device | "
+          "fits 16 GiB | fits 80 GiB | compile s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for preset in presets:
+        cfg = load_config(None, [f"model.preset={preset}", "model.dropout=0.0", "model.attention=blockwise", *overrides])
+        mesh = MeshParallel(1, 8, 1, devices=tuple(jax.devices()[:8]), model=cfg.model)
+        for mode, lora in (("lora", LoRAConfig(rank=16)), ("full", None)):
+            r = peak_bytes(cfg.model, cfg.train, batch, seq, mesh, lora=lora)
+            r.update(preset=preset, mode=mode, param_dtype=cfg.model.param_dtype, remat=cfg.model.remat,
+                     fits_16=r["peak_bytes"] <= 16 * GIB, fits_80=r["peak_bytes"] <= 80 * GIB)
+            rows.append(r)
+            print(f"| {preset} | {mode} | {cfg.model.param_dtype} | {cfg.model.remat} | {r['peak_bytes'] / GIB:.2f} | "
+                  f"{r['argument_bytes'] / GIB:.2f} | {'yes' if r['fits_16'] else 'no'} | "
+                  f"{'yes' if r['fits_80'] else 'no'} | {r['compile_s']:.0f} |", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", action="append", help="model preset (repeatable with --layouts; default gpt2-124m)")
     p.add_argument("--layouts", action="store_true", help="per device on 8 devices: pmap replicas vs mesh fsdp=8")
+    p.add_argument("--finetune", action="store_true", help="per device on fsdp=8: LoRA and full fine-tuning")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--budget-gib", type=float, default=0.0, help="also find the largest batch under this peak")
@@ -121,6 +155,12 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write results here")
     args = p.parse_args(argv)
     presets = args.preset or ["gpt2-124m"]
+    if args.finetune:
+        rows = finetune(presets, args.seq, args.batch, args.overrides)
+        if args.json:
+            Path(args.json).write_text(json.dumps({"backend": jax.devices()[0].platform, "seq": args.seq,
+                                                   "batch": args.batch, "rows": rows}, indent=2))
+        return 0
     if args.layouts:
         rows = layouts(presets, args.seq, args.batch, args.overrides, args.budget_gib or 16.0)
         if args.json:

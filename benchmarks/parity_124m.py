@@ -154,7 +154,7 @@ def run_parity(args) -> dict:
     import functools
 
     from jaxgpt.data import pretraining_data
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models import build_model, init_params
     from jaxgpt.train.optim import make_optimizer
     from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step
 
@@ -182,7 +182,7 @@ def run_parity(args) -> dict:
 
     # Logits (dropout off) and weights both ways, before training.
     probe = batches[0]["inputs"]
-    ref_logits = np.asarray(GPT(m).apply({"params": params}, jnp.asarray(probe)))
+    ref_logits = np.asarray(build_model(m).apply({"params": params}, jnp.asarray(probe)))
     for r, tm in torch_models.items():
         tm.eval()
         with torch.no_grad():
@@ -211,7 +211,7 @@ def run_parity(args) -> dict:
             opts[r] = torch_twin.torch_adamw(tm, params, t, decay=names)
     tx = make_optimizer(t)
     state = create_train_state(params, tx)
-    step = jax.jit(functools.partial(train_step, loss_fn=lm_loss_fn(GPT(m)), tx=tx))
+    step = jax.jit(functools.partial(train_step, loss_fn=lm_loss_fn(build_model(m)), tx=tx))
     key = jax.random.key(0)
     losses = {"jaxgpt": [], **{r: [] for r in torch_models}}
     times = {k: 0.0 for k in losses}
@@ -263,7 +263,7 @@ def run_book_ch05(args) -> dict:
 
     from jaxgpt.text import gpt2_bpe as tokenizer
     from jaxgpt.data import pretraining_data
-    from jaxgpt.models.gpt2 import init_params
+    from jaxgpt.models import init_params
 
     cfg = ch05_config(args, dropout=0.1)
     m = cfg.model

@@ -37,7 +37,7 @@ import numpy as np
 
 def measure(args) -> dict:
     from jaxgpt.config import PRESETS, ModelConfig
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models import build_model, init_params
     from jaxgpt.rl.rollout import completion_logprobs, rollout
 
     shape = dict(PRESETS[args.preset]) if args.preset else dict(n_layer=args.n_layer, n_head=args.n_head,
@@ -50,7 +50,7 @@ def measure(args) -> dict:
     mask = np.ones_like(tokens, bool)
     rows = args.prompts * args.group
     n = args.new_tokens
-    model = GPT(cfg)
+    model = build_model(cfg)
     score = jax.jit(lambda p, t, m: completion_logprobs(model, p, t, m, n))
 
     def once(i):

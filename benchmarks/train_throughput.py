@@ -136,7 +136,7 @@ class JaxRunner:
         import numpy as np
 
         from jaxgpt.config import TrainConfig
-        from jaxgpt.models.gpt2 import GPT, count_params, init_params
+        from jaxgpt.models import build_model, count_params, init_params
         from jaxgpt.train.optim import make_optimizer
         from jaxgpt.parallel import DataParallel
         from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step
@@ -150,7 +150,7 @@ class JaxRunner:
         params = init_params(cfg, jax.random.key(seed))
         self.n_params = count_params(params)
         self.dp = DataParallel(1)
-        loss_fn = lm_loss_fn(GPT(cfg), chunk_size=head_chunk) if head_chunk else lm_loss_fn(GPT(cfg))
+        loss_fn = lm_loss_fn(build_model(cfg), chunk_size=head_chunk) if head_chunk else lm_loss_fn(build_model(cfg))
         self.step_fn = self.dp.compile_train_step(train_step, loss_fn=loss_fn, tx=tx)
         self.state = self.dp.replicate(create_train_state(params, tx))
         del params

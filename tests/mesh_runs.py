@@ -79,7 +79,8 @@ def lora_classification(out: Path) -> dict:
 
 def grpo_updates(out: Path) -> dict:
     from jaxgpt.config import ModelConfig, TrainConfig
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
     from jaxgpt.train.optim import make_optimizer
     from jaxgpt.parallel import DataParallel, MeshParallel
     from jaxgpt.rl.grpo import grpo_loss_fn

@@ -20,7 +20,8 @@ from jaxgpt.models.attention import (
     dropout_keep_mask,
     reference_attention,
 )
-from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.models.gpt2 import GPT
+from jaxgpt.models import init_params
 from jaxgpt.generation.decode import generate_tokens
 
 B, T, H, D, TILE = 2, 20, 2, 8, 8
@@ -169,11 +170,11 @@ def test_gpt_blockwise_matches_reference(tiny_model_cfg, small_tiles):
 def test_gpt_blockwise_dropout_trains(tiny_model_cfg, small_tiles, monkeypatch):
     """Training with dropout hands the rate and a key to the blockwise kernel (whose dropout
     the tests above check); the result is deterministic per key and changes with the key."""
-    import jaxgpt.models.gpt2
+    import jaxgpt.models.layers
 
     seen = []
     spy = lambda *a, **kw: seen.append((kw["dropout_rate"], kw["dropout_rng"] is not None)) or blockwise_attention(*a, **kw)
-    monkeypatch.setattr(jaxgpt.models.gpt2, "blockwise_attention", spy)
+    monkeypatch.setattr(jaxgpt.models.layers, "blockwise_attention", spy)
     cfg = dataclasses.replace(tiny_model_cfg, attention="blockwise", dropout=0.5)
     params = _params(tiny_model_cfg)
     tokens = jax.random.randint(jax.random.key(1), (2, T), 0, cfg.vocab_size)

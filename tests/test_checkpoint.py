@@ -8,7 +8,7 @@ import pytest
 from jaxgpt.io import checkpoint
 from jaxgpt.config import Config, TrainConfig, save_config
 from jaxgpt.errors import UserError
-from jaxgpt.models.gpt2 import init_params
+from jaxgpt.models import init_params
 from jaxgpt.train.optim import make_optimizer
 from jaxgpt.train.steps import create_train_state
 

@@ -122,7 +122,8 @@ def test_prediction_reads_the_last_real_token():
     from jaxgpt.train.losses import last_token
 
     m = ModelConfig(vocab_size=97, context_length=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
 
     params = init_params(m, jax.random.key(0), num_classes=3)
     apply = jax.jit(lambda tokens: GPT(m, num_classes=3).apply({"params": params}, tokens))
@@ -224,7 +225,7 @@ def test_init_from_a_pretraining_run_last_block(tmp_path):
     last-block mode trains h_{n-1}, ln_f and the head only, and the frozen rest is the init's."""
     from jaxgpt.io import checkpoint
     from jaxgpt.config import Config, save_config
-    from jaxgpt.models.gpt2 import init_params
+    from jaxgpt.models import init_params
     from jaxgpt.tasks.common import load_run
     from jaxgpt.tasks.classify import ClassifyConfig
 

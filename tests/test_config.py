@@ -202,7 +202,7 @@ def test_a_section_given_as_a_scalar_in_yaml(tmp_path):
 def test_a_later_preset_replaces_an_earlier_files_shape(tmp_path):
     """default.yaml shrinks gpt2-124m to 4 layers; `--set model.preset=gpt2-124m` must then give
     GPT-2 124M, while shape keys set beside the preset in the same layer still win."""
-    from jaxgpt.models.gpt2 import count_params, param_shapes
+    from jaxgpt.models import count_params, param_shapes
     from jaxgpt.tasks.pretrain import DEFAULT_CONFIG
 
     small = load_config(DEFAULT_CONFIG).model

@@ -16,7 +16,8 @@ from jaxgpt.config import Config, ModelConfig, load_config, save_config
 from jaxgpt.data.preference import PreferenceDataConfig, load_preference
 from jaxgpt.errors import UserError
 from jaxgpt.train.losses import sequence_logprobs
-from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.models.gpt2 import GPT
+from jaxgpt.models import init_params
 from jaxgpt.train.preference_losses import dpo_logits, dpo_loss, implicit_rewards
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -102,7 +102,8 @@ def _toy_experience(params, cfg, key, group_size=8):
 def test_grpo_raises_the_reward_of_a_toy_task():
     """Through the real pieces (rollout, advantages, loss_fn, shared train_step): a random
     GPT learns to emit token 5, the reward going from ~1/16 to > 0.8."""
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
     from jaxgpt.train.steps import create_train_state, train_step
 
     cfg = ModelConfig(vocab_size=16, context_length=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
@@ -122,7 +123,8 @@ def test_grpo_raises_the_reward_of_a_toy_task():
 def test_on_policy_loss_equals_the_loss_with_exact_old_logprobs():
     """`on_policy` (one update per batch) skips the rescoring pass: loss and gradient are those
     of the clipped loss given the current policy's own (tempered) log-probs as old ones."""
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
     from jaxgpt.rl.rollout import completion_logprobs
 
     cfg = ModelConfig(vocab_size=16, context_length=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
@@ -144,7 +146,8 @@ def test_on_policy_loss_equals_the_loss_with_exact_old_logprobs():
 
 def test_update_is_the_same_on_1_and_4_devices():
     """The loss is a sum / count through the shared step: 4 devices (psum) give the update of 1."""
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
     from jaxgpt.parallel import DataParallel
     from jaxgpt.train.steps import create_train_state, train_step
 

@@ -100,7 +100,8 @@ def test_encode_split_tokens_and_truncation():
 def test_loss_ignores_padding_and_prompt(tiny_model_cfg):
     """The LM loss of a batch is the mean CE over exactly the masked targets: changing a
     padding or prompt target changes nothing, a response target changes the loss."""
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
     from jaxgpt.train.steps import lm_loss_fn
 
     cfg = tiny_model_cfg
@@ -262,7 +263,7 @@ def test_responses_are_the_greedy_kv_cache_decode(tiny_run):
 
 
 def test_generate_instruction_prints_the_response(tiny_run, capsys):
-    from jaxgpt.cli.common import generate as cli
+    from jaxgpt.cli import generate as cli
     from jaxgpt.generation.decode import greedy_responses
     from jaxgpt.tasks.instruct import InstructConfig
     from jaxgpt.tasks.common import load_run
@@ -284,7 +285,7 @@ def test_generate_instruction_prints_the_response(tiny_run, capsys):
 def test_lora_run_and_resume_match_a_straight_run(tmp_path, capsys):
     """LoRA mode end to end; N steps, stop, --resume == 2N steps straight (dropout on); the
     generate CLI merges the run's adapters."""
-    from jaxgpt.cli.common import generate as cli
+    from jaxgpt.cli import generate as cli
     from jaxgpt.models.lora import merge_lora
     from jaxgpt.tasks.common import load_run
     from jaxgpt.tasks.instruct import InstructConfig, finetune_instruct

@@ -11,7 +11,8 @@ import pytest
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.errors import UserError
 from jaxgpt.models.lora import LoRAConfig, check_targets, has_lora, lora_param_count, matches, merge_lora
-from jaxgpt.models.gpt2 import GPT, init_params, param_shapes
+from jaxgpt.models.gpt2 import GPT
+from jaxgpt.models import init_params, param_shapes
 from jaxgpt.train.optim import TRAIN, count_trainable, make_optimizer
 from jaxgpt.train.steps import create_train_state, train_step
 from jaxgpt.engine.params import graft, train_labels
@@ -33,7 +34,7 @@ def test_124m_classifier_trainable_counts(split_qkv, expected):
     shapes = param_shapes(m, num_classes=2, lora=lora)
     assert _closed_form(m, 2, 16, split_qkv) == expected
     assert lora_param_count(shapes) == expected
-    labels = train_labels(shapes, "lora", m.n_layer)
+    labels = train_labels(shapes, "lora", m)
     assert count_trainable(shapes, labels) == expected
     # Every other leaf is frozen, the head's own kernel included.
     assert labels["score"]["kernel"] != TRAIN and labels["score"]["lora_a"] == TRAIN
@@ -99,7 +100,7 @@ def test_merge_lora_after_training_matches(tiny, split_qkv):
     lora = LoRAConfig(rank=4, alpha=8.0, split_qkv=split_qkv)
     model = GPT(tiny, num_classes=2, lora=lora)
     params = init_params(tiny, jax.random.key(0), num_classes=2, lora=lora)
-    state = _train(tiny, model, params, train_labels(params, "lora", tiny.n_layer))
+    state = _train(tiny, model, params, train_labels(params, "lora", tiny))
     trained = jax.device_get(state.params)
     assert np.abs(trained["h_0"]["attn"]["c_attn"]["lora_b"]).max() > 0  # the adapters moved
     merged = merge_lora(trained, lora)
@@ -122,7 +123,7 @@ def test_frozen_params_unchanged_and_stateless(tiny, mode):
     if lora is not None:  # nonzero B so every adapter leaf gets a gradient
         params = jax.tree_util.tree_map_with_path(
             lambda p, x: x + 0.01 if getattr(p[-1], "key", "") == "lora_b" else x, params)
-    labels = train_labels(params, mode, tiny.n_layer)
+    labels = train_labels(params, mode, tiny)
     before = jax.device_get(params)
     state = _train(tiny, model, params, labels)
     after = jax.device_get(state.params)

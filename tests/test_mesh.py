@@ -35,7 +35,8 @@ def test_param_specs_shard_matrices_and_split_heads():
 
 def test_mesh_update_equals_one_device():
     """Three updates with fsdp=2 x tensor=2 on the suite's 4 devices == one device."""
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
     from jaxgpt.train.optim import make_optimizer
     from jaxgpt.parallel import DataParallel, MeshParallel
     from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from jaxgpt.config import PRESETS, ModelConfig, load_config
-from jaxgpt.models.gpt2 import GPT, count_params, init_cache, init_params, param_shapes, reference_attention
+from jaxgpt.models.gpt2 import GPT
+from jaxgpt.models import count_params, init_cache, init_params, param_shapes
+from jaxgpt.models.attention import reference_attention
 
 
 def test_gpt2_124m_parameter_counts():
@@ -111,7 +113,7 @@ def test_remat_recomputes_on_xla_cpu_too():
     """`remat` (nothing_saveable) must lower the compiled step's temporaries on XLA:CPU,
     where `jax.checkpoint` saves nothing (its barriers are expanded, then CSE undoes the
     recomputation); and the custom VJP's gradients, dropout key included, equal autodiff's."""
-    from jaxgpt.models.gpt2 import recompute_after_cotangent
+    from jaxgpt.models.recompute import recompute_after_cotangent
 
     cfg = ModelConfig(vocab_size=97, context_length=128, n_layer=4, n_head=2, n_embd=64, dropout=0.0)
     params = jax.eval_shape(lambda k: init_params(cfg, k), jax.random.key(0))

@@ -32,7 +32,8 @@ transformers = pytest.importorskip("transformers")
 from jaxgpt.io import torch_twin  # noqa: E402
 from jaxgpt.config import ModelConfig, TrainConfig, load_config  # noqa: E402
 from jaxgpt.errors import UserError  # noqa: E402
-from jaxgpt.models.gpt2 import GPT, init_params  # noqa: E402
+from jaxgpt.models.gpt2 import GPT  # noqa: E402
+from jaxgpt.models import init_params
 from jaxgpt.train.optim import make_optimizer  # noqa: E402
 from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step  # noqa: E402
 

@@ -68,7 +68,8 @@ def test_whiten_and_value_head():
     real = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
     np.testing.assert_allclose(w[np.asarray(mask, bool)], (real - 3.0) / np.sqrt(2.0), rtol=1e-5)
     assert w[0, 2] == 0.0
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
 
     def values_of(head, hidden):  # the model's value head on final hidden states [b, t, d]
         cfg = ModelConfig(vocab_size=8, context_length=4, n_layer=1, n_head=1, n_embd=hidden.shape[-1])
@@ -101,7 +102,8 @@ def test_ppo_loss_by_hand():
 def test_ppo_raises_a_toy_reward():
     """The real pieces (rollout, one-pass policy + values, KL-shaped rewards, GAE, whitening,
     the loss through the shared train_step): a random GPT learns to emit token 5."""
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
     from jaxgpt.rl.ppo import policy_and_values, ppo_loss_fn
     from jaxgpt.rl.rollout import pad_prompt_batch, rollout
     from jaxgpt.train.steps import create_train_state, train_step
@@ -157,7 +159,7 @@ def save_run(path: Path, params, model_cfg: ModelConfig) -> Path:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """A tiny random 'SFT' policy, a tiny random reward model (score head), and prompts."""
-    from jaxgpt.models.gpt2 import init_params
+    from jaxgpt.models import init_params
 
     tmp = tmp_path_factory.mktemp("ppo")
     sft = save_run(tmp / "sft", init_params(TINY, jax.random.key(1)), TINY)

@@ -105,7 +105,8 @@ def test_tfds_preference_data_equals_bundled(tmp_path):
 
 
 def test_reward_scores_read_the_last_real_token():
-    from jaxgpt.models.gpt2 import GPT, init_params
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
     from jaxgpt.tasks.reward import reward_scores
 
     params = init_params(MODEL, jax.random.key(0), num_classes=1)

@@ -10,7 +10,8 @@ import pytest
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.train.losses import token_logprobs
-from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.models.gpt2 import GPT
+from jaxgpt.models import init_params
 from jaxgpt.rl.rollout import (completion_logprobs, completion_texts, pad_prompt_batch,
                                positions_of, right_padded, rollout)
 

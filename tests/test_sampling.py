@@ -11,7 +11,8 @@ import pytest
 from jaxgpt.generation import decode as sampling
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.models.gpt2 import GPT
+from jaxgpt.models import init_params
 from jaxgpt.generation.decode import generate, generate_tokens, pad_prompts, sample_logits
 
 CFG = ModelConfig(vocab_size=128, context_length=48, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
@@ -204,12 +205,12 @@ def test_bad_prompts_raise_user_error():
 
 
 def test_cli(monkeypatch, tmp_path, capsys):
-    from jaxgpt.cli.common import generate as cli
+    from jaxgpt.cli import generate as cli
 
     assert cli.main(["--init", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
     assert "error:" in capsys.readouterr().err
     monkeypatch.setattr(cli, "load_init", lambda spec: (CFG, _params(CFG)))
-    monkeypatch.setattr(cli, "get_tokenizer", CharTokenizer)
+    monkeypatch.setattr(cli, "get_tokenizer", lambda config: CharTokenizer())
     assert cli.main(["--init", "x", "--prompt", "hi", "--top-k", "0"]) == 2
     assert cli.main(["--init", "x"]) == 2
     assert "no prompt" in capsys.readouterr().err

@@ -8,7 +8,8 @@ import pytest
 
 from jaxgpt.config import TrainConfig
 from jaxgpt.train.losses import token_cross_entropy
-from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.models.gpt2 import GPT
+from jaxgpt.models import init_params
 from jaxgpt.train.optim import FREEZE, TRAIN, count_trainable, decay_mask, label_params, lr_schedule, make_optimizer
 from jaxgpt.parallel import DataParallel
 from jaxgpt.train.steps import create_train_state, eval_step, lm_loss_fn, train_step

@@ -32,7 +32,8 @@ from jaxgpt.errors import UserError  # noqa: E402
 from jaxgpt.io.hf_export import config_to_hf, export_hf  # noqa: E402
 from jaxgpt.cli.export import main as export_main  # noqa: E402
 from jaxgpt.io.hub import resolve_init  # noqa: E402
-from jaxgpt.models.gpt2 import GPT, count_params, init_params, param_shapes  # noqa: E402
+from jaxgpt.models.gpt2 import FAMILY as GPT2_FAMILY, GPT, num_params_hf  # noqa: E402
+from jaxgpt.models import count_params, init_params, param_shapes  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 LOGIT_ATOL = 1e-4  # float32, absolute
@@ -397,7 +398,7 @@ def test_missing_and_unexpected_tensors(hf_models, tmp_path):
 @pytest.mark.parametrize("changes, message", [
     ({"activation_function": "relu"}, "activation_function is 'relu'"),
     ({"n_inner": 100}, "n_inner is 100"),
-    ({"model_type": "llama"}, "only GPT-2"),
+    ({"model_type": "mistral"}, "only GPT-2"),
     ({"n_embd": None}, "missing n_embd"),
 ])
 def test_unsupported_config(hf_models, tmp_path, changes, message):
@@ -638,7 +639,7 @@ def test_preset_shapes_match_transformers(ours, theirs):
         hf = GPT2LMHeadModel(GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head))
     hf_shapes = {}
     for key, t in hf.state_dict().items():
-        target = weights.hf_target(key)
+        target = GPT2_FAMILY.hf_target(key)
         assert target is not None, key
         if target.path is None or target.path == ("lm_head", "kernel"):
             continue  # mask buffers; the tied head is wte
@@ -646,7 +647,7 @@ def test_preset_shapes_match_transformers(ours, theirs):
     ours_shapes = {k: tuple(v.shape) for k, v in traverse_util.flatten_dict(param_shapes(config)).items()}
     assert ours_shapes == hf_shapes
     n = sum(p.numel() for p in hf.parameters())  # the tied head counted once
-    assert count_params(param_shapes(config)) == n == weights.num_params_hf(config)
+    assert count_params(param_shapes(config)) == n == num_params_hf(config)
     if ours == "gpt2-124m":
         assert n == 124_439_808
 

@@ -8,9 +8,9 @@
 
 Each prompt's continuation is printed as prompt + generated text, prompts separated by a
 blank line. All prompts run as one left-padded batch through `jaxgpt.generation.decode.generate`.
-With `--instruction` (and optionally `--input`) the prompt is the Alpaca prompt of
-`jaxgpt.text.prompts.format_prompt`, the format `finetune.py instruct` trains on, and only the
-response is printed (the text generated after the prompt, up to `<|endoftext|>`).
+With `--instruction` (and optionally `--input`) the prompt is the model's format
+(`jaxgpt.text.prompts.prompt_format`: its chat template, else Alpaca), the format `finetune.py
+instruct` trains on, and only the response is printed (the text generated after the prompt, up to `<|endoftext|>`).
 A LoRA fine-tuning run is merged with its own `lora` section first.
 Bad input (a missing run directory, out-of-range values, a prompt too long for the context)
 is one line on stderr and exit code 2.
@@ -36,29 +36,30 @@ def load_init(spec: str) -> tuple[ModelConfig, Any]:
     return resolve_init(spec)
 
 
-def get_tokenizer():
-    """The GPT-2 BPE (`jaxgpt.text.gpt2_bpe`); a function so tests can swap it."""
-    from jaxgpt.text.gpt2_bpe import get_encoding
+def get_tokenizer(config: ModelConfig):
+    """The model's tokenizer (`model.tokenizer`: GPT-2's BPE unless it names another); a
+    function so tests can swap it."""
+    from jaxgpt.text.tokenizer import tokenizer_of
 
-    return get_encoding()
+    return tokenizer_of(config)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; other commands (instruction prompts, ...) extend it."""
     parser = argparse.ArgumentParser(
         prog="python -m jaxgpt generate",
-        description="Generate text continuations from a GPT-2 model (KV-cached, batched, jitted).",
+        description="Generate text continuations from a model (KV-cached, batched, jitted).",
     )
     parser.add_argument("--init", required=True, metavar="SPEC",
                         help="weights to load: a training run directory (its latest checkpoint), "
-                             "or a Hugging Face GPT-2 directory / preset name such as gpt2")
+                             "or a Hugging Face model directory / preset name such as gpt2")
     src = parser.add_argument_group("prompts (at least one; all run as one batch)")
     src.add_argument("--prompt", action="append", default=[], metavar="TEXT",
                      help="a prompt to continue (repeatable)")
     src.add_argument("--prompt-file", metavar="FILE",
                      help="a UTF-8 text file with one prompt per line (blank lines skipped)")
     src.add_argument("--instruction", metavar="TEXT",
-                     help="ask an instruction-tuned model (finetune.py instruct): the prompt is the Alpaca "
+                     help="ask an instruction-tuned model (finetune.py instruct): the prompt is the model's chat template or the Alpaca "
                           "prompt of TEXT, and only the response is printed")
     src.add_argument("--input", metavar="TEXT", default="",
                      help="the instruction's input (optional; with --instruction)")
@@ -77,17 +78,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    """The prompts named by `--prompt` and `--prompt-file`, in that order; or the one
-    Alpaca prompt of `--instruction` / `--input`."""
+def read_prompts(args: argparse.Namespace) -> list:
+    """The prompts named by `--prompt` and `--prompt-file`, in that order; or, for
+    `--instruction`, the one `(instruction, input)` pair (made into the model's prompt format
+    once the model, and so its tokenizer, is loaded)."""
     if args.instruction is not None:
         if args.prompt or args.prompt_file:
             raise UserError("--instruction builds the prompt itself; give it without --prompt / --prompt-file")
         if not args.instruction.strip():
             raise UserError("--instruction is empty")
-        from jaxgpt.text.prompts import format_prompt
-
-        return [format_prompt(args.instruction, args.input)]
+        return [(args.instruction, args.input)]  # made into the model's prompt once it is loaded
     if args.input:
         raise UserError("--input goes with --instruction")
     prompts = list(args.prompt)
@@ -116,11 +116,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
     prompts = read_prompts(args)
     config, params = load_init(args.init)
+    tokenizer = get_tokenizer(config)
+    if args.instruction is not None:  # the model's own format: its chat template, else Alpaca
+        from jaxgpt.text.prompts import prompt_format
+
+        prompts = [prompt_format(tokenizer).prompt(*prompts[0])]
     texts = generate(
         params, config, prompts,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, stop_at_eos=not args.ignore_eos,
-        tokenizer=get_tokenizer(),
+        top_p=args.top_p, seed=args.seed, stop_at_eos=not args.ignore_eos, tokenizer=tokenizer,
     )
     if args.instruction is not None:
         print(texts[0].strip())  # the response only: what follows the prompt, cut at <|endoftext|>

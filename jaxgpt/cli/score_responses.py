@@ -35,13 +35,14 @@ def score_responses(run_dir: str, instruction: str, input: str,
 
     from jaxgpt.data.preference import encode_example
     from jaxgpt.tasks.reward import load_reward_model, reward_scores
-    from jaxgpt.text.gpt2_bpe import EOT_ID
+    from jaxgpt.text.tokenizer import tokenizer_of
 
     model_cfg, params = load_reward_model(run_dir)
+    tokenizer = tokenizer_of(model_cfg)
     context = model_cfg.context_length
     rows, truncated = [], []
     for i, response in enumerate(responses):
-        prompt, answer = encode_example(instruction, input, response)
+        prompt, answer = encode_example(instruction, input, response, tokenizer)
         if len(prompt) >= context:
             raise UserError(f"the prompt is {len(prompt)} tokens; the reward model's context is {context}, "
                             "which leaves no room for a response; shorten --instruction/--input")
@@ -49,7 +50,7 @@ def score_responses(run_dir: str, instruction: str, input: str,
             truncated.append(i)
         rows.append((prompt + answer)[:context])
     width = max(len(r) for r in rows)
-    tokens = np.full((len(rows), width), EOT_ID, np.int32)
+    tokens = np.full((len(rows), width), tokenizer.pad_id, np.int32)
     for i, r in enumerate(rows):
         tokens[i, : len(r)] = r
     lengths = np.array([len(r) for r in rows], np.int32)

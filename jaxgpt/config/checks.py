@@ -2,8 +2,8 @@
 numbers are already refused while a config is parsed, `jaxgpt.config.loading`)."""
 from __future__ import annotations
 
-from jaxgpt.config.sections import (ATTENTION_KINDS, DTYPES, MODEL_INITS, REMAT_POLICIES, DataConfig, MeshConfig,
-                                    ModelConfig, TrainConfig)
+from jaxgpt.config.sections import (ATTENTION_KINDS, DTYPES, FAMILIES, MODEL_INITS, REMAT_POLICIES, ROPE_SCALINGS,
+                                    DataConfig, MeshConfig, ModelConfig, TrainConfig)
 from jaxgpt.errors import UserError
 
 
@@ -55,19 +55,33 @@ def validate(cfg, *, check_vocab: bool = False) -> None:
 
 
 def validate_model(m: ModelConfig, *, check_vocab: bool = False) -> None:
+    one_of(m.family, FAMILIES, "model.family")
     for name in ("vocab_size", "context_length", "n_layer", "n_head", "n_embd"):
         _require(getattr(m, name) > 0, f"model.{name} must be positive, got {getattr(m, name)}")
-    _require(not m.n_embd % m.n_head, f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head})")
+    for name in ("n_kv_head", "head_size", "mlp_dim"):
+        _require(getattr(m, name) >= 0, f"model.{name} must be >= 0 (0 = the default), got {getattr(m, name)}")
+    _require(bool(m.head_size) or not m.n_embd % m.n_head,
+             f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}), or set model.head_size")
+    _require(not m.n_head % m.kv_heads, f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})")
+    _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
+    one_of(m.rope_scaling.type, ROPE_SCALINGS, "model.rope_scaling.type")
+    if m.rope_scaling.type:
+        r = m.rope_scaling
+        _require(r.factor >= 1 and r.original_context > 0 and 0 < r.low_freq_factor < r.high_freq_factor,
+                 "model.rope_scaling needs factor >= 1, original_context > 0 and 0 < low_freq_factor < "
+                 f"high_freq_factor; got {r}")
+    _require(bool(m.tokenizer.strip()), "model.tokenizer is empty; give gpt2 or a folder with tokenizer.json")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _require(m.layer_norm_epsilon > 0, f"model.layer_norm_epsilon must be positive, got {m.layer_norm_epsilon}")
     _require(m.dtype in DTYPES, f"model.dtype must be float32, bfloat16 or float16, got {m.dtype!r}")
+    _require(m.param_dtype in DTYPES, f"model.param_dtype must be float32, bfloat16 or float16, got {m.param_dtype!r}")
     _require(m.init in MODEL_INITS, f"model.init must be {' or '.join(MODEL_INITS)}, got {m.init!r}")
     _require(m.attention in ATTENTION_KINDS,
              f"model.attention must be {', '.join(ATTENTION_KINDS[:-1])} or {ATTENTION_KINDS[-1]}, got {m.attention!r}")
     _require(m.remat_policy in REMAT_POLICIES,
              f"model.remat_policy {m.remat_policy!r} is not a jax.checkpoint_policies policy; "
              f"choose one of {', '.join(REMAT_POLICIES)}")
-    if check_vocab:
+    if check_vocab and m.tokenizer == "gpt2":  # other tokenizers: checked once loaded (the driver)
         from jaxgpt.text.gpt2_bpe import N_VOCAB
 
         _require(m.vocab_size >= N_VOCAB,

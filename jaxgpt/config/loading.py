@@ -12,7 +12,7 @@ from typing import Any, Mapping, Sequence
 import yaml
 
 from jaxgpt.config.checks import validate
-from jaxgpt.config.sections import PRESET_KEYS, PRESETS, Config, ModelConfig
+from jaxgpt.config.sections import FAMILY_DEFAULTS, PRESET_KEYS, PRESETS, Config, ModelConfig
 from jaxgpt.errors import UserError
 
 
@@ -79,6 +79,8 @@ def from_dict(cls, data: Mapping[str, Any] | None, where: str = ""):
         if not isinstance(preset, str) or preset not in PRESETS:
             raise UserError(f"unknown model preset {preset!r}; choose one of {', '.join(PRESETS)}")
         data = {**PRESETS[preset], **data}
+    if cls is ModelConfig and isinstance(data.get("family"), str):  # a family's own defaults
+        data = {**FAMILY_DEFAULTS.get(data["family"], {}), **data}
     unknown = sorted(set(data) - set(types_))
     if unknown:
         prefix = f"{where}." if where else ""
@@ -160,6 +162,16 @@ def _merge_layer(data: dict, layer: Mapping) -> dict:
     return _merge(data, layer)
 
 
+def with_local_paths(data: dict, folder: Path) -> dict:
+    """`data` (a config file's mapping) with a relative `model.tokenizer` that names a folder
+    beside the file made absolute: a run keeps its tokenizer in `RUN/tokenizer`."""
+    model = data.get("model")
+    tok = model.get("tokenizer") if isinstance(model, Mapping) else None
+    if isinstance(tok, str) and tok != "gpt2" and not Path(tok).is_absolute() and (folder / tok).is_dir():
+        data = {**data, "model": {**model, "tokenizer": str((folder / tok).resolve())}}
+    return data
+
+
 def is_run_config(path: str | Path | None) -> bool:
     """Whether `path` is a run directory's own config.yaml (beside its checkpoints/)."""
     return path is not None and Path(path).name == "config.yaml" and (Path(path).parent / "checkpoints").is_dir()
@@ -190,7 +202,8 @@ def load_config(
             raise UserError(f"--model-config {model_file}: the file has no model section")
         model_layer = {"model": model}
     data: dict[str, Any] = {}
-    for layer in (base or {}, read_yaml(path) if path is not None else {}, model_layer, parse_overrides(overrides)):
+    file_layer = with_local_paths(read_yaml(path), Path(path).parent) if path is not None else {}
+    for layer in (base or {}, file_layer, model_layer, parse_overrides(overrides)):
         data = _merge_layer(data, layer)
     cfg = from_dict(cls, data)
     if check_vocab is None:

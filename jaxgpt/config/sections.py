@@ -7,19 +7,46 @@ from typing import Any
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """GPT-2 architecture. Defaults are GPT-2 124M as OpenAI released it."""
+class RopeScaling:
+    """`model.rope_scaling`: how rotary frequencies are stretched for long contexts.
 
+    `llama3` (Llama 3.1 / 3.2): wavelengths longer than `original_context / low_freq_factor`
+    are divided by `factor`, those shorter than `original_context / high_freq_factor` kept,
+    the band between interpolated (transformers' `_compute_llama3_parameters`). "" = none."""
+
+    type: str = ""  # "" | llama3
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_context: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A transformer of one family (`jaxgpt.models`: gpt2, llama, qwen3) and its shape.
+    Defaults are GPT-2 124M as OpenAI released it; fields a family does not use keep their
+    defaults (checked by the family)."""
+
+    family: str = "gpt2"  # gpt2 | llama | qwen3: the module that builds the model (jaxgpt.models)
     vocab_size: int = 50257
     context_length: int = 1024
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
+    n_kv_head: int = 0  # key/value heads (grouped-query attention, llama/qwen3); 0 = n_head
+    head_size: int = 0  # width of one attention head; 0 = n_embd // n_head (Qwen3 sets its own)
+    mlp_dim: int = 0  # MLP hidden units; 0 = 4 * n_embd
     dropout: float = 0.1
     qkv_bias: bool = True
     tie_embeddings: bool = True
-    layer_norm_epsilon: float = 1e-5
-    dtype: str = "float32"  # compute dtype: float32 | bfloat16 (params stay float32)
+    layer_norm_epsilon: float = 1e-5  # LayerNorm (gpt2) or RMSNorm (llama, qwen3) epsilon
+    rope_theta: float = 10000.0  # rotary position base (llama, qwen3)
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    tokenizer: str = "gpt2"  # gpt2 (tiktoken, offline) | a folder with tokenizer.json (jaxgpt.text)
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    # storage of the model's weights: float32 | bfloat16 (e.g. the frozen base of a LoRA run: half
+    # the memory; LoRA adapters, the value head and optimiser moments of float32 weights stay float32)
+    param_dtype: str = "float32"
     # reference (einsum, materialises the scores) | xla | cudnn (jax.nn.dot_product_attention;
     # no attention dropout, so with dropout > 0 in training they run reference) | blockwise
     # (flash-style tiles, scores never materialised, dropout honoured; jaxgpt.models.attention) |
@@ -34,21 +61,57 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_dim or 4 * self.n_embd
 
 
 _GPT2 = dict(vocab_size=50257, context_length=1024)
+_LLAMA3 = dict(family="llama", vocab_size=128256, context_length=131072, n_kv_head=8, qkv_bias=False, dropout=0.0,
+               layer_norm_epsilon=1e-5, rope_theta=500000.0)
+_LLAMA3_ROPE = dict(type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_context=8192)
+_QWEN3 = dict(family="qwen3", vocab_size=151936, context_length=40960, n_kv_head=8, head_size=128, qkv_bias=False,
+              dropout=0.0, layer_norm_epsilon=1e-6, rope_theta=1000000.0)
+# The shapes of the released models (each preset's parameter count equals transformers' model
+# of the same config: tests/test_llama_qwen.py). Weights: `--init NAME` (jaxgpt.io.hub).
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt2-124m": dict(_GPT2, n_layer=12, n_head=12, n_embd=768),
     "gpt2-355m": dict(_GPT2, n_layer=24, n_head=16, n_embd=1024),
     "gpt2-774m": dict(_GPT2, n_layer=36, n_head=20, n_embd=1280),
     "gpt2-1558m": dict(_GPT2, n_layer=48, n_head=25, n_embd=1600),
+    "llama-3.2-1b": dict(_LLAMA3, n_layer=16, n_head=32, n_embd=2048, mlp_dim=8192, tie_embeddings=True,
+                         rope_scaling=dict(_LLAMA3_ROPE, factor=32.0)),
+    "llama-3.2-3b": dict(_LLAMA3, n_layer=28, n_head=24, n_embd=3072, mlp_dim=8192, tie_embeddings=True,
+                         rope_scaling=dict(_LLAMA3_ROPE, factor=32.0)),
+    "llama-3.1-8b": dict(_LLAMA3, n_layer=32, n_head=32, n_embd=4096, mlp_dim=14336, tie_embeddings=False,
+                         rope_scaling=dict(_LLAMA3_ROPE, factor=8.0)),
+    "qwen3-0.6b": dict(_QWEN3, n_layer=28, n_head=16, n_embd=1024, mlp_dim=3072, tie_embeddings=True),
+    "qwen3-1.7b": dict(_QWEN3, n_layer=28, n_head=16, n_embd=2048, mlp_dim=6144, tie_embeddings=True),
+    "qwen3-4b": dict(_QWEN3, n_layer=36, n_head=32, n_embd=2560, mlp_dim=9728, tie_embeddings=True),
+    "qwen3-8b": dict(_QWEN3, n_layer=36, n_head=32, n_embd=4096, mlp_dim=12288, tie_embeddings=False),
 }
-PRESET_KEYS = frozenset(k for preset in PRESETS.values() for k in preset)
+# The shape keys a later preset replaces (`jaxgpt.config.loading`); settings such as dropout,
+# qkv_bias or tie_embeddings that an earlier file gave stay.
+PRESET_KEYS = frozenset({"family", "vocab_size", "context_length", "n_layer", "n_head", "n_embd", "n_kv_head", "head_size",
+                         "mlp_dim", "rope_theta", "rope_scaling"})
 # The names in jax.checkpoint_policies that are policies themselves (the others, such as
 # save_only_these_names, are factories that need arguments a config cannot give).
 REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
+FAMILIES = ("gpt2", "llama", "qwen3")  # model.family: jaxgpt.models.FAMILY_MODULES (tests keep the two equal)
+# What a model section that names a family (and no preset) gets for the keys it leaves out,
+# where the family differs from GPT-2's defaults above.
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(qkv_bias=False, dropout=0.0, rope_theta=500000.0),
+    "qwen3": dict(qkv_bias=False, dropout=0.0, layer_norm_epsilon=1e-6, rope_theta=1000000.0),
+}
+ROPE_SCALINGS = ("", "llama3")
 ATTENTION_KINDS = ("reference", "xla", "cudnn", "blockwise", "auto")
 MODEL_INITS = ("gpt2", "torch-default")
 TRAIN_MODES = ("full", "last-block", "lora")  # finetune.train_mode (jaxgpt.engine.params)

@@ -37,9 +37,10 @@ __all__ = [
 ]
 
 
-def load_splits(data, context_length: int, *, tfds_data_dir: str | None = None) -> Splits:
+def load_splits(data, context_length: int, *, tfds_data_dir: str | None = None, tokenizer=None) -> Splits:
     """Tokens of `data.path` (a `DataConfig`), cut into train/val windows."""
-    tokens = prepare_tokens(data.path, data.cache_dir, data.text_field, tfds_data_dir=tfds_data_dir)
+    tokens = prepare_tokens(data.path, data.cache_dir, data.text_field, tfds_data_dir=tfds_data_dir,
+                            tokenizer=tokenizer)
     return make_splits(tokens, context_length, data.stride, data.val_ratio, name=repr(data.path))
 
 
@@ -89,13 +90,15 @@ class PretrainingData:
 
 
 def pretraining_data(cfg, process_index: int = 0, process_count: int = 1, *,
-                     tfds_data_dir: str | None = None) -> PretrainingData:
+                     tfds_data_dir: str | None = None, tokenizer=None) -> PretrainingData:
     """Token file, splits and sampler for a full `Config` (data, train.batch_size; windows are
     `data.context_length` long, or the model's context when that is 0).
 
-    Val batches use the training batch size (so they shard over devices the same way).
+    Val batches use the training batch size (so they shard over devices the same way);
+    `tokenizer`: the model's (default GPT-2's).
     """
-    tokens = prepare_tokens(cfg.data.path, cfg.data.cache_dir, cfg.data.text_field, tfds_data_dir=tfds_data_dir)
+    tokens = prepare_tokens(cfg.data.path, cfg.data.cache_dir, cfg.data.text_field, tfds_data_dir=tfds_data_dir,
+                            tokenizer=tokenizer)
     context_length = cfg.data.context_length or cfg.model.context_length
     splits = make_splits(tokens, context_length, cfg.data.stride, cfg.data.val_ratio,
                          name=repr(cfg.data.path))

@@ -39,7 +39,7 @@ import numpy as np
 
 from jaxgpt.data.records import check_split_fractions, read_examples
 from jaxgpt.errors import UserError
-from jaxgpt.text.gpt2_bpe import EOT_ID, encode_batch
+from jaxgpt.text.tokenizer import Tokenizer, gpt2_tokenizer
 
 SPLITS = ("train", "val", "test")
 
@@ -116,15 +116,18 @@ class Split:
         return {"tokens": self.tokens[idx], "lengths": self.lengths[idx], "labels": self.labels[idx]}
 
 
-def encode_texts(texts: list[str], max_length: int | None = None) -> list[list[int]]:
-    ids = encode_batch(list(texts))
-    ids = [t or [EOT_ID] for t in ids]
+def encode_texts(texts: list[str], max_length: int | None = None, tokenizer: Tokenizer | None = None) -> list[list[int]]:
+    """Token ids of each text (an empty text is one end-of-text token), cut to `max_length`."""
+    tokenizer = tokenizer or gpt2_tokenizer()
+    ids = tokenizer.encode_batch(list(texts))
+    ids = [t or [tokenizer.eos_id] for t in ids]
     return ids if max_length is None else [t[:max_length] for t in ids]
 
 
-def pad_batch(ids: list[list[int]], length: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad with <|endoftext|> (truncating to `length`): (tokens [n, length], lengths [n])."""
-    tokens = np.full((len(ids), length), EOT_ID, np.int32)
+def pad_batch(ids: list[list[int]], length: int, pad_id: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad with `pad_id` (default GPT-2's <|endoftext|>), truncating to `length`:
+    (tokens [n, length], lengths [n])."""
+    tokens = np.full((len(ids), length), gpt2_tokenizer().pad_id if pad_id is None else pad_id, np.int32)
     lengths = np.zeros(len(ids), np.int32)
     for i, t in enumerate(ids):
         t = t[:length]
@@ -183,9 +186,10 @@ class ClassificationData:
                 f"max_length {self.max_length} tokens")
 
 
-def load_classification(cfg: ClassifyDataConfig, context_length: int, *,
-                        tfds_data_dir: str | None = None) -> ClassificationData:
+def load_classification(cfg: ClassifyDataConfig, context_length: int, *, tfds_data_dir: str | None = None,
+                        tokenizer: Tokenizer | None = None) -> ClassificationData:
     """Read, label, balance, shuffle, split and tokenize `cfg.path` (see the module docstring)."""
+    tokenizer = tokenizer or gpt2_tokenizer()
     validate_data(cfg, context_length)
     texts, raw_labels = read_examples(cfg.path, cfg.text_field, cfg.label_field, tfds_data_dir=tfds_data_dir)
     labels = label_list(raw_labels)
@@ -200,10 +204,10 @@ def load_classification(cfg: ClassifyDataConfig, context_length: int, *,
     n_train, n_val, n_test = split_sizes(len(keep), cfg.val_fraction, cfg.test_fraction)
     if n_train < 1:
         raise UserError(f"{cfg.path}: only {len(keep)} examples after balancing; too few to split")
-    ids = encode_texts([texts[i] for i in keep])
+    ids = encode_texts([texts[i] for i in keep], tokenizer=tokenizer)
     longest = max(len(t) for t in ids[:n_train])
     max_length = cfg.max_length or min(longest, context_length)
-    tokens, lengths = pad_batch(ids, max_length)
+    tokens, lengths = pad_batch(ids, max_length, tokenizer.pad_id)
     ys = label_ids[keep]
     bounds = {"train": (0, n_train), "val": (n_train, n_train + n_val), "test": (n_train + n_val, len(keep))}
     splits = {s: Split(tokens[a:b], lengths[a:b], ys[a:b]) for s, (a, b) in bounds.items()}

@@ -14,7 +14,8 @@ sits above it). File records are shuffled with
 `data.seed` and split as Raschka ch. 7: train = int(0.85 n), test = int(0.1 n), val = the rest
 (935 / 110 / 55 for 1,100; fractions `data.test_fraction`, `data.val_fraction`).
 
-An example is `prompt + response + <|endoftext|>` (`jaxgpt.text.prompts.format_example`; prompt
+An example is `prompt + response + eos` (the prompt in the model's format, `jaxgpt.text.prompts`:
+its chat template, else Alpaca; GPT-2's eos is `<|endoftext|>`; prompt
 and response tokenized separately so the boundary is exact), cut to `max_length + 1` tokens.
 Its row: `inputs = seq[:-1]`, `targets = seq[1:]`, right-padded with `<|endoftext|>`;
 `mask` is 1 on scored targets: the response tokens and the first `<|endoftext|>` (the model
@@ -39,8 +40,8 @@ import numpy as np
 
 from jaxgpt.data.records import check_split_fractions, read_records
 from jaxgpt.errors import UserError
-from jaxgpt.text.prompts import format_example
-from jaxgpt.text.gpt2_bpe import EOT_ID, encode_batch
+from jaxgpt.text.prompts import prompt_format
+from jaxgpt.text.tokenizer import Tokenizer, gpt2_tokenizer
 
 SPLITS = ("train", "val", "test")
 ROLES = ("instruction", "input", "output")
@@ -144,6 +145,7 @@ class Encoded:
     seqs: list[np.ndarray]
     prompt_lengths: np.ndarray  # int32 [n]
     lengths: np.ndarray  # int32 [n], 1..max_length
+    pad_id: int = field(default_factory=lambda: gpt2_tokenizer().pad_id)  # fills rows (never scored)
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -153,21 +155,23 @@ class Encoded:
         return [s[:p].tolist() for s, p in zip(self.seqs, self.prompt_lengths)]
 
 
-def encode_split(records: list[dict[str, str]], max_length: int) -> Encoded:
-    """Tokenize records; a prompt that leaves no room for a response token is a UserError."""
-    pairs = [format_example(r["instruction"], r.get("input", ""), r["output"]) for r in records]
-    prompts = encode_batch([p for p, _ in pairs])
-    responses = encode_batch([r for _, r in pairs])
+def encode_split(records: list[dict[str, str]], max_length: int, tokenizer: Tokenizer | None = None) -> Encoded:
+    """Tokenize records (`tokenizer`: default GPT-2's); a prompt that leaves no room for a
+    response token is a UserError."""
+    tokenizer = tokenizer or gpt2_tokenizer()
+    fmt = prompt_format(tokenizer)
+    prompts = tokenizer.encode_batch([fmt.prompt(r["instruction"], r.get("input", "")) for r in records])
+    responses = tokenizer.encode_batch([r["output"] for r in records])
     seqs, prompt_lengths = [], []
     for rec, p, r in zip(records, prompts, responses):
         if len(p) >= max_length:
             raise UserError(f"{rec.get('where', 'a record')}: its prompt is {len(p)} tokens, which leaves no room "
                             f"for a response in the context of {max_length} tokens; shorten it or use a model "
                             "with a longer context (model.context_length / data.max_length)")
-        seqs.append(np.asarray((p + r + [EOT_ID])[: max_length + 1], np.int32))
+        seqs.append(np.asarray((p + r + [tokenizer.eos_id])[: max_length + 1], np.int32))
         prompt_lengths.append(len(p))
     lengths = np.array([len(s) - 1 for s in seqs], np.int32)
-    return Encoded(records, seqs, np.array(prompt_lengths, np.int32), lengths)
+    return Encoded(records, seqs, np.array(prompt_lengths, np.int32), lengths, tokenizer.pad_id)
 
 
 def bucket_length(longest: int, bucket: int, max_length: int) -> int:
@@ -181,8 +185,8 @@ def make_batch(data: Encoded, idx, batch_size: int, length: int, mask_prompt: bo
     inputs / targets `[B, L]` int32 (EOT-padded, targets shifted by one), mask `[B, L]`
     float32: 1 on the response and the first EOT after it (and on the prompt's targets when
     not `mask_prompt`), 0 on padding; rows beyond `len(idx)` are all padding (mask 0)."""
-    inputs = np.full((batch_size, length), EOT_ID, np.int32)
-    targets = np.full((batch_size, length), EOT_ID, np.int32)
+    inputs = np.full((batch_size, length), data.pad_id, np.int32)
+    targets = np.full((batch_size, length), data.pad_id, np.int32)
     mask = np.zeros((batch_size, length), np.float32)
     for row, i in enumerate(idx):
         seq = data.seqs[i][: length + 1]
@@ -290,7 +294,7 @@ class InstructData:
 
 def load_instruct(cfg: InstructDataConfig, context_length: int, batch_size: int, *,
                   task_splits: dict[str, list[dict]] | None = None,
-                  tfds_data_dir: str | None = None) -> InstructData:
+                  tfds_data_dir: str | None = None, tokenizer: Tokenizer | None = None) -> InstructData:
     """Read, split, check and tokenize the data (see the module docstring); `task_splits`:
     the SFT splits of `data.task` (`jaxgpt.rl.tasks.sft_splits(data.task, data.seed)`),
     given exactly when it is set."""
@@ -298,6 +302,6 @@ def load_instruct(cfg: InstructDataConfig, context_length: int, batch_size: int,
     splits = read_splits(cfg, task_splits=task_splits, tfds_data_dir=tfds_data_dir)
     check_split_sizes(splits, cfg, batch_size)
     max_length = cfg.max_length or context_length
-    encoded = {s: encode_split(splits[s], max_length) for s in SPLITS}
+    encoded = {s: encode_split(splits[s], max_length, tokenizer) for s in SPLITS}
     source = f"task {cfg.task}" if cfg.task else cfg.path
     return InstructData(source, encoded, max_length, cfg.mask_prompt, cfg.bucket, cfg.sort_chunk, cfg.seed)

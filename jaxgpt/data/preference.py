@@ -7,8 +7,8 @@ config keys: `data.instruction_field`, `data.input_field`, `data.chosen_field`,
 .json/.jsonl(.gz) file or tfds:NAME). Default: the bundled `preference-data` (Raschka ch. 7
 DPO notebook: the 1,100 instructions with a polite `chosen` and an impolite `rejected` reply).
 
-A sequence is `format_prompt(instruction, input) + response + <|endoftext|>` (jaxgpt.text.prompts,
-the same format instruction tuning trains on), prompt and response tokenized separately so
+A sequence is `prompt + response + eos`, the prompt in the model's format (`jaxgpt.text.prompts`:
+its chat template, else Alpaca; the same format instruction tuning trains on), prompt and response tokenized separately so
 the boundary is exact. Its *response mask* is 1 on the response tokens (the end-of-text
 included) and 0 on the prompt and the padding: what `jaxgpt.train.losses.sequence_logprobs` scores.
 
@@ -33,8 +33,8 @@ import numpy as np
 
 from jaxgpt.data.records import check_split_fractions, read_records
 from jaxgpt.errors import UserError
-from jaxgpt.text.prompts import format_prompt
-from jaxgpt.text.gpt2_bpe import EOT_ID, encode, encode_batch
+from jaxgpt.text.prompts import prompt_format
+from jaxgpt.text.tokenizer import Tokenizer, gpt2_tokenizer
 
 SPLITS = ("train", "val", "test")
 SORT_CHUNK = 8  # training batches per length-sorted chunk
@@ -90,15 +90,18 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
     return {"train": perm[:n_train], "test": perm[n_train:n_train + n_test], "val": perm[n_train + n_test:]}
 
 
-def response_ids(response: str) -> list[int]:
-    """Token ids of a response as trained on: the text, then <|endoftext|>."""
-    return encode(response) + [EOT_ID]
+def response_ids(response: str, tokenizer: Tokenizer | None = None) -> list[int]:
+    """Token ids of a response as trained on: the text, then the end-of-text token."""
+    tokenizer = tokenizer or gpt2_tokenizer()
+    return tokenizer.encode(response) + [tokenizer.eos_id]
 
 
-def encode_example(instruction: str, input: str, response: str) -> tuple[list[int], list[int]]:
-    """`(prompt ids, response ids)` of one example (the response ends with <|endoftext|>);
+def encode_example(instruction: str, input: str, response: str,
+                   tokenizer: Tokenizer | None = None) -> tuple[list[int], list[int]]:
+    """`(prompt ids, response ids)` of one example (the response ends with end-of-text);
     the reward CLI and RL rollouts score exactly these sequences."""
-    return encode(format_prompt(instruction, input)), response_ids(response)
+    tokenizer = tokenizer or gpt2_tokenizer()
+    return tokenizer.encode(prompt_format(tokenizer).prompt(instruction, input)), response_ids(response, tokenizer)
 
 
 @dataclass
@@ -132,7 +135,7 @@ class PreferenceSplit:
         int32: consecutive positions from just before each pair's responses (the prompt's
         last token, which predicts the first response token) past their ends, shifted left
         where they would run past `length`: the only positions whose LM logits score the
-        responses (`GPT(head_positions=...)`; the window never starts inside a response)."""
+        responses (the model's `head_positions`; the window never starts inside a response)."""
         out = {k: (v[idx, :length] if k in TOKEN_KEYS else v[idx]) for k, v in self.columns.items()}
         start = np.minimum(out["prompt_lengths"] - 1, length - window)
         positions = (start[:, None] + np.arange(window)[None, :]).astype(np.int32)
@@ -218,17 +221,21 @@ class PreferenceData:
                 f"(longest {int(lengths.max())}, mean {lengths.mean():.0f}), {self.truncated} responses truncated")
 
 
-def _pad_rows(rows: list[list[int]], length: int, dtype) -> np.ndarray:
-    out = np.full((len(rows), length), EOT_ID if dtype == np.int32 else 0, dtype)
+def _pad_rows(rows: list[list[int]], length: int, dtype, pad_id: int = 0) -> np.ndarray:
+    out = np.full((len(rows), length), pad_id, dtype)
     for i, r in enumerate(rows):
         out[i, : len(r)] = r
     return out
 
 
-def encode_pairs(rows: list[dict[str, str]], max_length: int, source: str) -> tuple[dict[str, np.ndarray], int]:
+def encode_pairs(rows: list[dict[str, str]], max_length: int, source: str,
+                 tokenizer: Tokenizer | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Token columns (see `PreferenceSplit`) of `rows`, and how many responses were truncated."""
-    prompts = encode_batch([format_prompt(r["instruction"], r["input"]) for r in rows])
-    responses = {k: [ids + [EOT_ID] for ids in encode_batch([r[k] for r in rows])] for k in ("chosen", "rejected")}
+    tokenizer = tokenizer or gpt2_tokenizer()
+    fmt = prompt_format(tokenizer)
+    prompts = tokenizer.encode_batch([fmt.prompt(r["instruction"], r["input"]) for r in rows])
+    responses = {k: [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch([r[k] for r in rows])]
+                 for k in ("chosen", "rejected")}
     truncated = 0
     cols: dict[str, np.ndarray] = {"prompt_lengths": np.array([len(p) for p in prompts], np.int32)}
     for i, p in enumerate(prompts):
@@ -244,19 +251,19 @@ def encode_pairs(rows: list[dict[str, str]], max_length: int, source: str) -> tu
                 r = r[: max_length - len(p)]
             seqs.append(p + r)
             masks.append([0] * len(p) + [1] * len(r))
-        cols[k] = _pad_rows(seqs, max_length, np.int32)
+        cols[k] = _pad_rows(seqs, max_length, np.int32, tokenizer.pad_id)
         cols[f"{k}_mask"] = _pad_rows(masks, max_length, np.float32)
         cols[f"{k}_lengths"] = np.array([len(s) for s in seqs], np.int32)
     return cols, truncated
 
 
-def load_preference(cfg: PreferenceDataConfig, context_length: int, *,
-                    tfds_data_dir: str | None = None) -> PreferenceData:
+def load_preference(cfg: PreferenceDataConfig, context_length: int, *, tfds_data_dir: str | None = None,
+                    tokenizer: Tokenizer | None = None) -> PreferenceData:
     """Read, shuffle, split and tokenize `cfg.path` (see the module docstring)."""
     validate_data(cfg, context_length)
     rows = read_pairs(cfg, tfds_data_dir=tfds_data_dir)
     max_length = cfg.max_length or context_length
-    cols, truncated = encode_pairs(rows, max_length, cfg.path)
+    cols, truncated = encode_pairs(rows, max_length, cfg.path, tokenizer)
     cols["record"] = np.arange(len(rows), dtype=np.int32)
     parts = split_indices(len(rows), cfg.val_fraction, cfg.test_fraction, cfg.seed)
     if len(parts["train"]) < 1:

@@ -9,13 +9,16 @@ A *source* (`data.path`) is one of
   and version, `"tfds:wiki/en:1.0.0:train[:10%]"`), read with `tensorflow_datasets.data_source`
   (random access over array_record; no TensorFlow). Each record's `text_field` is a document.
 
-Documents (folder files, tfds records) are joined with one `<|endoftext|>` (50256) between
-them, none before the first or after the last; a single file is one document, so its tokens
-are exactly `tokenizer.encode(file_text)` (a literal `<|endoftext|>` in the text is the
-special token, as in the book's `GPTDatasetV1`).
+Text is encoded with the run's tokenizer (`jaxgpt.text.tokenizer`; default GPT-2's).
+Documents (folder files, tfds records) are joined with one end-of-text token (the
+tokenizer's eos, GPT-2's `<|endoftext|>` 50256) between them, none before the first or after
+the last; a single file is one document, so its tokens are exactly `tokenizer.encode(file_text)`
+(a literal `<|endoftext|>` in the text is the special token, as in the book's `GPTDatasetV1`).
 
-The token file is a flat little-endian uint16 array (`<name>-<key>.bin`) with a JSON sidecar
-(`.json`: source, fingerprint, token count, dtype, sha256 of the token file). Text is read and
+The token file is a flat array of the smallest little-endian unsigned type that holds the
+vocabulary (uint16 for GPT-2's 50,257 ids, uint32 above 65,536: Llama 3, Qwen3), named
+`<name>-<key>.bin` (the key covers the source and the tokenizer), with a JSON sidecar (`.json`:
+source, fingerprint, token count, dtype, tokenizer, sha256 of the token file). Text is read and
 encoded in ~1 MB chunks cut only where BPE cannot merge across the cut (`jaxgpt.data.text`;
 tfds records come from `jaxgpt.data.tfds_source`), and tokens are appended to a temporary
 file that is renamed into place when complete, then the sidecar is written the same way: a
@@ -41,16 +44,14 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from jaxgpt.data import bundled as datasets
-
-from jaxgpt.text import gpt2_bpe as tokenizer
 from jaxgpt.data.text import CHUNK_CHARS, Source, read_text_chunks, slugify
 from jaxgpt.data.tfds_source import tfds_source
 from jaxgpt.errors import UserError
+from jaxgpt.text.tokenizer import Tokenizer, gpt2_tokenizer
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DTYPE = "<u2"  # GPT-2's 50,257 ids fit in uint16
 HASH_LIMIT = 16 << 20  # files up to this size are fingerprinted by content, larger by size+mtime
 VERIFY_FULL = 1 << 30  # token files up to this size are fully re-hashed when reused
 VERIFY_ENDS = 16 << 20  # larger ones: the sha256 of their first and last this many bytes
@@ -129,7 +130,7 @@ def _pieces(documents: Iterable[Iterable[str]]) -> Iterator[str | None]:
         yield from it
 
 
-def _write_tokens(source: Source, out, chunk_chars: int, num_threads: int) -> tuple[int, str]:
+def _write_tokens(source: Source, out, chunk_chars: int, num_threads: int, tokenizer: Tokenizer) -> tuple[int, str]:
     """Encode `source` into the open binary file `out`; returns (token count, sha256)."""
     count = 0
     digest = hashlib.sha256()
@@ -141,8 +142,8 @@ def _write_tokens(source: Source, out, chunk_chars: int, num_threads: int) -> tu
         encoded = iter(tokenizer.encode_batch([p for p in batch if p is not None], num_threads=num_threads))
         ids: list[int] = []
         for piece in batch:
-            ids.extend([tokenizer.EOT_ID] if piece is None else next(encoded))
-        data = np.asarray(ids, dtype=DTYPE).tobytes()
+            ids.extend([tokenizer.eos_id] if piece is None else next(encoded))
+        data = np.asarray(ids, dtype=tokenizer.token_dtype).tobytes()
         out.write(data)
         digest.update(data)
         count += len(ids)
@@ -178,10 +179,11 @@ def _atomic_write(path: Path, write: Callable) -> object:
             tmp.unlink()
 
 
-def token_file_paths(source: Source, cache_dir: str | Path = "") -> tuple[Path, Path]:
-    """(`.bin`, `.json`) cache paths of `source` (named by its key and the tokenizer)."""
+def token_file_paths(source: Source, cache_dir: str | Path = "", tokenizer_name: str = "gpt2") -> tuple[Path, Path]:
+    """(`.bin`, `.json`) cache paths of `source` (named by its key and the tokenizer's name:
+    GPT-2's files keep the names they always had)."""
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, "gpt2", source.key]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(json.dumps([FORMAT_VERSION, tokenizer_name, source.key]).encode()).hexdigest()[:16]
     stem = f"{source.slug}-{digest}"
     return cache / f"{stem}.bin", cache / f"{stem}.json"
 
@@ -218,14 +220,15 @@ def _ends_sha256(path: Path, size: int) -> str:
     return digest.hexdigest()
 
 
-def _cached_count(bin_path: Path, meta_path: Path, fingerprint: dict) -> int | None:
+def _cached_count(bin_path: Path, meta_path: Path, fingerprint: dict, dtype: str) -> int | None:
     try:
         meta = json.loads(meta_path.read_text())
         n = int(meta["tokens"])
-        ok = (meta.get("format") == FORMAT_VERSION and meta.get("dtype") == DTYPE
-              and meta.get("fingerprint") == fingerprint and n > 0 and bin_path.stat().st_size == 2 * n)
+        size = np.dtype(dtype).itemsize * n
+        ok = (meta.get("format") == FORMAT_VERSION and meta.get("dtype") == dtype
+              and meta.get("fingerprint") == fingerprint and n > 0 and bin_path.stat().st_size == size)
         if ok and "check_sha256" in meta:  # sidecars from before hashes: the size check only
-            ok = _ends_sha256(bin_path, 2 * n) == meta["check_sha256"]
+            ok = _ends_sha256(bin_path, size) == meta["check_sha256"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return n if ok else None
@@ -239,15 +242,19 @@ def prepare_token_file(
     tfds_data_dir: str | None = None,
     chunk_chars: int = CHUNK_CHARS,
     num_threads: int = 0,
+    tokenizer: Tokenizer | None = None,
 ) -> tuple[Path, int]:
     """Tokenize `source` into the cache unless an up-to-date token file exists.
 
-    Returns (path of the uint16 `.bin`, number of tokens). `num_threads` 0 = up to 4.
+    Returns (path of the `.bin`, number of tokens); the file's dtype is `tokenizer.token_dtype`.
+    `num_threads` 0 = up to 4; `tokenizer` defaults to GPT-2's.
     """
+    tokenizer = tokenizer or gpt2_tokenizer()
+    dtype = tokenizer.token_dtype
     src = resolve_source(source, text_field, tfds_data_dir, chunk_chars)
     fingerprint = json.loads(json.dumps(src.fingerprint))  # as it reads back from JSON
-    bin_path, meta_path = token_file_paths(src, cache_dir)
-    n = _cached_count(bin_path, meta_path, fingerprint)
+    bin_path, meta_path = token_file_paths(src, cache_dir, tokenizer.name)
+    n = _cached_count(bin_path, meta_path, fingerprint, dtype)
     if n is not None:
         return bin_path, n
     try:
@@ -258,13 +265,14 @@ def prepare_token_file(
     _remove_stale_temporaries(meta_path)
     threads = num_threads or max(1, min(4, os.cpu_count() or 1))
     t0 = time.time()
-    n, sha256 = _atomic_write(bin_path, lambda f: _write_tokens(src, f, chunk_chars, threads))
+    n, sha256 = _atomic_write(bin_path, lambda f: _write_tokens(src, f, chunk_chars, threads, tokenizer))
     if n == 0:
         bin_path.unlink(missing_ok=True)
         raise UserError(f"corpus {source!r} is empty (0 tokens); point data.path at a corpus with text in it")
-    check = sha256 if 2 * n <= VERIFY_FULL else _ends_sha256(bin_path, 2 * n)
+    size = np.dtype(dtype).itemsize * n
+    check = sha256 if size <= VERIFY_FULL else _ends_sha256(bin_path, size)
     meta = {"format": FORMAT_VERSION, "source": src.key, "spec": source, "fingerprint": fingerprint,
-            "tokens": n, "dtype": DTYPE, "tokenizer": "gpt2", "sha256": sha256, "check_sha256": check,
+            "tokens": n, "dtype": dtype, "tokenizer": tokenizer.name, "sha256": sha256, "check_sha256": check,
             "seconds": round(time.time() - t0, 3)}
     _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     log.info("tokenized %s: %d tokens -> %s", source, n, bin_path)
@@ -279,13 +287,16 @@ def prepare_tokens(
     tfds_data_dir: str | None = None,
     chunk_chars: int = CHUNK_CHARS,
     num_threads: int = 0,
+    tokenizer: Tokenizer | None = None,
 ) -> np.ndarray:
-    """The corpus as a read-only memmap of uint16 token ids, shape [N] (tokenized once).
+    """The corpus as a read-only memmap of token ids (uint16 or uint32), shape [N] (tokenized once).
 
     `source` is `data.path`, `cache_dir` is `data.cache_dir` ("" = `default_cache_dir()`),
     `text_field` is `data.text_field` (tfds sources only), `tfds_data_dir` is tfds'
-    data_dir (None = tfds' default, `$TFDS_DATA_DIR` or ~/tensorflow_datasets).
+    data_dir (None = tfds' default, `$TFDS_DATA_DIR` or ~/tensorflow_datasets), `tokenizer` the
+    run's (default GPT-2's).
     """
+    tokenizer = tokenizer or gpt2_tokenizer()
     path, n = prepare_token_file(source, cache_dir, text_field, tfds_data_dir=tfds_data_dir,
-                                 chunk_chars=chunk_chars, num_threads=num_threads)
-    return np.memmap(path, dtype=DTYPE, mode="r", shape=(n,))
+                                 chunk_chars=chunk_chars, num_threads=num_threads, tokenizer=tokenizer)
+    return np.memmap(path, dtype=tokenizer.token_dtype, mode="r", shape=(n,))

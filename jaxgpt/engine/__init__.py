@@ -5,7 +5,7 @@
         -> driver.train(recipe_cls, cfg, ...): run directory, --init, state, before/after evals
         -> loop.Loop: iterations of minibatches; logs, evals, checkpoints, Ctrl-C / SIGTERM, NaN checks
         -> jaxgpt.parallel (placement, compiled steps) -> jaxgpt.train.steps (pure train/eval steps)
-        -> jaxgpt.models.gpt2 / losses / optim
+        -> jaxgpt.models (the family lookup) / train.losses / train.optim
 
 See ARCHITECTURE.md for the picture and how to add a task.
 """

@@ -33,7 +33,8 @@ from jaxgpt.engine.preemption import StopRequests
 from jaxgpt.engine.params import check_lora_targets, graft, init_from, param_counts, train_labels
 from jaxgpt.engine.recipe import Recipe, Schedule
 from jaxgpt.engine.metrics import MetricsWriter, check_tensorboard, plot_curves, read_jsonl, write_json
-from jaxgpt.models.gpt2 import GPT, init_params
+from jaxgpt.errors import UserError
+from jaxgpt.models import family_of
 from jaxgpt.train.optim import lr_schedule, make_optimizer
 from jaxgpt.parallel import layout_for
 from jaxgpt.engine.rundir import (RunDir, RunLock, check_free_space, default_out_dir, is_main_process, log,
@@ -118,8 +119,13 @@ def prepare(recipe_cls: type[Recipe], cfg, run: RunDir, init: str | None, tfds_d
     if init and (not run.resume or recipe_cls.reference_on_resume):
         cfg, loaded = init_from(init, cfg)
     t = cfg.train
+    family = family_of(cfg.model)
+    family.validate(cfg.model)
     dp = layout_for(cfg)
     task = recipe_cls(cfg, dp=dp, run=run, keys=Keys.from_seed(t.seed), tfds_data_dir=tfds_data_dir)
+    if cfg.model.vocab_size < task.tokenizer.vocab_size:
+        raise UserError(f"model.vocab_size={cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"{task.tokenizer.vocab_size:,} ids ({cfg.model.tokenizer}); use at least {task.tokenizer.vocab_size}")
     task.validate()
     if t.tensorboard:
         check_tensorboard()
@@ -130,11 +136,11 @@ def prepare(recipe_cls: type[Recipe], cfg, run: RunDir, init: str | None, tfds_d
     attrs = {**task.model_attrs(), "lora": cfg.lora if mode == "lora" else None}
     if mode == "lora":
         check_lora_targets(cfg, attrs)
-    initialise = functools.partial(init_params, cfg.model, **attrs)
-    params = (jax.jit(initialise) if task.jit_init else initialise)(task.keys.init)
+    params = dp.initialise(functools.partial(family.init_params, cfg.model, **attrs), task.keys.init, jit=task.jit_init)
     if loaded is not None:
-        params = graft(params, loaded, init)
-    labels = train_labels(params, mode, cfg.model.n_layer) if mode else None
+        params = graft(params, loaded, init, consume=True)
+        loaded = None
+    labels = train_labels(params, mode, cfg.model) if mode else None
     task.trainable, task.total = param_counts(params, labels)
     tx = make_optimizer(t, labels, schedule.updates)
     state = create_train_state(params, tx)
@@ -145,7 +151,7 @@ def prepare(recipe_cls: type[Recipe], cfg, run: RunDir, init: str | None, tfds_d
         state, meta = TrainState(**restored), dict(meta or {})
         iteration = int(meta.get("iteration", state.step))
     task.prepare(params, meta)  # frozen references from the initial params
-    return Start(task, schedule, GPT(cfg.model, **attrs), state, tx, labels, meta, iteration)
+    return Start(task, schedule, family.build(cfg.model, **attrs), state, tx, labels, meta, iteration)
 
 
 def finished_results(run: RunDir, start: Start) -> dict | None:

@@ -126,17 +126,11 @@ def plot_curves(
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:
-    """Model FLOPs per token: 6N (forward + backward matmuls; 2N for inference) plus attention
-    scores and values, 12 * n_layer * n_embd * seq (6 * ... for inference); PaLM appendix B.
+    """Model FLOPs per token of `cfg`'s family (`jaxgpt.models.family.Family.flops_per_token`:
+    6N + attention, N the blocks' matmul weights plus the LM head)."""
+    from jaxgpt.models import family_of
 
-    N counts the non-embedding matmul weights plus the LM head (the embedding lookups do
-    no FLOPs, but the head is a real `[n_embd, vocab]` matmul, tied or not).
-    """
-    t = seq_len or cfg.context_length
-    d, layers = cfg.n_embd, cfg.n_layer
-    n_matmul = layers * 12 * d * d + d * cfg.vocab_size
-    mult = 6 if training else 2
-    return mult * n_matmul + (mult * 2) * layers * d * t
+    return family_of(cfg).flops_per_token(cfg, seq_len, training)
 
 
 # Dense peak FLOP/s per device by `device_kind` substring: bf16 for accelerators (what MFU is

@@ -77,7 +77,10 @@ class Recipe:
     jit_init: ClassVar[bool] = False
 
     def __init__(self, cfg, *, dp, run: RunDir, keys: Keys, tfds_data_dir: str | None = None):
+        from jaxgpt.text.tokenizer import tokenizer_of
+
         self.cfg, self.dp, self.run, self.keys, self.tfds_data_dir = cfg, dp, run, keys, tfds_data_dir
+        self.tokenizer = tokenizer_of(cfg.model)  # the model's (`model.tokenizer`): data, sampling, scoring
         self.data: Any = None
         self.p_eval: Callable | None = None  # the task loss's compiled eval step (set by the driver)
         self.trainable = self.total = 0  # parameter counts (set by the driver)

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jaxgpt.errors import UserError
-from jaxgpt.io.files import atomic_write, disk_full_as, is_temporary
+from jaxgpt.io.files import atomic_write, disk_full_as, is_temporary, write_via_temporary
 
 MARKER = ".jaxgpt-run"
 LOCK = ".lock"
@@ -45,6 +45,10 @@ def log(msg: str) -> None:
         from tqdm.auto import tqdm
 
         tqdm.write(msg)
+
+
+TOKENIZER_DIR = "tokenizer"  # a run's copy of its model's tokenizer files (`model.tokenizer: tokenizer`)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def warn(msg: str) -> None:
@@ -81,15 +85,16 @@ class RunDir:
                             "or choose another --out")
 
     def create(self, cfg) -> None:
-        """The marker, then config.yaml; a fresh run clears the metrics.jsonl that a run
-        stopped before its first checkpoint left behind."""
+        """The marker, the model's tokenizer files (`RUN/tokenizer/`, unless GPT-2's), then
+        config.yaml; a fresh run clears the metrics.jsonl that a run stopped before its first
+        checkpoint left behind."""
         from jaxgpt.config import save_config
 
         if is_main_process():
             with disk_full_as("the run directory", self.path):
                 self.path.mkdir(parents=True, exist_ok=True)
             mark_run(self.path)
-            save_config(cfg, self.path / "config.yaml")
+            save_config(self.keep_tokenizer(cfg), self.path / "config.yaml")
             if not self.resume:
                 self.metrics_jsonl.unlink(missing_ok=True)
 
@@ -106,6 +111,24 @@ class RunDir:
                     p.unlink(missing_ok=True)
                     removed.append(p)
         return removed
+
+    def keep_tokenizer(self, cfg):
+        """`cfg` whose `model.tokenizer` folder has been copied into the run (`RUN/tokenizer`, the
+        config naming it relative to the run), so the run outlives the folder it came from."""
+        import dataclasses
+        import shutil
+
+        folder = cfg.model.tokenizer
+        if folder == "gpt2":
+            return cfg
+        target = self.path / TOKENIZER_DIR
+        if Path(folder).resolve() != target.resolve():
+            target.mkdir(exist_ok=True)
+            for name in TOKENIZER_FILES:
+                if (Path(folder) / name).is_file():
+                    write_via_temporary(target / name,
+                                        lambda tmp, src=Path(folder) / name: shutil.copyfile(src, tmp))
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer=TOKENIZER_DIR))
 
     @property
     def metrics_jsonl(self) -> Path:

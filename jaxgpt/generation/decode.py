@@ -31,7 +31,7 @@ import numpy as np
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.models.gpt2 import GPT, init_cache
+from jaxgpt.models import build_model, init_cache
 from jaxgpt.generation.samplers import SAMPLERS, _is_number, _sample, categorical_inverse_cdf, sample_logits  # noqa: F401
 
 Array = jax.Array
@@ -71,7 +71,7 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, *
                   max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, vocab_limit, method="gumbel"):
     b, p = prompt_tokens.shape
     n = max_new_tokens
-    model = GPT(config)
+    model = build_model(config)
     mask = prompt_mask.astype(bool)
     n_real = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [b]
     positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)  # [b, P]
@@ -222,24 +222,10 @@ def pad_prompts(
     return tokens, mask
 
 
-def _default_tokenizer():
-    from jaxgpt.text.gpt2_bpe import get_encoding
-
-    return get_encoding()
-
-
-def _eot_id() -> int:
-    try:
-        from jaxgpt.text.gpt2_bpe import EOT_ID
-    except ImportError:  # the tokenizer module is optional for token-id callers
-        return 50256  # GPT-2's <|endoftext|>
-    return EOT_ID
-
-
 def _encode(tokenizer, text: str) -> list[int]:
-    try:  # tiktoken refuses special-token text unless allowed
+    try:  # a tiktoken Encoding refuses special-token text unless allowed
         return list(tokenizer.encode(text, allowed_special="all"))
-    except TypeError:
+    except TypeError:  # jaxgpt's tokenizers allow it already
         return list(tokenizer.encode(text))
 
 
@@ -261,12 +247,13 @@ def generate(
     """Continue each prompt; returns the generated text only, one string per prompt.
 
     prompts: a string, a list of strings, a list of token ids, or a list of such lists
-    (a single prompt still returns a one-element list). Text is encoded with the GPT-2 BPE
-    (`jaxgpt.text.gpt2_bpe`, or any `tokenizer` with `encode`/`decode`). The batch is
-    left-padded with the prompt length bucketed (see `pad_prompts`) and run through
-    `generate_tokens`; the continuation is cut before the first eos (`eos_id`, default
-    `<|endoftext|>` = 50256) when `stop_at_eos`. A prompt that does not fit in the context
-    together with `max_new_tokens` is an error (UserError), not truncated.
+    (a single prompt still returns a one-element list). Text is encoded with `tokenizer`
+    (default: the model's, `config.tokenizer`: GPT-2's BPE unless the model names another;
+    any object with `encode`/`decode` works). The batch is left-padded with the prompt length
+    bucketed (see `pad_prompts`) and run through `generate_tokens`; the continuation is cut
+    before the first eos (`eos_id`, default the tokenizer's: GPT-2's `<|endoftext|>` = 50256)
+    when `stop_at_eos`. A prompt that does not fit in the context together with
+    `max_new_tokens` is an error (UserError), not truncated.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
     if isinstance(prompts, str):
@@ -277,22 +264,24 @@ def generate(
     if not prompts:
         raise UserError("no prompt given")
     if tokenizer is None:
-        tokenizer = _default_tokenizer()
+        from jaxgpt.text.tokenizer import tokenizer_of
+
+        tokenizer = tokenizer_of(config)
     token_lists = [_encode(tokenizer, p) if isinstance(p, str) else [int(t) for t in p]
                    for p in prompts]
     for ids in token_lists:
         bad = [t for t in ids if not 0 <= t < config.vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the model's vocabulary of {config.vocab_size}")
-    if stop_at_eos and eos_id is None:
-        eos_id = _eot_id()
+    if stop_at_eos and eos_id is None:  # a tiktoken Encoding calls it eot_token
+        eos_id = getattr(tokenizer, "eos_id", getattr(tokenizer, "eot_token", None))
     if not stop_at_eos:
         eos_id = None
     tokens, mask = pad_prompts(token_lists, max_new_tokens=max_new_tokens,
                                context_length=config.context_length)
     if key is None:
         key = jax.random.key(seed)
-    n_vocab = getattr(tokenizer, "n_vocab", None)
+    n_vocab = getattr(tokenizer, "vocab_size", getattr(tokenizer, "n_vocab", None))
     vocab_limit = n_vocab if n_vocab is not None and n_vocab < config.vocab_size else None
     out = generate_tokens(params, config, tokens, mask, key, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
@@ -308,13 +297,16 @@ def generate(
 
 
 def greedy_responses(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], key, *,
-                     max_new_tokens: int, batch_size: int) -> list[str]:
+                     max_new_tokens: int, batch_size: int, tokenizer=None) -> list[str]:
     """Greedy responses to token-id prompts, in order. Prompts are sorted by length and
-    decoded `batch_size` at a time (left-padded, KV cache, stopping at `<|endoftext|>`); a
-    batch gets `min(max_new_tokens, context - its longest prompt)` new tokens. `params` are
-    plain (LoRA merged). The last batch is filled with copies so every batch has one shape."""
-    from jaxgpt.text.gpt2_bpe import EOT_ID, N_VOCAB, decode
+    decoded `batch_size` at a time (left-padded, KV cache, stopping at the tokenizer's eos);
+    a batch gets `min(max_new_tokens, context - its longest prompt)` new tokens. `params` are
+    plain (LoRA merged); `tokenizer` defaults to the model's. The last batch is filled with
+    copies so every batch has one shape."""
+    from jaxgpt.text.tokenizer import tokenizer_of
 
+    tokenizer = tokenizer or tokenizer_of(model_cfg)
+    eos = tokenizer.eos_id
     out: list[str] = [""] * len(prompts)
     order = np.argsort([len(p) for p in prompts], kind="stable")
     for start in range(0, len(order), batch_size):
@@ -326,13 +318,14 @@ def greedy_responses(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[
                             f"in the context of {model_cfg.context_length}")
         rows += [rows[0]] * (batch_size - len(rows))
         tokens, mask = pad_prompts(rows, max_new_tokens=new, context_length=model_cfg.context_length,
-                                   pad_id=EOT_ID)
+                                   pad_id=tokenizer.pad_id)
+        limit = tokenizer.vocab_size if model_cfg.vocab_size > tokenizer.vocab_size else None
         res = generate_tokens(params, model_cfg, tokens, mask, key, max_new_tokens=new, temperature=0.0,
-                              eos_id=EOT_ID, vocab_limit=N_VOCAB if model_cfg.vocab_size > N_VOCAB else None)
+                              eos_id=eos, vocab_limit=limit)
         toks, lengths = np.asarray(res["tokens"]), np.asarray(res["lengths"])
         for row, i in enumerate(idx):
             ids = toks[row, :lengths[row]].tolist()
-            if ids and ids[-1] == EOT_ID:
+            if ids and ids[-1] == eos:
                 ids = ids[:-1]
-            out[i] = decode(ids).strip()
+            out[i] = tokenizer.decode(ids).strip()
     return out

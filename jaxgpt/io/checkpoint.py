@@ -42,7 +42,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from jaxgpt.config import Config, load_config, read_yaml
+from jaxgpt.config import Config, load_config, read_yaml, with_local_paths
 from jaxgpt.errors import UserError
 from jaxgpt.io.files import atomic_write, disk_full_as, is_disk_full
 
@@ -444,7 +444,7 @@ def load_params(run_dir: str | Path, config_cls=Config) -> tuple[Any, Any]:
     if not path.is_file():
         raise UserError(f"{run_dir} is not a jaxgpt run directory (no {CONFIG_FILE})")
     known = {f.name for f in dataclasses.fields(config_cls)}
-    sections = {k: v for k, v in read_yaml(path).items() if k in known}
+    sections = {k: v for k, v in with_local_paths(read_yaml(path), run_dir).items() if k in known}
     cfg = load_config(None, cls=config_cls, base=sections)
     # Onto one device, whatever layout saved it (pmap replicas, or a mesh of other devices).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

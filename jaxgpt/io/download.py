@@ -70,11 +70,13 @@ def warn(msg: str) -> None:
     tqdm.write(f"warning: {msg}", file=sys.stderr)
 
 
-def fetch_verified(url: str, dest: Path, expected: Expected, label: str = "", retries: int = 1) -> None:
-    """Download `url` to `dest`, verified (see the module docstring)."""
+def fetch_verified(url: str, dest: Path, expected: Expected, label: str = "", retries: int = 1,
+                   headers: dict[str, str] | None = None) -> None:
+    """Download `url` to `dest`, verified (see the module docstring); `headers`: e.g. an
+    `Authorization` for gated hub repositories."""
     label = label or dest.name
     for attempt in range(retries + 1):
-        problem = _fetch_once(url, dest, expected, label)
+        problem = _fetch_once(url, dest, expected, label, headers or {})
         if problem is None:
             return
         if attempt < retries:
@@ -82,7 +84,7 @@ def fetch_verified(url: str, dest: Path, expected: Expected, label: str = "", re
     raise VerificationError(f"{label} {problem} (twice)")
 
 
-def _fetch_once(url: str, dest: Path, expected: Expected, label: str) -> str | None:
+def _fetch_once(url: str, dest: Path, expected: Expected, label: str, headers: dict[str, str]) -> str | None:
     """One attempt: None when `dest` is now in place and verified, else the problem."""
     from tqdm import tqdm
 
@@ -90,7 +92,8 @@ def _fetch_once(url: str, dest: Path, expected: Expected, label: str) -> str | N
     sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % expected.size)
     done = 0
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(part, "wb") as f, \
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as response, \
+                open(part, "wb") as f, \
                 tqdm(total=expected.size, unit="B", unit_scale=True, unit_divisor=1024, desc=label) as bar:
             try:
                 while chunk := response.read(CHUNK):

@@ -1,8 +1,8 @@
-"""Export GPT-2 weights to a Hugging Face directory (`export_hf`); the command line is
+"""Export weights to a Hugging Face directory (`export_hf`); the command line is
 `python -m jaxgpt export` (`jaxgpt.cli.export`).
 
-The folder receives config.json and model.safetensors, loadable with
-`transformers.GPT2LMHeadModel.from_pretrained(OUTDIR)`. The export is written to a temporary
+The folder receives config.json and model.safetensors (the family's names and config,
+`jaxgpt.models.family.Family`), loadable with `transformers.AutoModelForCausalLM.from_pretrained(OUTDIR)`. The export is written to a temporary
 directory and renamed into place, so an interrupted run leaves no half-written OUTDIR; a
 non-empty OUTDIR is refused unless `force`, which replaces only a previous export (a folder of
 config.json and model.safetensors alone), never the working folder, a folder above it, or the
@@ -24,75 +24,45 @@ from flax import traverse_util
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.models.lora import has_lora
-from jaxgpt.io.hf_load import check_params, hf_key
+from jaxgpt.io.hf_load import check_params
+from jaxgpt.models import family_of
 
 Params = dict[str, Any]
-GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos and eos
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
-    """A config.json dict that `transformers.GPT2LMHeadModel.from_pretrained` accepts.
-
-    The token ids are GPT-2's `<|endoftext|>` (50256), left out (null) when the vocabulary
-    is too small to hold it.
-    """
-    eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.context_length,
-        "n_ctx": config.context_length,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,
-        "activation_function": "gelu_new",
-        "layer_norm_epsilon": config.layer_norm_epsilon,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": config.dropout,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "add_cross_attention": False,
-        "use_cache": True,
-        "bos_token_id": eot,
-        "eos_token_id": eot,
-        "tie_word_embeddings": config.tie_embeddings,
-        "dtype": "float32",
-    }
-
+    """A config.json dict that transformers' `AutoModelForCausalLM.from_pretrained` accepts
+    (the config's family's `config_to_hf`)."""
+    return family_of(config).config_to_hf(config)
 
 
 def hf_tensors(params: Params, config: ModelConfig) -> dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]:
-    """HF `GPT2LMHeadModel` key -> (shape, load), in key order; `load()` gives that one tensor
-    as float32, C-contiguous numpy (so a writer can hold one tensor at a time).
+    """HF key -> (shape, load), in key order; `load()` gives that one tensor as float32,
+    C-contiguous numpy (so a writer can hold one tensor at a time).
 
-    Tied models store only `transformer.wte.weight` (as `save_pretrained` does; the head is
-    re-tied on load). Untied models add `lm_head.weight` `[V, d]` (the kernel transposed).
-    `qkv_bias=False` is written as zero c_attn biases `[3d]`, since HF GPT-2 always has that
-    bias and has no option to drop it: adding zeros is exactly the same function.
+    Tied models store only the token embedding (as `save_pretrained` does; the head is re-tied
+    on load). Untied models add `lm_head.weight` `[V, d]`. Kernels HF stores as `[out, in]`
+    are transposed (`Family.hf_key`); tensors HF expects that the family does not hold are
+    zeros (`Family.hf_extra_tensors`: GPT-2's c_attn bias with `qkv_bias=False`, exactly the
+    same function).
     """
     if has_lora(params):
         raise UserError("params hold LoRA adapters (lora_a/lora_b): merge them first with "
                         "jaxgpt.models.lora.merge_lora(params, run_config.lora) (--init RUN does this)")
     check_params(params, config)
+    family = family_of(config)
     out: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
     for path, value in traverse_util.flatten_dict(params).items():
-        transpose = path == ("lm_head", "kernel")
+        key, transpose = family.hf_key(path)
 
         def load(value=value, transpose=transpose):
             a = np.asarray(jax.device_get(value), dtype=np.float32)
             return np.ascontiguousarray(a.T if transpose else a)
 
         shape = tuple(value.shape)[::-1] if transpose else tuple(value.shape)
-        out[hf_key(path)] = (shape, load)
-    if not config.qkv_bias:
-        for i in range(config.n_layer):
-            n = 3 * config.n_embd
-            out[f"transformer.h.{i}.attn.c_attn.bias"] = ((n,), lambda n=n: np.zeros(n, np.float32))
+        out[key] = (shape, load)
+    for key, shape in family.hf_extra_tensors(config).items():
+        out[key] = (shape, lambda shape=shape: np.zeros(shape, np.float32))
     return dict(sorted(out.items()))
 
 
@@ -129,14 +99,15 @@ def write_safetensors(path: str | Path, tensors: dict[str, tuple[tuple[int, ...]
             del a
 
 
-EXPORT_FILES = frozenset({"config.json", "model.safetensors"})
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES})
 
 
 def check_export_dir(out_dir: str | Path, force: bool = False, source: str | Path | None = None) -> Path:
     """The absolute export directory, or a one-line `UserError`; nothing is touched.
 
     A non-empty OUTDIR is refused unless `force`, and `force` replaces only a previous
-    export: a folder holding nothing but config.json and model.safetensors. Never the
+    export: a folder holding nothing but config.json, model.safetensors and tokenizer files. Never the
     working folder or a folder above it, nor the `source` weights' folder or one above it.
     """
     out = Path(out_dir).expanduser().absolute()
@@ -164,9 +135,11 @@ def check_export_dir(out_dir: str | Path, force: bool = False, source: str | Pat
 
 
 def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *, force: bool = False) -> Path:
-    """Write a Hugging Face GPT-2 directory: config.json + model.safetensors.
+    """Write a Hugging Face model directory: config.json + model.safetensors, and the model's
+    tokenizer files when it has its own (`model.tokenizer` a folder; its eos and bos ids go
+    into config.json).
 
-    `transformers.GPT2LMHeadModel.from_pretrained(out_dir)` loads it. Files are written into
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it. Files are written into
     a temporary sibling directory that is renamed into place, so an interrupted export
     leaves nothing half-written at `out_dir`. A non-empty `out_dir` is refused unless
     `force`, in which case it is replaced as a whole, and only if it holds nothing but a
@@ -178,7 +151,16 @@ def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(config_to_hf(model_config), indent=2) + "\n")
+        hf_config = config_to_hf(model_config)
+        if model_config.tokenizer != "gpt2":
+            from jaxgpt.text.tokenizer import tokenizer_of
+
+            tok = tokenizer_of(model_config)
+            hf_config.update(eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
+            for name in TOKENIZER_FILES:
+                if (tok.folder / name).is_file():
+                    shutil.copyfile(tok.folder / name, tmp / name)
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
         mask = os.umask(0)
         os.umask(mask)

@@ -1,118 +1,55 @@
-"""Convert GPT-2 weights between jaxgpt and Hugging Face / OpenAI checkpoints.
+"""Hugging Face checkpoints in: a folder's config.json and weights -> `(ModelConfig, params)`.
 
-jaxgpt's parameter names are GPT-2's (see `jaxgpt.models.gpt2`), so conversion is a rename:
-
-    HF key (with or without `transformer.`)     jaxgpt path                shape
-    wte.weight                                   wte/embedding              [V, d]
-    wpe.weight                                   wpe/embedding              [ctx, d]
-    h.{i}.ln_1.weight | .bias                    h_{i}/ln_1/scale | bias    [d]
-    h.{i}.attn.c_attn.weight | .bias             h_{i}/attn/c_attn/kernel   [d, 3d] | [3d]
-    h.{i}.attn.c_proj.weight | .bias             h_{i}/attn/c_proj/kernel   [d, d] | [d]
-    h.{i}.ln_2.weight | .bias                    h_{i}/ln_2/scale | bias    [d]
-    h.{i}.mlp.c_fc.weight | .bias                h_{i}/mlp/c_fc/kernel      [d, 4d] | [4d]
-    h.{i}.mlp.c_proj.weight | .bias              h_{i}/mlp/c_proj/kernel    [4d, d] | [d]
-    ln_f.weight | .bias                          ln_f/scale | bias          [d]
-    lm_head.weight                               lm_head/kernel (transposed) [V, d] -> [d, V]
-
-GPT-2's `Conv1D` stores its weight as `[in, out]` (it computes `x @ W + b`), which is
-already flax's `Dense` kernel layout, so no transpose is needed except for `lm_head`, an
-`nn.Linear` (`[out, in]`). The fused `c_attn` keeps q|k|v concatenated along the output
-axis in that order in both. The `attn.bias` / `attn.masked_bias` entries of older
-checkpoints are causal-mask buffers, not parameters, and are skipped. With tied embeddings
-the head is `wte` itself: `lm_head.weight` must be absent or equal to `wte.weight`.
-
-OpenAI's original TensorFlow checkpoints have their own names (`jaxgpt.io.openai_tf`).
+The family is config.json's `model_type` (`jaxgpt.models`: gpt2, llama, qwen3); the family's
+converter maps each tensor's HF name to its jaxgpt path (a rename table, `Family.hf_target`,
+with a transpose where HF stores `[out, in]`) and reads the config (`Family.config_from_hf`).
+Any unknown, duplicate, missing or mis-shaped tensor is a one-line `UserError` naming it.
+With tied embeddings the head is the token embedding itself: `lm_head.weight` must be absent
+or equal to it. OpenAI's original TensorFlow checkpoints have their own names
+(`jaxgpt.io.openai_tf`).
 
 Memory: loaders stream, one tensor at a time from the memory-mapped file (shape-checked
 before its data is read, converted to float32, moved to a jax array, its host copy dropped),
-so peak host memory is one float32 set of params plus one tensor, never two copies of a
-1558M model. `pytorch_model.bin` is read with `torch.load(mmap=True, weights_only=True)`:
-nothing in a pickle is ever executed. `jaxgpt.io.hub.resolve_init` is the one `--init SPEC`
-resolver; `jaxgpt.io.hf_export.export_hf` writes the HF format back.
+so peak host memory is one float32 set of params plus one tensor, never two copies of the
+model. `pytorch_model.bin` is read with `torch.load(mmap=True, weights_only=True)`: nothing in
+a pickle is ever executed. `jaxgpt.io.hub.resolve_init` is the one `--init SPEC` resolver;
+`jaxgpt.io.hf_export.export_hf` writes the HF format back.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.models.gpt2 import param_shapes
+from jaxgpt.models import FAMILY_MODULES, family_of, get_family, param_shapes
+from jaxgpt.models.family import Family, Target
 
 Params = dict[str, Any]
 
-# ---------------------------------------------------------------------------------------
-# Configs
 
-#: GPT2Config defaults used for keys a config.json leaves out (never the shape keys).
-HF_DEFAULTS: dict[str, Any] = {
-    "layer_norm_epsilon": 1e-5,
-    "activation_function": "gelu_new",
-    "resid_pdrop": 0.1,
-    "tie_word_embeddings": True,
-    "scale_attn_weights": True,
-    "scale_attn_by_inverse_layer_idx": False,
-    "add_cross_attention": False,
-    "n_inner": None,
-}
-# Both names denote the same tanh approximation of GELU that jaxgpt's MLP computes.
-_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")
-_SHAPE_KEYS = {  # ModelConfig field -> accepted config.json keys, first preferred
-    "vocab_size": ("vocab_size",),
-    "context_length": ("n_positions", "max_position_embeddings", "n_ctx"),
-    "n_embd": ("n_embd", "hidden_size"),
-    "n_layer": ("n_layer", "num_hidden_layers"),
-    "n_head": ("n_head", "num_attention_heads"),
-}
+def family_of_hf(hf: Mapping[str, Any], where: str = "config.json") -> Family:
+    """The family of a config.json dict (`model_type`; GPT-2 when it has none)."""
+    model_type = hf.get("model_type", "gpt2")
+    for name in FAMILY_MODULES:
+        family = get_family(name)
+        if family.hf_model_type == model_type:
+            return family
+    known = [get_family(n) for n in FAMILY_MODULES]
+    raise UserError(f"{where}: model_type is {model_type!r}; only {' / '.join(f.title for f in known)} "
+                    f"(model_type {', '.join(f.hf_model_type for f in known)}) can be loaded")
 
 
 def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
-    """A `ModelConfig` from a Hugging Face GPT-2 config.json dict.
-
-    Shapes (`vocab_size`, `n_positions` -> `context_length`, `n_embd`, `n_layer`, `n_head`)
-    must be present; other keys default as in `transformers.GPT2Config`. Options that
-    jaxgpt's model does not implement raise `UserError` rather than load a model that would
-    silently compute something else.
-    """
-    model_type = hf.get("model_type", "gpt2")
-    if model_type != "gpt2":
-        raise UserError(f"{where}: model_type is {model_type!r}; only GPT-2 (model_type gpt2) can be loaded")
-    shape = {}
-    for field, keys in _SHAPE_KEYS.items():
-        found = [k for k in keys if hf.get(k) is not None]
-        if not found:
-            raise UserError(f"{where}: missing {keys[0]}")
-        value = hf[found[0]]
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-            raise UserError(f"{where}: {found[0]} must be a positive integer, got {value!r}")
-        shape[field] = value
-    if shape["n_embd"] % shape["n_head"]:
-        raise UserError(f"{where}: n_embd ({shape['n_embd']}) is not divisible by n_head ({shape['n_head']})")
-    get = lambda k: hf[k] if hf.get(k) is not None else HF_DEFAULTS[k]
-    act = get("activation_function")
-    if act not in _TANH_GELUS:
-        raise UserError(f"{where}: activation_function is {act!r}; jaxgpt's GPT-2 MLP computes gelu_new")
-    n_inner = hf.get("n_inner")
-    if n_inner is not None and n_inner != 4 * shape["n_embd"]:
-        raise UserError(f"{where}: n_inner is {n_inner}; jaxgpt's MLP width is 4 * n_embd = {4 * shape['n_embd']}")
-    for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
-                           ("add_cross_attention", False)):
-        if bool(get(key)) != supported:
-            raise UserError(f"{where}: {key}={get(key)} is not supported (jaxgpt implements {key}={supported})")
-    return ModelConfig(
-        **shape,
-        dropout=float(get("resid_pdrop")),
-        qkv_bias=True,  # HF GPT-2 always has a c_attn bias
-        tie_embeddings=bool(get("tie_word_embeddings")),
-        layer_norm_epsilon=float(get("layer_norm_epsilon")),
-    )
+    """A `ModelConfig` from a Hugging Face config.json dict (its family's reader)."""
+    return family_of_hf(hf, where).config_from_hf(hf, where)
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -125,54 +62,6 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object")
     return data
-
-
-# ---------------------------------------------------------------------------------------
-# Names
-
-
-class Target(NamedTuple):
-    """Where a checkpoint tensor goes: a jaxgpt param path, or `None` to skip it."""
-
-    path: tuple[str, ...] | None
-    transform: str = ""  # "" | "T" (transpose [out, in] -> [in, out]) | "squeeze0" (drop a leading 1)
-
-
-_HF_LAYER = re.compile(r"h\.(\d+)\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)")
-_HF_BUFFER = re.compile(r"h\.\d+\.(attn|crossattention)\.(bias|masked_bias)")
-
-
-def hf_target(key: str) -> Target | None:
-    """Map a HF GPT-2 state-dict key to its jaxgpt path; `None` if it is not GPT-2's."""
-    name = key[len("transformer."):] if key.startswith("transformer.") else key
-    if name in ("wte.weight", "wpe.weight"):
-        return Target((name.split(".")[0], "embedding"))
-    if name in ("ln_f.weight", "ln_f.bias"):
-        return Target(("ln_f", "scale" if name.endswith("weight") else "bias"))
-    if key == "lm_head.weight":
-        return Target(("lm_head", "kernel"), "T")
-    if _HF_BUFFER.fullmatch(name):
-        return Target(None)
-    m = _HF_LAYER.fullmatch(name)
-    if m is None:
-        return None
-    layer, module, kind = m.groups()
-    leaf = ("scale" if kind == "weight" else "bias") if module.startswith("ln") else (
-        "kernel" if kind == "weight" else "bias")
-    return Target((f"h_{layer}", *module.split("."), leaf))
-
-
-def hf_key(path: tuple[str, ...], prefix: str = "transformer.") -> str:
-    """The HF key of a jaxgpt param path (inverse of `hf_target`)."""
-    if path == ("lm_head", "kernel"):
-        return "lm_head.weight"
-    if path[0] in ("wte", "wpe"):
-        return f"{prefix}{path[0]}.weight"
-    leaf = {"scale": "weight", "kernel": "weight", "bias": "bias"}[path[-1]]
-    if path[0] == "ln_f":
-        return f"{prefix}ln_f.{leaf}"
-    layer = path[0].removeprefix("h_")
-    return f"{prefix}h.{layer}.{'.'.join(path[1:-1])}.{leaf}"
 
 
 # ---------------------------------------------------------------------------------------
@@ -216,24 +105,26 @@ def _to_f32(array: Any, transform: str) -> np.ndarray:
 def convert_tensors(
     tensors: Iterable[Tensor],
     config: ModelConfig,
-    target: Callable[[str], Target | None],
+    target: Callable[[str], Target | None] | None,
     source: str,
 ) -> Params:
     """Assemble jaxgpt params for `config` from a stream of checkpoint tensors.
 
-    Each tensor is named-mapped by `target`, shape-checked against `param_shapes(config)`
-    before it is read, read, converted to float32 and put on the default device; the host
-    copy is then dropped. Any unknown, duplicate, missing or mis-shaped tensor is a one-line
-    `UserError` naming it (and both shapes). For tied configs an `lm_head.weight` is
-    accepted only if it equals `wte`.
+    Each tensor is named-mapped by `target` (default: the config's family's `hf_target`),
+    shape-checked against `param_shapes(config)` before it is read, read, converted to float32
+    and put on the default device; the host copy is then dropped. Any unknown, duplicate,
+    missing or mis-shaped tensor is a one-line `UserError` naming it (and both shapes). For
+    tied configs an `lm_head.weight` is accepted only if it equals the token embedding.
     """
+    family = family_of(config)
+    target = target or family.hf_target
     expected = traverse_util.flatten_dict(param_shapes(config))
     out: dict[tuple[str, ...], jax.Array] = {}
     tied_head: np.ndarray | None = None
     for t in tensors:
         tgt = target(t.name)
         if tgt is None:
-            raise UserError(f"{source}: unexpected tensor {t.name} {_fmt(t.shape)} (not a GPT-2 parameter)")
+            raise UserError(f"{source}: unexpected tensor {t.name} {_fmt(t.shape)} (not a {family.name} parameter)")
         if tgt.path is None:
             continue  # attention-mask buffer
         if tgt.path == ("lm_head", "kernel") and config.tie_embeddings:
@@ -259,10 +150,9 @@ def convert_tensors(
         raise UserError(f"{source}: missing tensor {names} (the checkpoint does not match its config: "
                         f"n_layer={config.n_layer}, tie_embeddings={config.tie_embeddings})")
     if tied_head is not None:
-        wte = out[("wte", "embedding")]
-        head = tied_head
-        if head.shape != wte.shape or not np.array_equal(head, np.asarray(wte)):
-            raise UserError(f"{source}: lm_head.weight differs from wte.weight but the config ties them "
+        embedding = out[(family.token_embedding, "embedding")]
+        if tied_head.shape != embedding.shape or not np.array_equal(tied_head, np.asarray(embedding)):
+            raise UserError(f"{source}: lm_head.weight differs from {family.token_embedding}.weight but the config ties them "
                             f"(tie_word_embeddings true); set it to false to load an untied head")
     return traverse_util.unflatten_dict(out)
 
@@ -312,12 +202,12 @@ def _torch_tensors(state_dict: Mapping[str, Any]) -> Iterator[Tensor]:
 
 def load_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, Any] | Any,
                        source: str = "state dict") -> tuple[ModelConfig, Params]:
-    """jaxgpt `(config, params)` from an in-memory HF GPT-2 state dict (torch tensors or
-    numpy arrays) and its config (a config.json dict or a `transformers.GPT2Config`)."""
+    """jaxgpt `(config, params)` from an in-memory HF state dict (torch tensors or numpy
+    arrays) and its config (a config.json dict or a `transformers.PretrainedConfig`)."""
     if not isinstance(hf_config, Mapping):
         hf_config = hf_config.to_dict()
     config = config_from_hf(hf_config)
-    return config, convert_tensors(_torch_tensors(state_dict), config, hf_target, source)
+    return config, convert_tensors(_torch_tensors(state_dict), config, None, source)
 
 
 def _load_torch_bin(bin_file: Path) -> Mapping[str, Any]:
@@ -357,11 +247,13 @@ def _load_torch_bin(bin_file: Path) -> Mapping[str, Any]:
 
 
 def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
-    """jaxgpt `(config, params)` from a HF GPT-2 directory: config.json plus
+    """jaxgpt `(config, params)` from a Hugging Face model directory: config.json plus
     model.safetensors (or a sharded model.safetensors.index.json, or pytorch_model.bin when
     torch is installed)."""
     path = Path(path)
     config = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
+    if config.family != "gpt2" and (path / "tokenizer.json").is_file():  # GPT-2 keeps tiktoken
+        config = dataclasses.replace(config, tokenizer=str(path.resolve()))
     index = path / "model.safetensors.index.json"
     if (path / "model.safetensors").is_file():
         files = [path / "model.safetensors"]
@@ -375,7 +267,7 @@ def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
         files = []
     if files:
         try:
-            return config, convert_tensors(_safetensors_tensors(files), config, hf_target, str(files[0]))
+            return config, convert_tensors(_safetensors_tensors(files), config, None, str(files[0]))
         except UserError:
             raise
         except Exception as e:  # a truncated or corrupt file
@@ -388,17 +280,5 @@ def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
             raise UserError(f"{bin_file} needs torch to read (pip install torch), or convert it to "
                             "model.safetensors") from None
         state = _load_torch_bin(bin_file)
-        return config, convert_tensors(_torch_tensors(state), config, hf_target, str(bin_file))
+        return config, convert_tensors(_torch_tensors(state), config, None, str(bin_file))
     raise UserError(f"{path} has config.json but no model.safetensors (or pytorch_model.bin) next to it")
-
-
-# ---------------------------------------------------------------------------------------
-# Counting
-
-
-def num_params_hf(config: ModelConfig) -> int:
-    """Parameter count by arithmetic (as HF counts it: the tied head counted once)."""
-    d, V, L = config.n_embd, config.vocab_size, config.n_layer
-    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
-    head = 0 if config.tie_embeddings else V * d
-    return V * d + config.context_length * d + L * block + 2 * d + head

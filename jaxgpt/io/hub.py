@@ -4,14 +4,18 @@ Accepted forms, tried in this order:
 
 1. a jaxgpt run directory (holds `config.yaml`): its latest checkpoint, through
    `jaxgpt.io.checkpoint.load_params`;
-2. a Hugging Face GPT-2 directory (holds `config.json`, plus `model.safetensors`, a sharded
-   `model.safetensors.index.json`, or `pytorch_model.bin` when torch is installed);
+2. a Hugging Face model directory of a family jaxgpt has (GPT-2, Llama, Qwen3: `config.json`
+   plus `model.safetensors`, a sharded `model.safetensors.index.json`, or `pytorch_model.bin`
+   when torch is installed; its `tokenizer.json` becomes the model's tokenizer);
 3. OpenAI's original TensorFlow release directory (holds `hparams.json` and
    `model.ckpt.*`; needs TensorFlow);
 4. a preset name: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` (or jaxgpt's names for the
    same shapes, `gpt2-124m`, `gpt2-355m`, `gpt2-774m`, `gpt2-1558m`). Its config.json and
    model.safetensors are downloaded once from huggingface.co/openai-community/NAME into
-   `$JAXGPT_CACHE/hf/NAME` (default `~/.cache/jaxgpt/hf/NAME`) and read from there after.
+   `$JAXGPT_CACHE/hf/NAME` (default `~/.cache/jaxgpt/hf/NAME`) and read from there after;
+5. a hub id (`Qwen/Qwen3-0.6B`, `meta-llama/Llama-3.2-1B`) or a preset naming one
+   (`REPO_PRESETS`: `qwen3-0.6b`, `llama-3.2-1b`, ...): downloaded once into the same cache,
+   verified the same way (`jaxgpt.io.hub_repos`); gated repositories need `$HF_TOKEN`.
 
 Preset downloads are pinned and verified (`PRESET_PINS`): each preset is fetched at a fixed
 commit of its hub repository, never `main`, and every file is checked before it enters the
@@ -27,6 +31,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -41,6 +46,7 @@ from jaxgpt.io.hf_load import check_params, load_hf_dir
 from jaxgpt.io.openai_tf import load_openai_dir
 
 Params = dict[str, Any]
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # organisation/name on the hub
 
 HF_ORG = "openai-community"
 HF_BASE_URL = f"https://huggingface.co/{HF_ORG}"  # + /NAME/resolve/REVISION/FILE
@@ -70,9 +76,14 @@ PRESET_PINS: dict[str, Pin] = {
 PRESET_ALIASES = {"gpt2-124m": "gpt2", "gpt2-355m": "gpt2-medium", "gpt2-774m": "gpt2-large",
                   "gpt2-1558m": "gpt2-xl"}
 PRESET_FILES = ("config.json", "model.safetensors")
-ACCEPTED = ("a jaxgpt run directory (config.yaml + checkpoints/), a Hugging Face GPT-2 directory "
+# Presets whose weights live in an organisation's repository (downloaded by `download_repo`).
+REPO_PRESETS = {"llama-3.2-1b": "meta-llama/Llama-3.2-1B", "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
+                "llama-3.1-8b": "meta-llama/Llama-3.1-8B", "qwen3-0.6b": "Qwen/Qwen3-0.6B",
+                "qwen3-1.7b": "Qwen/Qwen3-1.7B", "qwen3-4b": "Qwen/Qwen3-4B", "qwen3-8b": "Qwen/Qwen3-8B"}
+ACCEPTED = ("a jaxgpt run directory (config.yaml + checkpoints/), a Hugging Face model directory "
             "(config.json + model.safetensors), an OpenAI TensorFlow checkpoint directory "
-            "(hparams.json + model.ckpt.*), or a preset: " + ", ".join(HF_PRESETS))
+            "(hparams.json + model.ckpt.*), a hub id such as Qwen/Qwen3-0.6B, or a preset: "
+            + ", ".join((*HF_PRESETS, *REPO_PRESETS)))
 
 
 def cache_root() -> Path:
@@ -209,11 +220,15 @@ def resolve_init(spec: str, expect: ModelConfig | None = None) -> tuple[ModelCon
             config, params = load_openai_dir(path)
         else:
             raise UserError(f"{path} holds neither config.yaml (jaxgpt run), config.json (Hugging Face "
-                            f"GPT-2) nor hparams.json (OpenAI TensorFlow checkpoint)")
+                            f"model) nor hparams.json (OpenAI TensorFlow checkpoint)")
     elif spec in HF_PRESETS or spec in PRESET_ALIASES:
         config, params = load_hf_dir(download_preset(PRESET_ALIASES.get(spec, spec)))
     elif path.exists():
         raise UserError(f"--init {spec} is a file; give the directory that holds it ({ACCEPTED})")
+    elif spec in REPO_PRESETS or REPO_ID.fullmatch(spec):
+        from jaxgpt.io.hub_repos import download_repo
+
+        config, params = load_hf_dir(download_repo(REPO_PRESETS.get(spec, spec)))
     else:
         raise UserError(f"--init {spec}: no such directory or preset; give {ACCEPTED}")
     if expect is not None:

@@ -1,16 +1,17 @@
 """OpenAI's original GPT-2 release (TensorFlow): `model/wte`, `model/h0/ln_1/g|b`,
 `model/h0/attn/c_attn/w` (`[1, d, 3d]`, a 1x1 convolution; the leading 1 is squeezed) and
-so on, mapped onto jaxgpt's GPT-2 names through the same converter as Hugging Face
-checkpoints (`jaxgpt.io.hf_load.convert_tensors`). Reading the files needs TensorFlow."""
+so on, mapped by the GPT-2 family (`GPT2Family.openai_target`: to Hugging Face's names, then
+its converter) and assembled as Hugging Face checkpoints are (`jaxgpt.io.hf_load.convert_tensors`).
+Reading the files needs TensorFlow."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
-from jaxgpt.io.hf_load import Params, Target, Tensor, config_from_hf, convert_tensors, read_json
+from jaxgpt.io.hf_load import Params, Tensor, config_from_hf, convert_tensors, read_json
+from jaxgpt.models import get_family
 
 
 def config_from_openai(hparams: Mapping[str, Any], where: str = "hparams.json") -> ModelConfig:
@@ -24,31 +25,6 @@ def config_from_openai(hparams: Mapping[str, Any], where: str = "hparams.json") 
         raise UserError(f"{where}: missing {e.args[0]}") from None
 
 
-_TF_LAYER = re.compile(r"model/h(\d+)/(ln_1|ln_2|attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)/([gbw])")
-
-
-def openai_target(name: str) -> Target | None:
-    """Map an OpenAI TF variable (`model/h0/attn/c_attn/w`, ...) to its jaxgpt path."""
-    if name in ("model/wte", "model/wpe"):
-        return Target((name.split("/")[1], "embedding"))
-    if name in ("model/ln_f/g", "model/ln_f/b"):
-        return Target(("ln_f", "scale" if name.endswith("g") else "bias"))
-    m = _TF_LAYER.fullmatch(name)
-    if m is None:
-        return None
-    layer, module, kind = m.groups()
-    if module.startswith("ln"):
-        if kind == "w":
-            return None
-        return Target((f"h_{layer}", module, "scale" if kind == "g" else "bias"))
-    if kind == "g":
-        return None
-    if kind == "w":
-        return Target((f"h_{layer}", *module.split("/"), "kernel"), "squeeze0")
-    return Target((f"h_{layer}", *module.split("/"), "bias"))
-
-
-
 def load_openai_variables(names_and_shapes: Iterable[tuple[str, Any]], read: Callable[[str], Any],
                           hparams: Mapping[str, Any], source: str = "checkpoint") -> tuple[ModelConfig, Params]:
     """jaxgpt `(config, params)` from OpenAI GPT-2 variables given as `(name, shape)` pairs
@@ -56,7 +32,7 @@ def load_openai_variables(names_and_shapes: Iterable[tuple[str, Any]], read: Cal
     lookup in tests). Non-parameter variables (optimizer slots etc.) must not be present."""
     config = config_from_openai(hparams)
     tensors = (Tensor(n, tuple(s), lambda n=n: read(n)) for n, s in names_and_shapes)
-    return config, convert_tensors(tensors, config, openai_target, source)
+    return config, convert_tensors(tensors, config, get_family("gpt2").openai_target, source)
 
 
 def load_openai_dir(path: str | Path) -> tuple[ModelConfig, Params]:

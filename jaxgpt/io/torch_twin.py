@@ -1,5 +1,5 @@
-"""A PyTorch twin of a jaxgpt model: Hugging Face `GPT2LMHeadModel` with the same weights,
-plus `torch.optim.AdamW` set up like `jaxgpt.train.optim.make_optimizer`.
+"""A PyTorch twin of a jaxgpt model: its family's transformers model (GPT-2: `GPT2LMHeadModel`)
+with the same weights, plus `torch.optim.AdamW` set up like `jaxgpt.train.optim.make_optimizer`.
 
 This is the reference that training parity is checked against (`tests/test_parity.py`,
 `benchmarks/parity_124m.py`): a torch implementation that jaxgpt did not write, fed the
@@ -26,73 +26,71 @@ from flax import traverse_util
 
 from jaxgpt.config import ModelConfig, TrainConfig
 from jaxgpt.errors import UserError
-from jaxgpt.io.hf_load import Tensor, convert_tensors, hf_key, hf_target
+from jaxgpt.io.hf_load import Tensor, convert_tensors
+from jaxgpt.models import family_of, family_of_params
 
 Params = dict[str, Any]
-_QKV_BIAS = ".attn.c_attn.bias"
 
 
 def hf_config(config: ModelConfig, attn_implementation: str = "eager"):
-    """`transformers.GPT2Config` of `config` (all three dropouts = `config.dropout`).
+    """The transformers config of `config` (its family's `config_to_hf`; GPT-2's three
+    dropouts = `config.dropout`).
 
     `eager` attention is the plain softmax(QK^T/sqrt(d) + mask) V that jaxgpt's reference
     attention also computes; `sdpa` is faster on CPU for large shapes.
     """
-    from transformers import GPT2Config
-
-    from jaxgpt.io.hf_export import config_to_hf
-
-    cfg = GPT2Config(**{k: v for k, v in config_to_hf(config).items() if k not in ("architectures", "dtype")})
-    cfg._attn_implementation = attn_implementation
-    return cfg
+    return family_of(config).torch_config(config, attn_implementation)
 
 
 def to_torch(params: Params, config: ModelConfig, *, attn_implementation: str = "eager"):
-    """A float32 `GPT2LMHeadModel` (eval mode) holding `params`; `[batch, seq]` token ids
-    in, `.logits` `[batch, seq, vocab]` out. With `qkv_bias=False` the c_attn biases are
-    zero and frozen."""
+    """A float32 transformers model (eval mode; GPT-2: `GPT2LMHeadModel`) holding `params`;
+    `[batch, seq]` token ids in, `.logits` `[batch, seq, vocab]` out. Tensors HF has that the
+    family does not (GPT-2's c_attn bias with `qkv_bias=False`) are zero and frozen."""
     import torch
-    from transformers import GPT2LMHeadModel
 
     from jaxgpt.io.hf_export import hf_state_dict
 
-    model = GPT2LMHeadModel(hf_config(config, attn_implementation)).to(torch.float32)
+    family = family_of(config)
+    model = family.torch_model(config, attn_implementation)
     state = {k: torch.tensor(v) for k, v in hf_state_dict(params, config).items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # A tied model's lm_head.weight is wte itself; nothing else may be left unset.
+    # A tied model's lm_head.weight is the token embedding itself; nothing else may be left unset.
     missing = [k for k in missing if not (config.tie_embeddings and k == "lm_head.weight")]
     if missing or unexpected:
         raise UserError(f"torch twin: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if not config.qkv_bias:
-        for name, p in model.named_parameters():
-            if name.endswith(_QKV_BIAS):
-                p.requires_grad_(False)
+    frozen = set(family.hf_extra_tensors(config))
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
     return model.eval()
 
 
 def from_torch(model, config: ModelConfig) -> Params:
-    """jaxgpt params of `config` from a `GPT2LMHeadModel` (e.g. after torch training).
+    """jaxgpt params of `config` from its transformers twin (e.g. after torch training).
 
-    With `qkv_bias=False` the c_attn biases must still be zero (else the two models would
-    compute different functions) and are dropped."""
+    Tensors the family does not hold (GPT-2's c_attn bias with `qkv_bias=False`) must still
+    be zero (else the two models would compute different functions) and are dropped."""
+    extra = set(family_of(config).hf_extra_tensors(config))
     tensors = []
     for key, value in model.state_dict().items():
-        if key.endswith(_QKV_BIAS) and not config.qkv_bias:
+        if key in extra:
             if bool(value.detach().abs().max() > 0):
                 raise UserError(f"torch twin: {key} is not zero, but model.qkv_bias is false")
             continue
         if config.tie_embeddings and key == "lm_head.weight":
-            continue  # the tied head is wte
+            continue  # the tied head is the token embedding
         tensors.append(Tensor(key, tuple(value.shape), lambda v=value: v.detach().cpu()))
-    return convert_tensors(tensors, config, hf_target, "torch twin")
+    return convert_tensors(tensors, config, None, "torch twin")
 
 
-def decay_names(params: Params) -> set[str]:
-    """HF names of the parameters `jaxgpt.train.optim.decay_mask` decays (matrices and embeddings)."""
+def decay_names(params: Params, config: ModelConfig | None = None) -> set[str]:
+    """HF names of the parameters `jaxgpt.train.optim.decay_mask` decays (matrices and
+    embeddings); `config` names the family (default: the one whose names `params` have)."""
     from jaxgpt.train.optim import decay_mask
 
+    family = family_of(config) if config is not None else family_of_params(params)
     flat = traverse_util.flatten_dict(decay_mask(params))
-    return {hf_key(path) for path, decays in flat.items() if decays}
+    return {family.hf_key(path)[0] for path, decays in flat.items() if decays}
 
 
 def torch_adamw(model, params: Params, train: TrainConfig, decay: set[str] | None = None):

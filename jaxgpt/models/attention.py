@@ -1,7 +1,11 @@
 """Attention kernels as pure functions, and the choice between them (`model.attention`).
 
-Every kernel takes q `[batch, q_len, heads, head_dim]`, k/v `[batch, kv_len, heads, head_dim]`
-and returns `[batch, q_len, heads, head_dim]`; masks are bool, True = may attend.
+Every kernel takes q `[batch, q_len, heads, head_dim]`, k/v `[batch, kv_len, kv_heads, head_dim]`
+and returns `[batch, q_len, heads, head_dim]`; masks are bool, True = may attend. With fewer
+key/value heads than query heads (grouped-query attention, `heads = kv_heads * group`), query
+head `n` reads key/value head `n // group`, and no kernel repeats K/V per query head: the
+reference groups the queries in its einsum, blockwise folds each group into its query rows,
+`jax.nn.dot_product_attention` takes grouped K/V as they are.
 
 * `reference_attention`: einsum + float32 softmax. Materialises the `[batch, heads, q_len,
   kv_len]` scores (and autodiff keeps them for the backward pass); the numerical reference.
@@ -43,25 +47,31 @@ _PADDED = float(jnp.finfo(jnp.float32).min)  # keys added to fill the last block
 def reference_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
     """Plain softmax attention, the numerical reference for the other kernels.
 
-    q: `[batch, q_len, heads, head_dim]`, k/v: `[batch, kv_len, heads, head_dim]`,
-    mask: `[batch, 1, q_len, kv_len]` bool (True = may attend). Scores and softmax run in
-    float32 whatever the input dtype. Returns `[batch, q_len, heads, head_dim]`.
+    q: `[batch, q_len, heads, head_dim]`, k/v: `[batch, kv_len, kv_heads, head_dim]` (kv_heads
+    divides heads), mask: `[batch, 1, q_len, kv_len]` bool (True = may attend). Scores and
+    softmax run in float32 whatever the input dtype. Returns `[batch, q_len, heads, head_dim]`.
     """
     scale = 1.0 / math.sqrt(q.shape[-1])
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    b, t, h, d = q.shape
+    group = h // k.shape[2]
+    if group > 1:  # [b, t, kv, group, d] against K/V of kv heads: the scores are [b, kv, group, t, s]
+        q = q.reshape(b, t, k.shape[2], group, d)
+        mask = mask[:, :, None]
+    qk, pv = ("btkgd,bskd->bkgts", "bkgts,bskd->btkgd") if group > 1 else ("bqhd,bkhd->bhqk", "bhqk,bkhd->bqhd")
+    scores = jnp.einsum(qk, q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(scores, axis=-1)
     if dropout_rate > 0.0 and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights.astype(v.dtype), v)
+    return jnp.einsum(pv, weights.astype(v.dtype), v).reshape(b, t, h, d)
 
 
 def fused_attention(q, k, v, mask, *, implementation: str | None, is_causal: bool):
     """`jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on NVIDIA GPUs).
 
-    Shapes as `reference_attention`. With `is_causal` the mask is implied and not
-    materialised, which the cuDNN kernel needs.
+    Shapes as `reference_attention` (grouped K/V are taken as they are). With `is_causal` the
+    mask is implied and not materialised, which the cuDNN kernel needs.
     """
     impl = None if implementation == "xla" else implementation
     if is_causal:
@@ -78,6 +88,7 @@ class _Spec(NamedTuple):
     causal: bool  # key index <= query index (top-left aligned, as jax.nn.dot_product_attention)
     rate: float  # attention dropout probability (0: none)
     scale: float
+    group: int = 1  # query rows per position (grouped-query attention folds a group into the rows)
 
 
 def _keep(spec: _Spec, rng, i, j, shape):
@@ -95,8 +106,8 @@ def _tile_scores(spec: _Spec, qi, k, mask, i, j):
     s = jnp.einsum("bqhd,bkhd->bhqk", qi, kj, preferred_element_type=jnp.float32) * spec.scale
     k_idx = j * bk + jnp.arange(bk)
     ok = jnp.ones((bq, bk), bool)
-    if spec.causal:
-        ok = k_idx[None, :] <= (i * bq + jnp.arange(bq))[:, None]
+    if spec.causal:  # a folded row's position is its index // group
+        ok = k_idx[None, :] <= ((i * bq + jnp.arange(bq)) // spec.group)[:, None]
     if mask is not None:  # [batch | 1, 1 | heads, Tq, Tk], padded with False
         ok = ok & lax.dynamic_slice(mask, (0, 0, i * bq, j * bk), mask.shape[:2] + (bq, bk))
     s = jnp.where(ok, s, _MASKED)
@@ -108,14 +119,15 @@ def _k_range(spec: _Spec, i, nk):
     """Key tiles that query tile i needs: causal attention skips the tiles above the diagonal."""
     if not spec.causal:
         return 0, nk
-    return 0, jnp.minimum(nk, (i * spec.block_q + spec.block_q - 1) // spec.block_k + 1)
+    last = (i * spec.block_q + spec.block_q - 1) // spec.group  # the tile's last query position
+    return 0, jnp.minimum(nk, last // spec.block_k + 1)
 
 
 def _q_range(spec: _Spec, j, nq):
     """Query tiles that key tile j contributes to (the transpose of `_k_range`)."""
     if not spec.causal:
         return 0, nq
-    return (j * spec.block_k) // spec.block_q, nq
+    return (j * spec.block_k * spec.group) // spec.block_q, nq
 
 
 def _flash_fwd_core(spec: _Spec, q, k, v, mask, rng):
@@ -225,7 +237,7 @@ def blockwise_attention(q, k, v, mask=None, *, is_causal=False, block_q=None, bl
                         dropout_rate=0.0, dropout_rng=None):
     """Softmax attention in `[block_q, block_k]` tiles with an online softmax (flash attention).
 
-    q: `[batch, q_len, heads, head_dim]`, k/v: `[batch, kv_len, heads, head_dim]`. Returns
+    q: `[batch, q_len, heads, head_dim]`, k/v: `[batch, kv_len, kv_heads, head_dim]`. Returns
     `[batch, q_len, heads, head_dim]` in q's dtype; equal to `reference_attention` with the
     same mask up to float rounding (scores, softmax and accumulators are float32).
 
@@ -244,17 +256,25 @@ def blockwise_attention(q, k, v, mask=None, *, is_causal=False, block_q=None, bl
     from `fold_in(fold_in(dropout_rng, i), j)`: deterministic for a key, regenerated exactly
     by the backward pass, but a different draw than the reference's (and than other tile sizes).
     """
-    q_len, d, kv_len = q.shape[1], q.shape[-1], k.shape[1]
+    b, t, h, d = q.shape
+    kv_len, group = k.shape[1], h // k.shape[2]
+    if group > 1:  # fold each group into the rows: [b, t * group, kv_heads, d], row r at position r // group
+        q = q.reshape(b, t, k.shape[2], group, d).transpose(0, 1, 3, 2, 4).reshape(b, t * group, k.shape[2], d)
+        if mask is not None:
+            mask = jnp.repeat(jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (1, 1, t, kv_len))), group, axis=2)
+    q_len = q.shape[1]
     bq, tq = _tiles(q_len, block_q, BLOCK_Q)
     bk, tk = _tiles(kv_len, block_k, BLOCK_K)
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
-    spec = _Spec(bq, bk, kv_len, bool(is_causal), rate, 1.0 / math.sqrt(d))
+    spec = _Spec(bq, bk, kv_len, bool(is_causal), rate, 1.0 / math.sqrt(d), group)
     pad = lambda x, t: jnp.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0), (0, 0)))
     if mask is not None:
         mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len))).astype(bool)
         mask = jnp.pad(mask, ((0, 0), (0, 0), (0, tq - q_len), (0, tk - kv_len)))
-    out = _flash(spec, pad(q, tq), pad(k, tk), pad(v, tk), mask, dropout_rng if rate > 0.0 else None)
-    return out[:, :q_len]
+    out = _flash(spec, pad(q, tq), pad(k, tk), pad(v, tk), mask, dropout_rng if rate > 0.0 else None)[:, :q_len]
+    if group > 1:
+        out = out.reshape(b, t, group, k.shape[2], d).transpose(0, 1, 3, 2, 4).reshape(b, t, h, d)
+    return out
 
 
 def dropout_keep_mask(dropout_rng, shape, *, dropout_rate, block_q=None, block_k=None):

@@ -1,4 +1,4 @@
-"""GPT-2 in Flax linen, with GPT-2's parameter names and an explicit KV cache.
+"""GPT-2 (`model.family: gpt2`): pre-LayerNorm blocks, GELU MLP, learned absolute positions.
 
 Parameter tree (names follow OpenAI/Hugging Face GPT-2, so loading weights is a rename):
 
@@ -9,104 +9,46 @@ Parameter tree (names follow OpenAI/Hugging Face GPT-2, so loading weights is a 
     h_{i}/mlp/c_proj/{kernel [4d, d], bias}
     ln_f/{scale,bias}             lm_head/kernel [d, vocab]   (only when not tied)
     score/kernel [d, num_classes]  (a classifier, `num_classes > 0`: replaces the LM head)
+    value_head/{kernel, bias}      (PPO's critic, `value_head=True`)
     .../lora_a, .../lora_b         (LoRA adapters on targeted dense layers, `jaxgpt.models.lora`)
 
-Dense kernels are `[in, out]`, the same layout as GPT-2's Conv1D weights.
+Dense kernels are `[in, out]`, the same layout as GPT-2's Conv1D weights, so the Hugging Face
+converter (`GPT2Family.hf_target`) transposes only the `nn.Linear` LM head:
 
-The KV cache is a plain pytree passed in and returned (`init_cache`), not a mutable
-collection, so decoding is an ordinary pure function that `jit`, `lax.scan` and
-`lax.while_loop` can carry.
+    HF key (with or without `transformer.`)     jaxgpt path                shape
+    wte.weight / wpe.weight                      wte|wpe/embedding          [V, d] / [ctx, d]
+    h.{i}.ln_1|ln_2.weight | .bias               h_{i}/ln_1|ln_2/scale|bias [d]
+    h.{i}.attn.c_attn.weight | .bias             h_{i}/attn/c_attn/kernel   [d, 3d] | [3d]
+    h.{i}.attn.c_proj.weight | .bias             h_{i}/attn/c_proj/kernel   [d, d] | [d]
+    h.{i}.mlp.c_fc.weight | .bias                h_{i}/mlp/c_fc/kernel      [d, 4d] | [4d]
+    h.{i}.mlp.c_proj.weight | .bias              h_{i}/mlp/c_proj/kernel    [4d, d] | [d]
+    ln_f.weight | .bias                          ln_f/scale | bias          [d]
+    lm_head.weight                               lm_head/kernel (transposed) [V, d] -> [d, V]
+
+The fused `c_attn` keeps q|k|v concatenated along the output axis in both. The `attn.bias` /
+`attn.masked_bias` entries of older checkpoints are causal-mask buffers and are skipped.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+import re
+from typing import Any, Mapping
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
-from jaxgpt.models.attention import (
-    blockwise_attention,
-    choose_attention,
-    fused_attention,
-    reference_attention,
-)
-from jaxgpt.config import ModelConfig
-from jaxgpt.models.lora import LoRAConfig, LoRADense
-from jaxgpt.models.recompute import LayerNorm, gelu_tanh, recompute_after_cotangent
-
-Array = jax.Array
-Cache = dict[str, Any]
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def compute_dtype(config: ModelConfig):
-    return _DTYPES[config.dtype]
-
-
-def init_cache(config: ModelConfig, batch_size: int, max_len: int | None = None) -> Cache:
-    """An empty KV cache for `batch_size` rows and `max_len` slots (default: the context).
-
-    `layers[i]["k"|"v"]`: `[batch, max_len, n_head, head_dim]` in the compute dtype;
-    `valid`: `[batch, max_len]` bool, True where a slot holds a real (non-padding) token;
-    `index`: int32 scalar, the next slot to write (shared by all rows: prompts are
-    left-padded so they end together).
-    """
-    max_len = max_len or config.context_length
-    shape = (batch_size, max_len, config.n_head, config.head_dim)
-    dtype = compute_dtype(config)
-    layers = tuple(
-        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)
-    )
-    return {
-        "layers": layers,
-        "valid": jnp.zeros((batch_size, max_len), bool),
-        "index": jnp.zeros((), jnp.int32),
-    }
-
-
-def _uniform(bound: float):
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-def _dense_inits(config: ModelConfig, fan_in: int, std: float) -> dict:
-    """Kernel and bias initialisers of a dense layer with `fan_in` inputs.
-
-    `gpt2` (the default): kernel N(0, std), bias 0, as GPT-2 (std 0.02, residual
-    projections 0.02 / sqrt(2 * n_layer)). `torch-default`: PyTorch's `nn.Linear` default
-    (kaiming-uniform with a = sqrt(5)), kernel and bias U(-1/sqrt(fan_in), 1/sqrt(fan_in)),
-    what the book's `GPTModel` starts from.
-    """
-    if config.init == "torch-default":
-        bound = 1.0 / math.sqrt(fan_in)
-        return {"kernel_init": nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform"),
-                "bias_init": _uniform(bound)}
-    return {"kernel_init": nn.initializers.normal(std)}
-
-
-def _embedding_init(config: ModelConfig, std: float):
-    """GPT-2: N(0, std) (wte 0.02, wpe 0.01); torch-default: `nn.Embedding`'s N(0, 1)."""
-    return nn.initializers.normal(1.0 if config.init == "torch-default" else std)
-
-
-def _dense(features: int, name: str, *, config: ModelConfig, fan_in: int, use_bias=True, std=0.02,
-           lora: LoRAConfig | None = None, fused: int = 1):
-    """Every dense layer of the model. With `lora`, targeted layers get adapters
-    (`jaxgpt.models.lora.LoRADense`; same kernel/bias leaves and math as `nn.Dense`).
-    `fan_in` is the input width (for `model.init=torch-default`)."""
-    kwargs = dict(use_bias=use_bias, dtype=compute_dtype(config), param_dtype=jnp.float32,
-                  name=name, **_dense_inits(config, fan_in, std))
-    if lora is None:
-        return nn.Dense(features, **kwargs)
-    return LoRADense(features, lora=lora, fused=fused, **kwargs)
+from jaxgpt.errors import UserError
+from jaxgpt.models.family import Family, Target, hf_shape
+from jaxgpt.models.layers import (LanguageModel, attend, attention_inputs, compute_dtype, dense, embedding_init, param_dtype,
+                                  write_cache)
+from jaxgpt.models.lora import LoRAConfig
+from jaxgpt.models.recompute import LayerNorm, gelu_tanh
 
 
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention with a fused qkv projection (`c_attn`)."""
 
-    config: ModelConfig
+    config: Any
     lora: LoRAConfig | None = None
 
     @nn.compact
@@ -118,57 +60,42 @@ class CausalSelfAttention(nn.Module):
         """
         cfg = self.config
         b, t, _ = x.shape
-        qkv = _dense(3 * cfg.n_embd, "c_attn", config=cfg, fan_in=cfg.n_embd, use_bias=cfg.qkv_bias, lora=self.lora, fused=3)(x)
+        qkv = dense(3 * cfg.n_embd, "c_attn", config=cfg, fan_in=cfg.n_embd, use_bias=cfg.qkv_bias, lora=self.lora,
+                    fused=3)(x)
         q, k, v = jnp.split(qkv, 3, axis=-1)
         q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in (q, k, v))  # [b, t, h, hd]
         new_cache = None
         if cache_layer is not None:
-            k = jax.lax.dynamic_update_slice(cache_layer["k"], k.astype(cache_layer["k"].dtype), (0, cache_index, 0, 0))
-            v = jax.lax.dynamic_update_slice(cache_layer["v"], v.astype(cache_layer["v"].dtype), (0, cache_index, 0, 0))
-            new_cache = {"k": k, "v": v}
-        attn_dropout = 0.0 if deterministic else cfg.dropout
-        # The fused kernels have no dropout on attention weights: with dropout, `xla`/`cudnn`
-        # run `reference` and `auto` a kernel that has it (`jaxgpt.models.attention.choose_attention`),
-        # so the regulariser is never silently dropped.
-        kind = choose_attention(cfg.attention, dtype=q.dtype, dropout=attn_dropout, kv_len=k.shape[1],
-                                is_causal=is_causal, head_dim=cfg.head_dim)
-        rng = self.make_rng("dropout") if attn_dropout > 0.0 else None
-        if kind == "reference":
-            y = reference_attention(q, k, v, mask, dropout_rate=attn_dropout, dropout_rng=rng)
-        elif kind == "blockwise":  # causal: the mask is generated per tile, not read
-            y = blockwise_attention(q, k, v, None if is_causal else mask, is_causal=is_causal,
-                                    dropout_rate=attn_dropout, dropout_rng=rng)
-        else:
-            y = fused_attention(q, k, v, mask, implementation=kind, is_causal=is_causal)
-        y = y.reshape(b, t, cfg.n_embd)
-        y = _dense(cfg.n_embd, "c_proj", config=cfg, fan_in=cfg.n_embd, std=0.02 / math.sqrt(2 * cfg.n_layer),
-                   lora=self.lora)(y)
+            k, v, new_cache = write_cache(cache_layer, k, v, cache_index)
+        y = attend(self, cfg, q, k, v, mask, is_causal, deterministic).reshape(b, t, cfg.n_embd)
+        y = dense(cfg.n_embd, "c_proj", config=cfg, fan_in=cfg.n_embd, std=0.02 / math.sqrt(2 * cfg.n_layer),
+                  lora=self.lora)(y)
         return y, new_cache
 
 
 class MLP(nn.Module):
-    config: ModelConfig
+    config: Any
     lora: LoRAConfig | None = None
 
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        h = _dense(4 * cfg.n_embd, "c_fc", config=cfg, fan_in=cfg.n_embd, lora=self.lora)(x)
+        h = dense(4 * cfg.n_embd, "c_fc", config=cfg, fan_in=cfg.n_embd, lora=self.lora)(x)
         h = gelu_tanh(h)  # GPT-2's "gelu_new"; keeps only h for the backward pass
-        return _dense(cfg.n_embd, "c_proj", config=cfg, fan_in=4 * cfg.n_embd, std=0.02 / math.sqrt(2 * cfg.n_layer),
-                      lora=self.lora)(h)
+        return dense(cfg.n_embd, "c_proj", config=cfg, fan_in=4 * cfg.n_embd, std=0.02 / math.sqrt(2 * cfg.n_layer),
+                     lora=self.lora)(h)
 
 
 class Block(nn.Module):
     """Pre-LayerNorm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    config: ModelConfig
+    config: Any
     lora: LoRAConfig | None = None
 
     @nn.compact
-    def __call__(self, x, mask, is_causal, deterministic=True, cache_layer=None, cache_index=None):
+    def __call__(self, x, mask, is_causal, deterministic=True, cache_layer=None, cache_index=None, rope=None):
         cfg = self.config
-        ln = lambda name: LayerNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), name=name)
+        ln = lambda name: LayerNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg), name=name)  # noqa: E731
         drop = nn.Dropout(cfg.dropout, deterministic=deterministic)
         y, new_cache = CausalSelfAttention(cfg, self.lora, name="attn")(
             ln("ln_1")(x), mask, is_causal, deterministic, cache_layer, cache_index
@@ -178,192 +105,195 @@ class Block(nn.Module):
         return x, new_cache
 
 
-class GPT(nn.Module):
-    """GPT-2: a trunk (embeddings, blocks, final LayerNorm) and its heads, each defined once.
-
-    `apply(params, tokens)` -> the output head on every position, float32: LM logits
-    `[batch, seq, vocab]`, or with `num_classes > 0` class logits `[batch, seq, num_classes]`.
-    `apply(params, tokens, cache=cache)` -> `(out, new_cache)` for incremental decoding.
-    `return_hidden=True` returns the final-LayerNorm hidden states `[batch, seq, n_embd]`
-    instead. `last_only=True` applies the head to the last position only (`[batch, 1, ...]`:
-    decoding never needs the prompt's logits). `head_positions` (`[batch, k]` int) applies it
-    at those positions only (`[batch, k, ...]`): preference and RL losses score response
-    tokens, and the prompt's `[batch, seq, vocab]` logits would dominate their cost.
-
-    The heads are methods on hidden states `[..., n_embd]`, for callers that run the trunk
-    once and read several heads (PPO: log-probs and values from one pass), e.g.
-    `model.apply({"params": p}, hidden, method=GPT.lm_logits)`:
-
-        lm_logits     [..., vocab]        the tied `wte` (`nn.Embed.attend`) or `lm_head/kernel`
-        class_logits  [..., num_classes]  `score/kernel [n_embd, num_classes]`, no bias (Hugging
-                                          Face's GPT2ForSequenceClassification); num_classes 1 is
-                                          a reward model's scalar score
-        values        [...]               `value_head/{kernel [n_embd, 1], bias [1]}`, zero-
-                                          initialised: PPO's critic on the policy's trunk
-
-    tokens: `[batch, seq]` int. positions: `[batch, seq]` (default: 0.. or, with a cache,
-    counted on from the cache index). attention_mask: `[batch, seq]` bool, False on padding
-    tokens, which no query may attend to.
-
-    Optional attributes (all off by default, leaving the LM exactly as above): `num_classes`
-    replaces the LM head by the classifier `score`; `value_head` adds the value head; `lora`
-    (a `jaxgpt.models.lora.LoRAConfig`) adds low-rank adapters to the targeted dense layers.
-    """
-
-    config: ModelConfig
-    num_classes: int = 0
-    value_head: bool = False
-    lora: LoRAConfig | None = None
+class GPT(LanguageModel):
+    """GPT-2: token + learned position embeddings, `h_i` blocks, final LayerNorm `ln_f`, and the
+    heads of `jaxgpt.models.layers.LanguageModel` (the tied head reads `wte`)."""
 
     def setup(self):
         cfg = self.config
         dtype = compute_dtype(cfg)
-        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
-                            embedding_init=_embedding_init(cfg, 0.02))
-        self.wpe = nn.Embed(cfg.context_length, cfg.n_embd, dtype=dtype, param_dtype=jnp.float32,
-                            embedding_init=_embedding_init(cfg, 0.01))
-        block_cls = Block
-        if cfg.remat and cfg.remat_policy != "nothing_saveable":  # nothing_saveable: `_recomputed_block`
-            # is_causal and deterministic are Python flags: static under jax.checkpoint
-            block_cls = nn.remat(Block, policy=getattr(jax.checkpoint_policies, cfg.remat_policy),
-                                 static_argnums=(3, 4))
+        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=param_dtype(cfg),
+                            embedding_init=embedding_init(cfg, 0.02))
+        self.wpe = nn.Embed(cfg.context_length, cfg.n_embd, dtype=dtype, param_dtype=param_dtype(cfg),
+                            embedding_init=embedding_init(cfg, 0.01))
+        block_cls = self.block_class(Block)
         self.h = [block_cls(cfg, self.lora) for _ in range(cfg.n_layer)]  # named h_0, h_1, ...
-        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, dtype=dtype)
+        self.ln_f = LayerNorm(cfg.layer_norm_epsilon, dtype=dtype, param_dtype=param_dtype(cfg))
         # Named as the inline module it used to be, so its dropout masks (derived from the
         # module path) stay what they were.
         self.embed_dropout = nn.Dropout(cfg.dropout, name="Dropout_0")
-        if self.num_classes:
-            self.score = _dense(self.num_classes, "score", config=cfg, fan_in=cfg.n_embd, use_bias=False,
-                                lora=self.lora)
-        elif not cfg.tie_embeddings:
-            self.lm_head = _dense(cfg.vocab_size, "lm_head", config=cfg, fan_in=cfg.n_embd, use_bias=False)
-        if self.value_head:
-            self.critic = nn.Dense(1, dtype=jnp.float32, param_dtype=jnp.float32, name="value_head",
-                                   kernel_init=nn.initializers.zeros, bias_init=nn.initializers.zeros)
+        self.setup_heads()
 
-    def __call__(self, tokens, *, positions=None, attention_mask=None, cache: Cache | None = None,
-                 deterministic: bool = True, return_hidden: bool = False, last_only: bool = False,
-                 head_positions=None):
-        x, new_cache = self.hidden_states(tokens, positions=positions, attention_mask=attention_mask,
-                                          cache=cache, deterministic=deterministic)
-        if last_only:
-            x = x[:, -1:]
-        if head_positions is not None:  # [b, k]: the head only where it is needed (e.g. responses)
-            x = jnp.take_along_axis(x, jnp.asarray(head_positions, jnp.int32)[..., None], axis=1)
-        if return_hidden:
-            out = x
-        elif self.num_classes:
-            out = self.class_logits(x)
-        else:
-            out = self.lm_logits(x)
-        if self.value_head and self.is_initializing():  # a head no default output reads: create it
-            self.values(x)
-        return out if cache is None else (out, new_cache)
+    @property
+    def blocks(self):
+        return self.h
 
-    def hidden_states(self, tokens, *, positions=None, attention_mask=None, cache: Cache | None = None,
-                      deterministic: bool = True):
+    def token_embedding(self):
+        return self.wte
+
+    def hidden_states(self, tokens, *, positions=None, attention_mask=None, cache=None, deterministic: bool = True):
         """The trunk: final-LayerNorm hidden states `[batch, seq, n_embd]` (compute dtype) and
         the updated cache (None without one)."""
-        b, t = tokens.shape
-        # The fused kernels take the cheaper implicit causal mask when nothing else masks.
-        is_causal = cache is None and attention_mask is None
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), bool)
-        attention_mask = attention_mask.astype(bool)
-        if cache is None:
-            start = 0
-            q_slots = jnp.arange(t)
-            key_valid = attention_mask  # [b, t]
-            k_slots = q_slots
-        else:
-            start = cache["index"]
-            max_len = cache["valid"].shape[1]
-            q_slots = start + jnp.arange(t)
-            key_valid = jax.lax.dynamic_update_slice(cache["valid"], attention_mask, (0, start))
-            k_slots = jnp.arange(max_len)
-        if positions is None:
-            positions = jnp.broadcast_to(q_slots[None, :], (b, t))
-        causal = k_slots[None, :] <= q_slots[:, None]  # [q, kv]
-        mask = causal[None, None, :, :] & key_valid[:, None, None, :]  # [b, 1, q, kv]
-        # Every query may see its own slot, so a padding query never has an all-masked row
-        # (fused kernels can return NaN there, which would leak through 0 * NaN). Real
-        # tokens' rows are unchanged: they already see themselves.
-        mask = mask | (k_slots[None, :] == q_slots[:, None])[None, None]
-
-        x = self.wte(tokens) + self.wpe(positions)
+        att = attention_inputs(tokens, positions, attention_mask, cache)
+        x = self.wte(tokens) + self.wpe(att["positions"])
         x = self.embed_dropout(x, deterministic=deterministic)
-        new_layers = []
-        recompute = (self.config.remat and self.config.remat_policy == "nothing_saveable" and cache is None
-                     and not self.is_initializing())
-        for i, block in enumerate(self.h):
-            if recompute:
-                x, new_layer = self._recomputed_block(i, x, mask, is_causal, deterministic), None
-                new_layers.append(new_layer)
-                continue
-            layer_cache = None if cache is None else cache["layers"][i]
-            x, new_layer = block(x, mask, is_causal, deterministic, layer_cache,
-                                 start if cache is not None else None)
-            new_layers.append(new_layer)
-        x = self.ln_f(x)
-        new_cache = None if cache is None else {"layers": tuple(new_layers), "valid": key_valid, "index": start + t}
-        return x, new_cache
-
-    def _recomputed_block(self, i, x, mask, is_causal, deterministic):
-        """Block `h_i` on `x [batch, seq, n_embd]`, its activations recomputed in the backward
-        pass (`model.remat` with `nothing_saveable`): only the block's input is kept.
-
-        Not `jax.checkpoint`: XLA:CPU expands checkpoint's optimization barriers and CSE then
-        merges the recomputation back into the forward pass, so nothing is saved there
-        (BENCHMARKS.md). `recompute_after_cotangent` orders the recomputation after the
-        incoming gradient by a data dependency, which every backend keeps. Dropout masks come
-        from the block's own stream: other draws than without remat, the same distribution."""
-        block = self.h[i]
-        params = block.variables["params"]
-        rng = None if deterministic or self.config.dropout == 0.0 else block.make_rng("dropout")
-        detached = Block(self.config, self.lora, parent=None)  # unbound: a pure function of p
-
-        def run(p, x, mask, rng):
-            rngs = None if rng is None else {"dropout": rng}
-            return detached.apply({"params": p}, x, mask, is_causal, deterministic, rngs=rngs)[0]
-
-        return recompute_after_cotangent(run)(params, x, mask, rng)
-
-    def lm_logits(self, hidden):
-        """The LM head: `[..., n_embd]` -> float32 `[..., vocab]`."""
-        out = self.wte.attend(hidden) if self.config.tie_embeddings else self.lm_head(hidden)
-        return out.astype(jnp.float32)
-
-    def class_logits(self, hidden):
-        """The classifier / scalar score head: `[..., n_embd]` -> float32 `[..., num_classes]`."""
-        return self.score(hidden).astype(jnp.float32)
-
-    def values(self, hidden):
-        """The value head: `[..., n_embd]` -> float32 `[...]`."""
-        return self.critic(hidden.astype(jnp.float32))[..., 0]
+        x, new_cache = self.run_blocks(x, att, deterministic, cache)
+        return self.ln_f(x), new_cache
 
 
-def init_params(config: ModelConfig, key: Array, seq_len: int = 8, **attrs):
-    """Float32 params for `config` (a plain dict pytree, no `{"params": ...}` wrapper).
-    `attrs`: optional `GPT` attributes (`num_classes`, `lora`)."""
-    model = GPT(config, **attrs)
-    tokens = jnp.zeros((1, min(seq_len, config.context_length)), jnp.int32)
-    return model.init({"params": key}, tokens)["params"]
+# ---------------------------------------------------------------------------------------
+# The family: paths, costs, sharding axes and the Hugging Face converter
+
+#: GPT2Config defaults used for keys a config.json leaves out (never the shape keys).
+HF_DEFAULTS: dict[str, Any] = {
+    "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "resid_pdrop": 0.1, "tie_word_embeddings": True,
+    "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "add_cross_attention": False,
+}
+_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh")  # both the tanh GELU that the MLP computes
+_SHAPE_KEYS = {  # ModelConfig field -> accepted config.json keys, first preferred
+    "vocab_size": ("vocab_size",),
+    "context_length": ("n_positions", "max_position_embeddings", "n_ctx"),
+    "n_embd": ("n_embd", "hidden_size"),
+    "n_layer": ("n_layer", "num_hidden_layers"),
+    "n_head": ("n_head", "num_attention_heads"),
+}
+_HF_LAYER = re.compile(r"h\.(\d+)\.(ln_1|ln_2|attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.(weight|bias)")
+_HF_BUFFER = re.compile(r"h\.\d+\.(attn|crossattention)\.(bias|masked_bias)")
+_TF_LAYER = re.compile(r"model/h(\d+)/(ln_1|ln_2|attn/c_attn|attn/c_proj|mlp/c_fc|mlp/c_proj)/([gbw])")
+GPT2_EOT = 50256  # <|endoftext|>, GPT-2's bos and eos
 
 
-def param_shapes(config: ModelConfig, **attrs):
-    """Parameter shapes without allocating (for presets and weight-loading checks)."""
-    model = GPT(config, **attrs)
-    tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-    shapes = jax.eval_shape(lambda t: model.init({"params": jax.random.key(0)}, t), tokens)
-    return shapes["params"]
+class GPT2Family(Family):
+    name = "gpt2"
+    title = "GPT-2"
+    module = GPT
+    token_embedding = "wte"
+    block_prefix = "h"
+    final_norm = "ln_f"
+    lora_targets = ("c_attn", "c_proj", "c_fc")
+    axes_table = (
+        ("wte/embedding", ("vocab", "embed")), ("wpe/embedding", (None, "embed")),
+        ("attn/c_attn/kernel", ("embed", "qkv")), ("attn/c_attn/bias", ("qkv",)),
+        ("attn/c_proj/kernel", ("heads", "embed")), ("mlp/c_fc/kernel", ("embed", "mlp")),
+        ("mlp/c_fc/bias", ("mlp",)), ("mlp/c_proj/kernel", ("mlp", "embed")),
+        ("lm_head/kernel", ("embed", "vocab")), ("(score|value_head)/kernel", ("embed", None)),
+        ("value_head/bias", (None,)), ("(scale|bias)", ("embed",)),  # output biases and the LayerNorms
+    )
+    hf_model_type = "gpt2"
+    hf_architecture = "GPT2LMHeadModel"
+
+    def layer_matmul_params(self, config) -> int:
+        return 12 * config.n_embd * config.n_embd
+
+    def validate(self, config) -> None:
+        if config.n_kv_head not in (0, config.n_head) or config.head_size not in (0, config.n_embd // config.n_head):
+            raise UserError("model.family gpt2 has one key/value head per query head and head_size = n_embd / n_head; "
+                            "leave model.n_kv_head and model.head_size at 0")
+        if config.mlp_dim not in (0, 4 * config.n_embd):
+            raise UserError(f"model.family gpt2's MLP is 4 * n_embd = {4 * config.n_embd} wide; leave model.mlp_dim at 0")
+
+    # -- Hugging Face ----------------------------------------------------------------------
+    def config_from_hf(self, hf: Mapping[str, Any], where: str = "config.json"):
+        """A `ModelConfig` from a GPT-2 config.json dict: shapes must be present, other keys default
+        as in `transformers.GPT2Config`; options this model does not implement are a UserError
+        rather than a model that would silently compute something else."""
+        from jaxgpt.config import ModelConfig
+
+        shape = {field: hf_shape(hf, keys, where) for field, keys in _SHAPE_KEYS.items()}
+        if shape["n_embd"] % shape["n_head"]:
+            raise UserError(f"{where}: n_embd ({shape['n_embd']}) is not divisible by n_head ({shape['n_head']})")
+        get = lambda k: hf[k] if hf.get(k) is not None else HF_DEFAULTS[k]
+        if get("activation_function") not in _TANH_GELUS:
+            raise UserError(f"{where}: activation_function is {get('activation_function')!r}; jaxgpt's GPT-2 MLP "
+                            "computes gelu_new")
+        n_inner = hf.get("n_inner")
+        if n_inner is not None and n_inner != 4 * shape["n_embd"]:
+            raise UserError(f"{where}: n_inner is {n_inner}; jaxgpt's MLP width is 4 * n_embd = {4 * shape['n_embd']}")
+        for key, supported in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
+                               ("add_cross_attention", False)):
+            if bool(get(key)) != supported:
+                raise UserError(f"{where}: {key}={get(key)} is not supported (jaxgpt implements {key}={supported})")
+        return ModelConfig(**shape, dropout=float(get("resid_pdrop")), qkv_bias=True,  # HF GPT-2 always has it
+                           tie_embeddings=bool(get("tie_word_embeddings")),
+                           layer_norm_epsilon=float(get("layer_norm_epsilon")))
+
+    def config_to_hf(self, config) -> dict[str, Any]:
+        """A config.json dict that `transformers.GPT2LMHeadModel.from_pretrained` accepts; the
+        token ids are GPT-2's `<|endoftext|>` (null when the vocabulary cannot hold it)."""
+        eot = GPT2_EOT if config.vocab_size > GPT2_EOT else None
+        return {
+            "architectures": [self.hf_architecture], "model_type": "gpt2", "vocab_size": config.vocab_size,
+            "n_positions": config.context_length, "n_ctx": config.context_length, "n_embd": config.n_embd,
+            "n_layer": config.n_layer, "n_head": config.n_head, "n_inner": None, "activation_function": "gelu_new",
+            "layer_norm_epsilon": config.layer_norm_epsilon, "resid_pdrop": config.dropout,
+            "embd_pdrop": config.dropout, "attn_pdrop": config.dropout, "initializer_range": 0.02,
+            "scale_attn_weights": True, "scale_attn_by_inverse_layer_idx": False, "reorder_and_upcast_attn": False,
+            "add_cross_attention": False, "use_cache": True, "bos_token_id": eot, "eos_token_id": eot,
+            "tie_word_embeddings": config.tie_embeddings, "dtype": "float32",
+        }
+
+    def hf_target(self, key: str) -> Target | None:
+        name = key[len("transformer."):] if key.startswith("transformer.") else key
+        if name in ("wte.weight", "wpe.weight"):
+            return Target((name.split(".")[0], "embedding"))
+        if name in ("ln_f.weight", "ln_f.bias"):
+            return Target(("ln_f", "scale" if name.endswith("weight") else "bias"))
+        if key == "lm_head.weight":
+            return Target(("lm_head", "kernel"), "T")
+        if _HF_BUFFER.fullmatch(name):
+            return Target(None)
+        m = _HF_LAYER.fullmatch(name)
+        if m is None:
+            return None
+        layer, module, kind = m.groups()
+        leaf = ("scale" if kind == "weight" else "bias") if module.startswith("ln") else (
+            "kernel" if kind == "weight" else "bias")
+        return Target((f"h_{layer}", *module.split("."), leaf))
+
+    def hf_key(self, path: tuple[str, ...]) -> tuple[str, bool]:
+        prefix = "transformer."
+        if path == ("lm_head", "kernel"):
+            return "lm_head.weight", True
+        if path[0] in ("wte", "wpe"):
+            return f"{prefix}{path[0]}.weight", False
+        leaf = {"scale": "weight", "kernel": "weight", "bias": "bias"}[path[-1]]
+        if path[0] == "ln_f":
+            return f"{prefix}ln_f.{leaf}", False
+        layer = path[0].removeprefix("h_")
+        return f"{prefix}h.{layer}.{'.'.join(path[1:-1])}.{leaf}", False
+
+    def openai_target(self, name: str) -> Target | None:
+        """Where a variable of OpenAI's TensorFlow release goes: `model/h0/attn/c_attn/w`
+        (`[1, d, 3d]`, a 1x1 convolution) is HF's `h.0.attn.c_attn.weight` with its leading 1
+        squeezed; LayerNorms have g/b, convolutions w/b. None: no parameter."""
+        leaf = lambda kind: "weight" if kind in ("g", "w") else "bias"
+        if name in ("model/wte", "model/wpe"):
+            return self.hf_target(f"{name.split('/')[1]}.weight")
+        if name in ("model/ln_f/g", "model/ln_f/b"):
+            return self.hf_target(f"ln_f.{leaf(name[-1])}")
+        m = _TF_LAYER.fullmatch(name)
+        if m is None:
+            return None
+        layer, module, kind = m.groups()
+        if module.startswith("ln") == (kind == "w") or (not module.startswith("ln") and kind == "g"):
+            return None
+        target = self.hf_target(f"h.{layer}.{module.replace('/', '.')}.{leaf(kind)}")
+        return Target(target.path, "squeeze0" if kind == "w" else target.transform)
+
+    def hf_extra_tensors(self, config) -> dict[str, tuple[int, ...]]:
+        """HF GPT-2 always has a c_attn bias: `qkv_bias=False` is written as zeros, exactly the
+        same function."""
+        if config.qkv_bias:
+            return {}
+        return {f"transformer.h.{i}.attn.c_attn.bias": (3 * config.n_embd,) for i in range(config.n_layer)}
 
 
-def count_params(params) -> int:
-    return sum(int(math.prod(p.shape)) for p in jax.tree_util.tree_leaves(params))
+def num_params_hf(config) -> int:
+    """GPT-2's parameter count by arithmetic (as HF counts it: the tied head counted once)."""
+    d, V, L = config.n_embd, config.vocab_size, config.n_layer
+    block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    head = 0 if config.tie_embeddings else V * d
+    return V * d + config.context_length * d + L * block + 2 * d + head
 
 
-def lm_head_kernel(config: ModelConfig, params) -> Array:
-    """The LM head's kernel `[n_embd, vocab]` float32 (`GPT.lm_logits` is `hidden @ it`): the
-    tied `wte/embedding` transposed, or `lm_head/kernel`. For the fused head + loss
-    (`jaxgpt.train.losses.head_cross_entropy`, `head_logprobs`), which never forms the logits."""
-    return params["wte"]["embedding"].T if config.tie_embeddings else params["lm_head"]["kernel"]
+FAMILY = GPT2Family()

@@ -11,7 +11,9 @@ labels only `lora_a`/`lora_b` as trainable (`is_lora_leaf`). `merge_lora` folds 
 into the kernels and returns plain params that the plain model (no `lora`) runs.
 
 Targets name dense modules by the end of their path: `c_fc` matches every `h_i/mlp/c_fc`,
-`attn/c_proj` only the attention output projection, `h_11/mlp/c_proj` one layer. With
+`attn/c_proj` only the attention output projection, `h_11/mlp/c_proj` one layer; `all` (the
+default) matches every dense layer a block has, plus a classifier's `score` head (never the
+LM head): GPT-2's c_attn, c_proj, c_fc; Llama's and Qwen3's q, k, v, o, gate, up, down. With
 `split_qkv`, the fused qkv projection `c_attn` gets three rank-r adapters (q, k, v adapted
 separately, as appendix E's separate `W_query`/`W_key`/`W_value` layers); they are stacked on
 a leading axis: `lora_a [3, in, r]`, `lora_b [3, r, out/3]`.
@@ -29,9 +31,8 @@ import numpy as np
 from jaxgpt.errors import UserError
 
 LORA_LEAVES = ("lora_a", "lora_b")
-# Every dense layer of a GPT-2 classifier: fused qkv, both output projections (attention
-# and MLP are both named c_proj), MLP in, and the classification head.
-DEFAULT_TARGETS = ("c_attn", "c_proj", "c_fc", "score")
+ALL = "all"  # every dense layer built with adapters: each block's projections and a task's score head
+DEFAULT_TARGETS = (ALL,)
 
 
 @dataclass(frozen=True)
@@ -54,13 +55,17 @@ def validate_lora(cfg: LoRAConfig) -> None:
     if not cfg.alpha > 0:
         raise UserError(f"lora.alpha must be positive (the adapters' scale is alpha / rank), got {cfg.alpha}")
     if not cfg.targets or not all(t.strip("/ ") for t in cfg.targets):
-        raise UserError("lora.targets is empty or has an empty entry; name at least one dense layer, e.g. c_attn")
+        raise UserError("lora.targets is empty or has an empty entry; give all (every dense layer) or name at least one, "
+                        "e.g. c_attn")
 
 
 def matches(path: Sequence[str], targets: Sequence[str]) -> bool:
-    """Whether dense module `path` (e.g. `("h_0", "attn", "c_proj")`) is a LoRA target."""
+    """Whether dense module `path` (e.g. `("h_0", "attn", "c_proj")`) is a LoRA target (only
+    modules built with adapters are ever asked: never the LM head)."""
     path = tuple(path)
     for target in targets:
+        if target.strip() == ALL:
+            return True
         parts = tuple(p for p in target.strip("/").split("/") if p)
         if parts and path[-len(parts):] == parts:
             return True

@@ -1,8 +1,9 @@
 """What the backward pass keeps: custom VJPs that save their inputs and recompute the rest.
 
-- `LayerNorm` / `layer_norm` and `gelu_tanh`: the model's normalisation and activation, equal
+- `LayerNorm` / `layer_norm` and `gelu_tanh`: GPT-2's normalisation and activation, equal
   to Flax's LayerNorm and `jax.nn.gelu(approximate=True)`, whose autodiff keeps several
-  `[tokens, d]` intermediates per call (BENCHMARKS.md, "Peak training memory").
+  `[tokens, d]` intermediates per call (BENCHMARKS.md, "Peak training memory"); `RMSNorm` /
+  `rms_norm` the same for Llama's and Qwen3's normalisation (transformers' arithmetic).
 - `recompute_after_cotangent`: a whole block recomputed in the backward pass (`model.remat`).
 
 `jax.checkpoint` protects its recomputation with optimisation barriers; XLA:CPU's pipeline
@@ -129,9 +130,56 @@ class LayerNorm(nn.Module):
 
     epsilon: float = 1e-5
     dtype: Any = None
+    param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
-        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros, (x.shape[-1],), self.param_dtype)
         return layer_norm(x, scale, bias, self.epsilon).astype(self.dtype or jnp.result_type(x, scale))
+
+
+def _rms_norm_rstd(x, epsilon: float):
+    """Float32 `1 / sqrt(mean(x^2) + eps)` over the last axis, `[..., 1]` (transformers' RMSNorm:
+    the variance in float32 whatever x's dtype)."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def rms_norm(x, scale, epsilon: float):
+    """RMSNorm over the last axis of `x [..., d]` with `scale [d]`, as transformers' Llama and
+    Qwen3 compute it: normalised in float32, cast back to x's dtype, then times the scale.
+    The backward pass keeps `x` and the `[..., 1]` statistic only (like `layer_norm`)."""
+    return scale * (x.astype(jnp.float32) * _rms_norm_rstd(x, epsilon)).astype(x.dtype)
+
+
+def _rms_norm_fwd(x, scale, epsilon):
+    rstd = _rms_norm_rstd(x, epsilon)
+    return scale * (x.astype(jnp.float32) * rstd).astype(x.dtype), (x, scale, rstd)
+
+
+def _rms_norm_bwd(epsilon, residuals, g):
+    x, scale, rstd = residuals
+    x, scale, rstd = after_cotangent((x, scale, rstd), g)  # recomputed after g, not held (see layer_norm)
+    xhat = x.astype(jnp.float32) * rstd
+    g = g.astype(jnp.float32)
+    gs = g * scale
+    dx = rstd * (gs - xhat * (gs * xhat).mean(-1, keepdims=True))
+    return dx.astype(x.dtype), (g * xhat).sum(tuple(range(g.ndim - 1))).astype(scale.dtype)
+
+
+rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a `scale [d]` parameter (ones at init), through `rms_norm`."""
+
+    epsilon: float = 1e-6
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, scale, self.epsilon).astype(self.dtype or x.dtype)

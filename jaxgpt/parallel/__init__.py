@@ -46,7 +46,7 @@ def layout_for(cfg) -> Layout:
         devices = jax.local_devices()[: resolve_num_devices(cfg.train.num_devices)]
     else:
         devices = jax.devices()
-    layout = MeshParallel(*resolve_axes(m.data, m.fsdp, m.tensor, len(devices)), devices=tuple(devices))
+    layout = MeshParallel(*resolve_axes(m.data, m.fsdp, m.tensor, len(devices)), devices=tuple(devices), model=cfg.model)
     layout.check_model(cfg.model)
     return layout
 

@@ -33,6 +33,11 @@ class Layout:
         count = totals.pop("count", 0.0)
         return {k: v / count for k, v in totals.items()} if count else {}
 
+    def initialise(self, init: Callable, key, jit: bool = False) -> Any:
+        """Params from `init(key)`, made where this layout keeps them (replicas: one device;
+        `jit`: one compiled call rather than op by op; a mesh: already sharded)."""
+        return (jax.jit(init) if jit else init)(key)
+
     def place(self, state: Any, step_fn: Callable, accum_steps: int = 1, **static) -> "PlacedState":
         """`state` (a `jaxgpt.train.steps.TrainState`, host or restored arrays) laid out on the
         devices, with `step_fn` compiled for it (`compile_train_step(step_fn, **static)`)."""

@@ -2,11 +2,14 @@
 `(data, fsdp, tensor)` with `NamedSharding`s, for models whose replicas do not fit a device.
 
     params, gradients, AdamW moments   each matrix split over `fsdp` along a divisible
-                                       dimension (the largest); leaves under `MIN_SHARDED`
-                                       elements replicated
-                                       `tensor` (Megatron): c_attn / c_fc by columns (their
-                                       bias too), c_proj by rows; attention heads and the MLP
-                                       hidden units are split, XLA adds the all-reduces
+                                       dimension (the largest `tensor` left free); leaves under
+                                       `MIN_SHARDED` elements replicated
+                                       `tensor` (Megatron): the dimension whose logical axis
+                                       (`Family.logical_axes`) is attention heads, q|k|v or MLP
+                                       hidden units: GPT-2's c_attn / c_fc by columns (their
+                                       bias too), c_proj by rows; Llama's q/k/v/gate/up by
+                                       columns, o/down by rows (k/v only where tensor divides
+                                       the KV heads); XLA adds the all-reduces
     batch                              rows over (data, fsdp): `[accum, micro, ...]` shards
                                        `micro`; each process places only its own rows
 
@@ -32,8 +35,7 @@ from jaxgpt.parallel.layout import Layout
 AXES = ("data", "fsdp", "tensor")
 BATCH = ("data", "fsdp")  # the mesh axes the batch rows are split over
 MIN_SHARDED = 2 ** 14  # smaller leaves (biases, LayerNorms, LoRA adapters of small models) stay replicated
-COLUMN_PARALLEL = ("c_attn", "c_fc")
-ROW_PARALLEL = ("c_proj",)
+TENSOR_AXES = ("qkv", "heads", "kv_heads", "mlp")  # logical axes `tensor` splits (jaxgpt.models.family)
 
 
 def resolve_axes(data: int, fsdp: int, tensor: int, devices: int) -> tuple[int, int, int]:
@@ -53,15 +55,22 @@ def resolve_axes(data: int, fsdp: int, tensor: int, devices: int) -> tuple[int, 
     return tuple(sizes)
 
 
-def param_spec(path: tuple[str, ...], shape: tuple[int, ...], fsdp: int, tensor: int) -> P:
+def param_spec(path: tuple, shape: tuple[int, ...], fsdp: int, tensor: int, model=None) -> P:
     """The PartitionSpec of a parameter (or of an optimiser moment, whose path ends with the
-    parameter's path) by its name and shape."""
+    parameter's path) of a `model` (a ModelConfig; default GPT-2's), from its family's logical
+    axes and its shape."""
+    from jaxgpt.config import ModelConfig
+    from jaxgpt.models import family_of
+
+    model = model or ModelConfig()
+    axes = family_of(model).logical_axes(tuple(str(p) for p in path), tuple(shape))
     spec: list[Any] = [None] * len(shape)
-    if tensor > 1 and path and path[-1] in ("kernel", "bias"):
-        if any(n in COLUMN_PARALLEL for n in path) and shape and shape[-1] % tensor == 0:
-            spec[-1] = "tensor"
-        elif any(n in ROW_PARALLEL for n in path) and len(shape) == 2 and shape[0] % tensor == 0:
-            spec[0] = "tensor"
+    if tensor > 1:
+        for d, axis in enumerate(axes):
+            whole_heads = axis != "kv_heads" or model.kv_heads % tensor == 0
+            if axis in TENSOR_AXES and shape[d] % tensor == 0 and whole_heads:
+                spec[d] = "tensor"
+                break
     if fsdp > 1 and len(shape) >= 2 and math.prod(shape) >= MIN_SHARDED:
         for d in sorted(range(len(shape)), key=lambda d: -shape[d]):
             if spec[d] is None and shape[d] % fsdp == 0:
@@ -82,6 +91,7 @@ class MeshParallel(Layout):
     fsdp: int
     tensor: int
     devices: tuple = field(default=None, repr=False)
+    model: Any = field(default=None, repr=False)  # the ModelConfig whose params it lays out (None: GPT-2's)
 
     def __post_init__(self):
         devices = tuple(self.devices or jax.devices())
@@ -97,11 +107,12 @@ class MeshParallel(Layout):
                 f"x {jax.process_count()} process(es)")
 
     def check_model(self, model_cfg) -> None:
-        """`tensor` must split the attention heads and the MLP's hidden units."""
+        """`tensor` must split the attention heads and the MLP's hidden units (key/value heads
+        it does not divide stay whole on every device)."""
         t = self.tensor
-        if model_cfg.n_head % t or (4 * model_cfg.n_embd) % t:
-            raise UserError(f"mesh.tensor={t} must divide model.n_head={model_cfg.n_head} and 4 x model.n_embd="
-                            f"{4 * model_cfg.n_embd}; choose a divisor")
+        if model_cfg.n_head % t or model_cfg.mlp_width % t:
+            raise UserError(f"mesh.tensor={t} must divide model.n_head={model_cfg.n_head} and the MLP width "
+                            f"{model_cfg.mlp_width}; choose a divisor")
 
     def check_batch_size(self, batch_size: int, accum_steps: int = 1) -> None:
         """`batch_size`: this process's rows of the global batch."""
@@ -117,7 +128,8 @@ class MeshParallel(Layout):
     def shardings(self, tree: Any) -> Any:
         """NamedShardings of a state / params / optimiser-state tree, leaf by leaf."""
         return jax.tree_util.tree_map_with_path(
-            lambda path, x: self.sharding(param_spec(_names(path), tuple(np.shape(x)), self.fsdp, self.tensor)), tree)
+            lambda path, x: self.sharding(param_spec(_names(path), tuple(np.shape(x)), self.fsdp, self.tensor,
+                                                     self.model)), tree)
 
     def _put(self, x, sharding: NamedSharding):
         """A global array from a host value every process holds whole (or a sharded array)."""
@@ -130,6 +142,13 @@ class MeshParallel(Layout):
 
     def replicate(self, tree: Any) -> Any:
         return jax.tree_util.tree_map(self._put, tree, self.shardings(tree))
+
+    def initialise(self, init: Callable, key, jit: bool = False) -> Any:
+        """`init(key)` (params) created already sharded: one jitted call whose outputs land in
+        their shardings, so no device ever holds the whole model (jit whatever `jit` says: an
+        op-by-op init runs on one device)."""
+        abstract = jax.eval_shape(init, key)
+        return jax.jit(init, out_shardings=self.shardings(abstract))(key)
 
     def put_frozen(self, tree: Any) -> Any:
         return self.replicate(tree)

@@ -1,8 +1,8 @@
 """PPO for RLHF (Ouyang et al. 2022; Stiennon et al. 2020) as pure functions.
 
 The policy is a GPT whose final hidden states also feed a scalar *value head*
-(`GPT(value_head=True)`: `value_head/{kernel [n_embd, 1], bias}`, zero-initialised), so one
-forward pass gives both the next-token log-probs and the values. (A separate `GPT(num_classes=1)` critic would
+(`build_model(cfg, value_head=True)`: `value_head/{kernel [n_embd, 1], bias}`, zero-initialised), so one
+forward pass gives both the next-token log-probs and the values. (A separate `num_classes=1` critic would
 be the other choice; sharing the trunk halves the compute of every rollout and update, which
 decides what a CPU can train, at the price of value gradients reaching the policy's
 trunk, weighted by `vf_coef`.)
@@ -94,14 +94,14 @@ def ppo_loss(logp, old_logp, advantages, values, old_values, returns, mask, *, c
 
 def policy_and_values(model, params, tokens, attention_mask, n: int, temperature: float = 1.0):
     """`(logp [b, n], values [b, n])` of the last n tokens from one pass of the trunk: the
-    LM head and the value head of `model` (`GPT(value_head=True)`) on the same hidden states."""
+    LM head and the value head of `model` (`build_model(cfg, value_head=True)`) on the same hidden states."""
     from jaxgpt.train.losses import head_logprobs
-    from jaxgpt.models.gpt2 import GPT, lm_head_kernel
+    from jaxgpt.models import lm_head_kernel
     from jaxgpt.rl.rollout import completion_hidden
 
     hidden = completion_hidden(model, params, tokens, attention_mask, n)  # [b, n + 1, d]
     logp = head_logprobs(hidden, lm_head_kernel(model.config, params), tokens[:, -(n + 1):], temperature=temperature)
-    return logp, model.apply({"params": params}, hidden[:, :-1], method=GPT.values)
+    return logp, model.apply({"params": params}, hidden[:, :-1], method="values")
 
 
 def ppo_loss_fn(model, *, clip_eps: float, value_clip: float, vf_coef: float, temperature: float = 1.0):

@@ -1,7 +1,8 @@
 """RL prompt sets, encoded once and left-padded to one length per split (one compilation
 for every rollout): a verifiable task's problems (GRPO: `rl` and `eval` splits) or
 instruction prompts (PPO: `train` and held-out `eval`), in the Alpaca format
-(`jaxgpt.text.prompts.format_prompt`, as `finetune.py instruct` trains on)."""
+(`jaxgpt.text.prompts.prompt_format`: the chat template, else Alpaca, as `finetune.py instruct`
+trains on)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,11 +12,11 @@ import numpy as np
 
 from jaxgpt.data.records import read_records
 from jaxgpt.errors import UserError
-from jaxgpt.text.prompts import format_prompt
+from jaxgpt.text.prompts import prompt_format
 from jaxgpt.rl.rollout import encode_prompts, pad_prompt_batch
 from jaxgpt.rl.tasks import get_task
 from jaxgpt.engine.rundir import log
-from jaxgpt.text.gpt2_bpe import N_VOCAB, decode, encode_batch
+from jaxgpt.text.tokenizer import Tokenizer, gpt2_tokenizer, newline_counts
 
 
 def prompt_arrays(prompts: Sequence[Sequence[int]], *, max_prompt_tokens: int, max_new_tokens: int,
@@ -50,8 +51,10 @@ class TaskData:
     dropped: dict
 
 
-def load_task_data(cfg) -> TaskData:
-    """A GRPO config's task problems, `rl` and `eval` splits, as padded prompts."""
+def load_task_data(cfg, tokenizer: Tokenizer | None = None) -> TaskData:
+    """A GRPO config's task problems, `rl` and `eval` splits, as padded prompts (`tokenizer`:
+    the model's; default GPT-2's)."""
+    tokenizer = tokenizer or gpt2_tokenizer()
     d = cfg.data
     task = get_task(d.task, d.path)
     problems, tokens, masks, dropped = {}, {}, {}, {}
@@ -61,21 +64,21 @@ def load_task_data(cfg) -> TaskData:
             probs = probs[: d.eval_size]
         if not probs:
             raise UserError(f"task {d.task}: the {split} split is empty; give more data")
-        ids = encode_prompts([format_prompt(p.question) for p in probs])
+        ids = encode_prompts([prompt_format(tokenizer).prompt(p.question) for p in probs], tokenizer)
         tokens[split], masks[split], kept = prompt_arrays(
             ids, max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=cfg.rollout.max_new_tokens,
             context_length=cfg.model.context_length, what=f"{d.task} {split}")
         problems[split] = [probs[i] for i in kept]
         dropped[split] = len(probs) - len(kept)
-    warn_if_solutions_cut(problems["rl"], cfg.rollout.max_new_tokens)
+    warn_if_solutions_cut(problems["rl"], cfg.rollout.max_new_tokens, tokenizer)
     return TaskData(task, problems, tokens, masks, dropped)
 
 
-def warn_if_solutions_cut(problems, max_new_tokens: int) -> None:
+def warn_if_solutions_cut(problems, max_new_tokens: int, tokenizer: Tokenizer | None = None) -> None:
     """A completion cut at `max_new_tokens` has no final answer and scores 0, so a budget
     shorter than the task's worked solutions silently zeroes every reward: say so."""
-
-    needed = np.array([len(ids) + 1 for ids in encode_batch([p.solution for p in problems])])  # + <|endoftext|>
+    tokenizer = tokenizer or gpt2_tokenizer()
+    needed = np.array([len(ids) + 1 for ids in tokenizer.encode_batch([p.solution for p in problems])])  # + eos
     cut = float(np.mean(needed > max_new_tokens))
     if cut > 0:
         log(f"warning: {cut:.0%} of the RL split's reference solutions need more than rollout.max_new_tokens="
@@ -83,13 +86,13 @@ def warn_if_solutions_cut(problems, max_new_tokens: int) -> None:
             "final answer and score 0: raise rollout.max_new_tokens")
 
 
-def token_newlines():
-    """`[vocab]` int32: how many newlines each GPT-2 token decodes to (process supervision
-    splits completions into solution lines by these)."""
-    return np.array([decode([i]).count("\n") for i in range(N_VOCAB)], np.int32)
+def token_newlines(tokenizer: Tokenizer | None = None):
+    """`[vocab]` int32: how many newlines each token decodes to (process supervision splits
+    completions into solution lines by these)."""
+    return newline_counts(tokenizer or gpt2_tokenizer())
 
 
-def load_prompts(cfg) -> dict:
+def load_prompts(cfg, tokenizer: Tokenizer | None = None) -> dict:
     """`{"train"|"eval": (tokens [n, P], mask [n, P], dropped)}` from a PPO config's
     instruction records, and `eval_text` (each eval prompt as "instruction [input]")."""
     d = cfg.data
@@ -99,7 +102,8 @@ def load_prompts(cfg) -> dict:
     order = np.random.default_rng(d.seed).permutation(len(rows))
     out = {}
     for split, index in (("eval", order[: d.eval_size]), ("train", order[d.eval_size:])):
-        ids = encode_prompts([format_prompt(rows[i]["instruction"], rows[i]["input"]) for i in index])
+        fmt = prompt_format(tokenizer)
+        ids = encode_prompts([fmt.prompt(rows[i]["instruction"], rows[i]["input"]) for i in index], tokenizer)
         tokens, mask, kept = prompt_arrays(ids, max_prompt_tokens=d.max_prompt_tokens,
                                            max_new_tokens=cfg.rollout.max_new_tokens,
                                            context_length=cfg.model.context_length, what=f"{d.path} {split}")

@@ -14,7 +14,7 @@ and its completion side by side:
 with rows = prompts x G, the G samples of prompt i in rows i*G .. i*G+G-1. Because the prompt
 ends at the same column P in every row, the completion is always the last N columns, so
 training recomputes log-probs by running the model over `[rows, P + N]` and applying the LM
-head (`GPT.lm_logits`) only to the last N + 1 hidden states (`completion_logprobs`): the
+head (`lm_logits`) only to the last N + 1 hidden states (`completion_logprobs`): the
 head, 89% of a small GPT-2's FLOPs at vocab 50257, never sees the prompt. The reference model's log-probs come
 from the same function with the reference params.
 """
@@ -29,14 +29,15 @@ import numpy as np
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.train.losses import head_logprobs
-from jaxgpt.models.gpt2 import GPT, lm_head_kernel
+from jaxgpt.models import lm_head_kernel
 
 
 def encode_prompts(prompts: Sequence[str], tokenizer=None) -> list[list[int]]:
-    """Token ids of each prompt text (GPT-2 BPE, `<|endoftext|>` allowed)."""
-    from jaxgpt.text.gpt2_bpe import encode
+    """Token ids of each prompt text (`tokenizer`, default GPT-2's; special-token text allowed)."""
+    from jaxgpt.text.tokenizer import gpt2_tokenizer
 
-    return [list(tokenizer.encode(p)) if tokenizer is not None else encode(p) for p in prompts]
+    tokenizer = tokenizer or gpt2_tokenizer()
+    return [list(tokenizer.encode(p)) for p in prompts]
 
 
 def pad_prompt_batch(prompts: Sequence[Sequence[int]], *, max_new_tokens: int, context_length: int,
@@ -101,7 +102,7 @@ def positions_of(attention_mask):
     return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=1) - 1, 0)
 
 
-def completion_hidden(model: GPT, params, tokens, attention_mask, n: int):
+def completion_hidden(model, params, tokens, attention_mask, n: int):
     """Final hidden states `[b, n + 1, n_embd]` at the positions that predict the last n
     tokens (the prompt's last token, then completion tokens 0..n-1); dropout off."""
     hidden = model.apply({"params": params}, tokens, positions=positions_of(attention_mask),
@@ -109,7 +110,7 @@ def completion_hidden(model: GPT, params, tokens, attention_mask, n: int):
     return hidden[:, -(n + 1):]
 
 
-def completion_logprobs(model: GPT, params, tokens, attention_mask, n: int, temperature: float = 1.0):
+def completion_logprobs(model, params, tokens, attention_mask, n: int, temperature: float = 1.0):
     """log pi(completion token | prefix) `[b, n]` float32 for rollout `tokens [b, P + n]`
     (0-masking of padding is the caller's, with `completion_mask`).
 
@@ -138,9 +139,9 @@ def right_padded(tokens, attention_mask, pad_id: int = 0):
 def completion_texts(out: dict, eos_id: int | None, tokenizer=None) -> list[str]:
     """Decoded completions of a rollout dict (its last N columns cut at `lengths`, the final
     eos dropped)."""
-    from jaxgpt.text.gpt2_bpe import decode
+    from jaxgpt.text.tokenizer import gpt2_tokenizer
 
-    dec = tokenizer.decode if tokenizer is not None else decode
+    dec = (tokenizer or gpt2_tokenizer()).decode
     n = out["completion_mask"].shape[1]
     tokens, lengths = np.asarray(out["tokens"])[:, -n:] if n else np.zeros((len(out["lengths"]), 0), int), np.asarray(out["lengths"])
     texts = []

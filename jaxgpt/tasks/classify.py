@@ -1,6 +1,6 @@
 """`finetune.py classify`: sequence classification with a GPT (Raschka ch. 6 and appendix E).
 
-The LM head is replaced by a `num_classes` head (`score`, `jaxgpt.models.gpt2.GPT(num_classes=...)`),
+The LM head is replaced by a `num_classes` head (`score`, `build_model(cfg, num_classes=...)`),
 and the class logits are read at each row's last real token (rows are right-padded with
 `<|endoftext|>`; attention is causal, so nothing after that token, padding included, can
 change them). Loss: cross-entropy on those logits, through the shared `train_step` and
@@ -61,7 +61,7 @@ class Classify(SplitTask):
 
     def load_data(self) -> None:
         self.data = load_classification(self.cfg.data, self.cfg.model.context_length,
-                                        tfds_data_dir=self.tfds_data_dir)
+                                        tfds_data_dir=self.tfds_data_dir, tokenizer=self.tokenizer)
         saved = self.run.path / LABELS_FILE
         if self.run.resume and saved.is_file() and json.loads(saved.read_text())["labels"] != self.data.labels:
             raise UserError(f"--resume {self.run.path}: the data's labels {self.data.labels} differ from the "
@@ -109,9 +109,9 @@ def load_classifier(run_dir: str | Path) -> tuple[ClassifyConfig, Any, list[str]
 def predict(cfg: ClassifyConfig, params, labels: Sequence[str], max_length: int, texts: Sequence[str],
             batch_size: int = 32) -> list[tuple[str, float]]:
     """`(label, probability)` of the most likely class of each text (truncated to max_length)."""
-    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import build_model
 
-    model = GPT(cfg.model, num_classes=len(labels))  # params are merged: no LoRA attribute
+    model = build_model(cfg.model, num_classes=len(labels))  # params are merged: no LoRA attribute
 
     @jax.jit
     def probs(params, tokens, lengths):

@@ -28,7 +28,6 @@ from jaxgpt.engine.loop import Throughput
 from jaxgpt.errors import UserError
 from jaxgpt.models.lora import LoRAConfig, has_lora, merge_lora, validate_lora
 
-LM_LORA_TARGETS = ("c_attn", "c_proj", "c_fc")  # every dense layer of an LM (its head is tied to wte)
 SPLITS = ("train", "val", "test")
 
 
@@ -50,14 +49,6 @@ class FinetuneConfig:
 
     init: str = ""  # --init SPEC: run dir, HF GPT-2 dir, OpenAI dir or preset (gpt2, ...); "" = random init
     train_mode: str = "full"  # full | last-block | lora
-
-
-@dataclass(frozen=True)
-class LMLoRAConfig(LoRAConfig):
-    """`lora` section of a language-model task: the default targets are the transformer's
-    dense layers (there is no `score` head; the LM head is tied to wte)."""
-
-    targets: tuple[str, ...] = LM_LORA_TARGETS
 
 
 @dataclass(frozen=True)
@@ -207,6 +198,6 @@ def load_run(run_dir: str | Path, cls, *, merge: bool = True) -> tuple[Any, Any]
     return cfg, params
 
 
-__all__ = ["FinetuneConfig", "FinetuneTrainConfig", "LMLoRAConfig", "LM_LORA_TARGETS", "PAIR_PLOTS", "SPLITS", "SplitTask",
+__all__ = ["FinetuneConfig", "FinetuneTrainConfig", "PAIR_PLOTS", "SPLITS", "SplitTask",
            "TaskConfig", "load_run", "schedule_steps",
            "validate_finetune"]

@@ -39,10 +39,10 @@ from jaxgpt.engine import Plot, is_main_process
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
 from jaxgpt.models.lora import merge_lora, without_adapters
-from jaxgpt.models.gpt2 import GPT
+from jaxgpt.models import build_model
 from jaxgpt.train.preference_losses import dpo_loss_fn, reference_fn
 from jaxgpt.tasks import default_config
-from jaxgpt.tasks.common import LMLoRAConfig, PAIR_PLOTS, SplitTask, TaskConfig
+from jaxgpt.tasks.common import PAIR_PLOTS, SplitTask, TaskConfig
 from jaxgpt.tasks.reward import Reward
 from jaxgpt.io.files import atomic_write, write_via_temporary
 
@@ -66,7 +66,6 @@ class DPOSection:
 @dataclass(frozen=True)
 class DPOConfig(TaskConfig):
     data: PreferenceDataConfig = field(default_factory=PreferenceDataConfig)
-    lora: LMLoRAConfig = field(default_factory=LMLoRAConfig)
     dpo: DPOSection = field(default_factory=DPOSection)
 
 
@@ -137,15 +136,19 @@ def _load_reference(path: Path, data: PreferenceData) -> dict:
     return ref
 
 
-def sample_responses(model_cfg: ModelConfig, params, records: list[dict], max_new_tokens: int, key) -> list[str]:
-    """Greedy responses to `records`' prompts, in one batch; `params` are plain (merged)."""
-    from jaxgpt.text.prompts import format_prompt
+def sample_responses(model_cfg: ModelConfig, params, records: list[dict], max_new_tokens: int, key,
+                     tokenizer=None) -> list[str]:
+    """Greedy responses to `records`' prompts, in one batch; `params` are plain (merged);
+    `tokenizer` defaults to the model's."""
     from jaxgpt.generation.decode import greedy_responses
-    from jaxgpt.text.gpt2_bpe import encode
+    from jaxgpt.text.prompts import prompt_format
+    from jaxgpt.text.tokenizer import tokenizer_of
 
-    prompts = [encode(format_prompt(r["instruction"], r["input"])) for r in records]
+    tokenizer = tokenizer or tokenizer_of(model_cfg)
+    fmt = prompt_format(tokenizer)
+    prompts = [tokenizer.encode(fmt.prompt(r["instruction"], r["input"])) for r in records]
     return greedy_responses(params, model_cfg, prompts, key, max_new_tokens=max_new_tokens,
-                            batch_size=max(len(prompts), 1))
+                            batch_size=max(len(prompts), 1), tokenizer=tokenizer)
 
 
 def response_records(data: PreferenceData, n: int) -> list[dict]:
@@ -169,7 +172,8 @@ class DPO(SplitTask):
         validate_dpo(cfg)
 
     def load_data(self) -> None:
-        self.data = load_preference(self.cfg.data, self.cfg.model.context_length, tfds_data_dir=self.tfds_data_dir)
+        self.data = load_preference(self.cfg.data, self.cfg.model.context_length, tfds_data_dir=self.tfds_data_dir,
+                                    tokenizer=self.tokenizer)
         self.shown = response_records(self.data, self.cfg.dpo.num_responses)
 
     def describe(self) -> str:
@@ -187,7 +191,7 @@ class DPO(SplitTask):
         if self.run.resume:
             self.ref = _load_reference(path, self.data)
         else:  # the plain model on the base leaves
-            self.ref = precompute_reference(self.dp, GPT(self.cfg.model), reference_params(params, mode), self.data,
+            self.ref = precompute_reference(self.dp, build_model(self.cfg.model), reference_params(params, mode), self.data,
                                             self.batch_size)
             if is_main_process():
                 self.responses_before = self.sample(params)
@@ -196,7 +200,8 @@ class DPO(SplitTask):
 
     def sample(self, params) -> list[str]:
         d = self.cfg.dpo
-        return sample_responses(self.cfg.model, self.plain(params), self.shown, d.max_new_tokens, self.keys.sample)
+        return sample_responses(self.cfg.model, self.plain(params), self.shown, d.max_new_tokens, self.keys.sample,
+                                self.tokenizer)
 
     def created(self) -> None:
         if is_main_process() and not self.run.resume:

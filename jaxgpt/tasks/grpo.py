@@ -31,7 +31,7 @@ import numpy as np
 from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
-from jaxgpt.models.gpt2 import GPT
+from jaxgpt.models import build_model
 from jaxgpt.config import at_least, one_of
 from jaxgpt.rl.common import (RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs,
                               validate_rollout_config)
@@ -39,8 +39,7 @@ from jaxgpt.rl.grpo import LOSS_AGGREGATIONS
 from jaxgpt.rl.prompt_sets import load_task_data, token_newlines
 from jaxgpt.rl.rollout import completion_logprobs, completion_texts, rollout
 from jaxgpt.tasks import default_config
-from jaxgpt.tasks.common import LMLoRAConfig, TaskConfig
-from jaxgpt.text.gpt2_bpe import EOT_ID
+from jaxgpt.tasks.common import TaskConfig
 from jaxgpt.io.files import atomic_write
 
 DEFAULT_CONFIG = default_config("grpo")
@@ -72,7 +71,6 @@ class GRPOSection:
 @dataclass(frozen=True)
 class GRPOConfig(TaskConfig):
     data: RLDataConfig = field(default_factory=RLDataConfig)
-    lora: LMLoRAConfig = field(default_factory=LMLoRAConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     grpo: GRPOSection = field(default_factory=GRPOSection)
 
@@ -115,7 +113,7 @@ class GRPO(RLTask):
             raise UserError(f"task {d.task} has no process rewards; set grpo.supervision=outcome (or auto)")
 
     def load_data(self) -> None:
-        self.data = load_task_data(self.cfg)
+        self.data = load_task_data(self.cfg, self.tokenizer)
 
     def num_prompts(self) -> int:
         return len(self.data.problems["rl"])
@@ -131,12 +129,12 @@ class GRPO(RLTask):
 
         g, r = self.cfg.grpo, self.cfg.rollout
         n, temp = r.max_new_tokens, r.temperature
-        ref_model = GPT(self.cfg.model)
+        ref_model = build_model(self.cfg.model)
         self.ref_logprobs = jax.jit(lambda ref, t, m: completion_logprobs(ref_model, ref, t, m, n, temperature=temp))
         # The sampler's log-probs are untempered: at T != 1 the tempered policy rescores its samples.
         self.policy_logprobs = jax.jit(lambda p, t, m: completion_logprobs(model, p, t, m, n, temperature=temp))
         self.process = g.supervision == "process" or (g.supervision == "auto" and hasattr(self.data.task, "step_rewards"))
-        self.newlines = token_newlines() if self.process else None
+        self.newlines = token_newlines(self.tokenizer) if self.process else None
         return grpo_loss_fn(model, clip_eps=g.clip_eps, clip_eps_high=g.clip_eps_high or None, kl_beta=g.kl_beta,
                             loss_agg=g.loss_agg, temperature=temp, on_policy=is_on_policy(r))
 
@@ -150,9 +148,9 @@ class GRPO(RLTask):
         with Timer() as timer:
             out = rollout(plain_params(params, cfg), cfg.model, data.tokens["rl"][idx], data.masks["rl"][idx],
                           self.keys.rollout(iteration), group_size=g.group_size, max_new_tokens=n,
-                          eos_id=EOT_ID, **sampling_kwargs(r))
+                          eos_id=self.tokenizer.eos_id, **sampling_kwargs(r))
             out = jax.device_get(out)
-        texts = completion_texts(out, EOT_ID)
+        texts = completion_texts(out, self.tokenizer.eos_id, self.tokenizer)
         rows = [problems[i] for i in np.repeat(idx, g.group_size)]
         rewards = np.array([data.task.reward(t, p) for t, p in zip(texts, rows)], np.float32)
         answered = np.array([data.task.extract(t) is not None for t in texts], np.float32)
@@ -193,8 +191,8 @@ class GRPO(RLTask):
         outs = common.generate_all(plain_params(params, self.cfg), self.cfg.model, data.tokens["eval"],
                                    data.masks["eval"], self.keys.sample,
                                    batch=min(self.cfg.rollout.eval_batch_size, len(data.tokens["eval"])),
-                                   max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0, eos_id=EOT_ID)
-        self.eval_texts = texts = [t for out in outs for t in completion_texts(out, EOT_ID)]
+                                   max_new_tokens=self.cfg.rollout.max_new_tokens, temperature=0.0, eos_id=self.tokenizer.eos_id)
+        self.eval_texts = texts = [t for out in outs for t in completion_texts(out, self.tokenizer.eos_id, self.tokenizer)]
         probs = data.problems["eval"]
         metrics = {"eval_accuracy": float(np.mean([data.task.reward(t, p) for t, p in zip(texts, probs)])),
                    "eval_format_rate": float(np.mean([data.task.extract(t) is not None for t in texts])),

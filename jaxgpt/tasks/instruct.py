@@ -39,7 +39,7 @@ from jaxgpt.models.lora import has_lora, merge_lora
 from jaxgpt.generation.decode import greedy_responses
 from jaxgpt.train.steps import lm_loss_fn
 from jaxgpt.tasks import common, default_config
-from jaxgpt.tasks.common import LMLoRAConfig, SplitTask, TaskConfig
+from jaxgpt.tasks.common import SplitTask, TaskConfig
 from jaxgpt.io.files import atomic_write
 
 DEFAULT_CONFIG = default_config("instruct")
@@ -57,7 +57,6 @@ class GenerateConfig:
 @dataclass(frozen=True)
 class InstructConfig(TaskConfig):
     data: InstructDataConfig = field(default_factory=InstructDataConfig)
-    lora: LMLoRAConfig = field(default_factory=LMLoRAConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
 
 
@@ -68,7 +67,7 @@ def validate_generate(cfg: GenerateConfig) -> None:
 
 
 def instruct_data(data: InstructDataConfig, context_length: int, batch_size: int, *,
-                  tfds_data_dir: str | None = None) -> InstructData:
+                  tfds_data_dir: str | None = None, tokenizer=None) -> InstructData:
     """`load_instruct`, given the SFT splits of `data.task` when one is set: `jaxgpt.data` sits
     below the RL package and does not import it, so the task layer fetches them."""
     task_splits = None
@@ -76,7 +75,8 @@ def instruct_data(data: InstructDataConfig, context_length: int, batch_size: int
         from jaxgpt.rl.tasks import sft_splits  # only when asked, as validate_config does
 
         task_splits = sft_splits(data.task, data.seed)
-    return load_instruct(data, context_length, batch_size, task_splits=task_splits, tfds_data_dir=tfds_data_dir)
+    return load_instruct(data, context_length, batch_size, task_splits=task_splits, tfds_data_dir=tfds_data_dir,
+                         tokenizer=tokenizer)
 
 
 # ---------------------------------------------------------------------------------------
@@ -138,7 +138,7 @@ class Instruct(SplitTask):
 
     def load_data(self) -> None:
         self.data = instruct_data(self.cfg.data, self.cfg.model.context_length, self.batch_size,
-                                  tfds_data_dir=self.tfds_data_dir)
+                                  tfds_data_dir=self.tfds_data_dir, tokenizer=self.tokenizer)
         self.padding = self.data.padding_stats(self.batch_size)
 
     def describe(self) -> str:

@@ -36,9 +36,8 @@ from jaxgpt.rl.common import (RLTask, RolloutConfig, Timer, plain_params, prompt
 from jaxgpt.rl.prompt_sets import load_prompts
 from jaxgpt.rl.rollout import completion_texts, rollout
 from jaxgpt.tasks import default_config
-from jaxgpt.tasks.common import LMLoRAConfig, TaskConfig
+from jaxgpt.tasks.common import TaskConfig
 from jaxgpt.tasks.reward import load_reward_model
-from jaxgpt.text.gpt2_bpe import EOT_ID
 from jaxgpt.io.files import atomic_write
 
 DEFAULT_CONFIG = default_config("ppo")
@@ -71,7 +70,6 @@ class PPOSection:
 @dataclass(frozen=True)
 class PPOConfig(TaskConfig):
     data: PPODataConfig = field(default_factory=PPODataConfig)
-    lora: LMLoRAConfig = field(default_factory=LMLoRAConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOSection = field(default_factory=PPOSection)
 
@@ -91,23 +89,23 @@ def validate_ppo(p: PPOSection, d: PPODataConfig) -> None:
         raise UserError("no reward model: pass --reward RUN (a `finetune.py reward` run directory)")
 
 
-def scorer(cfg: PPOConfig, policy_model, rm_cfg: ModelConfig):
+def scorer(cfg: PPOConfig, policy_model, rm_cfg: ModelConfig, pad_id: int):
     """Jitted `score(params, ref_params, rm_params, tokens, attention_mask)` -> old log-probs,
     values, reference log-probs `[b, N]` and reward-model scores `[b]`: the frozen models are
-    explicit arguments."""
-    from jaxgpt.models.gpt2 import GPT
+    explicit arguments. `pad_id`: what fills the reward model's right-padded rows."""
+    from jaxgpt.models import build_model
     from jaxgpt.rl.ppo import policy_and_values
     from jaxgpt.rl.rollout import completion_logprobs, right_padded
     from jaxgpt.tasks.reward import reward_scores
 
     n, temp = cfg.rollout.max_new_tokens, cfg.rollout.temperature
-    ref_model = GPT(cfg.model)
+    ref_model = build_model(cfg.model)
 
     @jax.jit
     def score(params, ref_params, rm_params, tokens, attention_mask):
         logp, values = policy_and_values(policy_model, params, tokens, attention_mask, n, temp)
         ref = completion_logprobs(ref_model, ref_params, tokens, attention_mask, n, temperature=temp)
-        rm_tokens, lengths = right_padded(tokens, attention_mask, pad_id=EOT_ID)
+        rm_tokens, lengths = right_padded(tokens, attention_mask, pad_id=pad_id)
         return logp, values, ref, reward_scores(rm_cfg, rm_params, rm_tokens, lengths)
 
     return score
@@ -138,7 +136,7 @@ class PPO(RLTask):
                             f"({policy.context_length}): it cannot score full rollouts")
 
     def load_data(self) -> None:
-        self.data = load_prompts(self.cfg)
+        self.data = load_prompts(self.cfg, self.tokenizer)
 
     def num_prompts(self) -> int:
         return len(self.data["train"][0])
@@ -156,7 +154,7 @@ class PPO(RLTask):
         from jaxgpt.rl.ppo import ppo_loss_fn
 
         p, r = self.cfg.ppo, self.cfg.rollout
-        self.score = scorer(self.cfg, model, self.rm[0])
+        self.score = scorer(self.cfg, model, self.rm[0], self.tokenizer.pad_id)
         self.advantages_of = jax.jit(functools.partial(advantages, p))
         return ppo_loss_fn(model, clip_eps=p.clip_eps, value_clip=p.value_clip, vf_coef=p.vf_coef,
                            temperature=r.temperature)
@@ -167,7 +165,7 @@ class PPO(RLTask):
         idx = prompt_indices(iteration, r.prompts_per_step, len(tokens), self.cfg.data.seed)
         with Timer() as timer:
             out = rollout(plain_params(params, self.cfg), self.cfg.model, tokens[idx], masks[idx],
-                          self.keys.rollout(iteration), max_new_tokens=r.max_new_tokens, eos_id=EOT_ID,
+                          self.keys.rollout(iteration), max_new_tokens=r.max_new_tokens, eos_id=self.tokenizer.eos_id,
                           **sampling_kwargs(r))
             jax.block_until_ready(out["tokens"])
         logp, values, ref, scores = self.score(params, self.ref_params, self.rm[1], out["tokens"], out["attention_mask"])
@@ -180,7 +178,7 @@ class PPO(RLTask):
         last = np.asarray(out["tokens"])[np.arange(len(lengths)), -r.max_new_tokens + np.maximum(lengths - 1, 0)]
         stats = {"score": float(np.mean(scores)), "reward": float(np.sum(rewards) / len(lengths)),
                  "kl": float(np.mean(np.sum(np.asarray((logp - ref) * mask), axis=1))),
-                 "completion_len": float(lengths.mean()), "terminated": float(np.mean(last == EOT_ID)),
+                 "completion_len": float(lengths.mean()), "terminated": float(np.mean(last == self.tokenizer.eos_id)),
                  "rollout_tokens_per_sec": float(lengths.sum() / timer.seconds), "rollout_seconds": timer.seconds}
         return batch, stats
 
@@ -194,15 +192,15 @@ class PPO(RLTask):
         batch = min(r.eval_batch_size, len(tokens))
         plain = plain_params(params, self.cfg)
         greedy = common.generate_all(plain, self.cfg.model, tokens, masks, self.keys.sample, batch=batch,
-                                     max_new_tokens=r.max_new_tokens, temperature=0.0, eos_id=EOT_ID)
+                                     max_new_tokens=r.max_new_tokens, temperature=0.0, eos_id=self.tokenizer.eos_id)
         sampled = common.generate_all(plain, self.cfg.model, tokens, masks, jax.random.fold_in(self.keys.sample, 1),
-                                      batch=batch, max_new_tokens=r.max_new_tokens, eos_id=EOT_ID,
+                                      batch=batch, max_new_tokens=r.max_new_tokens, eos_id=self.tokenizer.eos_id,
                                       **sampling_kwargs(r))
         score = lambda out: self.score(params, self.ref_params, self.rm[1], out["tokens"], out["attention_mask"])
         scores = np.concatenate([np.asarray(score(out)[3]) for out in greedy])
         kls = [np.sum(np.asarray(logp - ref) * out["completion_mask"], axis=1)
                for out, (logp, _, ref, _) in ((o, score(o)) for o in sampled)]
-        self.eval_texts = [t for out in greedy for t in completion_texts(out, EOT_ID)]
+        self.eval_texts = [t for out in greedy for t in completion_texts(out, self.tokenizer.eos_id, self.tokenizer)]
         self.eval_scores = scores.tolist()
         return {"eval_reward": float(np.mean(scores)), "eval_kl": float(np.mean(np.concatenate(kls))),
                 "eval_completion_len": float(np.mean(np.concatenate([o["lengths"] for o in greedy])))}

@@ -42,8 +42,8 @@ class Pretrain(Recipe):
     def load_data(self) -> None:
         from jaxgpt.data import pretraining_data  # imported here: tfds is slow to import
 
-        self.data = pretraining_data(self.cfg, process_index=jax.process_index(),
-                                     process_count=jax.process_count(), tfds_data_dir=self.tfds_data_dir)
+        self.data = pretraining_data(self.cfg, process_index=jax.process_index(), process_count=jax.process_count(),
+                                     tfds_data_dir=self.tfds_data_dir, tokenizer=self.tokenizer)
 
     def schedule(self) -> Schedule:
         return Schedule(self.cfg.train.max_steps, self.cfg.train.eval_interval)
@@ -100,9 +100,9 @@ pretrain = functools.partial(train, Pretrain)
 def sample_text(model_cfg, params: Any, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of `prompt` (shortened to fit the context), for progress samples."""
     from jaxgpt.generation.decode import generate
-    from jaxgpt.text.gpt2_bpe import encode
+    from jaxgpt.text.tokenizer import tokenizer_of
 
-    ids = encode(prompt)[-max(model_cfg.context_length - max_new_tokens, 1):]
+    ids = tokenizer_of(model_cfg).encode(prompt)[-max(model_cfg.context_length - max_new_tokens, 1):]
     max_new = min(max_new_tokens, model_cfg.context_length - len(ids))
     if max_new <= 0:
         return ""

@@ -1,6 +1,6 @@
 """`finetune.py reward`: a reward model trained on preference pairs (Bradley-Terry).
 
-The model is the GPT with its LM head replaced by a scalar head (`GPT(num_classes=1)`,
+The model is the GPT with its LM head replaced by a scalar head (`num_classes=1`,
 leaf `score/kernel [n_embd, 1]`), read at each row's last real token: the <|endoftext|>
 after the response (rows are right-padded; attention is causal, so padding cannot change
 it). Each pair's chosen and rejected sequences (`jaxgpt.data.preference`, the instruction
@@ -56,9 +56,9 @@ def reward_scores(model_cfg: ModelConfig, params, tokens, lengths):
     (merged) reward-model params from `load_reward_model`. Rows should be scored as trained:
     `format_prompt(instruction, input) + response + <|endoftext|>`
     (`jaxgpt.data.preference.encode_example`), the end-of-text being the last real token."""
-    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import build_model
 
-    scores = GPT(model_cfg, num_classes=1).apply({"params": params}, jnp.asarray(tokens, jnp.int32))
+    scores = build_model(model_cfg, num_classes=1).apply({"params": params}, jnp.asarray(tokens, jnp.int32))
     return last_token(scores, jnp.asarray(lengths, jnp.int32))[:, 0]
 
 
@@ -105,7 +105,8 @@ class Reward(SplitTask):
         at_least(cfg.data, "data", 0, "seed")
 
     def load_data(self) -> None:
-        self.data = load_preference(self.cfg.data, self.cfg.model.context_length, tfds_data_dir=self.tfds_data_dir)
+        self.data = load_preference(self.cfg.data, self.cfg.model.context_length, tfds_data_dir=self.tfds_data_dir,
+                                    tokenizer=self.tokenizer)
 
     def model_attrs(self) -> dict:
         return {"num_classes": 1}

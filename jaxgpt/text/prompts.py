@@ -1,5 +1,8 @@
-"""The Alpaca prompt format, in one place: instruction tuning, preference tuning, RL and
-generation all build prompts here, so a model is always asked the way it was trained.
+"""Prompt formats, in one place: instruction tuning, preference tuning, RL and generation all
+build prompts here (`prompt_format(tokenizer).prompt(instruction, input)`), so a model is
+always asked the way it was trained: its tokenizer's chat template when it has one
+(`ChatFormat`: Llama 3 and Qwen3 instruct models), else the Alpaca format (`AlpacaFormat`,
+GPT-2's):
 
     Below is an instruction that describes a task. Write a response that appropriately completes the request.
 
@@ -45,3 +48,47 @@ def extract_response(text: str) -> str:
     response header), stripped of surrounding whitespace."""
     i = text.rfind(RESPONSE_HEADER)
     return (text[i + len(RESPONSE_HEADER):] if i >= 0 else text).strip()
+
+
+# ---------------------------------------------------------------------------------------
+# The format a model is asked in: Alpaca, or its own chat template
+
+
+class AlpacaFormat:
+    """The Alpaca prompt above (GPT-2 and every tokenizer without a chat template)."""
+
+    name = "alpaca"
+
+    def prompt(self, instruction: str, input: str = "") -> str:
+        return format_prompt(instruction, input)
+
+
+class ChatFormat:
+    """A tokenizer's chat template (`jaxgpt.text.chat`): the instruction (and its input, after a
+    blank line) as the user's message, rendered with the generation prompt, so the model writes
+    the assistant's turn next. A training example is this prompt, the response and the
+    tokenizer's eos (what ends the assistant's turn: Qwen's `<|im_end|>`, Llama's `<|eot_id|>`);
+    the loss covers the response and that eos only."""
+
+    name = "chat"
+
+    def __init__(self, tokenizer, **template_kwargs):
+        self.template = tokenizer.chat_template
+        self.specials = {"eos_token": tokenizer.eos_token, "bos_token": getattr(tokenizer, "bos_token", None) or "",
+                         **template_kwargs}
+
+    def messages(self, instruction: str, input: str = "") -> list[dict[str, str]]:
+        content = f"{instruction}\n\n{input}" if input and input.strip() else instruction
+        return [{"role": "user", "content": content}]
+
+    def prompt(self, instruction: str, input: str = "") -> str:
+        from jaxgpt.text.chat import render_chat
+
+        return render_chat(self.template, self.messages(instruction, input), add_generation_prompt=True, **self.specials)
+
+
+def prompt_format(tokenizer=None):
+    """How a model with `tokenizer` is asked: its chat template when it has one, else Alpaca."""
+    if tokenizer is not None and getattr(tokenizer, "chat_template", None):
+        return ChatFormat(tokenizer)
+    return AlpacaFormat()

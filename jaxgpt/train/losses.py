@@ -142,7 +142,7 @@ def head_cross_entropy(hidden, kernel, targets, mask=None, *, chunk_size: int = 
     """`token_cross_entropy(hidden @ kernel, targets, mask)` with the LM head fused into the loss.
 
     hidden: `[..., n_embd]` (final-LayerNorm states, compute dtype); kernel: `[n_embd, vocab]`
-    (`jaxgpt.models.gpt2.lm_head_kernel`); targets, mask: `[...]`. The head and the loss run over
+    (`jaxgpt.models.lm_head_kernel`); targets, mask: `[...]`. The head and the loss run over
     `chunk_size`-token slices, and the gradient is formed slice by slice in the same pass,
     so neither the `[tokens, vocab]` logits nor their gradient is ever materialised: at
     GPT-2's vocabulary they are the largest buffers of a training step. Logits are float32

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxgpt.train.losses import head_logprobs, last_token, response_sum
-from jaxgpt.models.gpt2 import lm_head_kernel
+from jaxgpt.models import lm_head_kernel
 
 
 def _f32(x):

@@ -45,7 +45,7 @@ def lm_loss_fn(model: nn.Module, chunk_size: int = HEAD_CHUNK_TOKENS) -> LossFn:
 
     The LM head runs fused into the cross-entropy over `chunk_size`-token slices
     (`jaxgpt.train.losses.head_cross_entropy`): the `[batch, seq, vocab]` logits are never formed."""
-    from jaxgpt.models.gpt2 import lm_head_kernel
+    from jaxgpt.models import lm_head_kernel
 
     def loss_fn(params, batch, dropout_key):
         hidden = model.apply(

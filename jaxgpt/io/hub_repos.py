@@ -1,0 +1,128 @@
+"""Downloading a Hugging Face hub repository (`--init Qwen/Qwen3-0.6B`) into the verified cache.
+
+    folder = download_repo("Qwen/Qwen3-0.6B")     # $JAXGPT_CACHE/hf/Qwen--Qwen3-0.6B
+
+The hub's metadata API (`/api/models/REPO/revision/main?blobs=true`) names the commit and,
+for every file, its size and hash (the LFS sha256, else the git blob id). The files a model
+needs are fetched from that commit with `jaxgpt.io.download.fetch_verified` (a file enters the
+cache only once its size and hash match): config.json, the weights (`model.safetensors`, or
+the index and every shard it lists), the tokenizer (`tokenizer.json`, `tokenizer_config.json`,
+a `chat_template.jinja` when there is one) and `generation_config.json` when present. What was
+verified is recorded beside the folder (`NAME.verified.json`), so later runs check sizes only,
+offline. `$HF_TOKEN` is sent as a bearer token (Llama's repositories are gated);
+`$JAXGPT_HF_ENDPOINT` replaces https://huggingface.co. Offline, or on any failure, one line
+says which files to put where by hand.
+"""
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from jaxgpt.errors import UserError
+from jaxgpt.io.download import Expected, VerificationError, fetch_verified
+
+NEEDED = ("config.json", "tokenizer.json", "tokenizer_config.json")
+OPTIONAL = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
+INDEX = "model.safetensors.index.json"
+
+
+def _endpoint() -> str:
+    return os.environ.get("JAXGPT_HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
+
+
+def _headers() -> dict[str, str]:
+    token = os.environ.get("HF_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+def repo_dir(repo: str) -> Path:
+    from jaxgpt.io.hub import cache_root
+
+    return cache_root() / "hf" / repo.replace("/", "--")
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=_headers()), timeout=60) as response:
+        return json.loads(response.read(64 << 20).decode())
+
+
+def _expected(entry: dict) -> Expected:
+    lfs = entry.get("lfs") or {}
+    if lfs.get("sha256"):
+        return Expected(int(lfs.get("size", entry.get("size"))), sha256=lfs["sha256"])
+    if entry.get("blobId") and entry.get("size") is not None:
+        return Expected(int(entry["size"]), git_sha1=entry["blobId"])
+    raise VerificationError(f"the hub gives no size and hash for {entry.get('rfilename')}")
+
+
+def _files(info: dict, repo: str, base: str, commit: str, target: Path) -> dict[str, Expected]:
+    """The files to fetch (name -> what it must be): needed, optional, and the weights."""
+    siblings = {s.get("rfilename"): s for s in info.get("siblings", []) if isinstance(s, dict)}
+    if "model.safetensors" in siblings:
+        weights = ["model.safetensors"]
+    elif INDEX in siblings:
+        fetch_verified(f"{base}/{repo}/resolve/{commit}/{INDEX}", target / INDEX, _expected(siblings[INDEX]),
+                       label=f"{INDEX} of {repo}", headers=_headers())
+        weights = [INDEX, *dict.fromkeys(json.loads((target / INDEX).read_text())["weight_map"].values())]
+    else:
+        raise VerificationError(f"{repo} has no model.safetensors (nor {INDEX})")
+    missing = [f for f in (*NEEDED, *weights) if f not in siblings]
+    if missing:
+        raise VerificationError(f"{repo} lacks {', '.join(missing)}")
+    return {f: _expected(siblings[f]) for f in (*NEEDED, *weights, *(o for o in OPTIONAL if o in siblings))}
+
+
+def _recorded(target: Path) -> bool:
+    """The folder holds every file a previous download verified, at its recorded size."""
+    try:
+        record = json.loads(target.with_name(target.name + ".verified.json").read_text())
+    except (OSError, ValueError):
+        return False
+    files = record.get("files", {})
+    return bool(files) and all((target / f).is_file() and (target / f).stat().st_size == e["size"]
+                               for f, e in files.items())
+
+
+def download_repo(repo: str, revision: str = "main") -> Path:
+    """The local folder of hub repository `repo` (`ORG/NAME`), downloading what is missing."""
+    target = repo_dir(repo)
+    if _recorded(target):
+        return target
+    base, page = _endpoint(), f"https://huggingface.co/{repo}"
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        info = _get_json(f"{base}/api/models/{repo}/revision/{revision}?blobs=true")
+        commit = info.get("sha") or revision
+        files = _files(info, repo, base, commit, target)
+        for name, expected in files.items():
+            path = target / name
+            if path.is_file() and path.stat().st_size == expected.size and name == INDEX:
+                continue  # fetched and verified just now
+            fetch_verified(f"{base}/{repo}/resolve/{commit}/{name}", path, expected, label=f"{name} of {repo}",
+                           headers=_headers())
+        record = {"repo": repo, "revision": commit,
+                  "files": {f: {"size": e.size, "sha256": e.sha256, "git_sha1": e.git_sha1} for f, e in files.items()}}
+        tmp = target.with_name(target.name + ".verified.json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, target.with_name(target.name + ".verified.json"))
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):
+            raise UserError(f"{repo} is gated or private (HTTP {e.code}): accept its licence on {page} and set "
+                            "HF_TOKEN to a token that may read it") from None
+        raise UserError(f"cannot download {repo}: HTTP {e.code} from the hub; check the name ({page})") from None
+    except VerificationError as e:
+        raise UserError(f"cannot download {repo}: {e}; check the connection (or $JAXGPT_HF_ENDPOINT) and try "
+                        "again") from None
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
+        reason = getattr(e, "reason", None) or e
+        raise UserError(f"cannot download {repo} (offline?): put config.json, the model*.safetensors weights "
+                        f"(with {INDEX} if sharded), tokenizer.json and tokenizer_config.json from {page} into a "
+                        f"folder and pass --init FOLDER [{reason}]") from None
+    return target
+
+
+__all__ = ["download_repo", "repo_dir"]

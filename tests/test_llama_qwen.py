@@ -1,0 +1,180 @@
+"""Llama 3 and Qwen3 against transformers' `LlamaForCausalLM` / `Qwen3ForCausalLM`, which jaxgpt
+did not write, on tiny random configs built here (offline): grouped-query attention 4:2 and
+4:1, Qwen3 with head_dim != hidden / heads, Llama 3.1's rope scaling with a small original
+context (so it changes the frequencies at these lengths), tied and untied heads.
+
+Tolerances (float32, dropout off): logits 1e-5 absolute (`LOGIT_ATOL`; the frameworks differ
+in summation order only), 30 greedy tokens identical, the KV-cache decode's logits equal to the
+full forward pass's (1e-5), an export reloaded by transformers gives the same logits (1e-5),
+and AdamW steps against the torch twin: losses relative 1e-4, params 2e-4 absolute, as
+`tests/test_parity.py` states for GPT-2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from jaxgpt.config import PRESETS, ModelConfig, RopeScaling, TrainConfig, from_dict  # noqa: E402
+from jaxgpt.io import torch_twin  # noqa: E402
+from jaxgpt.io.hf_load import load_hf_state_dict  # noqa: E402
+from jaxgpt.models import build_model, count_params, family_of, init_cache, param_shapes  # noqa: E402
+from jaxgpt.models.llama import num_params_hf  # noqa: E402
+from jaxgpt.models.rope import rope_frequencies  # noqa: E402
+from jaxgpt.train.optim import make_optimizer  # noqa: E402
+from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+LOGIT_ATOL = 1e-5
+T = 40  # tokens per row: beyond the scaled rope's original context of 16
+
+_TINY = dict(vocab_size=211, context_length=64, n_layer=2, n_head=4, n_embd=32, mlp_dim=48, dropout=0.0,
+             qkv_bias=False, layer_norm_epsilon=1e-5)
+CASES = {
+    "llama-gqa2-tied-rope31": ModelConfig(family="llama", n_kv_head=2, tie_embeddings=True, rope_theta=500000.0,
+                                          rope_scaling=RopeScaling(type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                                   high_freq_factor=4.0, original_context=16),
+                                          **_TINY),
+    "llama-gqa4-untied": ModelConfig(family="llama", n_kv_head=1, tie_embeddings=False, **_TINY),
+    "qwen3-headdim16-gqa2-tied": ModelConfig(family="qwen3", n_kv_head=2, head_size=16, tie_embeddings=True,
+                                             rope_theta=1000000.0, **{**_TINY, "layer_norm_epsilon": 1e-6}),
+    "qwen3-gqa4-untied": ModelConfig(family="qwen3", n_kv_head=1, tie_embeddings=False, **_TINY),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def hf_model(cfg: ModelConfig, seed: int = 0):
+    """transformers' model of `cfg` with random weights (std 0.1: logits far from uniform)."""
+    torch.manual_seed(seed)
+    model = family_of(cfg).torch_model(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1) if p.ndim > 1 else p.uniform_(0.5, 1.5)  # norms away from 1
+    return model
+
+
+def tokens_of(cfg, batch=2, seed=0):
+    return np.random.RandomState(seed).randint(0, cfg.vocab_size, (batch, T))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward(cfg):
+    return jax.jit(lambda p, t: build_model(cfg).apply({"params": p}, t))
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def case(request):
+    cfg = CASES[request.param]
+    model = hf_model(cfg)
+    loaded_cfg, params = load_hf_state_dict(model.state_dict(), model.config)
+    return request.param, cfg, model, loaded_cfg, params
+
+
+def test_config_round_trip_and_rope(case):
+    name, cfg, model, loaded_cfg, _ = case
+    assert dataclasses.replace(loaded_cfg, head_size=loaded_cfg.head_dim) == dataclasses.replace(cfg, head_size=cfg.head_dim)
+    # The inverse frequencies transformers' rotary module holds (the llama3 scaling included).
+    np.testing.assert_allclose(rope_frequencies(cfg), model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+
+
+def test_logits_equal_transformers(case):
+    _, cfg, model, loaded_cfg, params = case
+    tokens = tokens_of(cfg)
+    with torch.no_grad():
+        want = model(torch.as_tensor(tokens)).logits.numpy()
+    got = np.asarray(_forward(loaded_cfg)(params, jnp.asarray(tokens)))
+    assert np.abs(want).max() > 1.0  # not near-uniform logits
+    np.testing.assert_allclose(got, want, atol=LOGIT_ATOL, rtol=0)
+
+
+def test_greedy_tokens_and_cached_decode(case):
+    """30 greedy tokens equal transformers' `generate` (its own KV cache), and jaxgpt's
+    cached decode logits equal its full forward pass over the same tokens."""
+    from jaxgpt.generation import generate_tokens
+
+    _, cfg, model, loaded_cfg, params = case
+    prompt = tokens_of(cfg, batch=1, seed=3)[:, :8]
+    with torch.no_grad():
+        ids = torch.as_tensor(prompt)
+        want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=30, min_new_tokens=30,
+                              do_sample=False, eos_token_id=None, pad_token_id=cfg.vocab_size - 1)[0, 8:].numpy()
+    out = generate_tokens(params, loaded_cfg, prompt, np.ones_like(prompt, bool), jax.random.key(0), max_new_tokens=30)
+    np.testing.assert_array_equal(np.asarray(out["tokens"][0]), want)
+
+    full = np.concatenate([prompt, want[None]], axis=1)
+    model_fn = build_model(loaded_cfg)
+    cache = init_cache(loaded_cfg, 1, full.shape[1])
+    logits_prefill, cache = model_fn.apply({"params": params}, jnp.asarray(full[:, :8]), cache=cache)
+    steps = [logits_prefill]
+    for i in range(8, full.shape[1]):
+        step, cache = model_fn.apply({"params": params}, jnp.asarray(full[:, i:i + 1]), cache=cache)
+        steps.append(step)
+    np.testing.assert_allclose(np.concatenate(steps, axis=1), _forward(loaded_cfg)(params, jnp.asarray(full)),
+                               atol=LOGIT_ATOL, rtol=0)
+
+
+def test_export_reloads_in_transformers(case, tmp_path):
+    from jaxgpt.io.hf_export import export_hf
+
+    _, cfg, model, loaded_cfg, params = case
+    export_hf(params, loaded_cfg, tmp_path / "hf")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(again).__name__ == family_of(cfg).hf_architecture
+    tokens = torch.as_tensor(tokens_of(cfg))
+    with torch.no_grad():
+        np.testing.assert_allclose(again(tokens).logits.numpy(), model(tokens).logits.numpy(), atol=LOGIT_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa2-tied-rope31", "qwen3-headdim16-gqa2-tied"])
+def test_adamw_steps_equal_the_torch_twin(name):
+    """Five AdamW steps of jaxgpt's real `train_step` and of `torch.optim.AdamW` on the twin,
+    from the same weights on the same batches: the same losses and the same weights."""
+    cfg = CASES[name]
+    train = TrainConfig(lr=2e-3, warmup_steps=0, min_lr_ratio=1.0, weight_decay=0.1, b1=0.9, b2=0.999, grad_clip=0.0)
+    model = hf_model(cfg, seed=1).train()
+    _, params = load_hf_state_dict(model.state_dict(), model.config)
+    opt = torch_twin.torch_adamw(model, params, train)
+    tx = make_optimizer(train)
+    step = jax.jit(functools.partial(train_step, loss_fn=lm_loss_fn(build_model(cfg)), tx=tx))
+    state = create_train_state(params, tx)
+    pool = np.random.RandomState(2).randint(0, cfg.vocab_size, (2, 17))
+    jl, tl = [], []
+    for _ in range(5):
+        state, metrics = step(state, {"inputs": pool[None, :, :-1], "targets": pool[None, :, 1:]}, jax.random.key(0))
+        jl.append(float(metrics["loss"]))
+        opt.zero_grad(set_to_none=True)
+        loss = torch_twin.torch_lm_loss(model, pool[:, :-1], pool[:, 1:])
+        loss.backward()
+        opt.step()
+        tl.append(loss.item())
+    assert tl[-1] < tl[0] - 0.05
+    np.testing.assert_allclose(jl, tl, rtol=1e-4)
+    theirs = traverse_util.flatten_dict(torch_twin.from_torch(model, cfg))
+    ours = traverse_util.flatten_dict(jax.device_get(state.params))
+    assert max(float(np.max(np.abs(ours[k] - np.asarray(theirs[k])))) for k in ours) < 2e-4
+
+
+@pytest.mark.parametrize("preset", [p for p in PRESETS if not p.startswith("gpt2")])
+def test_preset_parameter_counts_equal_transformers(preset):
+    """Each preset's shape: jaxgpt's parameter count == transformers' model of the same config
+    (built on the meta device: nothing allocated) == the arithmetic of `num_params_hf`."""
+    cfg = from_dict(ModelConfig, {"preset": preset})
+    with torch.device("meta"):
+        hf = family_of(cfg).torch_model(cfg)
+    n = sum(p.numel() for p in hf.parameters())  # a tied head counted once
+    assert count_params(param_shapes(cfg)) == n == num_params_hf(cfg)
