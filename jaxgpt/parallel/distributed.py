@@ -236,8 +236,8 @@ class PeerWatchdog(threading.Thread):
 
 
 def start_watchdog(timeout: float) -> PeerWatchdog | None:
-    """Start the watchdog of this process (after `jax.distributed.initialize`); it stops, and
-    marks this process as exited, when the interpreter exits normally."""
+    """Start the watchdog of this process (after `jax.distributed.initialize`); at a normal
+    exit it marks this process as exited and stops once JAX's shutdown is over (`_exit_cleanly`)."""
     from jax._src import distributed as jax_distributed  # the client is not public API
 
     client = getattr(getattr(jax_distributed, "global_state", None), "client", None)
@@ -245,8 +245,32 @@ def start_watchdog(timeout: float) -> PeerWatchdog | None:
         return None
     dog = PeerWatchdog(client, jax.process_index(), jax.process_count(), timeout)
     dog.start()
-    atexit.register(dog.leaving)  # runs before jax's own atexit shutdown (registered at import)
+    atexit.register(_exit_cleanly, dog)  # runs before jax's own atexit shutdown (registered at import)
     return dog
+
+
+def _exit_cleanly(dog: PeerWatchdog) -> None:
+    """At a normal exit: say goodbye, run JAX's own exit (clear the backends, then the
+    distributed shutdown barrier, which waits for every process) while the watchdog still
+    watches the others (a peer that died meanwhile: `_gone`), then stop and join this
+    module's threads, so none is inside a call to the client when the interpreter finalises
+    (a daemon thread unwound there aborts the process: "FATAL: exception not rethrown")."""
+    dog.leaving()
+    if _stop_sync is not None:
+        _stop_sync.halt()
+    try:
+        from jax._src import api as jax_api  # what jax registers at import; a no-op when run again
+
+        jax_api.clean_up()
+    except Exception:
+        try:
+            jax.distributed.shutdown()
+        except Exception:
+            pass
+    dog.stop(exited=False)
+    dog.join(dog.interval + 5)
+    if _stop_sync is not None:
+        _stop_sync.join(5)
 
 
 # ---------------------------------------------------------------------------------------
@@ -274,8 +298,17 @@ class StopSync:
         self._last: int | None = None  # the last iteration the loop finished (or began at)
         self._lock = threading.Lock()
         self._wake = threading.Event()
+        self._halt = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="jaxgpt-stop-sync", daemon=True)
         self._thread.start()
+
+    def halt(self) -> None:
+        """Stop watching (at exit)."""
+        self._halt.set()
+        self._wake.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
 
     def notify(self, signum: int) -> None:
         try:  # the first notice wins (no overwrite), so every process reads the same one
@@ -301,9 +334,11 @@ class StopSync:
             return None
 
     def _watch(self) -> None:
-        while True:
+        while not self._halt.is_set():
             self._wake.wait(self.poll)
             self._wake.clear()
+            if self._halt.is_set():
+                return
             notice = self._try_get(f"{_STOP}/notice")
             if notice is None or self._last is None:
                 continue
