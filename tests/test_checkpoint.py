@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -201,3 +202,60 @@ def test_other_model_is_not_damage(three_steps, tmp_path):
     base, _, cfg = three_steps
     with pytest.raises(UserError, match="checkpoint 3 .* does not match"):
         checkpoint.restore(base, _state(dataclasses.replace(cfg, n_embd=64)), quarantine=False)
+
+
+def test_rotation_cut_short_leaves_no_step_that_looks_whole(three_steps, tmp_path, monkeypatch):
+    """Rotation renames an old step into checkpoints/.deleting before deleting it: a kill in
+    the middle of the deletion (injected) leaves only the trash, which the next --resume
+    (tidy) removes; the steps listed are the kept ones, and rotation happens only once the
+    new step's manifest is written."""
+    base, states, cfg = three_steps
+    run = _copy(base, tmp_path)
+    manager = checkpoint.checkpoint_manager(run, keep=2)
+    real_rmtree = checkpoint.shutil.rmtree
+    order = []
+
+    def killed(path, *a, **k):
+        order.append(("rmtree", os.path.basename(path)))
+        for p in sorted(Path(path).rglob("*"))[:3]:  # a few files go, then the kill
+            if p.is_file():
+                p.unlink()
+        raise KeyboardInterrupt
+
+    real_manifest = checkpoint.write_manifest
+    monkeypatch.setattr(checkpoint, "write_manifest", lambda d, s: (order.append(("manifest", s)), real_manifest(d, s)))
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(manager, 4, states[3], {"step": 4})
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    assert order[0] == ("manifest", 4) and order[1] == ("rmtree", ".deleting")
+    assert checkpoint.all_steps(run) == [3, 4] and (run / "checkpoints" / ".deleting").is_dir()
+    assert checkpoint.restore(run, _state(cfg))[1] == {"step": 4}  # tidies first
+    assert not (run / "checkpoints" / ".deleting").exists() and not (run / "corrupt-checkpoints").exists()
+
+
+def test_half_deleted_steps_are_moved_aside_in_one_line(three_steps, tmp_path, capsys):
+    """What older versions' rotation left when killed: a step with `state` but no `meta`,
+    an empty step; and a step whose manifest lists a file that is gone. --resume (restore
+    with quarantine) reports them in one line and moves them to corrupt-checkpoints; a
+    read-only load never changes the run."""
+    import shutil
+
+    base, states, cfg = three_steps
+    run = _copy(base, tmp_path)
+    ckpts = run / "checkpoints"
+    shutil.rmtree(ckpts / "1" / "meta")
+    (ckpts / "1" / "manifest.json").unlink()
+    (ckpts / "5").mkdir()
+    (ckpts / "2" / "meta" / "metadata").unlink()
+    capsys.readouterr()
+    checkpoint.load_params(run)  # reading: nothing moved
+    assert checkpoint.all_steps(run) == [1, 2, 3, 5]
+    capsys.readouterr()
+    assert checkpoint.restore(run, _state(cfg))[1] == {"step": 3}
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "3 incomplete checkpoint folder(s)" in err[0], err
+    assert "step 1: its meta is missing; step 2: meta/metadata is missing; step 5: it is empty" in err[0]
+    assert checkpoint.all_steps(run) == [3]
+    assert sorted(p.name.split("-")[0] for p in (run / "corrupt-checkpoints").iterdir()) == ["1", "2", "5"]
+    assert checkpoint.newest_intact_step(run) == 3

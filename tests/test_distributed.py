@@ -23,6 +23,8 @@ class Store:
             return int(self.data[key])
 
     def key_value_dir_get(self, prefix):
+        if self.broken:
+            raise RuntimeError("UNAVAILABLE: failed to connect to all addresses")
         with self.lock:
             return [(k, v) for k, v in self.data.items() if k.startswith(prefix)]
 
@@ -89,3 +91,27 @@ def test_peer_timeout_setting(monkeypatch):
         monkeypatch.setenv("JAXGPT_PEER_TIMEOUT", bad)
         with pytest.raises(UserError, match="peer timeout"):
             resolve_peer_timeout(None)
+
+
+def test_while_exiting_a_dead_peer_is_not_waited_for_and_a_lost_coordinator_is_no_error():
+    """After its work, a process says goodbye but keeps watching: a peer that dies then is
+    reported as a warning (JAX's shutdown barrier would wait for it), and the coordinator
+    going away (process 0 finished first) is normal."""
+    store = Store()
+    gone, dead = [], []
+    a = PeerWatchdog(store, 0, 2, 0.6, on_dead=dead.append, on_gone=gone.append, interval=0.05)
+    b = PeerWatchdog(store, 1, 2, 0.6, on_dead=dead.append, on_gone=gone.append, interval=0.05)
+    a.start(), b.start()
+    time.sleep(0.3)
+    a.leaving()  # process 0 is done
+    b.stop(exited=False)  # process 1 dies without a goodbye
+    _wait(gone, 3)
+    assert dead == [] and len(gone) == 1 and gone[0].startswith("process 1 of 2 sent no heartbeat for 0.6 s while "
+                                                                "process 0 was exiting")
+    store2, lost = Store(), []
+    c = PeerWatchdog(store2, 1, 2, 0.6, on_dead=lost.append, on_gone=lost.append, interval=0.05)
+    c.leaving()
+    store2.broken = True
+    c.start()
+    c.join(2)
+    assert lost == [] and not c.is_alive()

@@ -339,9 +339,11 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
     assert not (tmp_path / "run").exists()
 
 
-def test_ctrl_c_saves_the_iteration_and_resume_finishes(tmp_path, monkeypatch, varied_rewards):
-    """Ctrl-C during iteration 2's rollout: the iteration finishes, a checkpoint is saved,
-    the command exits 130 without a summary, and --resume completes the run."""
+@pytest.mark.parametrize("signum, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_ctrl_c_saves_the_iteration_and_resume_finishes(tmp_path, monkeypatch, varied_rewards, signum, code):
+    """Ctrl-C (or a preemption's SIGTERM) during iteration 2's rollout: the iteration finishes,
+    a checkpoint is saved, the command exits 130 (143) without a summary, and --resume
+    completes the run."""
     import signal
 
     from jaxgpt.io import checkpoint
@@ -353,12 +355,12 @@ def test_ctrl_c_saves_the_iteration_and_resume_finishes(tmp_path, monkeypatch, v
     def reward_then_interrupt(self, completion, problem):
         calls["n"] += 1
         if calls["n"] == 8 + 4 * 4 + 1:  # after the 8 eval prompts and iteration 1's 4 x 4 samples
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(getattr(signal, signum))
         return scored(self, completion, problem)
 
     monkeypatch.setattr(ArithmeticTask, "reward", reward_then_interrupt)
     run = tmp_path / "run"
-    assert _finetune(_argv(run, ["train.num_devices=1"])) == 130
+    assert _finetune(_argv(run, ["train.num_devices=1"])) == code
     assert checkpoint.latest_step(run) == 2 and not (run / "metrics.json").exists()
     assert _finetune(["grpo", "--resume", run]) == 0
     assert json.loads((run / "metrics.json").read_text())["iteration"] == 4

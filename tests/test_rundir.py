@@ -86,6 +86,12 @@ def test_run_lock_is_exclusive_and_released(tmp_path):
             RunLock(run).acquire()
     with RunLock(run):  # released on exit
         pass
+    assert not run.exists()  # the lock file goes with the lock, and the folder only the lock made
+    run.mkdir()
+    (run / "config.yaml").write_text("x: 1\n")
+    with RunLock(run):
+        assert (run / ".lock").is_file()
+    assert [p.name for p in run.iterdir()] == ["config.yaml"]
     RunLock(tmp_path / "other", enabled=False).acquire()  # processes > 0 take no lock
     assert not (tmp_path / "other").exists()
 

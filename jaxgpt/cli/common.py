@@ -15,19 +15,59 @@ from jaxgpt.errors import UserError
 
 
 def exit_on_user_error(main: Callable[..., int | None]) -> Callable[..., int]:
-    """Wrap an entry point: a `UserError` becomes one line on stderr and exit code 2."""
+    """Wrap an entry point: a `UserError` becomes one line on stderr and exit code 2; a run
+    stopped by Ctrl-C exits 130, by SIGTERM 143 (`jaxgpt.engine.preemption`; the loop has
+    saved and said how to resume). In a multi-process run, an exit that the other processes
+    do not share (an error, a second signal) leaves at once (`distributed.leave`), so it
+    never waits for them in JAX's shutdown barrier; they notice within --peer-timeout."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         try:
-            return main(*args, **kwargs) or 0
+            return _together(main(*args, **kwargs) or 0)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            return 2
-        except KeyboardInterrupt:  # the loop has already saved and said how to resume
-            return 130
+            return _alone(2)
+        except KeyboardInterrupt as e:  # Stopped (130 / 143), or Ctrl-C outside a run (130)
+            if getattr(e, "message", ""):
+                print(e.message, file=sys.stderr)
+            code = getattr(e, "exit_code", 130)
+            return _together(code) if getattr(e, "agreed", False) else _alone(code)
+        except BaseException:
+            if _multiprocess():
+                import traceback
+
+                traceback.print_exc()
+                _alone(1)
+            raise
 
     return wrapper
+
+
+def _multiprocess() -> bool:
+    if "jax" not in sys.modules:  # jax not even imported: not started
+        return False
+    from jaxgpt.parallel.distributed import is_multiprocess
+
+    return is_multiprocess()
+
+
+def _together(code: int) -> int:
+    """`code`, for an exit every process makes (noted for the watchdog: see distributed)."""
+    if _multiprocess():
+        from jaxgpt.parallel.distributed import set_exit_code
+
+        set_exit_code(code)
+    return code
+
+
+def _alone(code: int) -> int:
+    """`code`, or (multi-process) exit now with it: see `exit_on_user_error`."""
+    if _multiprocess():
+        from jaxgpt.parallel.distributed import leave
+
+        leave(code)
+    return code
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:

@@ -213,7 +213,10 @@ def load_config(
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write `cfg` as YAML, atomically (a full disk is one `DiskFull` line)."""
+    from jaxgpt.io.files import atomic_write
+
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def replace(cfg, **sections):

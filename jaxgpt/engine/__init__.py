@@ -3,7 +3,7 @@
     entry points (train.py, finetune.py)
         -> jaxgpt.tasks.<task>: a Recipe (config, data, model attributes, loss, batches, evals)
         -> driver.train(recipe_cls, cfg, ...): run directory, --init, state, before/after evals
-        -> loop.Loop: iterations of minibatches; logs, evals, checkpoints, Ctrl-C, NaN checks
+        -> loop.Loop: iterations of minibatches; logs, evals, checkpoints, Ctrl-C / SIGTERM, NaN checks
         -> jaxgpt.parallel (placement, compiled steps) -> jaxgpt.train.steps (pure train/eval steps)
         -> jaxgpt.models (the family lookup) / train.losses / train.optim
 

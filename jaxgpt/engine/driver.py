@@ -3,16 +3,22 @@
     check the run directory -> --init weights -> devices -> the recipe's checks and data
     -> schedule -> model, initial params (--init grafted), train-mode labels, optimiser
     -> --resume: the checkpoint's state and meta -> frozen references (recipe.prepare)
-    -> [nothing written before this line] lock, run directory, config.yaml -> the evaluation
-    before training -> the loop -> the final evaluation -> metrics.json, outputs, plots
+    -> [nothing written before this line] a finished run? (--resume of a run whose loop is
+    done: say so and stop, or write its missing results) -> room for the checkpoints? -> lock,
+    run directory, config.yaml -> the evaluation before training -> the loop -> the final
+    evaluation -> outputs, plots, metrics.json (last: a run is finished once it exists)
 
 `train(recipe_cls, cfg, out_dir)` is every task's Python entry point (`pretrain`,
 `finetune_classifier`, ... are it with the recipe bound) and returns the summary written to
-metrics.json.
+metrics.json. Around it: Ctrl-C and SIGTERM handlers (`jaxgpt.engine.preemption`; every
+process stops at the same iteration), and on the way out, whatever happened, no lock file or
+temporary left in the run directory; a full disk anywhere is one line naming the file and the
+newest intact checkpoint, and a failed collective of a multi-process run one line too.
 """
 from __future__ import annotations
 
 import functools
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +29,7 @@ import jax
 from jaxgpt.io import checkpoint
 from jaxgpt.engine.keys import Keys
 from jaxgpt.engine.loop import Cadence, Loop
+from jaxgpt.engine.preemption import StopRequests
 from jaxgpt.engine.params import check_lora_targets, graft, init_from, param_counts, train_labels
 from jaxgpt.engine.recipe import Recipe, Schedule
 from jaxgpt.engine.metrics import MetricsWriter, check_tensorboard, plot_curves, read_jsonl, write_json
@@ -30,7 +37,11 @@ from jaxgpt.errors import UserError
 from jaxgpt.models import family_of
 from jaxgpt.train.optim import lr_schedule, make_optimizer
 from jaxgpt.parallel import layout_for
-from jaxgpt.engine.rundir import RunDir, RunLock, default_out_dir, is_main_process, log, truncate_metrics
+from jaxgpt.engine.rundir import (RunDir, RunLock, check_free_space, default_out_dir, is_main_process, log,
+                                  truncate_metrics)
+from jaxgpt.errors import UserError
+from jaxgpt.io.files import DiskFull, disk_full_reason, is_disk_full
+from jaxgpt.parallel.distributed import is_multiprocess, set_run, stop_sync
 from jaxgpt.train.steps import TrainState, create_train_state, eval_step, train_step
 
 
@@ -58,14 +69,45 @@ def train(recipe_cls: type[Recipe], cfg, out_dir: str | Path | None = None, *, r
     started = time.perf_counter()
     run = RunDir(out_dir or default_out_dir(recipe_cls.name), resume=resume)
     lock = RunLock(run.path, enabled=is_main_process())
-    try:
-        if resume:  # before the restore, which may move damaged checkpoints aside
+    named = set_run(run.path)
+    with StopRequests(stop_sync()) as stops:
+        try:
+            if resume:  # before the restore, which may move damaged checkpoints aside
+                lock.acquire()
+                run.remove_temporaries()  # of a killed run
+            start = prepare(recipe_cls, cfg, run, init, tfds_data_dir)
             lock.acquire()
-        start = prepare(recipe_cls, cfg, run, init, tfds_data_dir)
-        lock.acquire()
-        return run_loop(start, run, stop_after, started)
-    finally:
-        lock.release()
+            return run_loop(start, run, stop_after, started, stops)
+        except Exception as e:
+            failure = run_failure(e, run)
+            if failure is None:
+                raise
+            raise failure from None
+        finally:
+            run.remove_temporaries()
+            lock.release()
+            set_run(named)
+
+
+def run_failure(e: BaseException, run: RunDir) -> UserError | None:
+    """The one-line error for a full disk (naming the file and the newest intact checkpoint)
+    or a failed collective of a multi-process run; None for any other error."""
+    if is_disk_full(e):
+        if isinstance(e, DiskFull):
+            what = str(e)
+        else:
+            path = getattr(e, "filename", None) or run.path
+            what = str(DiskFull("a file", path, disk_full_reason(e)))
+        newest = checkpoint.newest_intact_step(run.path)
+        if newest is None:
+            return UserError(f"{what}; no checkpoint was written yet; free space and run again")
+        return UserError(f"{what}; the newest intact checkpoint is step {newest} "
+                         f"({run.path / checkpoint.CHECKPOINT_DIR / str(newest)}); free space, then --resume {run.path}")
+    if is_multiprocess() and isinstance(e, jax.errors.JaxRuntimeError):
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return UserError(f"process {jax.process_index()} stopped: a computation across processes failed ({first}); "
+                         f"if another process died or was stopped, restart every process with --resume {run.path}")
+    return None
 
 
 def prepare(recipe_cls: type[Recipe], cfg, run: RunDir, init: str | None, tfds_data_dir: str | None) -> Start:
@@ -112,20 +154,46 @@ def prepare(recipe_cls: type[Recipe], cfg, run: RunDir, init: str | None, tfds_d
     return Start(task, schedule, family.build(cfg.model, **attrs), state, tx, labels, meta, iteration)
 
 
-def run_loop(start: Start, run: RunDir, stop_after: int | None, started: float) -> dict:
+def finished_results(run: RunDir, start: Start) -> dict | None:
+    """metrics.json of a run whose loop is done, when it is complete (it is written last and
+    records the same step); None when the results are still to be written."""
+    try:
+        summary = json.loads((run.path / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    key = "iteration" if start.task.rl else "step"
+    return summary if isinstance(summary, dict) and summary.get(key) == start.iteration else None
+
+
+def run_loop(start: Start, run: RunDir, stop_after: int | None, started: float,
+             stops: StopRequests | None = None) -> dict:
     """The run itself, from the first write: run directory, loop, results."""
     task, t = start.task, start.task.cfg.train
     unit = "iteration" if task.rl else "step"
+    finished = run.resume and start.iteration >= start.schedule.iterations
+    if finished:  # nothing to train: never rewrite a finished run's results
+        done = finished_results(run, start)
+        where = f"{run.path} is finished ({unit} {start.iteration} of {start.schedule.iterations})"
+        if done is not None:
+            log(f"{where}; its results are in {run.path / 'metrics.json'}, nothing to do (to train longer: "
+                f"--resume {run.path} --set train.max_steps=N, or train.epochs=N for epochs)")
+            return done
+        log(f"{where}; writing its missing results from the last checkpoint")
     mode = f", {task.trainable:,} trainable ({task.cfg.finetune.train_mode})" if hasattr(task.cfg, "finetune") else ""
     log(" | ".join(filter(None, [f"model: {task.total:,} params{mode}", task.describe(),
                                  f"{start.schedule.iterations} {unit}s",
                                  task.dp.describe()])))
-    if run.resume:
+    if not finished:
+        state = start.state
+        check_free_space(run.path, checkpoint.estimated_size((state.step, state.params, state.opt_state)),
+                         t.keep_checkpoints, existing=len(checkpoint.all_steps(run.path)) if run.resume else 0)
+    if run.resume and not finished:
         log(f"resuming {run.path} from {unit} {start.iteration}")
         if is_main_process():  # records a killed run logged after its last checkpoint
             truncate_metrics(run.metrics_jsonl, start.iteration, key=unit)
-    run.create(task.cfg)
-    task.created()
+    if not finished:
+        run.create(task.cfg)
+        task.created()
 
     loss_fn = task.loss_fn(start.model)
     task.p_eval = task.dp.compile_eval_step(eval_step, loss_fn=loss_fn)
@@ -135,7 +203,7 @@ def run_loop(start: Start, run: RunDir, stop_after: int | None, started: float) 
     writer = MetricsWriter(run.metrics_jsonl, enabled=is_main_process(),
                            tensorboard_dir=run.path / "tensorboard" if t.tensorboard else None)
     before = start.meta.get("eval_before")
-    if before is None:
+    if before is None and not finished:
         before = task.evaluate_before(placed)
         if before is not None:
             log("before training: " + " | ".join(f"{k} {v:.4f}" for k, v in before.items() if isinstance(v, float)))
@@ -147,7 +215,8 @@ def run_loop(start: Start, run: RunDir, stop_after: int | None, started: float) 
     loop = Loop(run=run, placed=placed, keys=task.keys, writer=writer, cadence=cadence, iteration=start.iteration,
                 meta={"eval_before": before} if before is not None else {}, metric_names=task.metric_names,
                 lr_at=lr_schedule(t, start.schedule.updates), throughput=task.throughput(), rl=task.rl,
-                postfix=task.postfix, keep_checkpoints=t.keep_checkpoints, seed=t.seed)
+                postfix=task.postfix, keep_checkpoints=t.keep_checkpoints, seed=t.seed, restored=start.meta,
+                stops=stops)
     train_started = time.perf_counter()
     try:
         loop.run(task.source, task.evaluate)
@@ -161,14 +230,14 @@ def run_loop(start: Start, run: RunDir, stop_after: int | None, started: float) 
                "trainable_params": task.trainable, "total_params": task.total,
                "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - started}
     if is_main_process():
-        write_json(run.path / "metrics.json", summary)
         task.write_outputs(loop, summary)
         records = read_jsonl(run.metrics_jsonl)
         for plot in task.plots:
             plot_curves(run.path / plot.file, records, plot.x, plot.ys, plot.ylabel)
+        write_json(run.path / "metrics.json", summary)  # last: its presence marks a finished run
         log(" | ".join(filter(None, [f"done: {unit} {loop.iteration}", task.done_line(summary),
                                      f"{summary['wall_seconds'] / 60:.1f} min", f"run: {run.path}"])))
     return summary
 
 
-__all__ = ["Start", "prepare", "run_loop", "train"]
+__all__ = ["Start", "finished_results", "prepare", "run_failure", "run_loop", "train"]

@@ -9,16 +9,21 @@ on each (`PlacedState.update`):
 then, by the cadence (arguments, not config): a log record every `log_interval`
 iterations (the mean of each metric since the last record), an evaluation every
 `eval_interval` and at the end, a checkpoint at every evaluation, every
-`checkpoint_interval` and on Ctrl-C (which then stops the loop). Losses are checked for
-NaN/inf before every record, and losses and params before every save
+`checkpoint_interval` and on a stop request: Ctrl-C or SIGTERM, on any process of a
+multi-process run (`jaxgpt.engine.preemption`), after which the loop raises `Stopped`.
+Losses are checked for NaN/inf before every record, and losses and params before every save
 (`jaxgpt.engine.rundir.DivergenceGuard`), so no checkpoint ever holds a diverged state and the last
 good one is never rotated out by a bad one.
 Records go to `metrics.jsonl` (and TensorBoard when asked) through one `MetricsWriter`.
+
+A checkpoint's meta holds what the next records need besides the state: the iterations
+logged since the last record (`window`: each one's metric means, so a run resumed between
+two records logs the same mean as an uninterrupted one) and the last record (`last_record`:
+a finished run's summary can be written from its checkpoint).
 """
 from __future__ import annotations
 
 import contextlib
-import signal
 import statistics
 import time
 from dataclasses import dataclass
@@ -30,8 +35,9 @@ from tqdm.auto import tqdm
 
 from jaxgpt.io import checkpoint
 from jaxgpt.engine.keys import Keys
+from jaxgpt.engine.preemption import StopRequests
 from jaxgpt.engine.rundir import DivergenceGuard, RunDir, is_main_process, log
-from jaxgpt.engine.metrics import MetricsWriter, mfu
+from jaxgpt.engine.metrics import MetricsWriter, _plain, mfu
 
 # `source(iteration, local_params) -> (minibatches, stats)`: host batches for the updates
 # of `iteration`, and host-side statistics (floats) to log; `local_params()` gives the
@@ -46,7 +52,7 @@ class Cadence:
     total: int  # iterations of the schedule
     log_interval: int
     eval_interval: int
-    checkpoint_interval: int = 0  # 0: only at evaluations, at the end and on Ctrl-C
+    checkpoint_interval: int = 0  # 0: only at evaluations, at the end and on Ctrl-C / SIGTERM
     stop_after: int | None = None  # end here as if interrupted (the schedule still runs to `total`)
 
     @property
@@ -64,27 +70,6 @@ class Throughput:
     num_devices: int = 1
 
 
-@contextlib.contextmanager
-def deferred_interrupt():
-    """Within the block, Ctrl-C only sets `flag["flag"]` (the loop finishes its iteration,
-    saves and stops); a second Ctrl-C stops at once. Off the main thread it is left alone."""
-    flag = {"flag": False}
-
-    def handle_sigint(signum, frame):
-        flag["flag"] = True
-        signal.signal(signal.SIGINT, previous)
-
-    try:
-        previous = signal.signal(signal.SIGINT, handle_sigint)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        yield flag
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGINT, previous)
-
-
 class Loop:
     """Runs iterations of a source through a placed state; see the module docstring.
 
@@ -94,16 +79,21 @@ class Loop:
     (otherwise one update per iteration: `step` and, with `throughput`, `tokens_seen`).
     meta: JSON saved with every checkpoint (e.g. the evaluation before training).
     postfix: progress-bar label -> record key.
+    restored: the meta of the checkpoint the loop resumes from (its `window` and `last_record`).
+    stops: the run's `StopRequests` (None: the loop installs its own while it runs).
     """
 
     def __init__(self, *, run: RunDir, placed, keys: Keys, writer: MetricsWriter, cadence: Cadence,
                  iteration: int = 0, meta: dict | None = None, metric_names: dict[str, str] | None = None,
                  lr_at: Callable[[int], float] | None = None, throughput: Throughput | None = None,
                  rl: bool = False, postfix: dict[str, str] | None = None, keep_checkpoints: int = 2,
-                 seed: int = 0):
+                 seed: int = 0, restored: dict | None = None, stops: StopRequests | None = None):
         self.run_dir, self.placed, self.keys, self.writer, self.cadence = run, placed, keys, writer, cadence
         self.iteration = iteration
         self.meta = dict(meta or {})
+        self.stops = stops
+        restored = restored or {}
+        self.window: list[dict] = [{"values": dict(v)} for v in restored.get("window") or []]
         self.metric_names, self.lr_at, self.throughput, self.rl = metric_names, lr_at, throughput, rl
         self.postfix = postfix or {"loss": "train_loss"}
         self.seed = seed
@@ -111,7 +101,7 @@ class Loop:
         self.manager = checkpoint.checkpoint_manager(run.path, keep=keep_checkpoints)
         self.start = iteration  # where this invocation began (a resumed run's first iteration)
         self.iteration_times: list[float] = []
-        self.last_record: dict = {}
+        self.last_record: dict = dict(restored.get("last_record") or {})
         self.last_eval: tuple[int, dict] | None = None  # (iteration, metrics) of the latest evaluation
         self.guard = DivergenceGuard(last_saved=self.manager.latest_step(), unit=self.unit)
 
@@ -122,32 +112,40 @@ class Loop:
 
     # -- the loop --------------------------------------------------------------------------
     def run(self, source: Source, evaluate: Callable[[Any], dict]) -> dict:
-        """Iterations `self.iteration .. cadence.end - 1`; returns the last record."""
-        c = self.cadence
-        window: list[dict] = []
+        """Iterations `self.iteration .. cadence.end - 1`; returns the last record. Raises
+        `jaxgpt.engine.preemption.Stopped` after saving when asked to stop."""
+        if self.stops is None:
+            with StopRequests() as self.stops:
+                try:
+                    return self.run(source, evaluate)
+                finally:
+                    self.stops = None
+        c, stops = self.cadence, self.stops
         bar = tqdm(total=c.end, initial=self.iteration, desc="rl" if self.rl else "train",
                    disable=not is_main_process(), dynamic_ncols=True, unit="it" if self.rl else "step")
-        with deferred_interrupt() as interrupted:
-            try:
-                while self.iteration < c.end:
-                    window.append(self._iterate(source))
-                    done = self.iteration
-                    is_eval = done % c.eval_interval == 0 or done == c.end
-                    if done % c.log_interval == 0 or is_eval:
-                        self._log(window, evaluate if is_eval else None)
-                        window = []
-                        bar.set_postfix(refresh=False, **{label: f"{self.last_record[key]:.4g}"
-                                                          for label, key in self.postfix.items()
-                                                          if self.last_record.get(key) is not None})
-                    bar.update(1)
-                    if is_eval or (c.checkpoint_interval and done % c.checkpoint_interval == 0) or interrupted["flag"]:
-                        self.save()
-                    if interrupted["flag"]:
-                        log(f"interrupted: saved a checkpoint at {self.unit} {done}; "
-                            f"resume with --resume {self.run_dir.path}")
-                        raise KeyboardInterrupt
-            finally:
-                bar.close()
+        stops.begin(self.iteration)
+        try:
+            while self.iteration < c.end:
+                self.window.append(self._iterate(source))
+                done = self.iteration
+                is_eval = done % c.eval_interval == 0 or done == c.end
+                if done % c.log_interval == 0 or is_eval:
+                    self._log(self.window, evaluate if is_eval else None)
+                    self.window = []
+                    bar.set_postfix(refresh=False, **{label: f"{self.last_record[key]:.4g}"
+                                                      for label, key in self.postfix.items()
+                                                      if self.last_record.get(key) is not None})
+                bar.update(1)
+                stop = stops.should_stop(done)
+                if is_eval or (c.checkpoint_interval and done % c.checkpoint_interval == 0) or stop:
+                    self.save()
+                    stop = stop or stops.should_stop(done)  # asked during the save: this step is saved
+                if stop:
+                    bar.close()
+                    log(stops.describe(done, self.unit, str(self.run_dir.path)))
+                    raise stops.stopped()
+        finally:
+            bar.close()
         return self.last_record
 
     def _iterate(self, source: Source) -> dict:
@@ -174,7 +172,7 @@ class Loop:
             record["step"] = self.iteration
             if self.throughput is not None:
                 record["tokens_seen"] = self.iteration * self.throughput.tokens_per_iteration
-        per_iteration = [{**w["stats"], **self._mean_metrics(w["metrics"])} for w in window]
+        per_iteration = [self._values(w) for w in window]
         for key in dict.fromkeys(k for it in per_iteration for k in it):  # some stats are not every iteration's
             record[key] = float(np.mean([it[key] for it in per_iteration if key in it]))
         if self.lr_at is not None:
@@ -191,6 +189,13 @@ class Loop:
         self.writer.write(record)
         self.last_record = record
 
+    def _values(self, entry: dict) -> dict:
+        """An iteration's loggable values: its host stats and the mean of each step metric over
+        its updates (fetched from the device once; a restored entry has them already)."""
+        if "values" not in entry:
+            entry["values"] = {**entry.pop("stats"), **self._mean_metrics(entry.pop("metrics"))}
+        return entry["values"]
+
     def _mean_metrics(self, collected: list[dict]) -> dict:
         """The mean of each step metric over an iteration's updates, renamed by `metric_names`."""
         collected = jax.device_get(collected)
@@ -199,9 +204,13 @@ class Loop:
 
     # -- results ---------------------------------------------------------------------------
     def tokens_per_sec(self) -> float:
-        """Tokens per second of the median iteration after the first (which compiles)."""
+        """Tokens per second of the median iteration after the first (which compiles); with
+        no iteration run here (a finished run's outputs written from its checkpoint), the
+        last record's."""
         times = self.iteration_times[1:] or self.iteration_times
-        return self.throughput.tokens_per_iteration / statistics.median(times) if times else float("nan")
+        if not times:
+            return float(self.last_record.get("tokens_per_sec") or float("nan"))
+        return self.throughput.tokens_per_iteration / statistics.median(times)
 
     def seconds_per_iteration(self) -> float:
         times = self.iteration_times[1:] or self.iteration_times
@@ -223,6 +232,9 @@ class Loop:
         state = self.placed.host()
         self.guard.check(self.iteration, state["params"])
         meta = {**self.meta, "iteration": self.iteration, "step": self.step, "seed": self.seed,
-                "rng_key_data": np.asarray(jax.random.key_data(self.keys.dropout)).tolist()}
-        checkpoint.save(self.manager, self.iteration, state, meta)
+                "rng_key_data": np.asarray(jax.random.key_data(self.keys.dropout)).tolist(),
+                "window": [self._values(w) for w in self.window],
+                "last_record": {k: _plain(v) for k, v in self.last_record.items()}}
+        with (self.stops.saving() if self.stops is not None else contextlib.nullcontext()):
+            checkpoint.save(self.manager, self.iteration, state, meta)
         self.guard.saved(self.iteration)

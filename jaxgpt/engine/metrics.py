@@ -10,6 +10,7 @@ from typing import Iterable, Mapping
 import jax
 
 from jaxgpt.config import ModelConfig
+from jaxgpt.io.files import DiskFull, atomic_write, disk_full_as, write_via_temporary
 
 
 class MetricsWriter:
@@ -25,6 +26,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.records: list[dict] = []
         self._tensorboard = None
+        self._tensorboard_dir = tensorboard_dir
         if enabled and tensorboard_dir is not None:
             from tensorboardX import SummaryWriter  # optional: checked by `check_tensorboard`
 
@@ -35,14 +37,25 @@ class MetricsWriter:
         self.records.append(record)
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode()
+        size = self.path.stat().st_size if self.path.exists() else 0
+        try:
+            with disk_full_as("a metrics record", self.path), open(self.path, "ab") as f:
+                f.write(line)
+                f.flush()
+        except DiskFull:  # no torn line: cut the file back to its last whole record
+            try:
+                os.truncate(self.path, size)
+            except OSError:
+                pass
+            raise
         if self._tensorboard is not None:
             x = record.get("iteration", record.get("step", 0))
-            for key, value in record.items():
-                if key not in ("iteration", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
-                    self._tensorboard.add_scalar(key, value, x)
-            self._tensorboard.flush()
+            with disk_full_as("TensorBoard scalars", self._tensorboard_dir):
+                for key, value in record.items():
+                    if key not in ("iteration", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                        self._tensorboard.add_scalar(key, value, x)
+                self._tensorboard.flush()
 
     def close(self) -> None:
         if self._tensorboard is not None:
@@ -78,10 +91,7 @@ def _plain(v):
 
 def write_json(path: str | Path, data: Mapping) -> None:
     """Write atomically (temp file + rename) so a reader never sees half a summary."""
-    path = Path(path)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({k: _plain(v) for k, v in data.items()}, indent=2) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps({k: _plain(v) for k, v in data.items()}, indent=2) + "\n")
 
 
 def plot_curves(
@@ -109,10 +119,10 @@ def plot_curves(
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = Path(path).with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
+    try:
+        write_via_temporary(path, lambda tmp: fig.savefig(tmp, dpi=100, format=Path(path).suffix.lstrip(".") or "png"))
+    finally:
+        plt.close(fig)
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, training: bool = True) -> float:

@@ -8,7 +8,12 @@ The driver (`jaxgpt.engine.driver`) and the loop call these at fixed points:
     with RunLock(run_dir): ...             around the whole run (process 0), before restore
     RunDir.create(cfg)                     marker (mark_run) first, then config.yaml
     truncate_metrics(metrics, step)        on --resume, once the restored step is known
+    check_free_space(path, size, keep)     before the first step: room for keep + 1 checkpoints?
     guard.record(loss); guard.check(...)   every update; at every log record and checkpoint save
+    RunDir.remove_temporaries()            at the end of every run, error or not (and at start)
+
+Every file is written whole or not at all (`jaxgpt.io.files.atomic_write`), and the lock
+file goes with the lock, so an error exit leaves no `.lock` and no temporary behind.
 """
 from __future__ import annotations
 
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jaxgpt.errors import UserError
+from jaxgpt.io.files import atomic_write, disk_full_as, is_temporary, write_via_temporary
 
 MARKER = ".jaxgpt-run"
 LOCK = ".lock"
@@ -43,6 +49,16 @@ def log(msg: str) -> None:
 
 TOKENIZER_DIR = "tokenizer"  # a run's copy of its model's tokenizer files (`model.tokenizer: tokenizer`)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+
+
+def warn(msg: str) -> None:
+    """`warning: msg` on stderr, from process 0 only (kept clear of progress bars)."""
+    if is_main_process():
+        import sys
+
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"warning: {msg}", file=sys.stderr)
 
 
 def default_out_dir(prefix: str) -> Path:
@@ -75,11 +91,26 @@ class RunDir:
         from jaxgpt.config import save_config
 
         if is_main_process():
-            self.path.mkdir(parents=True, exist_ok=True)
+            with disk_full_as("the run directory", self.path):
+                self.path.mkdir(parents=True, exist_ok=True)
             mark_run(self.path)
             save_config(self.keep_tokenizer(cfg), self.path / "config.yaml")
             if not self.resume:
                 self.metrics_jsonl.unlink(missing_ok=True)
+
+    def remove_temporaries(self) -> list[Path]:
+        """Remove the temporaries of interrupted writes (`.NAME.tmp-PID`, in the run folder and
+        its checkpoint steps; Orbax's are `jaxgpt.io.checkpoint.tidy`'s). Process 0 only."""
+        removed: list[Path] = []
+        if not is_main_process() or not self.path.is_dir():
+            return removed
+        folders = [self.path] + [p for p in (self.path / "checkpoints").glob("*") if p.is_dir()]
+        for folder in folders:
+            for p in folder.iterdir():
+                if is_temporary(p.name) and p.is_file():
+                    p.unlink(missing_ok=True)
+                    removed.append(p)
+        return removed
 
     def keep_tokenizer(self, cfg):
         """`cfg` whose `model.tokenizer` folder has been copied into the run (`RUN/tokenizer`, the
@@ -95,7 +126,8 @@ class RunDir:
             target.mkdir(exist_ok=True)
             for name in TOKENIZER_FILES:
                 if (Path(folder) / name).is_file():
-                    shutil.copyfile(Path(folder) / name, target / name)
+                    write_via_temporary(target / name,
+                                        lambda tmp, src=Path(folder) / name: shutil.copyfile(src, tmp))
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tokenizer=TOKENIZER_DIR))
 
     @property
@@ -201,9 +233,7 @@ def truncate_metrics(path: str | Path, step: int, key: str = "step") -> int:
         else:
             kept.append(line)
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(line + "\n" for line in kept))
     return dropped
 
 
@@ -216,7 +246,7 @@ def mark_run(run_dir: str | Path) -> None:
     run writes, so a run killed before its first checkpoint is still known as ours)."""
     path = Path(run_dir) / MARKER
     if not path.exists():
-        path.write_text("jaxgpt run directory\n")
+        atomic_write(path, "jaxgpt run directory\n")
 
 
 def is_our_run(run_dir: str | Path) -> bool:
@@ -243,6 +273,43 @@ def check_new_run_dir(out: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------
+# Room for the checkpoints
+
+
+def free_bytes(path: str | Path) -> int:
+    """Free bytes for this user on the filesystem of `path` (or of its nearest existing parent)."""
+    path = Path(path).absolute()
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
+def check_free_space(path: str | Path, checkpoint_bytes: int, keep: int, existing: int = 0) -> str | None:
+    """Before the first step: the run folder's filesystem needs room for `keep + 1`
+    checkpoints of `checkpoint_bytes` (rotation removes the oldest only once the newest is
+    whole), less the `existing` ones already there. Less than that is a warning (returned
+    and printed: the run may end or space be freed first); less than the next single
+    checkpoint is a `UserError`, since the first save would fail."""
+    try:
+        free = free_bytes(path)
+    except OSError:  # a filesystem that does not say: nothing to check against
+        return None
+    needed = max(1, keep + 1 - existing) * checkpoint_bytes
+    if free >= needed:
+        return None
+    gib = lambda b: f"{b / 2**30:.2f} GiB" if b >= 2**27 else f"{b / 2**20:.1f} MiB"
+    if free < checkpoint_bytes:
+        raise UserError(f"{path}: {gib(free)} free, but one checkpoint takes about {gib(checkpoint_bytes)}; free "
+                        "space or choose another --out")
+    msg = (f"{path} has {gib(free)} free, less than the {gib(needed)} that "
+           f"{max(1, keep + 1 - existing)} more checkpoint(s) of about {gib(checkpoint_bytes)} need "
+           f"(train.keep_checkpoints={keep}, plus the one being written); the run stops with a one-line error if the disk fills")
+    warn(msg)
+    return msg
+
+
+# ---------------------------------------------------------------------------------------
 # One run per directory
 
 
@@ -253,36 +320,65 @@ class RunLock:
     no stale lock; a second run on the same directory gets a one-line `UserError`. Only
     process 0 of a multi-process run should take it (`enabled=jax.process_index() == 0`).
     The directory is created if needed (taking the lock is then the run's first write).
+    `release` deletes the file (while still holding the lock; `acquire` checks that the file
+    it locked is still the one at the path), and the directory too when the lock made it
+    and nothing else was written: an error exit leaves nothing behind.
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True):
         self.path = Path(run_dir) / LOCK
         self.enabled = enabled
         self._fd: int | None = None
+        self._made_dir = False
 
     def acquire(self) -> "RunLock":
         if not self.enabled or self._fd is not None:
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not self.path.parent.exists():
+            with disk_full_as("the run directory", self.path.parent):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dir = True
+        while True:
+            with disk_full_as("the run lock", self.path):
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise UserError(f"{self.path.parent} is in use by another run ({holder}); wait for it to "
+                                "finish or choose another --out") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # its holder deleted it as we opened it: lock the new one
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise UserError(f"{self.path.parent} is in use by another run ({holder}); wait for it to "
-                            "finish or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+            os.ftruncate(fd, 0)
+            with disk_full_as("the run lock", self.path):
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except BaseException:
+            self._fd = fd
+            self.release()
+            raise
         self._fd = fd
         return self
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+            try:
+                self.path.unlink(missing_ok=True)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
+            if self._made_dir:
+                try:
+                    self.path.parent.rmdir()  # only when empty: the lock was all this run wrote
+                except OSError:
+                    pass
 
     def __enter__(self) -> "RunLock":
         return self.acquire()

@@ -14,14 +14,25 @@ use the newest intact one instead; with none intact they raise a one-line `UserE
 Steps saved before manifests existed are trusted if they load. A resumed run moves the
 damaged steps to `RUN/corrupt-checkpoints/`, so its next save at that step is not skipped
 and `keep_checkpoints` never rotates the intact step out in favour of a damaged one.
+
+Rotation (`keep_checkpoints`) is done here, not by Orbax, and only once the new step's
+manifest is written: an old step is first renamed into `checkpoints/.deleting/` (atomic)
+and only then removed, so a kill during rotation never leaves a half-deleted step that
+looks like a checkpoint. A save that fails (a full disk, an error) removes what it wrote of
+its step; a full disk is one `DiskFull` line. `tidy` (at every --resume) removes what a
+killed save or rotation left (`*.orbax-checkpoint-tmp*`, `.deleting/`) and moves steps that
+are structurally incomplete (empty, `state` without `meta`, files of the manifest missing:
+runs of older versions, or a hand-deleted file) to `RUN/corrupt-checkpoints/`, with one line.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import contextlib
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -33,44 +44,130 @@ import orbax.checkpoint as ocp
 
 from jaxgpt.config import Config, load_config, read_yaml, with_local_paths
 from jaxgpt.errors import UserError
+from jaxgpt.io.files import atomic_write, disk_full_as, is_disk_full
 
 CHECKPOINT_DIR = "checkpoints"
 CORRUPT_DIR = "corrupt-checkpoints"
 CONFIG_FILE = "config.yaml"
 MANIFEST = "manifest.json"
+TRASH_DIR = ".deleting"  # under checkpoints/: steps being removed (renamed here first, then deleted)
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step (or item) still being written
 
 
-def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = False) -> ocp.CheckpointManager:
+class RunCheckpoints(ocp.CheckpointManager):
+    """Orbax's manager of `RUN/checkpoints`, keeping `keep` steps (rotated by `save`)."""
+
+    keep: int | None = None
+
+
+def checkpoint_manager(run_dir: str | Path, keep: int = 2, read_only: bool = False) -> RunCheckpoints:
     if read_only:
         options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
-    else:
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    else:  # no max_to_keep: `save` rotates, after the manifest, through TRASH_DIR
+        options = ocp.CheckpointManagerOptions(create=True, todelete_subdir=TRASH_DIR)
     # Orbax warns on every read-only manager that the directory is read-only; that is the point.
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(logging.ERROR)
     try:
-        return ocp.CheckpointManager(
+        manager = RunCheckpoints(
             Path(run_dir).absolute() / CHECKPOINT_DIR,
             options=options,
             item_handlers={"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
         )
     finally:
         absl_logger.setLevel(level)
+    manager.keep = None if read_only else keep
+    return manager
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> None:
-    """Save host-side `state` (a pytree of arrays) and JSON-able `meta` at `step`, wait, and
-    then (process 0 only: every process's files are in place once Orbax has committed the
-    step) record the step's files in its manifest."""
-    manager.save(
-        step,
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
-    manager.wait_until_finished()
-    if jax.process_index() == 0:
-        write_manifest(Path(str(manager.directory)) / str(step), step)
+    """Save host-side `state` (a pytree of arrays) and JSON-able `meta` at `step`, wait, then
+    (process 0 only: every process's files are in place once Orbax has committed the step)
+    record the step's files in its manifest, and only then rotate out the steps beyond the
+    manager's `keep`. On failure what was written of `step` is removed (so a step without a
+    manifest is never left by this code) and a full disk raises `DiskFull`."""
+    directory = Path(str(manager.directory))
+    what = f"checkpoint step {step}"
+    with _quiet_disk_full_logs(), disk_full_as(what, directory / str(step)):
+        # A failure here may leave Orbax's threads writing the step: what they leave is
+        # `tidy`'s, at the next --resume.
+        manager.save(
+            step,
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+            force=True,
+        )
+    try:
+        with _quiet_disk_full_logs(), disk_full_as(what, directory / str(step)):
+            manager.wait_until_finished()  # Orbax's writes are over once this returns or raises
+            if jax.process_index() == 0:
+                write_manifest(directory / str(step), step)
+    except BaseException as e:
+        # A multi-process failure other than a full disk is a peer's death: its writes may go
+        # on, so the step is left to `tidy` rather than pulled from under them.
+        if jax.process_index() == 0 and (jax.process_count() == 1 or is_disk_full(e)):
+            _remove_partial(directory, step)
+            with contextlib.suppress(Exception):
+                manager.reload()
+        raise
+    keep = getattr(manager, "keep", None)
+    if keep:
+        for old in sorted(manager.all_steps())[:-keep]:
+            manager.delete(old)  # renamed into TRASH_DIR by process 0, then a barrier
+        if jax.process_index() == 0:
+            _empty_trash(directory)
+
+
+def _remove_partial(directory: Path, step: int) -> None:
+    """What a failed save of `step` left: Orbax's temporary folder, or the committed step
+    whose manifest could not be written (never trusted as a checkpoint)."""
+    for tmp in directory.glob(f"{step}{ORBAX_TMP}*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    step_dir = directory / str(step)
+    if step_dir.is_dir() and not (step_dir / MANIFEST).is_file():
+        _discard(step_dir)
+
+
+def _discard(path: Path) -> None:
+    """Rename `path` into the trash (atomic: it stops looking like a step at once), then
+    delete it; a kill in between leaves only the trash, which `tidy` empties."""
+    trash = path.parent / TRASH_DIR
+    trash.mkdir(exist_ok=True)
+    os.replace(path, trash / f"{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    _empty_trash(path.parent)
+
+
+def _empty_trash(directory: Path) -> None:
+    trash = directory / TRASH_DIR
+    if trash.is_dir():
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+class _DropDiskFull(logging.Filter):
+    """Orbax logs every failed async write with a traceback (hundreds of lines for one full
+    disk); the error itself reaches `save`, which says it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if record.exc_info and record.exc_info[1] is not None:
+            return not (is_disk_full(record.exc_info[1]) or is_disk_full(ValueError(text)))
+        return not is_disk_full(ValueError(text))
+
+
+@contextlib.contextmanager
+def _quiet_disk_full_logs():
+    logger, dropped = logging.getLogger("absl"), _DropDiskFull()
+    logger.addFilter(dropped)
+    try:
+        yield
+    finally:
+        logger.removeFilter(dropped)
+
+
+def estimated_size(state: Any) -> int:
+    """Bytes a checkpoint of `state` takes (its arrays' global sizes; Orbax does not compress)."""
+    return int(sum(np.dtype(x.dtype).itemsize * int(np.prod(np.shape(x)))
+                   for x in jax.tree_util.tree_leaves(state) if hasattr(x, "dtype")))
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,14 +188,13 @@ def write_manifest(step_dir: Path, step: int) -> None:
     temporary name and renamed, so a manifest is whole or absent."""
     files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
              for p in _step_files(step_dir)}
-    tmp = step_dir / f".{MANIFEST}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"format": 1, "step": step, "files": files}, indent=1))
-    os.replace(tmp, step_dir / MANIFEST)
+    atomic_write(step_dir / MANIFEST, json.dumps({"format": 1, "step": step, "files": files}, indent=1),
+                 what=f"the manifest of checkpoint step {step}")
 
 
-def verify_step(step_dir: Path) -> str | None:
+def verify_step(step_dir: Path, hashes: bool = True) -> str | None:
     """None if the step's files match its manifest (or it has none: saved before manifests),
-    else what is wrong, in a few words."""
+    else what is wrong, in a few words; `hashes=False` checks only presence and sizes."""
     path = step_dir / MANIFEST
     if not path.exists():
         return None
@@ -113,7 +209,7 @@ def verify_step(step_dir: Path) -> str | None:
         size = p.stat().st_size
         if size != want["size"]:
             return f"{rel} is {size} bytes, {want['size']} when saved"
-    for rel, want in files.items():  # sizes first: they are cheap and catch truncation
+    for rel, want in files.items() if hashes else ():  # sizes first: they are cheap and catch truncation
         if _sha256(step_dir / rel) != want["sha256"]:
             return f"{rel} does not match its sha256"
     return None
@@ -209,12 +305,79 @@ def _quarantine(run_dir: Path, steps: list[int]) -> None:
         multihost_utils.sync_global_devices("jaxgpt-checkpoint-quarantine")
 
 
+def _incomplete(step_dir: Path) -> str | None:
+    """Why a step folder is structurally not a checkpoint (what a cut-short deletion or copy
+    leaves), or None. Damage inside files (sizes, hashes) is `verify_step`'s, at restore."""
+    if not any(step_dir.iterdir()):
+        return "it is empty"
+    manifest = step_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            listed = json.loads(manifest.read_text())["files"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None  # an unreadable manifest is damage: restore reports it
+        missing = [rel for rel in listed if not (step_dir / rel).is_file()]
+        return f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") \
+            if missing else None
+    for item in ("state", "meta"):
+        if not (step_dir / item).is_dir():
+            return f"its {item} is missing"
+    return None
+
+
+def _step_dirs(directory: Path) -> list[Path]:
+    return sorted((p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
+
+
+def tidy(run_dir: str | Path) -> None:
+    """Before a resumed run lists its steps (every process calls it; process 0 acts, then all
+    meet): remove Orbax's temporary folders and the trash that a killed save or rotation left,
+    and move structurally incomplete steps (`_incomplete`) to `RUN/corrupt-checkpoints/` with
+    one warning line, so they are never counted as checkpoints (nor by `keep_checkpoints`)."""
+    run_dir = Path(run_dir)
+    directory = run_dir / CHECKPOINT_DIR
+    if jax.process_index() == 0 and directory.is_dir():
+        for p in directory.iterdir():
+            if ORBAX_TMP in p.name:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        _empty_trash(directory)
+        broken = {int(p.name): reason for p in _step_dirs(directory) if (reason := _incomplete(p))}
+        if broken:
+            dest = run_dir / CORRUPT_DIR
+            dest.mkdir(exist_ok=True)
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            for s in broken:
+                os.replace(directory / str(s), dest / f"{s}-{stamp}")
+            what = "; ".join(f"step {s}: {r}" for s, r in broken.items())
+            _warn(f"{len(broken)} incomplete checkpoint folder(s) in {directory} ({what}: a save or deletion was "
+                  f"cut short); moved to {dest}, not used")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("jaxgpt-checkpoint-tidy")
+
+
+def newest_intact_step(run_dir: str | Path) -> int | None:
+    """The newest step that is complete and whose files have their manifest's sizes (no
+    hashing: for messages, e.g. after a full disk); None when there is none."""
+    directory = Path(run_dir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return None
+    for p in reversed(_step_dirs(directory)):
+        if _incomplete(p) is None and verify_step(p, hashes=False) is None:
+            return int(p.name)
+    return None
+
+
 def restore(run_dir: str | Path, target: Any, step: int | None = None, *,
             quarantine: bool = True) -> tuple[Any, dict]:
     """Restore `(state, meta)` of the newest intact step (or exactly `step`); `target` is
     an abstract pytree (from `jax.eval_shape`) giving the structure, shapes and dtypes to
-    restore into. With `quarantine` (resuming), damaged newer steps are moved aside."""
+    restore into. With `quarantine` (resuming), the checkpoints are first tidied (`tidy`) and
+    damaged newer steps are moved aside."""
     run_dir = Path(run_dir)
+    if quarantine:
+        tidy(run_dir)
     # Abstract leaves keep their sharding (a mesh restores shard by shard, never gathered).
     abstract = jax.tree_util.tree_map(
         lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else jax.ShapeDtypeStruct(np.shape(x), x.dtype), target)

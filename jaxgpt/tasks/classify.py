@@ -35,6 +35,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.train.losses import classification_loss_fn, last_token
 from jaxgpt.tasks import common, default_config
 from jaxgpt.tasks.common import SplitTask, TaskConfig
+from jaxgpt.io.files import atomic_write
 
 DEFAULT_CONFIG = default_config("classify")
 LABELS_FILE = "labels.json"
@@ -71,8 +72,8 @@ class Classify(SplitTask):
 
     def created(self) -> None:
         if is_main_process() and not self.run.resume:
-            (self.run.path / LABELS_FILE).write_text(
-                json.dumps({"labels": self.data.labels, "max_length": self.data.max_length}) + "\n")
+            atomic_write(self.run.path / LABELS_FILE,
+                         json.dumps({"labels": self.data.labels, "max_length": self.data.max_length}) + "\n")
 
     def loss_fn(self, model):
         return classification_loss_fn(model)

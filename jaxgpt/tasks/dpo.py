@@ -44,6 +44,7 @@ from jaxgpt.train.preference_losses import dpo_loss_fn, reference_fn
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import PAIR_PLOTS, SplitTask, TaskConfig
 from jaxgpt.tasks.reward import Reward
+from jaxgpt.io.files import atomic_write, write_via_temporary
 
 DEFAULT_CONFIG = default_config("dpo")
 REFERENCE_FILE = "reference_logprobs.npz"
@@ -116,7 +117,11 @@ def precompute_reference(dp, ref_model, ref_params, data: PreferenceData, batch_
 
 
 def _save_reference(path: Path, ref: dict) -> None:
-    np.savez(path, **{f"{split}/{k}": v for split, cols in ref.items() for k, v in cols.items()})
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **{f"{split}/{k}": v for split, cols in ref.items() for k, v in cols.items()})
+
+    write_via_temporary(path, write)
 
 
 def _load_reference(path: Path, data: PreferenceData) -> dict:
@@ -201,7 +206,7 @@ class DPO(SplitTask):
     def created(self) -> None:
         if is_main_process() and not self.run.resume:
             _save_reference(self.run.path / REFERENCE_FILE, self.ref)
-            (self.run.path / RESPONSES_FILE).write_text(json.dumps(
+            atomic_write(self.run.path / RESPONSES_FILE, json.dumps(
                 [{**r, "response_before": b} for r, b in zip(self.shown, self.responses_before)], indent=1))
 
     def loss_fn(self, model):
@@ -226,8 +231,8 @@ class DPO(SplitTask):
     def write_outputs(self, loop, summary: dict) -> None:
         path = self.run.path / RESPONSES_FILE
         shown = json.loads(path.read_text()) if path.is_file() else self.shown
-        path.write_text(json.dumps([{**r, "response_after": a} for r, a in zip(shown, self.responses_after)],
-                                   indent=1) + "\n")
+        atomic_write(path, json.dumps([{**r, "response_after": a} for r, a in zip(shown, self.responses_after)],
+                                      indent=1) + "\n")
 
 
 RECIPE = DPO

@@ -40,6 +40,7 @@ from jaxgpt.rl.prompt_sets import load_task_data, token_newlines
 from jaxgpt.rl.rollout import completion_logprobs, completion_texts, rollout
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import TaskConfig
+from jaxgpt.io.files import atomic_write
 
 DEFAULT_CONFIG = default_config("grpo")
 SUPERVISION = ("outcome", "process", "auto")
@@ -212,10 +213,10 @@ class GRPO(RLTask):
         return f"eval accuracy {s['eval_accuracy_before']:.4f} -> {s['eval_accuracy_after']:.4f}"
 
     def write_outputs(self, loop, summary: dict) -> None:
-        with (self.run.path / "eval_samples.jsonl").open("w") as f:
-            for p, text in zip(self.data.problems["eval"], self.eval_texts):
-                f.write(json.dumps({"question": p.question, "answer": p.answer, "completion": text,
-                                    "reward": self.data.task.reward(text, p)}) + "\n")
+        atomic_write(self.run.path / "eval_samples.jsonl", "".join(
+            json.dumps({"question": p.question, "answer": p.answer, "completion": text,
+                        "reward": self.data.task.reward(text, p)}) + "\n"
+            for p, text in zip(self.data.problems["eval"], self.eval_texts)))
 
 
 RECIPE = GRPO

@@ -40,6 +40,7 @@ from jaxgpt.generation.decode import greedy_responses
 from jaxgpt.train.steps import lm_loss_fn
 from jaxgpt.tasks import common, default_config
 from jaxgpt.tasks.common import SplitTask, TaskConfig
+from jaxgpt.io.files import atomic_write
 
 DEFAULT_CONFIG = default_config("instruct")
 RESPONSES_FILE = "responses.json"
@@ -165,7 +166,7 @@ class Instruct(SplitTask):
                 "max_length": self.data.max_length, "mask_prompt": self.data.mask_prompt}
 
     def write_outputs(self, loop, summary: dict) -> None:
-        (self.run.path / RESPONSES_FILE).write_text(json.dumps(self.responses, indent=1, ensure_ascii=False) + "\n")
+        atomic_write(self.run.path / RESPONSES_FILE, json.dumps(self.responses, indent=1, ensure_ascii=False) + "\n")
 
 
 RECIPE = Instruct

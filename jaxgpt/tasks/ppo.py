@@ -38,6 +38,7 @@ from jaxgpt.rl.rollout import completion_texts, rollout
 from jaxgpt.tasks import default_config
 from jaxgpt.tasks.common import TaskConfig
 from jaxgpt.tasks.reward import load_reward_model
+from jaxgpt.io.files import atomic_write
 
 DEFAULT_CONFIG = default_config("ppo")
 
@@ -217,9 +218,9 @@ class PPO(RLTask):
                 f"eval KL {s['eval_kl']:.3f}")
 
     def write_outputs(self, loop, summary: dict) -> None:
-        with (self.run.path / "eval_samples.jsonl").open("w") as f:
-            for prompt, text, s in zip(self.data["eval_text"], self.eval_texts, self.eval_scores):
-                f.write(json.dumps({"prompt": prompt, "completion": text, "score": s}) + "\n")
+        atomic_write(self.run.path / "eval_samples.jsonl", "".join(
+            json.dumps({"prompt": prompt, "completion": text, "score": s}) + "\n"
+            for prompt, text, s in zip(self.data["eval_text"], self.eval_texts, self.eval_scores)))
 
 
 def advantages(p: PPOSection, scores, logp, ref, values, mask):

@@ -84,8 +84,9 @@ class Pretrain(Recipe):
                 if t.sample_tokens else ""}
 
     def done_line(self, s: dict) -> str:
-        val = "n/a" if s["val_loss"] is None else f"{s['val_loss']:.3f}"
-        return f"train loss {s['train_loss']:.3f} | val loss {val} | {s['tokens_per_sec']:.0f} tokens/s"
+        num = lambda v, fmt: "n/a" if v is None or v != v else format(v, fmt)  # None/NaN: not measured
+        return (f"train loss {num(s['train_loss'], '.3f')} | val loss {num(s['val_loss'], '.3f')} | "
+                f"{num(s['tokens_per_sec'], '.0f')} tokens/s")
 
     def write_outputs(self, loop, summary: dict) -> None:
         if summary["sample"]:
