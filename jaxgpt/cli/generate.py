@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-file", metavar="FILE",
                      help="a UTF-8 text file with one prompt per line (blank lines skipped)")
     src.add_argument("--instruction", metavar="TEXT",
-                     help="ask an instruction-tuned model (finetune.py instruct): the prompt is the model's chat template or the Alpaca "
-                          "prompt of TEXT, and only the response is printed")
+                     help="ask an instruction-tuned model (finetune.py instruct): TEXT in the model's chat "
+                          "template (else the Alpaca prompt); only the response is printed")
     src.add_argument("--input", metavar="TEXT", default="",
                      help="the instruction's input (optional; with --instruction)")
     smp = parser.add_argument_group("sampling")

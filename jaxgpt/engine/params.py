@@ -65,7 +65,8 @@ def graft(fresh, loaded, source: str, *, consume: bool = False):
                 raise UserError(f"--init {source}: {name} is {list(np.shape(got))}, this model expects {list(leaf.shape)}")
         else:  # where the fresh leaf is (a mesh: its shards), never whole on one device first
             host = np.asarray(jax.device_get(got), leaf.dtype)
-            out[path] = jax.device_put(host, leaf.sharding) if isinstance(leaf, jax.Array) else jnp.asarray(host)
+            out[path] = (jax.make_array_from_callback(host.shape, leaf.sharding, lambda index, h=host: h[index])
+                         if isinstance(leaf, jax.Array) else jnp.asarray(host))
     return traverse_util.unflatten_dict(out)
 
 
