@@ -1,4 +1,5 @@
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -212,7 +213,7 @@ def test_rotation_cut_short_leaves_no_step_that_looks_whole(three_steps, tmp_pat
     base, states, cfg = three_steps
     run = _copy(base, tmp_path)
     manager = checkpoint.checkpoint_manager(run, keep=2)
-    real_rmtree = checkpoint.shutil.rmtree
+    real_rmtree = shutil.rmtree
     order = []
 
     def killed(path, *a, **k):
@@ -224,10 +225,10 @@ def test_rotation_cut_short_leaves_no_step_that_looks_whole(three_steps, tmp_pat
 
     real_manifest = checkpoint.write_manifest
     monkeypatch.setattr(checkpoint, "write_manifest", lambda d, s: (order.append(("manifest", s)), real_manifest(d, s)))
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", killed)
+    monkeypatch.setattr(shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
         checkpoint.save(manager, 4, states[3], {"step": 4})
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", real_rmtree)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
     assert order[0] == ("manifest", 4) and order[1] == ("rmtree", ".deleting")
     assert checkpoint.all_steps(run) == [3, 4] and (run / "checkpoints" / ".deleting").is_dir()
     assert checkpoint.restore(run, _state(cfg))[1] == {"step": 4}  # tidies first

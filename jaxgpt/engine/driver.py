@@ -39,7 +39,6 @@ from jaxgpt.train.optim import lr_schedule, make_optimizer
 from jaxgpt.parallel import layout_for
 from jaxgpt.engine.rundir import (RunDir, RunLock, check_free_space, default_out_dir, is_main_process, log,
                                   truncate_metrics)
-from jaxgpt.errors import UserError
 from jaxgpt.io.files import DiskFull, disk_full_reason, is_disk_full
 from jaxgpt.parallel.distributed import is_multiprocess, set_run, stop_sync
 from jaxgpt.train.steps import TrainState, create_train_state, eval_step, train_step

@@ -26,14 +26,10 @@ runs of older versions, or a hand-deleted file) to `RUN/corrupt-checkpoints/`, w
 """
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import contextlib
+import dataclasses
 import logging
 import os
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -44,14 +40,13 @@ import orbax.checkpoint as ocp
 
 from jaxgpt.config import Config, load_config, read_yaml, with_local_paths
 from jaxgpt.errors import UserError
-from jaxgpt.io.files import atomic_write, disk_full_as, is_disk_full
+from jaxgpt.io.files import disk_full_as, is_disk_full
 
-CHECKPOINT_DIR = "checkpoints"
-CORRUPT_DIR = "corrupt-checkpoints"
+from jaxgpt.io.step_files import (CHECKPOINT_DIR, CORRUPT_DIR, TRASH_DIR, empty_trash, remove_partial, verify_step,
+                                  warn, write_manifest)
+from jaxgpt.io.step_files import newest_intact_step, tidy  # noqa: F401  (the run's checkpoints, as callers know them)
+
 CONFIG_FILE = "config.yaml"
-MANIFEST = "manifest.json"
-TRASH_DIR = ".deleting"  # under checkpoints/: steps being removed (renamed here first, then deleted)
-ORBAX_TMP = ".orbax-checkpoint-tmp"  # Orbax's suffix for a step (or item) still being written
 
 
 class RunCheckpoints(ocp.CheckpointManager):
@@ -106,7 +101,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
         # A multi-process failure other than a full disk is a peer's death: its writes may go
         # on, so the step is left to `tidy` rather than pulled from under them.
         if jax.process_index() == 0 and (jax.process_count() == 1 or is_disk_full(e)):
-            _remove_partial(directory, step)
+            remove_partial(directory, step)
             with contextlib.suppress(Exception):
                 manager.reload()
         raise
@@ -115,32 +110,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
         for old in sorted(manager.all_steps())[:-keep]:
             manager.delete(old)  # renamed into TRASH_DIR by process 0, then a barrier
         if jax.process_index() == 0:
-            _empty_trash(directory)
-
-
-def _remove_partial(directory: Path, step: int) -> None:
-    """What a failed save of `step` left: Orbax's temporary folder, or the committed step
-    whose manifest could not be written (never trusted as a checkpoint)."""
-    for tmp in directory.glob(f"{step}{ORBAX_TMP}*"):
-        shutil.rmtree(tmp, ignore_errors=True)
-    step_dir = directory / str(step)
-    if step_dir.is_dir() and not (step_dir / MANIFEST).is_file():
-        _discard(step_dir)
-
-
-def _discard(path: Path) -> None:
-    """Rename `path` into the trash (atomic: it stops looking like a step at once), then
-    delete it; a kill in between leaves only the trash, which `tidy` empties."""
-    trash = path.parent / TRASH_DIR
-    trash.mkdir(exist_ok=True)
-    os.replace(path, trash / f"{path.name}-{os.getpid()}-{time.monotonic_ns()}")
-    _empty_trash(path.parent)
-
-
-def _empty_trash(directory: Path) -> None:
-    trash = directory / TRASH_DIR
-    if trash.is_dir():
-        shutil.rmtree(trash, ignore_errors=True)
+            empty_trash(directory)
 
 
 class _DropDiskFull(logging.Filter):
@@ -171,51 +141,6 @@ def estimated_size(state: Any) -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Manifests
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _step_files(step_dir: Path) -> list[Path]:
-    return sorted(p for p in step_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-
-
-def write_manifest(step_dir: Path, step: int) -> None:
-    """`step_dir/manifest.json`: {relative path: {size, sha256}} of every file, written to a
-    temporary name and renamed, so a manifest is whole or absent."""
-    files = {p.relative_to(step_dir).as_posix(): {"size": p.stat().st_size, "sha256": _sha256(p)}
-             for p in _step_files(step_dir)}
-    atomic_write(step_dir / MANIFEST, json.dumps({"format": 1, "step": step, "files": files}, indent=1),
-                 what=f"the manifest of checkpoint step {step}")
-
-
-def verify_step(step_dir: Path, hashes: bool = True) -> str | None:
-    """None if the step's files match its manifest (or it has none: saved before manifests),
-    else what is wrong, in a few words; `hashes=False` checks only presence and sizes."""
-    path = step_dir / MANIFEST
-    if not path.exists():
-        return None
-    try:
-        files = json.loads(path.read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"its {MANIFEST} is unreadable"
-    for rel, want in files.items():
-        p = step_dir / rel
-        if not p.is_file():
-            return f"{rel} is missing"
-        size = p.stat().st_size
-        if size != want["size"]:
-            return f"{rel} is {size} bytes, {want['size']} when saved"
-    for rel, want in files.items() if hashes else ():  # sizes first: they are cheap and catch truncation
-        if _sha256(step_dir / rel) != want["sha256"]:
-            return f"{rel} does not match its sha256"
-    return None
-
-
-# ---------------------------------------------------------------------------------------
 # Finding and restoring the newest intact step
 
 
@@ -241,13 +166,6 @@ def all_steps(run_dir: str | Path) -> list[int]:
         return sorted(manager.all_steps())
     finally:
         manager.close()
-
-
-def _warn(msg: str) -> None:
-    if jax.process_index() == 0:
-        from tqdm.auto import tqdm
-
-        tqdm.write(f"warning: {msg}", file=sys.stderr)
 
 
 def _newest_intact(run_dir: Path, load: Callable[[ocp.CheckpointManager, int], Any],
@@ -283,7 +201,7 @@ def _report(run_dir: Path, used: int, damaged: dict[int, str], quarantine: bool)
     if damaged:
         newest = max(damaged)
         moved = f"; moved the damaged step(s) to {run_dir / CORRUPT_DIR}" if quarantine else ""
-        _warn(f"checkpoint {newest} of {run_dir} is damaged ({damaged[newest]}); using step {used} instead{moved}")
+        warn(f"checkpoint {newest} of {run_dir} is damaged ({damaged[newest]}); using step {used} instead{moved}")
     if quarantine:
         _quarantine(run_dir, [s for s in damaged if s > used])
 
@@ -303,70 +221,6 @@ def _quarantine(run_dir: Path, steps: list[int]) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("jaxgpt-checkpoint-quarantine")
-
-
-def _incomplete(step_dir: Path) -> str | None:
-    """Why a step folder is structurally not a checkpoint (what a cut-short deletion or copy
-    leaves), or None. Damage inside files (sizes, hashes) is `verify_step`'s, at restore."""
-    if not any(step_dir.iterdir()):
-        return "it is empty"
-    manifest = step_dir / MANIFEST
-    if manifest.is_file():
-        try:
-            listed = json.loads(manifest.read_text())["files"]
-        except (OSError, ValueError, KeyError, TypeError):
-            return None  # an unreadable manifest is damage: restore reports it
-        missing = [rel for rel in listed if not (step_dir / rel).is_file()]
-        return f"{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "") \
-            if missing else None
-    for item in ("state", "meta"):
-        if not (step_dir / item).is_dir():
-            return f"its {item} is missing"
-    return None
-
-
-def _step_dirs(directory: Path) -> list[Path]:
-    return sorted((p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()), key=lambda p: int(p.name))
-
-
-def tidy(run_dir: str | Path) -> None:
-    """Before a resumed run lists its steps (every process calls it; process 0 acts, then all
-    meet): remove Orbax's temporary folders and the trash that a killed save or rotation left,
-    and move structurally incomplete steps (`_incomplete`) to `RUN/corrupt-checkpoints/` with
-    one warning line, so they are never counted as checkpoints (nor by `keep_checkpoints`)."""
-    run_dir = Path(run_dir)
-    directory = run_dir / CHECKPOINT_DIR
-    if jax.process_index() == 0 and directory.is_dir():
-        for p in directory.iterdir():
-            if ORBAX_TMP in p.name:
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        _empty_trash(directory)
-        broken = {int(p.name): reason for p in _step_dirs(directory) if (reason := _incomplete(p))}
-        if broken:
-            dest = run_dir / CORRUPT_DIR
-            dest.mkdir(exist_ok=True)
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            for s in broken:
-                os.replace(directory / str(s), dest / f"{s}-{stamp}")
-            what = "; ".join(f"step {s}: {r}" for s, r in broken.items())
-            _warn(f"{len(broken)} incomplete checkpoint folder(s) in {directory} ({what}: a save or deletion was "
-                  f"cut short); moved to {dest}, not used")
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("jaxgpt-checkpoint-tidy")
-
-
-def newest_intact_step(run_dir: str | Path) -> int | None:
-    """The newest step that is complete and whose files have their manifest's sizes (no
-    hashing: for messages, e.g. after a full disk); None when there is none."""
-    directory = Path(run_dir) / CHECKPOINT_DIR
-    if not directory.is_dir():
-        return None
-    for p in reversed(_step_dirs(directory)):
-        if _incomplete(p) is None and verify_step(p, hashes=False) is None:
-            return int(p.name)
-    return None
 
 
 def restore(run_dir: str | Path, target: Any, step: int | None = None, *,

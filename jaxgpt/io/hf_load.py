@@ -119,7 +119,7 @@ def convert_tensors(
     family = family_of(config)
     target = target or family.hf_target
     expected = traverse_util.flatten_dict(param_shapes(config))
-    out: dict[tuple[str, ...], jax.Array] = {}
+    out: dict[tuple[str, ...], Any] = {}
     tied_head: np.ndarray | None = None
     for t in tensors:
         tgt = target(t.name)

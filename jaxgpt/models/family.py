@@ -19,7 +19,6 @@ Parameter names are the checkpoint's own (GPT-2: `wte`, `h_0/attn/c_attn`; Llama
 """
 from __future__ import annotations
 
-import math
 import re
 from typing import Any, ClassVar, Mapping, NamedTuple
 
@@ -167,12 +166,6 @@ class Family:
         import transformers
 
         return getattr(transformers, self.hf_architecture)(self.torch_config(config, attn_implementation)).to(torch.float32)
-
-    def num_params(self, config, **attrs) -> int:
-        """Parameter count (from shapes; HF counts a tied head once, as this does)."""
-        import jax
-
-        return sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(self.param_shapes(config, **attrs)))
 
 
 def hf_shape(hf: Mapping[str, Any], keys: tuple[str, ...], where: str, *, required: bool = True) -> int | None:

@@ -24,7 +24,6 @@ from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxgpt.errors import UserError
 from jaxgpt.models.family import Family, Target, hf_shape
