@@ -194,7 +194,7 @@ def test_process_advantages_by_hand():
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.context_length=64",
         "rollout.prompts_per_step=4", "grpo.group_size=4", "rollout.minibatches=2", "rollout.max_new_tokens=12",
         "rollout.eval_batch_size=8", "data.eval_size=8", "train.max_steps=4", "train.eval_interval=2",
-        "train.log_interval=1", "train.lr=1e-3"]
+        "train.log_interval=1", "train.lr=1e-3", "data.eval_samples=0"]
 
 
 def _finetune(argv):
@@ -221,21 +221,27 @@ def varied_rewards(monkeypatch):
 
 
 def test_grpo_command_on_4_devices_and_run_dir(tmp_path, monkeypatch, varied_rewards):
-    """Random init (no --init), the default task, pmapped updates over 4 devices."""
-    from jaxgpt.rl import common
+    """Random init (no --init), the default task, pmapped updates over 4 devices; kl_ref
+    logged on request (grpo.log_kl), pass@1..2 before and after."""
+    from jaxgpt.rl import evaluation
 
-    evals = []
-    generate_all = common.generate_all
-    monkeypatch.setattr(common, "generate_all", lambda *a, **k: evals.append(1) or generate_all(*a, **k))
-    assert _finetune(_argv(tmp_path / "run")) == 0
-    assert len(evals) == 3  # before, iteration 2, iteration 4: the summary reuses the last one
+    calls = []
+    sample = evaluation.sample_completions
+    monkeypatch.setattr(evaluation, "sample_completions", lambda *a, **k: calls.append(k["samples"]) or sample(*a, **k))
+    assert _finetune(_argv(tmp_path / "run", ["grpo.log_kl=true", "data.eval_samples=2"])) == 0
+    assert calls == [1, 2, 1, 1, 2]  # greedy + sampled before; greedy at 2 and 4 (the summary reuses it); sampled after
     run = tmp_path / "run"
-    assert {"config.yaml", "metrics.jsonl", "metrics.json", "reward.png", "kl.png", "eval_samples.jsonl",
-            "checkpoints"} <= {p.name for p in run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "metrics.json", "reward.png", "kl.png", "length.png",
+            "eval_samples.jsonl", "checkpoints"} <= {p.name for p in run.iterdir()}
     summary = json.loads((run / "metrics.json").read_text())
     for key in ("eval_accuracy_before", "eval_accuracy_after", "eval_format_rate_after", "rollout_tokens_per_sec",
-                "seconds_per_iteration", "kl"):  # kl: the last logged kl_ref
-        assert summary[key] is not None, key
+                "seconds_per_iteration", "kl", "eval_completion_len_after", "eval_sample_accuracy_before"):
+        assert summary[key] is not None, key  # kl: the last logged kl_ref
+    for when in ("before", "after"):
+        pass_at = summary[f"eval_pass_at_k_{when}"]
+        assert set(pass_at) == {"1", "2"} and 0 <= pass_at["1"] <= pass_at["2"] <= 1
+        assert pass_at["1"] == pytest.approx(summary[f"eval_sample_accuracy_{when}"])
+    assert summary["loss_type"] == "grpo" and summary["grpo_settings"]["loss_agg"] == "sequence"
     assert summary["iteration"] == 4 and summary["step"] == 4 * 2 and summary["task"] == "arithmetic"
     assert summary["num_prompts"]["eval"] == 8
     for key in ("eval_step_accuracy_before", "eval_step_accuracy_after"):  # the fixture's 2 step rewards
@@ -262,7 +268,7 @@ def test_on_policy_run_matches_a_run_that_rescores(tmp_path, monkeypatch, varied
     from jaxgpt.tasks.grpo import DEFAULT_CONFIG, GRPOConfig, finetune_grpo
 
     extra = ["train.num_devices=1", "rollout.minibatches=1", "rollout.temperature=0.5", "train.max_steps=2",
-             "train.log_interval=2", "train.eval_interval=2"]
+             "train.log_interval=2", "train.eval_interval=2", "grpo.log_kl=true"]
     cfg = load_config(DEFAULT_CONFIG, TINY + extra, cls=GRPOConfig)
     finetune_grpo(cfg, tmp_path / "on")
     monkeypatch.setattr(grpo, "is_on_policy", lambda r: False)
