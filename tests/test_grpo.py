@@ -318,6 +318,14 @@ def test_grpo_lora_resume_matches_a_straight_run(tmp_path, varied_rewards):
         (["--set", "grpo.supervision=steps"], "grpo.supervision must be one of"),
         (["--set", "grpo.clip_eps=0"], "grpo.clip_eps must be > 0"),
         (["--set", "grpo.kl_beta=-0.1"], "grpo.kl_beta must be >= 0"),
+        (["--set", "grpo.loss_type=ppo"], "grpo.loss_type must be one of"),
+        (["--set", "grpo.clip_eps_high=0.1"], "grpo.clip_eps_high (0.1) must be >= grpo.clip_eps (0.2)"),
+        (["--set", "grpo.loss_type=gspo", "--set", "grpo.clip_eps=0.01"], "must be >= grpo.clip_eps (0.01)"),
+        (["--set", "grpo.scale_rewards=std"], "grpo.scale_rewards must be one of"),
+        (["--set", "grpo.ratio_level=word"], "grpo.ratio_level must be one of"),
+        (["--set", "grpo.overlong=cut"], "grpo.overlong must be one of"),
+        (["--set", "data.eval_temperature=0"], "data.eval_temperature must be > 0"),
+        (["--task", "gsm8k", "--data", "{tmp}/unparsable.jsonl"], "record 1: the answer field has no final answer"),
         (["--set", "rollout.temperature=0"], "rollout.temperature must be > 0"),
         (["--set", "rollout.minibatches=3"], "do not split into rollout.minibatches=3"),
         (["--set", "rollout.minibatches=8"], "divisible by devices x train.grad_accum_steps"),
@@ -333,6 +341,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
     (tmp_path / "q.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "noanswer.jsonl").write_text('{"question": "What?"}\n')
+    (tmp_path / "unparsable.jsonl").write_text('{"question": "How many?", "answer": "Four of them."}\n')
     argv = _argv(tmp_path / "run") if "--resume" not in extra else ["grpo"]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in extra]
     capsys.readouterr()
