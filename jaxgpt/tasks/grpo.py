@@ -1,23 +1,28 @@
-"""`finetune.py grpo`: GRPO with verifiable rewards (`jaxgpt.rl.tasks`: arithmetic, gsm8k).
+"""`finetune.py grpo`: the GRPO family with verifiable rewards (`jaxgpt.rl.tasks`: arithmetic, gsm8k).
 
 Each iteration takes `rollout.prompts_per_step` problems of the task's RL split, samples
 `grpo.group_size` completions of each (one jitted call, `jaxgpt.rl.rollout`), rewards each
-completion 1/0 by the task's strict verifier, turns rewards into group-normalised
-advantages, scores the completions under the frozen reference model, and makes
-`rollout.inner_epochs x rollout.minibatches` updates with the clipped GRPO loss
-(`jaxgpt.rl.grpo`) through the shared, pmapped train step. Prompts are the Alpaca format
+completion by the task's verifier (strict for arithmetic, the math verifier for gsm8k),
+turns rewards into group-relative advantages and makes `rollout.inner_epochs x
+rollout.minibatches` updates with the variant's loss (`grpo.loss_type`: grpo, dr_grpo,
+dapo, gspo, cispo; `jaxgpt.rl.grpo_variants` resolves the knobs, `jaxgpt.rl.grpo` has the
+math) through the shared, pmapped train step. Dynamic sampling and overlong shaping are in
+`jaxgpt.rl.grpo_experience`. The frozen reference model is kept and scored only when
+`grpo.kl_beta > 0` or `grpo.log_kl`. Prompts are the Alpaca format
 (`jaxgpt.text.prompts.format_prompt`, instruction = the question), as in `finetune.py instruct
 --task NAME`, whose run is the usual `--init`.
 
-Evaluation: greedy accuracy on the task's held-out eval split before training
-(`eval_accuracy_before`), at every eval point, and at the end (`eval_accuracy_after`).
-Run directory: config.yaml, metrics.jsonl (per logged iteration: reward, accuracy of the
-sampled completions, format rate, completion length, loss, clip_frac, kl_ref (sequence KL
-to the reference), kl (the loss's k3, when grpo.kl_beta > 0), ratio, grad_norm, lr,
-rollout tokens/s, timings; eval_* at eval points, with
-eval_step_accuracy for arithmetic: the fraction of eval completions whose worked line i is
-exactly right (`step_rewards`), then the answer, so a run shows which step RL improved),
-metrics.json, reward.png, kl.png, eval_samples.jsonl (the final greedy completions), checkpoints/.
+Evaluation (`jaxgpt.rl.evaluation`, the same as `python -m jaxgpt evaluate`): greedy accuracy,
+format rate, completion length (and per-line accuracy for arithmetic) on the held-out split
+before training, at every eval point and at the end; with `data.eval_samples` K > 0, pass@1..K
+of K samples a problem before and after (`eval_pass_at_k_before` / `_after`).
+Run directory: config.yaml, metrics.jsonl (per logged iteration: reward, format rate and
+completion length of the sampled completions, truncated_frac, groups_all_correct /
+groups_all_wrong, with dynamic sampling groups_dropped / groups_unfilled / sampling_tries,
+overlong_penalty, loss, pg_loss, clip_frac, ratio, kl (the loss's k3, kl_beta > 0), kl_ref
+(sequence KL to the reference, grpo.log_kl), grad_norm, lr, rollout tokens/s, timings; eval_*
+at eval points), metrics.json, reward.png, length.png, kl.png, eval_samples.jsonl (the final
+greedy completions), checkpoints/.
 """
 from __future__ import annotations
 
