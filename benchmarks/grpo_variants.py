@@ -49,7 +49,7 @@ def table(out: Path, variants: list[str]) -> str:
         records = [json.loads(line) for line in (out / v / "metrics.jsonl").read_text().splitlines()]
         trained = [r for r in records if "reward" in r]
         before, after = s["eval_accuracy_before"], s["eval_accuracy_after"]
-        dropped = s.get("groups_dropped_per_iteration")
+        dropped = s.get("groups_dropped_per_iteration") if s["grpo_settings"]["dynamic_sampling"] else None
         rows.append(f"| `{v}` | {before:.1%} -> {after:.1%} | {100 * (after - before):+.1f} | "
                     f"{s['reward_first']:.2f} -> {s['reward_last']:.2f} | {trained[-1]['completion_len']:.1f} | "
                     f"{'%.1f' % dropped if dropped is not None else '-'} | {s['wall_seconds'] / 60:.1f} min |")

@@ -231,7 +231,7 @@ class GRPO(RLTask):
                 "reward_first": first, "reward_last": last,
                 "kl": next((rec["kl_ref"] for rec in reversed(self.trained) if "kl_ref" in rec), None),
                 "groups_dropped_per_iteration": (float(np.mean([rec.get("groups_dropped", 0.0) for rec in self.trained]))
-                                                 if self.trained else None),
+                                                 if self.trained and s.dynamic_sampling else None),
                 "num_prompts": {"rl": len(self.data.problems["rl"]), "eval": len(self.data.problems["eval"])}}
 
     def done_line(self, s: dict) -> str:
