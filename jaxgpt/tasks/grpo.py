@@ -174,9 +174,8 @@ class GRPO(RLTask):
         from jaxgpt.rl.grpo_experience import sample_groups
 
         cfg, r, s = self.cfg, self.cfg.rollout, self.settings
-        mask_of = lambda out: out["completion_mask"].astype(np.float32)
         batch, out, stats = sample_groups(self, iteration, plain_params(params, cfg))
-        mask = mask_of(out)
+        mask = out["completion_mask"].astype(np.float32)
         # The reference is scored when the loss needs it, else on logged iterations with grpo.log_kl
         # (kl_ref); the tempered policy is rescored for the loss's old log-probs unless on-policy, and for kl_ref.
         logged = (iteration + 1) % cfg.train.log_interval == 0
