@@ -94,7 +94,8 @@ FREE_TEXT = {
 }
 # Strings that must name one of a few choices.
 CHOICES = {"model.dtype", "model.attention", "model.remat_policy", "finetune.train_mode", "rollout.sampler",
-           "grpo.loss_agg", "grpo.supervision", "data.task"}
+           "grpo.loss_agg", "grpo.supervision", "data.task", "grpo.loss_type", "grpo.scale_rewards",
+           "grpo.ratio_level", "grpo.overlong"}
 
 
 def _config_classes():

@@ -197,7 +197,7 @@ def test_process_advantages_by_hand():
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.context_length=64",
         "rollout.prompts_per_step=4", "grpo.group_size=4", "rollout.minibatches=2", "rollout.max_new_tokens=12",
         "rollout.eval_batch_size=8", "data.eval_size=8", "train.max_steps=4", "train.eval_interval=2",
-        "train.log_interval=1", "train.lr=1e-3"]
+        "train.log_interval=1", "train.lr=1e-3", "data.eval_samples=0"]
 
 
 def _finetune(argv):
@@ -224,21 +224,27 @@ def varied_rewards(monkeypatch):
 
 
 def test_grpo_command_on_4_devices_and_run_dir(tmp_path, monkeypatch, varied_rewards):
-    """Random init (no --init), the default task, pmapped updates over 4 devices."""
-    from jaxgpt.rl import common
+    """Random init (no --init), the default task, pmapped updates over 4 devices; kl_ref
+    logged on request (grpo.log_kl), pass@1..2 before and after."""
+    from jaxgpt.rl import evaluation
 
-    evals = []
-    generate_all = common.generate_all
-    monkeypatch.setattr(common, "generate_all", lambda *a, **k: evals.append(1) or generate_all(*a, **k))
-    assert _finetune(_argv(tmp_path / "run")) == 0
-    assert len(evals) == 3  # before, iteration 2, iteration 4: the summary reuses the last one
+    calls = []
+    sample = evaluation.sample_completions
+    monkeypatch.setattr(evaluation, "sample_completions", lambda *a, **k: calls.append(k["samples"]) or sample(*a, **k))
+    assert _finetune(_argv(tmp_path / "run", ["grpo.log_kl=true", "data.eval_samples=2"])) == 0
+    assert calls == [1, 2, 1, 1, 2]  # greedy + sampled before; greedy at 2 and 4 (the summary reuses it); sampled after
     run = tmp_path / "run"
-    assert {"config.yaml", "metrics.jsonl", "metrics.json", "reward.png", "kl.png", "eval_samples.jsonl",
-            "checkpoints"} <= {p.name for p in run.iterdir()}
+    assert {"config.yaml", "metrics.jsonl", "metrics.json", "reward.png", "kl.png", "length.png",
+            "eval_samples.jsonl", "checkpoints"} <= {p.name for p in run.iterdir()}
     summary = json.loads((run / "metrics.json").read_text())
     for key in ("eval_accuracy_before", "eval_accuracy_after", "eval_format_rate_after", "rollout_tokens_per_sec",
-                "seconds_per_iteration", "kl"):  # kl: the last logged kl_ref
-        assert summary[key] is not None, key
+                "seconds_per_iteration", "kl", "eval_completion_len_after", "eval_sample_accuracy_before"):
+        assert summary[key] is not None, key  # kl: the last logged kl_ref
+    for when in ("before", "after"):
+        pass_at = summary[f"eval_pass_at_k_{when}"]
+        assert set(pass_at) == {"1", "2"} and 0 <= pass_at["1"] <= pass_at["2"] <= 1
+        assert pass_at["1"] == pytest.approx(summary[f"eval_sample_accuracy_{when}"])
+    assert summary["loss_type"] == "grpo" and summary["grpo_settings"]["loss_agg"] == "sequence"
     assert summary["iteration"] == 4 and summary["step"] == 4 * 2 and summary["task"] == "arithmetic"
     assert summary["num_prompts"]["eval"] == 8
     for key in ("eval_step_accuracy_before", "eval_step_accuracy_after"):  # the fixture's 2 step rewards
@@ -265,7 +271,7 @@ def test_on_policy_run_matches_a_run_that_rescores(tmp_path, monkeypatch, varied
     from jaxgpt.tasks.grpo import DEFAULT_CONFIG, GRPOConfig, finetune_grpo
 
     extra = ["train.num_devices=1", "rollout.minibatches=1", "rollout.temperature=0.5", "train.max_steps=2",
-             "train.log_interval=2", "train.eval_interval=2"]
+             "train.log_interval=2", "train.eval_interval=2", "grpo.log_kl=true"]
     cfg = load_config(DEFAULT_CONFIG, TINY + extra, cls=GRPOConfig)
     finetune_grpo(cfg, tmp_path / "on")
     monkeypatch.setattr(grpo, "is_on_policy", lambda r: False)
@@ -315,6 +321,14 @@ def test_grpo_lora_resume_matches_a_straight_run(tmp_path, varied_rewards):
         (["--set", "grpo.supervision=steps"], "grpo.supervision must be one of"),
         (["--set", "grpo.clip_eps=0"], "grpo.clip_eps must be > 0"),
         (["--set", "grpo.kl_beta=-0.1"], "grpo.kl_beta must be >= 0"),
+        (["--set", "grpo.loss_type=ppo"], "grpo.loss_type must be one of"),
+        (["--set", "grpo.clip_eps_high=0.1"], "grpo.clip_eps_high (0.1) must be >= grpo.clip_eps (0.2)"),
+        (["--set", "grpo.loss_type=gspo", "--set", "grpo.clip_eps=0.01"], "must be >= grpo.clip_eps (0.01)"),
+        (["--set", "grpo.scale_rewards=std"], "grpo.scale_rewards must be one of"),
+        (["--set", "grpo.ratio_level=word"], "grpo.ratio_level must be one of"),
+        (["--set", "grpo.overlong=cut"], "grpo.overlong must be one of"),
+        (["--set", "data.eval_temperature=0"], "data.eval_temperature must be > 0"),
+        (["--task", "gsm8k", "--data", "{tmp}/unparsable.jsonl"], "record 1: the answer field has no final answer"),
         (["--set", "rollout.temperature=0"], "rollout.temperature must be > 0"),
         (["--set", "rollout.minibatches=3"], "do not split into rollout.minibatches=3"),
         (["--set", "rollout.minibatches=8"], "divisible by devices x train.grad_accum_steps"),
@@ -330,6 +344,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
     (tmp_path / "q.jsonl").write_text('{"question": "q", "answer": "#### 1"}\n')
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "noanswer.jsonl").write_text('{"question": "What?"}\n')
+    (tmp_path / "unparsable.jsonl").write_text('{"question": "How many?", "answer": "Four of them."}\n')
     argv = _argv(tmp_path / "run") if "--resume" not in extra else ["grpo"]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in extra]
     capsys.readouterr()

@@ -171,7 +171,7 @@ def test_gsm8k_bundled_and_files(tmp_path):
         ('{"question": "q"}\n', "line 1 has no answer field 'answer'"),
         ('{"answer": "#### 4"}\n', "line 1 has no question field 'question'"),
         ('{"question": "q", "answer": "#### 4"}\n{"question": "q2", "answer": "4"}\n',
-         "record 2: the answer field does not end in exactly one '#### NUMBER' line"),
+         "record 2: the answer field has no final answer"),
         ('{"question": "q", "answer": "#### 4"}\n{"question": \n', "line 2 is not valid JSON"),
     ],
 )

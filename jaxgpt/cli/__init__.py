@@ -10,4 +10,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("jaxgpt.cli.export", "write weights as a Hugging Face folder (config.json + model.safetensors)"),
     "classify": ("jaxgpt.cli.classify_texts", "label texts with a `finetune.py classify` run"),
     "reward": ("jaxgpt.cli.score_responses", "score responses with a `finetune.py reward` run"),
+    "evaluate": ("jaxgpt.cli.evaluate", "accuracy, pass@k, format rate, length on a verifiable task (arithmetic, gsm8k)"),
 }

@@ -57,6 +57,14 @@ def sampling_kwargs(r: RolloutConfig) -> dict:
             "method": r.sampler}
 
 
+def token_kwargs(tokenizer, model_cfg) -> dict:
+    """What every rollout of a model takes from its tokenizer: the eos that ends a completion,
+    and `vocab_limit` when the embedding has rows the tokenizer never produces (Qwen3: 151,936
+    rows, 151,669 ids), which must never be sampled."""
+    limit = tokenizer.vocab_size if model_cfg.vocab_size > tokenizer.vocab_size else None
+    return {"eos_id": tokenizer.eos_id, "vocab_limit": limit}
+
+
 def prompt_indices(iteration: int, batch: int, n: int, seed: int) -> np.ndarray:
     """Indices of iteration `iteration`'s `batch` prompts among `n`: a fresh seeded
     permutation every pass over the prompts (the incomplete tail of a pass is skipped)."""
@@ -189,4 +197,4 @@ class Timer:
 
 
 __all__ = ["RLTask", "RolloutConfig", "Timer", "generate_all", "plain_params", "prompt_indices",
-           "sampling_kwargs", "take_rows", "validate_rollout"]
+           "sampling_kwargs", "take_rows", "token_kwargs", "validate_rollout"]

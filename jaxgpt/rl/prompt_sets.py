@@ -51,6 +51,24 @@ class TaskData:
     dropped: dict
 
 
+def split_prompts(task, split: str, *, seed: int, size: int, max_prompt_tokens: int, max_new_tokens: int,
+                  context_length: int, name: str, tokenizer: Tokenizer | None = None) -> tuple[list, np.ndarray, np.ndarray, int]:
+    """`(problems, tokens [n, P], mask [n, P], dropped)`: the first `size` (0 = all) problems
+    of a task split as prompts in the model's format (`prompt_format(tokenizer)`: its chat
+    template, else Alpaca), left-padded (`prompt_arrays`), the too-long dropped."""
+    tokenizer = tokenizer or gpt2_tokenizer()
+    probs = task.split(split, seed)
+    if size:
+        probs = probs[:size]
+    if not probs:
+        raise UserError(f"task {name}: the {split} split is empty; give more data")
+    fmt = prompt_format(tokenizer)
+    ids = encode_prompts([fmt.prompt(p.question) for p in probs], tokenizer)
+    tokens, mask, kept = prompt_arrays(ids, max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
+                                       context_length=context_length, what=f"{name} {split}")
+    return [probs[i] for i in kept], tokens, mask, len(probs) - len(kept)
+
+
 def load_task_data(cfg, tokenizer: Tokenizer | None = None) -> TaskData:
     """A GRPO config's task problems, `rl` and `eval` splits, as padded prompts (`tokenizer`:
     the model's; default GPT-2's)."""
@@ -59,17 +77,10 @@ def load_task_data(cfg, tokenizer: Tokenizer | None = None) -> TaskData:
     task = get_task(d.task, d.path)
     problems, tokens, masks, dropped = {}, {}, {}, {}
     for split in ("rl", "eval"):
-        probs = task.split(split, d.seed)
-        if split == "eval" and d.eval_size:
-            probs = probs[: d.eval_size]
-        if not probs:
-            raise UserError(f"task {d.task}: the {split} split is empty; give more data")
-        ids = encode_prompts([prompt_format(tokenizer).prompt(p.question) for p in probs], tokenizer)
-        tokens[split], masks[split], kept = prompt_arrays(
-            ids, max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=cfg.rollout.max_new_tokens,
-            context_length=cfg.model.context_length, what=f"{d.task} {split}")
-        problems[split] = [probs[i] for i in kept]
-        dropped[split] = len(probs) - len(kept)
+        problems[split], tokens[split], masks[split], dropped[split] = split_prompts(
+            task, split, seed=d.seed, size=d.eval_size if split == "eval" else 0,
+            max_prompt_tokens=d.max_prompt_tokens, max_new_tokens=cfg.rollout.max_new_tokens,
+            context_length=cfg.model.context_length, name=d.task, tokenizer=tokenizer)
     warn_if_solutions_cut(problems["rl"], cfg.rollout.max_new_tokens, tokenizer)
     return TaskData(task, problems, tokens, masks, dropped)
 
@@ -114,4 +125,4 @@ def load_prompts(cfg, tokenizer: Tokenizer | None = None) -> dict:
     return out
 
 
-__all__ = ["TaskData", "load_prompts", "load_task_data", "prompt_arrays", "token_newlines", "warn_if_solutions_cut"]
+__all__ = ["TaskData", "load_prompts", "load_task_data", "prompt_arrays", "split_prompts", "token_newlines", "warn_if_solutions_cut"]

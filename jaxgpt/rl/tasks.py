@@ -29,7 +29,13 @@ Arithmetic also has verifiable *process* rewards (`ArithmeticTask.step_rewards`:
 worked line, exact match with the reference line, then the outcome), used by GRPO's
 process supervision (`grpo.supervision`); gsm8k has the outcome reward only.
 
-Answers are checked strictly (`extract_answer`): the completion must contain the task's
+Two verifiers (task option `verifier`): `strict`, arithmetic's default (its published figures
+and its process rewards use it), and `math`, gsm8k's default (`jaxgpt.rl.math_answers`: the
+final answer after `####`, in `\\boxed{}` or after "the answer is", normalised and compared
+for equivalence, with sympy for symbolic answers). A gsm8k reference must have a final
+answer the task's verifier reads, or the file is refused.
+
+The strict verifier (`extract_answer`): the completion must contain the task's
 marker ("Answer:" / "####") exactly once, followed on the same line by one number and
 nothing else: an optional minus sign, digits with optional comma thousands grouping
 ("1,234"; "1,23" is not a number) and an optional decimal part. Two markers (even with the
@@ -132,6 +138,7 @@ class ArithmeticTask:
     val: int = 200
     eval: int = 500
     rl: int = 0
+    verifier: str = "strict"  # strict (one number after "Answer:") | math (jaxgpt.rl.math_answers)
     name: str = "arithmetic"
     marker: str = "Answer:"
 
@@ -153,6 +160,7 @@ class ArithmeticTask:
         for name in ("sft", "val", "eval", "rl"):
             if getattr(self, name) < 0:
                 raise UserError(f"arithmetic {name} size must be >= 0, got {getattr(self, name)}")
+        _check_verifier(self)
 
     def _range(self) -> tuple[int, int]:
         return (0, 9) if self.digits == 1 else (10 ** (self.digits - 1), 10 ** self.digits - 1)
@@ -229,10 +237,10 @@ class ArithmeticTask:
         return self._pools(quotas, seed)[split]
 
     def extract(self, completion: str) -> str | None:
-        return extract_answer(completion, self.marker)
+        return _extract(self, completion)
 
     def reward(self, completion: str, problem: Problem) -> float:
-        return score(completion, problem.answer, self.marker)
+        return _reward(self, completion, problem)
 
     def step_rewards(self, completion: str, problem: Problem) -> list[float]:
         """Verifiable process rewards, one per solution line: worked line i scores 1 when it is
@@ -252,8 +260,12 @@ class Gsm8kTask:
     path: str = "gsm8k-test"
     question_field: str = "question"
     answer_field: str = "answer"
+    verifier: str = "math"  # math (jaxgpt.rl.math_answers: ####, \\boxed{}, "the answer is", sympy) | strict
     name: str = "gsm8k"
     marker: str = "####"
+
+    def __post_init__(self):
+        _check_verifier(self)
 
     # crc32 % 10: 10% eval, 10% val, 40% sft, 40% rl
     BUCKETS = {"eval": range(0, 1), "val": range(1, 2), "sft": range(2, 6), "rl": range(6, 10)}
@@ -264,10 +276,11 @@ class Gsm8kTask:
         rows = read_records(self.path, {"question": self.question_field, "answer": self.answer_field})
         out = []
         for i, row in enumerate(rows, 1):
-            answer = extract_answer(row["answer"], self.marker)
+            answer = _reference(self, row["answer"])
             if answer is None:
-                raise UserError(f"{self.path} record {i}: the answer field does not end in exactly one "
-                                f"'{self.marker} NUMBER' line: {row['answer'][-60:]!r}")
+                what = (f"does not end in exactly one '{self.marker} NUMBER' line" if self.verifier == "strict" else
+                        f"has no final answer ('{self.marker} N', \\boxed{{...}} or 'the answer is ...')")
+                raise UserError(f"{self.path} record {i}: the answer field {what}: {row['answer'][-60:]!r}")
             solution = CALCULATOR.sub("", row["answer"]).strip()
             out.append(Problem(row["question"].strip(), answer, solution))
         return out
@@ -279,10 +292,44 @@ class Gsm8kTask:
         return [pool[i] for i in _seeded_order(len(pool), seed, split)]
 
     def extract(self, completion: str) -> str | None:
-        return extract_answer(completion, self.marker)
+        return _extract(self, completion)
 
     def reward(self, completion: str, problem: Problem) -> float:
-        return score(completion, problem.answer, self.marker)
+        return _reward(self, completion, problem)
+
+
+VERIFIERS = ("strict", "math")
+
+
+def _check_verifier(task) -> None:
+    if task.verifier not in VERIFIERS:
+        raise UserError(f"{task.name} verifier must be one of {', '.join(VERIFIERS)}, got {task.verifier!r}")
+
+
+def _reference(task, text: str) -> str | None:
+    """A reference solution's canonical final answer under the task's verifier."""
+    if task.verifier == "strict":
+        return extract_answer(text, task.marker)
+    from jaxgpt.rl.math_answers import canonical, extract_final
+
+    return canonical(extract_final(text))
+
+
+def _extract(task, completion: str) -> str | None:
+    """The completion's final answer (normalised), or None: what format_rate counts."""
+    if task.verifier == "strict":
+        return extract_answer(completion, task.marker)
+    from jaxgpt.rl.math_answers import extract_final, normalize
+
+    return normalize(extract_final(completion))
+
+
+def _reward(task, completion: str, problem: Problem) -> float:
+    if task.verifier == "strict":
+        return score(completion, problem.answer, task.marker)
+    from jaxgpt.rl.math_answers import is_correct
+
+    return 1.0 if is_correct(completion, problem.answer) else 0.0
 
 
 TASKS: dict[str, Callable] = {"arithmetic": ArithmeticTask, "gsm8k": Gsm8kTask}

@@ -31,7 +31,7 @@ from jaxgpt.engine import Plot
 from jaxgpt.engine.driver import train
 from jaxgpt.errors import UserError
 from jaxgpt.config import at_least
-from jaxgpt.rl.common import (RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs,
+from jaxgpt.rl.common import (RLTask, RolloutConfig, Timer, plain_params, prompt_indices, sampling_kwargs, token_kwargs,
                               validate_rollout_config)
 from jaxgpt.rl.prompt_sets import load_prompts
 from jaxgpt.rl.rollout import completion_texts, rollout
@@ -165,8 +165,8 @@ class PPO(RLTask):
         idx = prompt_indices(iteration, r.prompts_per_step, len(tokens), self.cfg.data.seed)
         with Timer() as timer:
             out = rollout(plain_params(params, self.cfg), self.cfg.model, tokens[idx], masks[idx],
-                          self.keys.rollout(iteration), max_new_tokens=r.max_new_tokens, eos_id=self.tokenizer.eos_id,
-                          **sampling_kwargs(r))
+                          self.keys.rollout(iteration), max_new_tokens=r.max_new_tokens,
+                          **token_kwargs(self.tokenizer, self.cfg.model), **sampling_kwargs(r))
             jax.block_until_ready(out["tokens"])
         logp, values, ref, scores = self.score(params, self.ref_params, self.rm[1], out["tokens"], out["attention_mask"])
         mask = out["completion_mask"].astype(np.float32)
@@ -192,10 +192,11 @@ class PPO(RLTask):
         batch = min(r.eval_batch_size, len(tokens))
         plain = plain_params(params, self.cfg)
         greedy = common.generate_all(plain, self.cfg.model, tokens, masks, self.keys.sample, batch=batch,
-                                     max_new_tokens=r.max_new_tokens, temperature=0.0, eos_id=self.tokenizer.eos_id)
+                                     max_new_tokens=r.max_new_tokens, temperature=0.0,
+                                     **token_kwargs(self.tokenizer, self.cfg.model))
         sampled = common.generate_all(plain, self.cfg.model, tokens, masks, jax.random.fold_in(self.keys.sample, 1),
-                                      batch=batch, max_new_tokens=r.max_new_tokens, eos_id=self.tokenizer.eos_id,
-                                      **sampling_kwargs(r))
+                                      batch=batch, max_new_tokens=r.max_new_tokens,
+                                      **token_kwargs(self.tokenizer, self.cfg.model), **sampling_kwargs(r))
         score = lambda out: self.score(params, self.ref_params, self.rm[1], out["tokens"], out["attention_mask"])
         scores = np.concatenate([np.asarray(score(out)[3]) for out in greedy])
         kls = [np.sum(np.asarray(logp - ref) * out["completion_mask"], axis=1)
