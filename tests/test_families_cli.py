@@ -167,7 +167,9 @@ def test_every_stage_from_the_command_line(tmp_path, family):
     for mode in ("full", "last-block", "lora"):
         argv = ["classify", "--init", pre, "--data", csv, "--train-mode", mode, "--out", tmp_path / f"cls-{mode}"]
         assert _main("finetune", argv + _sets(*small, "lora.rank=2")) == 0
-    _, lora_params = load_params(tmp_path / "cls-lora")
+    from jaxgpt.tasks.classify import ClassifyConfig
+
+    _, lora_params = load_params(tmp_path / "cls-lora", config_cls=ClassifyConfig)
     adapted = {k for k, v in lora_params["layers_0"]["self_attn"].items() if "lora_a" in v}
     adapted |= {k for k, v in lora_params["layers_0"]["mlp"].items() if "lora_a" in v}
     assert adapted == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}

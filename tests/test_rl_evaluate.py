@@ -145,7 +145,7 @@ def tiny_run(tmp_path_factory):
 
     from jaxgpt.config import Config, ModelConfig, save_config
     from jaxgpt.io import checkpoint
-    from jaxgpt.models.gpt2 import init_params
+    from jaxgpt.models import init_params
 
     path = tmp_path_factory.mktemp("evaluate") / "run"
     model = ModelConfig(n_layer=1, n_head=2, n_embd=32, context_length=64, dropout=0.0)

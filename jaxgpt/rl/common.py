@@ -167,10 +167,11 @@ def plain_params(params, cfg, drop: Sequence[str] = ("value_head",)):
     return params
 
 
-def generate_all(params, model_cfg, tokens: np.ndarray, mask: np.ndarray, key, *, batch: int, **kwargs) -> list[dict]:
-    """`rollout` (one sample per prompt) over all prompts in chunks of `batch` rows; the last
-    chunk is padded with copies of its first row so every call has one shape. Returns host
-    dicts trimmed to the real rows."""
+def generate_all(params, model_cfg, tokens: np.ndarray, mask: np.ndarray, key, *, batch: int, group_size: int = 1,
+                 **kwargs) -> list[dict]:
+    """`rollout` (`group_size` samples a prompt, prompt i's adjacent) over all prompts in
+    chunks of `batch` prompts; the last chunk is padded with copies of its first prompt so
+    every call has one shape. Returns host dicts trimmed to the real prompts' rows."""
     from jaxgpt.rl.rollout import rollout
 
     outs = []
@@ -180,8 +181,9 @@ def generate_all(params, model_cfg, tokens: np.ndarray, mask: np.ndarray, key, *
         if real < batch:
             t = np.concatenate([t, np.repeat(t[:1], batch - real, 0)])
             m = np.concatenate([m, np.repeat(m[:1], batch - real, 0)])
-        out = jax.device_get(rollout(params, model_cfg, t, m, jax.random.fold_in(key, start), **kwargs))
-        outs.append({k: v[:real] for k, v in out.items()})
+        out = jax.device_get(rollout(params, model_cfg, t, m, jax.random.fold_in(key, start), group_size=group_size,
+                                     **kwargs))
+        outs.append({k: np.asarray(v)[:real * group_size] for k, v in out.items()})
     return outs
 
 

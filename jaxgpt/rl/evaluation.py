@@ -36,24 +36,14 @@ def sample_completions(params, model_cfg, tokens: np.ndarray, mask: np.ndarray, 
     i*samples .. i*samples + samples - 1), in calls of `max(1, batch // samples)` prompts
     (the last padded with copies of its first prompt, so every call has one shape); ended
     at and decoded with the model's `tokenizer`."""
-    from jaxgpt.rl.common import token_kwargs
-    from jaxgpt.rl.rollout import completion_texts, rollout
+    from jaxgpt.rl.common import generate_all, token_kwargs
+    from jaxgpt.rl.rollout import completion_texts
 
-    per_call = max(1, min(batch // samples, len(tokens)))
-    texts, lengths = [], []
-    for start in range(0, len(tokens), per_call):
-        t, m = tokens[start:start + per_call], mask[start:start + per_call]
-        real = len(t)
-        if real < per_call:
-            t = np.concatenate([t, np.repeat(t[:1], per_call - real, 0)])
-            m = np.concatenate([m, np.repeat(m[:1], per_call - real, 0)])
-        out = jax.device_get(rollout(params, model_cfg, t, m, jax.random.fold_in(key, start), group_size=samples,
-                                     max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                     **token_kwargs(tokenizer, model_cfg)))
-        out = {k: np.asarray(v)[:real * samples] for k, v in out.items()}
-        texts += completion_texts(out, tokenizer.eos_id, tokenizer)
-        lengths.append(out["lengths"])
-    return texts, np.concatenate(lengths)
+    outs = generate_all(params, model_cfg, tokens, mask, key, batch=max(1, min(batch // samples, len(tokens))),
+                        group_size=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                        **token_kwargs(tokenizer, model_cfg))
+    texts = [t for out in outs for t in completion_texts(out, tokenizer.eos_id, tokenizer)]
+    return texts, np.concatenate([out["lengths"] for out in outs])
 
 
 def greedy_metrics(task, problems, texts: list[str], lengths) -> dict:
