@@ -3,6 +3,7 @@
 `Qwen3ForCausalLM` in the same run, for a training step and batch-1 greedy decode.
 
     python benchmarks/families.py --families llama,qwen3 --steps 10 --rounds 3 --json families.json
+    python benchmarks/families.py --tiny --families llama --steps 1 --rounds 1 --warmup 1   # smoke test
 
 Models: ~150M parameters each (`CONFIGS`: width 768, 12 layers, 12 query / 4 key-value heads,
 MLP 2048, GPT-2's vocabulary, untied head; Qwen3 adds its q/k norms), float32, dropout 0.
@@ -64,8 +65,8 @@ def jax_side(cfg, train_cfg, batch: int, seq: int, prompt, new_tokens: int):
 
     mask = np.ones_like(prompt, bool)
 
-    def decode():
-        out = generate_tokens(params, cfg, prompt, mask, jax.random.key(0), max_new_tokens=new_tokens)
+    def decode():  # the current params: training donated the first ones
+        out = generate_tokens(state[0].params, cfg, prompt, mask, jax.random.key(0), max_new_tokens=new_tokens)
         jax.block_until_ready(out["tokens"])
 
     return train, decode, params
@@ -134,7 +135,10 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--torch-attention", default="sdpa")
     p.add_argument("--json")
+    p.add_argument("--tiny", action="store_true", help="2 layers x 64 (a smoke test, seconds)")
     args = p.parse_args(argv)
+    tiny = ["model.n_layer=2", "model.n_embd=64", "model.n_head=4", "model.n_kv_head=2", "model.mlp_dim=128",
+            "model.head_size=16"] if args.tiny else []
 
     import numpy as np
     import torch
@@ -149,7 +153,7 @@ def main(argv=None) -> int:
     print(f"host: {host}; load {os.getloadavg()[0]:.2f}", flush=True)
     rows = []
     for family in args.families.split(","):
-        cfg = load_config(None, CONFIGS[family] + ["model.dropout=0.0", "train.lr=3e-4", "train.weight_decay=0.1",
+        cfg = load_config(None, CONFIGS[family] + tiny + ["model.dropout=0.0", "train.lr=3e-4", "train.weight_decay=0.1",
                                                    "train.grad_clip=1.0", "train.warmup_steps=0"])
         prompt = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (1, args.prompt)).astype(np.int32)
         jtrain, jdecode, params = jax_side(cfg.model, cfg.train, args.batch, args.seq, prompt, args.new_tokens)

@@ -39,7 +39,10 @@ row with the head run as one slice over all tokens (the logits materialised), to
 
 On a GPU (`jax.devices()[0].platform == 'gpu'`, `--device-kind auto|gpu`) the 124m config is
 also run in bf16 (`model.dtype=bfloat16`, `model.attention=cudnn`; torch under bf16 autocast
-on CUDA when torch has CUDA). On CPU those rows are skipped with a message.
+on CUDA when torch has CUDA). On CPU those rows are skipped with a message, unless
+`--cpu-bf16`: then the 124m config also runs with `model.dtype=bfloat16` (the CPU's attention
+kernel) against torch under `torch.autocast("cpu", torch.bfloat16)` (oneDNN, which uses
+AVX512-BF16 / AMX where the CPU has them).
 """
 from __future__ import annotations
 
@@ -266,6 +269,8 @@ def main(argv=None) -> int:
     p.add_argument("--device-kind", default="auto", choices=["auto", "cpu", "gpu"],
                    help="auto: whatever jax.devices()[0] is; gpu adds the 124m bf16 rows")
     p.add_argument("--no-bf16", action="store_true", help="skip the GPU bf16 rows")
+    p.add_argument("--cpu-bf16", action="store_true",
+                   help="on CPU, add 124m bf16 rows (model.dtype=bfloat16 vs torch CPU autocast)")
     p.add_argument("--torch-adamw", default="default", choices=["default", "foreach", "fused"],
                    help="torch.optim.AdamW implementation (default: torch's choice, a per-tensor "
                    "loop on CPU)")
@@ -319,9 +324,9 @@ def main(argv=None) -> int:
         cfg = load_config(path, [*overrides, *HEAD_TO_HEAD]).model
         cases.append(Case(n, "fp32", batch, seq, cfg))
         if n == "124m" and not args.no_bf16:
-            if on_gpu:
-                cfg16 = load_config(path, [*overrides, *HEAD_TO_HEAD, "model.dtype=bfloat16",
-                                           "model.attention=cudnn"]).model
+            if on_gpu or args.cpu_bf16:
+                attention = "model.attention=cudnn" if on_gpu else "model.attention=auto"
+                cfg16 = load_config(path, [*overrides, *HEAD_TO_HEAD, "model.dtype=bfloat16", attention]).model
                 cases.append(Case(n, "bf16", batch, seq, cfg16))
             else:
                 print("skipping 124m bf16 (cudnn attention): no GPU", file=sys.stderr)
@@ -348,7 +353,7 @@ def main(argv=None) -> int:
 
     for case in cases:
         case_fw = frameworks
-        if case.precision == "bf16" and torch_device == "cpu":
+        if case.precision == "bf16" and torch_device == "cpu" and not args.cpu_bf16:
             case_fw = [f for f in frameworks if not f.startswith("torch")]  # no CPU bf16 reference
         run_case(case, case_fw, args, torch_device, peak, ceiling)
 

@@ -49,3 +49,19 @@ def test_profile_step_smoke(tmp_path, capsys):
     for comp in ("LM head + cross-entropy (fused)", "layer norms", "mlp: c_fc matmul + bias",
                  "attn: scores, softmax, weighted sum", "AdamW, clipping, grad accumulation"):
         assert comp in named, (comp, sorted(named))
+
+
+def test_families_and_matmul_dtypes_smoke(tmp_path, capsys):
+    """The Llama/Qwen3 speed benchmark end to end on a tiny Llama (training, then decode from
+    the trained params, against transformers), and the dtype matmul table."""
+    families = _load("families")
+    out = tmp_path / "families.json"
+    assert families.main(["--tiny", "--families", "llama", "--batch", "2", "--seq", "16", "--prompt", "4",
+                          "--new-tokens", "4", "--steps", "1", "--decode-steps", "1", "--rounds", "1", "--warmup", "1",
+                          "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    for key in ("train_tokens_per_sec", "decode_tokens_per_sec"):
+        assert all(math.isfinite(v) and v > 0 for v in row[key].values()), row
+    matmul = _load("matmul_dtypes")
+    assert matmul.main(["--n", "64", "--reps", "1", "--json", str(tmp_path / "mm.json")]) == 0
+    assert "| bfloat16 |" in capsys.readouterr().out

@@ -137,6 +137,55 @@ def test_remat_recomputes_on_xla_cpu_too():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
+def test_remat_blocks_cast_their_weights_one_at_a_time():
+    """Under `recompute_after_cotangent` a block's bfloat16 weights are cast to float32 (and,
+    sharded, gathered) only when the block runs: XLA:CPU otherwise casts all 12 at the start
+    and holds them through the forward pass (12 MiB here; 36 GiB per device for qwen3-8b)."""
+    from jaxgpt.models.recompute import recompute_after_cotangent
+
+    n_blocks, d = 12, 512
+    block = lambda w, x: jnp.tanh(x @ w.astype(jnp.float32))  # noqa: E731
+
+    def loss(ws, x):
+        for w in ws:
+            x = recompute_after_cotangent(block)(w, x)
+        return x.sum()
+
+    ws = [jax.ShapeDtypeStruct((d, d), jnp.bfloat16)] * n_blocks
+    temp = jax.jit(jax.grad(loss)).lower(ws, jax.ShapeDtypeStruct((8, d), jnp.float32)).compile()
+    assert temp.memory_analysis().temp_size_in_bytes <= 3 * d * d * 4  # a few cast weights, not 12
+
+
+def test_cpu_bf16_dense_matmul_accumulates_in_float32():
+    """bfloat16 compute on CPU runs every `nn.Dense` through `cpu_bf16_dot_general` (bf16 in,
+    float32 accumulation, bf16 out, in both backward matmuls too): values and gradients equal
+    float32's within bf16 rounding, and other dimension numbers fall through to lax."""
+    from jaxgpt.models.layers import cpu_bf16_dot_general
+
+    x = jax.random.normal(jax.random.key(0), (4, 8, 64)).astype(jnp.bfloat16)
+    w = (jax.random.normal(jax.random.key(1), (64, 32)) / 8).astype(jnp.bfloat16)
+    dims = (((2,), (0,)), ((), ()))
+    mm = lambda x, w: cpu_bf16_dot_general(x, w, dims)  # noqa: E731
+    f32 = lambda x, w: jax.lax.dot_general(x.astype(jnp.float32), w.astype(jnp.float32), dims)  # noqa: E731
+    assert mm(x, w).dtype == jnp.bfloat16
+    np.testing.assert_allclose(mm(x, w).astype(jnp.float32), f32(x, w), rtol=2**-7, atol=2e-2)
+    ct = jax.random.normal(jax.random.key(2), (4, 8, 32)).astype(jnp.bfloat16)
+    got = jax.vjp(mm, x, w)[1](ct)
+    want = jax.vjp(f32, x, w)[1](ct.astype(jnp.float32))
+    for a, b in zip(got, want):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(a.astype(jnp.float32), b, rtol=2**-7, atol=5e-2)
+    batched = (((2,), (2,)), ((0,), (0,)))  # not a dense layer's: lax's own dot
+    y = jax.random.normal(jax.random.key(3), (4, 16, 64)).astype(jnp.bfloat16)
+    np.testing.assert_array_equal(cpu_bf16_dot_general(x, y, batched), jax.lax.dot_general(x, y, batched))
+    cfg = ModelConfig(vocab_size=97, context_length=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
+    params = init_params(cfg, jax.random.key(4))
+    tokens = jnp.arange(16)[None] % 97
+    lo = GPT(dataclasses.replace(cfg, dtype="bfloat16")).apply({"params": params}, tokens)
+    hi = GPT(cfg).apply({"params": params}, tokens)
+    np.testing.assert_allclose(lo, hi, atol=0.05)
+
+
 def test_gelu_tanh_equals_autodiff_and_keeps_only_its_input():
     """`recompute.gelu_tanh` (the MLP's GELU) against `jax.nn.gelu(approximate=True)`:
     values and gradients (float32 rtol 1e-5, bfloat16 inputs within bf16 rounding of the
