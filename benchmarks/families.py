@@ -19,7 +19,9 @@ MLP 2048, GPT-2's vocabulary, untied head; Qwen3 adds its q/k norms), float32, d
 
 Timing: `--warmup` untimed runs per framework (compilation), then `--rounds` alternating
 blocks of `--steps` timed runs each (jaxgpt block, transformers block, ...), so drifts in the
-machine's load hit both; medians. torch uses `os.cpu_count()` threads.
+machine's load hit both; medians. torch uses `os.cpu_count()` threads. Like the entry points,
+the script re-executes itself with glibc's huge pages for large allocations (both frameworks
+get them; `JAXGPT_HUGE_PAGES=0` turns it off).
 """
 from __future__ import annotations
 
@@ -150,7 +152,7 @@ def main(argv=None) -> int:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     flags = open("/proc/cpuinfo").read()
     host = f"{cpu}, {os.cpu_count()} cores, " + ", ".join(f for f in ("avx512f", "amx_bf16") if f" {f}" in flags)
-    print(f"host: {host}; load {os.getloadavg()[0]:.2f}", flush=True)
+    print(f"host: {host}; load {os.getloadavg()[0]:.2f}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}", flush=True)
     rows = []
     for family in args.families.split(","):
         cfg = load_config(None, CONFIGS[family] + tiny + ["model.dropout=0.0", "train.lr=3e-4", "train.weight_decay=0.1",
@@ -180,4 +182,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    from jaxgpt.cli.hostmem import reexec_with_huge_pages
+
+    reexec_with_huge_pages()  # as train.py and finetune.py do (JAXGPT_HUGE_PAGES=0: 4 KiB pages)
     sys.exit(main())

@@ -186,6 +186,30 @@ def test_cpu_bf16_dense_matmul_accumulates_in_float32():
     np.testing.assert_allclose(lo, hi, atol=0.05)
 
 
+def test_dense_layers_run_as_one_2d_matmul():
+    """Every dense layer (`dense_dot_general`) flattens `[batch, seq, in]` to one 2-D matmul,
+    so its weight gradient is a 2-D dot (the 3-D form's costs XLA:CPU a strided transposed
+    copy of the cotangent): same values and gradients as lax's 3-D dot, and every dot in the
+    forward+backward jaxpr has rank-2 operands."""
+    from jaxgpt.models.layers import dense_dot_general
+
+    x = jax.random.normal(jax.random.key(0), (4, 8, 64))
+    w = jax.random.normal(jax.random.key(1), (64, 32)) / 8
+    ct = jax.random.normal(jax.random.key(2), (4, 8, 32))
+    dims = (((2,), (0,)), ((), ()))
+    flat = lambda x, w: dense_dot_general(x, w, dims)  # noqa: E731
+    lax3d = lambda x, w: jax.lax.dot_general(x, w, dims)  # noqa: E731
+    np.testing.assert_allclose(flat(x, w), lax3d(x, w), rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.vjp(flat, x, w)[1](ct), jax.vjp(lax3d, x, w)[1](ct)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    jaxpr = jax.make_jaxpr(lambda x, w, ct: jax.vjp(flat, x, w)[1](ct))(x, w, ct)
+    dots = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+    assert len(dots) == 3 and all(v.aval.ndim == 2 for e in dots for v in e.invars)
+    batched = (((2,), (2,)), ((0,), (0,)))  # not a dense layer's: lax's own dot
+    y = jax.random.normal(jax.random.key(3), (4, 16, 64))
+    np.testing.assert_array_equal(dense_dot_general(x, y, batched), jax.lax.dot_general(x, y, batched))
+
+
 def test_gelu_tanh_equals_autodiff_and_keeps_only_its_input():
     """`recompute.gelu_tanh` (the MLP's GELU) against `jax.nn.gelu(approximate=True)`:
     values and gradients (float32 rtol 1e-5, bfloat16 inputs within bf16 rounding of the

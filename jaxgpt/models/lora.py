@@ -97,7 +97,7 @@ class LoRADense(nn.Dense):
         d_in = inputs.shape[-1]
         blocks = self.fused if (cfg.split_qkv and self.fused > 1) else 1
         dtype = self.dtype or inputs.dtype
-        x = inputs.astype(dtype)
+        x = inputs.astype(dtype).reshape(-1, d_in)  # 2-D, as the base matmul (`layers.matmul_2d`)
         if blocks == 1:
             a = self.param("lora_a", _a_init, (d_in, cfg.rank))
             b = self.param("lora_b", nn.initializers.zeros, (cfg.rank, self.features))
@@ -105,9 +105,9 @@ class LoRADense(nn.Dense):
         else:
             a = self.param("lora_a", _a_init, (blocks, d_in, cfg.rank))
             b = self.param("lora_b", nn.initializers.zeros, (blocks, cfg.rank, self.features // blocks))
-            h = jnp.einsum("...i,kir->...kr", x, a.astype(dtype))
-            delta = jnp.einsum("...kr,kro->...ko", h, b.astype(dtype)).reshape(*x.shape[:-1], self.features)
-        return y + delta * jnp.asarray(cfg.scale, dtype)
+            h = jnp.einsum("ni,kir->nkr", x, a.astype(dtype))
+            delta = jnp.einsum("nkr,kro->nko", h, b.astype(dtype))
+        return y + delta.reshape(y.shape) * jnp.asarray(cfg.scale, dtype)
 
 
 # ---------------------------------------------------------------------------------------
