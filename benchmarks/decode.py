@@ -33,7 +33,12 @@ tokens/s <= bandwidth / bytes per token, bytes per token = 4 x (all parameters e
 wte/wpe tables, of which a step reads one row each; a tied head counts wte). The KV cache
 reads (<= 2 x layers x tokens x n_embd x 4 bytes, ~1.4% of the weights at 124M and 220
 tokens) are left out. Bandwidth is measured in the same run: the larger of a jitted
-`jnp.sum` and a `torch.sum` over a `--bw-mib` float32 array (bytes read / median time).
+`jnp.sum` and a `torch.sum` over a `--bw-mib` float32 array (bytes read / median time),
+once at the start and again just before every timed call; a call's fraction of the limit
+is its tokens/s over the limit from the measurement just before it, and the table gives
+the median over calls (the limit column: the median of all measurements). On a shared host
+the bandwidth drifts by tens of percent within minutes, so one measurement at the start
+misstated later rounds.
 
     python benchmarks/decode.py --rounds 3 --json decode.json
     python benchmarks/decode.py --tiny --rounds 1       # smoke test (2 x 64, seconds)
@@ -87,34 +92,45 @@ def bytes_per_token(params, cfg) -> int:
     return total
 
 
-def jax_bandwidth(nbytes: int, reps: int = 5) -> float:
-    import jax
-    import jax.numpy as jnp
+class Bandwidth:
+    """Read bandwidth (bytes/s): the larger of a jitted `jnp.sum` and a `torch.sum` (when torch
+    is loaded) over one `nbytes` float32 array each, median of `reps` sums. The arrays are
+    made once; `measure()` is called before every timed decode call, because on a shared
+    host the bandwidth drifts by tens of percent within a run (28-42 GB/s in one session),
+    and a limit measured once would misstate every later round's fraction."""
 
-    x = jnp.ones((nbytes // 4,), jnp.float32)
-    f = jax.jit(jnp.sum)
-    jax.block_until_ready(f(x))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(x))
-        times.append(time.perf_counter() - t0)
-    del x
-    return nbytes / statistics.median(times)
+    def __init__(self, nbytes: int, with_torch: bool, reps: int = 5):
+        import jax
+        import jax.numpy as jnp
 
+        self.nbytes, self.reps = nbytes, reps
+        self.x = jnp.ones((nbytes // 4,), jnp.float32)
+        self.sum = jax.jit(jnp.sum)
+        jax.block_until_ready(self.sum(self.x))
+        self.tx = None
+        if with_torch:
+            import torch
 
-def torch_bandwidth(nbytes: int, reps: int = 5) -> float:
-    import torch
+            self.tx = torch.ones(nbytes // 4, dtype=torch.float32)
+            torch.sum(self.tx)
 
-    x = torch.ones(nbytes // 4, dtype=torch.float32)
-    torch.sum(x)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.sum(x)
-        times.append(time.perf_counter() - t0)
-    del x
-    return nbytes / statistics.median(times)
+    def _rate(self, fn) -> float:
+        times = []
+        for _ in range(self.reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return self.nbytes / statistics.median(times)
+
+    def measure(self) -> dict:
+        import jax
+
+        out = {"jax": self._rate(lambda: jax.block_until_ready(self.sum(self.x)))}
+        if self.tx is not None:
+            import torch
+
+            out["torch"] = self._rate(lambda: torch.sum(self.tx))
+        return out
 
 
 def _book_attention_forward(self, x, use_cache=False, start_pos=0, cache=None):
@@ -254,27 +270,33 @@ def main(argv=None) -> int:
 
         runners["torch"] = run_torch
 
-    # Bandwidth first (before the models' working sets are warm), then warm-up calls.
-    bws = {"jax": jax_bandwidth(bw_bytes)}
-    if torch is not None:
-        bws["torch"] = torch_bandwidth(bw_bytes)
-    bandwidth = max(bws.values())
-    limit = bandwidth / bpt
+    # Bandwidth first (before the models' working sets are warm), then warm-up calls, then
+    # every timed call right after a bandwidth measurement of its own.
+    meter = Bandwidth(bw_bytes, with_torch=torch is not None)
+    bws = meter.measure()
     print(f"bandwidth (sum over {bw_bytes >> 20} MiB fp32): "
           + ", ".join(f"{k} {v / 1e9:.2f} GB/s" for k, v in bws.items())
-          + f"; {bpt / 1e6:.1f} MB read per token -> limit {limit:.1f} tokens/s", file=sys.stderr)
+          + f"; {bpt / 1e6:.1f} MB read per token -> limit {max(bws.values()) / bpt:.1f} tokens/s", file=sys.stderr)
     for name, run in runners.items():
         dt, tokens[name] = run()
         print(f"  {name}: warm-up call {dt:.2f}s", file=sys.stderr)
 
     times = {k: [] for k in runners}
+    fractions = {k: [] for k in runners}  # each call's tokens/s over the limit measured just before it
+    bandwidths = [max(bws.values())]
     order = list(runners)
     for r in range(args.rounds):
         for name in (order if r % 2 == 0 else order[::-1]):
+            bw = max(meter.measure().values())
+            bandwidths.append(bw)
             dt, toks = runners[name]()
             times[name].append(dt)
+            fractions[name].append(n / dt / (bw / bpt))
             assert np.array_equal(toks, tokens[name]), f"{name}: greedy tokens changed between calls"
-            print(f"  {name}: round {r + 1}/{args.rounds}: {dt:.3f}s, {n / dt:.1f} tokens/s", file=sys.stderr)
+            print(f"  {name}: round {r + 1}/{args.rounds}: {dt:.3f}s, {n / dt:.1f} tokens/s "
+                  f"({bw / 1e9:.1f} GB/s just before: {100 * fractions[name][-1]:.1f}% of its limit)", file=sys.stderr)
+    bandwidth = statistics.median(bandwidths)
+    limit = bandwidth / bpt
 
     same = None
     first_diff = None
@@ -287,7 +309,8 @@ def main(argv=None) -> int:
     for name, ts in times.items():
         med = statistics.median(ts)
         results[name] = {"median_s": med, "min_s": min(ts), "times_s": ts, "tokens_per_s": n / med,
-                         "fraction_of_limit": n / med / limit}
+                         "fraction_of_limit": statistics.median(fractions[name]),
+                         "fractions_per_call": fractions[name]}
     th = results.get("torch")
     for name, r in results.items():
         r["over_torch"] = r["tokens_per_s"] / th["tokens_per_s"] if th else None
@@ -296,8 +319,10 @@ def main(argv=None) -> int:
     shape = f"{cfg.n_layer} x {cfg.n_embd}, vocab {cfg.vocab_size}, {n_params / 1e6:.1f}M params (untied, no qkv bias)"
     lines = [(f"Decode, batch 1, greedy: {'tiny' if args.tiny else args.preset} ({shape}); prompt {args.prompt_len}, "
               f"{n} new tokens; {args.rounds} rounds; {_cores()} cores; load avg start {load_start}, end {load_end}"),
-             f"Memory-bound limit: {bandwidth / 1e9:.2f} GB/s / {bpt / 1e6:.1f} MB per token = {limit:.1f} tokens/s",
-             "", "| framework | median s / call | tokens/s (median) | fraction of memory-bound limit | x torch |",
+             f"Memory-bound limit: {bandwidth / 1e9:.2f} GB/s (median of {len(bandwidths)} measurements, "
+             f"{min(bandwidths) / 1e9:.1f}-{max(bandwidths) / 1e9:.1f}) / {bpt / 1e6:.1f} MB per token = "
+             f"{limit:.1f} tokens/s; each call's fraction is against the bandwidth measured just before it",
+             "", "| framework | median s / call | tokens/s (median) | fraction of memory-bound limit (median over calls) | x torch |",
              "|---|---|---|---|---|"]
     label = {"jaxgpt": "jaxgpt (generate_tokens, jitted, KV cache)",
              "torch": "torch (llms-from-scratch kv_cache GPTModel, inference_mode)"}
@@ -317,7 +342,8 @@ def main(argv=None) -> int:
                           "n_head": cfg.n_head, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size,
                           "context_length": cfg.context_length, "params": n_params,
                           "prompt_len": args.prompt_len, "new_tokens": n, "rounds": args.rounds},
-               "bandwidth_bytes_per_s": bws, "bandwidth_used": bandwidth, "bytes_per_token": bpt,
+               "bandwidth_bytes_per_s": bws, "bandwidth_per_call": bandwidths[1:], "bandwidth_used": bandwidth,
+               "bytes_per_token": bpt,
                "memory_bound_tokens_per_s": limit, "results": results,
                "greedy_tokens_identical": same, "first_difference": first_diff, "argv": sys.argv}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -144,10 +144,10 @@ def profile_torch(case, warmup: int) -> dict:
 
     def step():
         r.opt.zero_grad(set_to_none=True)
-        with record_function("forward"):
+        with record_function("forward"), torch.autocast("cpu", dtype=torch.bfloat16, enabled=r.autocast):
             logits = r.call(r.inputs)
         with record_function("loss"):
-            loss = F.cross_entropy(logits.flatten(0, 1), r.targets.flatten())
+            loss = F.cross_entropy(logits.float().flatten(0, 1), r.targets.flatten())
         with record_function("backward"):
             loss.backward()
         with record_function("clip"):
@@ -189,6 +189,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default="124m", help="a config of train_throughput.py: tiny, small, 124m")
     p.add_argument("--frameworks", default="jax,torch")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="model.dtype of jaxgpt's step (bfloat16: attention auto, as train_throughput's --cpu-bf16); "
+                   "torch's side runs under torch.autocast(bfloat16) then")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--top", type=int, default=15, help="rows of the top-op tables")
     p.add_argument("--json", help="write the tables to this path")
@@ -200,10 +203,12 @@ def main(argv=None) -> int:
     if args.config not in CONFIGS:
         p.error(f"unknown config {args.config!r}; choose from {', '.join(CONFIGS)}")
     path, overrides, batch, seq = CONFIGS[args.config]
-    cfg = load_config(path, [*overrides, *HEAD_TO_HEAD]).model
-    case = Case(args.config, "fp32", batch, seq, cfg)
+    bf16 = args.dtype == "bfloat16"
+    extra = ["model.dtype=bfloat16", "model.attention=auto"] if bf16 else []
+    cfg = load_config(path, [*overrides, *HEAD_TO_HEAD, *extra]).model
+    case = Case(args.config, "bf16" if bf16 else "fp32", batch, seq, cfg)
     fws = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    out, lines = {}, [f"config {args.config}: batch {batch} x seq {seq}, fp32, dropout 0", ""]
+    out, lines = {}, [f"config {args.config}: batch {batch} x seq {seq}, {args.dtype}, dropout 0", ""]
     if "jax" in fws:
         j = profile_jax(case, args.warmup)
         total = sum(j["components_ms"].values())

@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import math
+import statistics
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -65,3 +66,19 @@ def test_families_and_matmul_dtypes_smoke(tmp_path, capsys):
     matmul = _load("matmul_dtypes")
     assert matmul.main(["--n", "64", "--reps", "1", "--json", str(tmp_path / "mm.json")]) == 0
     assert "| bfloat16 |" in capsys.readouterr().out
+
+
+def test_decode_smoke(tmp_path, capsys):
+    """Batch-1 decode of a tiny model, jaxgpt only: every timed call gets a bandwidth
+    measurement of its own and its fraction of the memory-bound limit from it."""
+    decode = _load("decode")
+    out = tmp_path / "decode.json"
+    assert decode.main(["--tiny", "--frameworks", "jax", "--rounds", "2", "--bw-mib", "16", "--json", str(out)]) == 0
+    assert "| jaxgpt (generate_tokens, jitted, KV cache) |" in capsys.readouterr().out
+    row = json.loads(out.read_text())
+    jax_row = row["results"]["jaxgpt"]
+    assert len(row["bandwidth_per_call"]) == len(jax_row["fractions_per_call"]) == 2
+    for call, bw in zip(range(2), row["bandwidth_per_call"]):
+        want = row["config"]["new_tokens"] / jax_row["times_s"][call] / (bw / row["bytes_per_token"])
+        assert math.isclose(jax_row["fractions_per_call"][call], want, rel_tol=1e-9)
+    assert 0 < jax_row["fraction_of_limit"] == statistics.median(jax_row["fractions_per_call"])

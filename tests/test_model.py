@@ -1,4 +1,5 @@
 import dataclasses
+import re
 
 import flax.linen as nn
 import jax
@@ -160,7 +161,7 @@ def test_cpu_bf16_dense_matmul_accumulates_in_float32():
     """bfloat16 compute on CPU runs every `nn.Dense` through `cpu_bf16_dot_general` (bf16 in,
     float32 accumulation, bf16 out, in both backward matmuls too): values and gradients equal
     float32's within bf16 rounding, and other dimension numbers fall through to lax."""
-    from jaxgpt.models.layers import cpu_bf16_dot_general
+    from jaxgpt.models.matmuls import cpu_bf16_dot_general
 
     x = jax.random.normal(jax.random.key(0), (4, 8, 64)).astype(jnp.bfloat16)
     w = (jax.random.normal(jax.random.key(1), (64, 32)) / 8).astype(jnp.bfloat16)
@@ -186,12 +187,57 @@ def test_cpu_bf16_dense_matmul_accumulates_in_float32():
     np.testing.assert_allclose(lo, hi, atol=0.05)
 
 
+def _compiled_dot_operand_dtypes(fn, *args) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of every dot in `fn`'s optimised CPU HLO."""
+    text = jax.jit(fn).lower(*args).compile().as_text()
+    dtype_of = dict(re.findall(r"%(\S+) = (\w+)\[", text))
+    return [(dtype_of.get(a, "?"), dtype_of.get(b, "?")) for a, b in re.findall(r" dot\(%(\S+), %(\S+)\)", text)]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bf16 dot selection")
+def test_cpu_bf16_backward_matmuls_stay_in_bf16():
+    """The backward matmuls of a bf16 dense layer and of the fused LM head (cross-entropy and
+    log-probs) run as bf16 dots (`matmuls.loop_carried_dots`): written plainly (`g @ w.T`, `x.T @ g`) XLA:CPU converts
+    their operands to float32 and runs them at float32 speed. Checked on the compiled HLO
+    wherever this XLA runs a plain bf16 matmul in bf16 at all; the gradients equal
+    float32's within bf16 rounding, for matrix and vector shapes."""
+    from jaxgpt.models.matmuls import matmul_2d
+    from jaxgpt.train.losses import head_cross_entropy, head_logprobs
+
+    bf, f32 = jnp.bfloat16, jnp.float32
+    x = jax.random.normal(jax.random.key(0), (64, 96)).astype(bf)
+    w = (jax.random.normal(jax.random.key(1), (96, 80)) / 8).astype(bf)
+    if _compiled_dot_operand_dtypes(lambda x, w: jnp.dot(x, w, preferred_element_type=f32), x, w) != [("bf16", "bf16")]:
+        pytest.skip("this XLA:CPU converts every bf16 dot to float32")
+
+    def dense_loss(x, w):
+        return jnp.sum(matmul_2d(x, w, cpu_bf16=True).astype(f32) ** 2)
+
+    def head_loss(h, k):
+        return head_cross_entropy(h, k, jnp.arange(h.shape[0]) % 80, chunk_size=32)[0]
+
+    def logprob_loss(h, k):  # DPO's and RL's log-probs: the head recomputed in the backward pass
+        tokens = (jnp.arange(h.shape[0] + 1) * 7 % 80)[None]
+        return jnp.sum(head_logprobs(jnp.concatenate([h, h[:1]])[None], k, tokens, chunk_size=32))
+
+    for loss in (dense_loss, head_loss, logprob_loss):
+        dtypes = _compiled_dot_operand_dtypes(jax.grad(loss, (0, 1)), x, w)
+        assert len(dtypes) >= 3 and all(d == ("bf16", "bf16") for d in dtypes), (loss.__name__, dtypes)
+        for shape in ((64, 96), (1, 96), (3, 96)):  # matrix, vector and tiny (XLA's own emitters)
+            xs = x[: shape[0]]
+            got = jax.grad(loss, (0, 1))(xs, w)
+            want = jax.grad(lambda a, b: loss(a.astype(f32), b.astype(f32)), (0, 1))(xs, w)
+            for a, b in zip(got, want):
+                assert a.dtype == bf
+                np.testing.assert_allclose(a.astype(f32), b, rtol=2**-6, atol=2e-2 * float(jnp.max(jnp.abs(b))))
+
+
 def test_dense_layers_run_as_one_2d_matmul():
     """Every dense layer (`dense_dot_general`) flattens `[batch, seq, in]` to one 2-D matmul,
     so its weight gradient is a 2-D dot (the 3-D form's costs XLA:CPU a strided transposed
     copy of the cotangent): same values and gradients as lax's 3-D dot, and every dot in the
     forward+backward jaxpr has rank-2 operands."""
-    from jaxgpt.models.layers import dense_dot_general
+    from jaxgpt.models.matmuls import dense_dot_general
 
     x = jax.random.normal(jax.random.key(0), (4, 8, 64))
     w = jax.random.normal(jax.random.key(1), (64, 32)) / 8

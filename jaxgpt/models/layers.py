@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from jaxgpt.models.attention import blockwise_attention, choose_attention, fused_attention, reference_attention
 from jaxgpt.models.lora import LoRAConfig, LoRADense
+from jaxgpt.models.matmuls import cpu_bf16_dot_general, dense_dot_general
 from jaxgpt.models.recompute import recompute_after_cotangent
 
 Array = jax.Array
@@ -90,67 +91,6 @@ def embedding_init(config, std: float):
     return nn.initializers.normal(1.0 if config.init == "torch-default" else std)
 
 
-@jax.custom_vjp
-def _bf16_matmul(x, w):
-    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
-
-
-def _bf16_matmul_fwd(x, w):
-    return _bf16_matmul(x, w), (x, w)
-
-
-def _bf16_matmul_bwd(res, g):
-    x, w = res
-    dx = jnp.dot(g, w.T, preferred_element_type=jnp.float32).astype(x.dtype)
-    dw = jnp.dot(x.T, g, preferred_element_type=jnp.float32).astype(w.dtype)
-    return dx, dw
-
-
-_bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
-
-
-def matmul_2d(x, w, *, cpu_bf16: bool = False):
-    """`x [..., in] @ w [in, out]` as one 2-D matmul over `[tokens, in]`; `[..., out]`.
-
-    Why 2-D: the gradient of a 3-D `[batch, seq, in]` dot contracts two dims for the weight,
-    and XLA:CPU lays that out by copying the output's cotangent transposed, in a strided loop
-    (fused with SwiGLU's backward it was 11% of a Llama step); the 2-D form's weight gradient
-    is one plain matmul. A SwiGLU MLP forward+backward, [1024, 768] -> 2048, on an AVX-512
-    EPYC: 221 ms 3-D, 160 ms 2-D. `cpu_bf16`: bf16 inputs, float32 accumulation, bf16 result
-    (`cpu_bf16_dot_general`)."""
-    x2 = x.reshape(-1, x.shape[-1])
-    y = _bf16_matmul(x2, w) if cpu_bf16 else x2 @ w
-    return y.reshape(*x.shape[:-1], w.shape[-1])
-
-
-def _is_dense_contraction(lhs, rhs, dimension_numbers) -> bool:
-    """`nn.Dense`'s contraction: the input's last dim with a 2-D kernel's first, no batch dims."""
-    (contract_l, contract_r), batch = dimension_numbers
-    return tuple(contract_l) == (lhs.ndim - 1,) and tuple(contract_r) == (0,) and rhs.ndim == 2 and not batch[0]
-
-
-def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
-    """`nn.Dense`'s dot: `matmul_2d` for the dense contraction, `lax.dot_general` for anything
-    else (or when a precision or result type is asked for)."""
-    plain = precision is None and preferred_element_type is None and not kw
-    if plain and _is_dense_contraction(lhs, rhs, dimension_numbers):
-        return matmul_2d(lhs, rhs)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type, **kw)
-
-
-def cpu_bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
-    """`nn.Dense`'s dot for bfloat16 compute on CPU: bf16 inputs, float32 accumulation, bf16
-    result, in the forward and both backward matmuls. XLA:CPU runs a bf16 dot on the CPU's
-    bf16 instructions (AVX512-BF16, AMX) only when it accumulates in float32: a 2048^2 matmul
-    on an AVX512-BF16 host, 179 GFLOP/s with a bf16 result, 382 this way (float32: 200;
-    `benchmarks/matmul_dtypes.py`). Other dimension numbers go to `lax.dot_general`."""
-    if _is_dense_contraction(lhs, rhs, dimension_numbers) and lhs.dtype == rhs.dtype == jnp.bfloat16:
-        return matmul_2d(lhs, rhs, cpu_bf16=True)
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type, **kw)
-
-
 def dense(features: int, name: str, *, config, fan_in: int, use_bias=True, std=0.02,
           lora: LoRAConfig | None = None, fused: int = 1):
     """Every dense layer of a model. With `lora`, targeted layers get adapters
@@ -159,11 +99,11 @@ def dense(features: int, name: str, *, config, fan_in: int, use_bias=True, std=0
     output blocks the kernel concatenates (GPT-2's q|k|v), for LoRA's `split_qkv`."""
     kwargs = dict(use_bias=use_bias, dtype=compute_dtype(config), param_dtype=param_dtype(config),
                   name=name, **dense_inits(config, fan_in, std))
+    cpu_bf16 = jnp.dtype(kwargs["dtype"]) == jnp.bfloat16 and jax.default_backend() == "cpu"
+    kwargs["dot_general"] = cpu_bf16_dot_general if cpu_bf16 else dense_dot_general
     if lora is None:
-        if jnp.dtype(kwargs["dtype"]) == jnp.bfloat16 and jax.default_backend() == "cpu":
-            return nn.Dense(features, dot_general=cpu_bf16_dot_general, **kwargs)
-        return nn.Dense(features, dot_general=dense_dot_general, **kwargs)
-    return LoRADense(features, lora=lora, fused=fused, dot_general=dense_dot_general, **kwargs)
+        return nn.Dense(features, **kwargs)
+    return LoRADense(features, lora=lora, fused=fused, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ class LoRADense(nn.Dense):
         d_in = inputs.shape[-1]
         blocks = self.fused if (cfg.split_qkv and self.fused > 1) else 1
         dtype = self.dtype or inputs.dtype
-        x = inputs.astype(dtype).reshape(-1, d_in)  # 2-D, as the base matmul (`layers.matmul_2d`)
+        x = inputs.astype(dtype).reshape(-1, d_in)  # 2-D, as the base matmul (`matmuls.matmul_2d`)
         if blocks == 1:
             a = self.param("lora_a", _a_init, (d_in, cfg.rank))
             b = self.param("lora_b", nn.initializers.zeros, (cfg.rank, self.features))

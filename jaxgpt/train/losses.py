@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from jaxgpt.models.matmuls import bf16_matmul, loop_carried_dots
+
 # Tokens per slice of the fused LM head (`head_cross_entropy`, `head_logprobs`): each slice's
 # `[chunk, vocab]` float32 logits (~200 MB at GPT-2's vocabulary) are the largest buffer the
 # head ever holds, instead of `[tokens, vocab]` for the whole batch.
@@ -112,6 +114,8 @@ def _fused_ce_fwd(xs, kernel, ts, ms):
     gradients, so the backward pass has no logits to recompute or keep. When the kernel is
     frozen (LoRA), its unused accumulator is dead code that XLA removes."""
 
+    cpu_bf16 = kernel.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+
     def body(carry, chunk):
         total, dkernel = carry
         xc, tc, mc = chunk
@@ -121,9 +125,12 @@ def _fused_ce_fwd(xs, kernel, ts, ms):
         probs = e * (mc / row_total)[:, None]  # softmax, masked
         is_target = lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tc[:, None]
         dlogits = jnp.where(is_target, probs - mc[:, None], probs).astype(xc.dtype)
-        dx = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32).astype(xc.dtype)
-        dkernel = dkernel + jnp.dot(xc.T, dlogits, preferred_element_type=jnp.float32)
-        return (total, dkernel), dx
+        if cpu_bf16:  # keep both matmuls on the bf16 kernels (see `loop_carried_dots`)
+            dx, dk = loop_carried_dots((dlogits, kernel.T), (xc.T, dlogits))
+        else:
+            dx = jnp.dot(dlogits, kernel.T, preferred_element_type=jnp.float32)
+            dk = jnp.dot(xc.T, dlogits, preferred_element_type=jnp.float32)
+        return (total, dkernel + dk), dx.astype(xc.dtype)
 
     init = (jnp.zeros((), jnp.float32), jnp.zeros(kernel.shape, jnp.float32))
     (total, dkernel), dxs = lax.scan(body, init, (xs, ts, ms))
@@ -171,9 +178,14 @@ def head_logprobs(hidden, kernel, tokens, *, temperature: float = 1.0, chunk_siz
     targets = tokens[:, 1:].astype(jnp.int32).reshape(-1)
     xs, ts = _chunked(hidden[:, :-1].reshape(-1, d), targets, chunk_size=chunk_size)
 
+    cpu_bf16 = kernel.dtype == jnp.bfloat16 and jax.default_backend() == "cpu"
+
     @jax.checkpoint
     def one(xc, tc):
-        logits = jnp.dot(xc, kernel, preferred_element_type=jnp.float32)
+        if cpu_bf16:  # its gradient matmuls on the bf16 kernels too (see `bf16_matmul`)
+            logits = bf16_matmul(xc, kernel, jnp.float32)
+        else:
+            logits = jnp.dot(xc, kernel, preferred_element_type=jnp.float32)
         if temperature != 1.0:
             logits = logits / temperature
         return _target_logit(logits, tc) - _exp_and_logsumexp(logits)[2]

@@ -1,0 +1,106 @@
+"""How the dense layers multiply: one 2-D matmul over the tokens, and on CPU in bfloat16 the
+bf16 instructions in the forward matmul and both backward ones.
+
+Both are XLA:CPU layout matters (jax 0.10.2), measured on AVX-512 EPYC hosts: the numbers
+in each docstring are `benchmarks/matmul_dtypes.py` and micro-benchmarks recorded in
+BENCHMARKS.md. On GPUs and TPUs the same code runs; the bf16 path is only chosen on CPU
+(`jaxgpt.models.layers.dense`).
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+def loop_carried_dots(*pairs):
+    """`tuple(a @ b for a, b in pairs)`, each `[m, k] @ [k, n] -> [m, n]` float32, with the
+    operands handed to the matmuls through a one-step `lax.scan` carry and an optimisation
+    barrier, so that each dot sees two row-major operands in canonical orientation.
+
+    Why: XLA:CPU runs a bf16 dot on its bf16 kernels (YNNPACK: AVX512-BF16, AMX) only when
+    both operands are row-major and un-transposed when its operand upcaster looks, early in
+    compilation; otherwise it converts both to float32 and runs at float32 speed. JAX lowers
+    `w.T` to a transpose that keeps the input's memory order (a column-major result), so
+    `g @ w.T` and `x.T @ g`, the two backward matmuls of every dense layer, were upcast. A
+    loop carry gets the default row-major layout: the transposes are materialised (a weight,
+    or one `[in, tokens]` activation, both small beside the matmul) and the dots stay bf16.
+    The barrier keeps XLA from folding the transposes back into the dots once it removes the
+    one-trip loop. Backward of a `[1024, 768] x [768, 3072]` bf16 layer on an AVX512-BF16
+    EPYC: 64 ms -> 28 ms. For float32 it does not pay (level or slower), so only the bf16
+    paths use it.
+    """
+    def body(carry, _):
+        operands = lax.optimization_barrier(carry)
+        return carry, tuple(jnp.dot(a, b, preferred_element_type=jnp.float32) for a, b in operands)
+
+    _, outs = lax.scan(body, tuple(pairs), None, length=1)
+    return tuple(o[0] for o in outs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def bf16_matmul(x, w, out_dtype=None):
+    """`x [m, k] @ w [k, n]` for bf16 `x`, `w` on the CPU's bf16 instructions: float32
+    accumulation, result in `out_dtype` (default x's, bf16; the LM head asks float32 logits),
+    and both backward matmuls in bf16 too (`loop_carried_dots`; the cotangent is rounded to
+    bf16 first, as under torch's autocast)."""
+    return jnp.dot(x, w, preferred_element_type=jnp.float32).astype(out_dtype or x.dtype)
+
+
+def _bf16_matmul_fwd(x, w, out_dtype):
+    return bf16_matmul(x, w, out_dtype), (x, w)
+
+
+def _bf16_matmul_bwd(out_dtype, res, g):
+    x, w = res
+    g = g.astype(x.dtype)
+    dx, dw = loop_carried_dots((g, w.T), (x.T, g))
+    return dx.astype(x.dtype), dw.astype(w.dtype)
+
+
+bf16_matmul.defvjp(_bf16_matmul_fwd, _bf16_matmul_bwd)
+
+
+def matmul_2d(x, w, *, cpu_bf16: bool = False):
+    """`x [..., in] @ w [in, out]` as one 2-D matmul over `[tokens, in]`; `[..., out]`.
+
+    Why 2-D: the gradient of a 3-D `[batch, seq, in]` dot contracts two dims for the weight,
+    and XLA:CPU lays that out by copying the output's cotangent transposed, in a strided loop
+    (fused with SwiGLU's backward it was 11% of a Llama step); the 2-D form's weight gradient
+    is one plain matmul. A SwiGLU MLP forward+backward, [1024, 768] -> 2048, on an AVX-512
+    EPYC: 221 ms 3-D, 160 ms 2-D. `cpu_bf16`: bf16 inputs, float32 accumulation, bf16 result
+    (`cpu_bf16_dot_general`)."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = bf16_matmul(x2, w) if cpu_bf16 else x2 @ w
+    return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def _is_dense_contraction(lhs, rhs, dimension_numbers) -> bool:
+    """`nn.Dense`'s contraction: the input's last dim with a 2-D kernel's first, no batch dims."""
+    (contract_l, contract_r), batch = dimension_numbers
+    return tuple(contract_l) == (lhs.ndim - 1,) and tuple(contract_r) == (0,) and rhs.ndim == 2 and not batch[0]
+
+
+def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+    """`nn.Dense`'s dot: `matmul_2d` for the dense contraction, `lax.dot_general` for anything
+    else (or when a precision or result type is asked for)."""
+    plain = precision is None and preferred_element_type is None and not kw
+    if plain and _is_dense_contraction(lhs, rhs, dimension_numbers):
+        return matmul_2d(lhs, rhs)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type, **kw)
+
+
+def cpu_bf16_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kw):
+    """`nn.Dense`'s dot for bfloat16 compute on CPU: bf16 inputs, float32 accumulation, bf16
+    result, in the forward matmul and both backward ones (`loop_carried_dots`). XLA:CPU runs
+    a bf16 dot on the CPU's bf16 instructions (AVX512-BF16, AMX) only when it accumulates in
+    float32: a 2048^2 matmul on an AVX512-BF16 host, 179 GFLOP/s with a bf16 result, 382
+    this way (float32: 200; `benchmarks/matmul_dtypes.py`). Other dimension numbers go to
+    `lax.dot_general`."""
+    if _is_dense_contraction(lhs, rhs, dimension_numbers) and lhs.dtype == rhs.dtype == jnp.bfloat16:
+        return matmul_2d(lhs, rhs, cpu_bf16=True)
+    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                           preferred_element_type=preferred_element_type, **kw)
