@@ -1,10 +1,11 @@
-"""How the dense layers multiply: one 2-D matmul over the tokens, and on CPU in bfloat16 the
-bf16 instructions in the forward matmul and both backward ones.
+"""How the dense layers (and, in bf16, the fused LM head) multiply: one 2-D matmul over the
+tokens, and with bfloat16 compute on CPU the CPU's bf16 instructions in the forward matmul
+and both backward ones.
 
-Both are XLA:CPU layout matters (jax 0.10.2), measured on AVX-512 EPYC hosts: the numbers
-in each docstring are `benchmarks/matmul_dtypes.py` and micro-benchmarks recorded in
-BENCHMARKS.md. On GPUs and TPUs the same code runs; the bf16 path is only chosen on CPU
-(`jaxgpt.models.layers.dense`).
+Both answer to how XLA:CPU (jax 0.10.2) lays out and dispatches dots; the figures in the
+docstrings were measured on AVX-512 EPYC hosts (`benchmarks/matmul_dtypes.py` and the
+micro-benchmarks in BENCHMARKS.md). GPUs and TPUs run the same 2-D matmuls; the bf16 path is
+chosen on CPU only (`jaxgpt.models.layers.dense`, `jaxgpt.train.losses`).
 """
 from __future__ import annotations
 
