@@ -7,6 +7,8 @@
 
 Models: ~150M parameters each (`CONFIGS`: width 768, 12 layers, 12 query / 4 key-value heads,
 MLP 2048, GPT-2's vocabulary, untied head; Qwen3 adds its q/k norms), float32, dropout 0.
+`--train-dtype bfloat16` trains in bf16 compute on both sides (jaxgpt `model.dtype=bfloat16`,
+transformers under `torch.autocast("cpu", torch.bfloat16)`, float32 weights and loss).
 
 * Training: forward, mean next-token cross-entropy, backward, global-norm clipping at 1.0,
   AdamW (decay 0.1 on matrices, betas 0.9/0.95) on `--batch x --seq` tokens. jaxgpt: its real
@@ -44,7 +46,9 @@ CONFIGS = {
 }
 
 
-def jax_side(cfg, train_cfg, batch: int, seq: int, prompt, new_tokens: int):
+def jax_side(cfg, train_cfg, batch: int, seq: int, prompt, new_tokens: int, train_dtype: str = "float32"):
+    import dataclasses
+
     import jax
     import numpy as np
 
@@ -56,7 +60,8 @@ def jax_side(cfg, train_cfg, batch: int, seq: int, prompt, new_tokens: int):
     params = jax.jit(lambda k: init_params(cfg, k))(jax.random.key(0))
     tx = make_optimizer(train_cfg)
     state = [create_train_state(params, tx)]
-    step = jax.jit(functools.partial(train_step, loss_fn=lm_loss_fn(build_model(cfg)), tx=tx), donate_argnums=0)
+    model = build_model(dataclasses.replace(cfg, dtype=train_dtype))  # decode stays in cfg's dtype
+    step = jax.jit(functools.partial(train_step, loss_fn=lm_loss_fn(model), tx=tx), donate_argnums=0)
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, (1, batch, seq + 1)).astype(np.int32)
     data = {"inputs": tokens[..., :-1], "targets": tokens[..., 1:]}
@@ -74,7 +79,8 @@ def jax_side(cfg, train_cfg, batch: int, seq: int, prompt, new_tokens: int):
     return train, decode, params
 
 
-def torch_side(cfg, params, train_cfg, batch: int, seq: int, prompt, new_tokens: int, attention: str):
+def torch_side(cfg, params, train_cfg, batch: int, seq: int, prompt, new_tokens: int, attention: str,
+               train_dtype: str = "float32"):
     import numpy as np
     import torch
 
@@ -89,8 +95,9 @@ def torch_side(cfg, params, train_cfg, batch: int, seq: int, prompt, new_tokens:
 
     def train():
         opt.zero_grad(set_to_none=True)
-        logits = model(tokens[:, :-1]).logits
-        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=train_dtype == "bfloat16"):
+            logits = model(tokens[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
         opt.step()
@@ -136,6 +143,9 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--torch-attention", default="sdpa")
+    p.add_argument("--train-dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="training compute dtype: jaxgpt's model.dtype, transformers under torch.autocast(bfloat16); "
+                   "decode stays float32")
     p.add_argument("--json")
     p.add_argument("--tiny", action="store_true", help="2 layers x 64 (a smoke test, seconds)")
     args = p.parse_args(argv)
@@ -158,20 +168,21 @@ def main(argv=None) -> int:
         cfg = load_config(None, CONFIGS[family] + tiny + ["model.dropout=0.0", "train.lr=3e-4", "train.weight_decay=0.1",
                                                    "train.grad_clip=1.0", "train.warmup_steps=0"])
         prompt = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (1, args.prompt)).astype(np.int32)
-        jtrain, jdecode, params = jax_side(cfg.model, cfg.train, args.batch, args.seq, prompt, args.new_tokens)
+        jtrain, jdecode, params = jax_side(cfg.model, cfg.train, args.batch, args.seq, prompt, args.new_tokens,
+                                           args.train_dtype)
         ttrain, tdecode = torch_side(cfg.model, params, cfg.train, args.batch, args.seq, prompt, args.new_tokens,
-                                     args.torch_attention)
+                                     args.torch_attention, args.train_dtype)
         n = count_params(params)
         train = timed({"jaxgpt": jtrain, "transformers": ttrain}, args.warmup, args.steps, args.rounds)
         decode = timed({"jaxgpt": jdecode, "transformers": tdecode}, 1, args.decode_steps, args.rounds)
         tokens = args.batch * args.seq
-        row = {"family": family, "params": n, "batch": args.batch, "seq": args.seq,
+        row = {"family": family, "params": n, "batch": args.batch, "seq": args.seq, "train_dtype": args.train_dtype,
                "train_tokens_per_sec": {k: tokens / v for k, v in train.items()},
                "train_speedup": train["transformers"] / train["jaxgpt"],
                "decode_tokens_per_sec": {k: args.new_tokens / v for k, v in decode.items()},
                "decode_speedup": decode["transformers"] / decode["jaxgpt"]}
         rows.append(row)
-        print(f"{family} ({n / 1e6:.0f}M): train {row['train_tokens_per_sec']['jaxgpt']:.0f} vs "
+        print(f"{family} ({n / 1e6:.0f}M): train ({args.train_dtype}) {row['train_tokens_per_sec']['jaxgpt']:.0f} vs "
               f"{row['train_tokens_per_sec']['transformers']:.0f} tokens/s ({row['train_speedup']:.2f}x); decode "
               f"{row['decode_tokens_per_sec']['jaxgpt']:.1f} vs {row['decode_tokens_per_sec']['transformers']:.1f} "
               f"tokens/s ({row['decode_speedup']:.2f}x)", flush=True)
