@@ -6,6 +6,7 @@ Tolerances: losses rel 1e-5; params abs 1e-5 (float32 reduction order; Adam turn
 the few elements whose gradient is itself float noise (`_same_adam_params`)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -53,6 +54,30 @@ def test_mesh_update_equals_one_device():
     assert "fsdp" in str(placed.state.params["h_0"]["mlp"]["c_fc"]["kernel"].sharding.spec)  # really sharded
     np.testing.assert_allclose(out["one"][0], out["mesh"][0], rtol=1e-5)
     jax.tree_util.tree_map(_same_adam_params, out["one"][1], out["mesh"][1])
+
+
+def test_bf16_compute_under_a_mesh_and_remat_matches_one_device():
+    """bfloat16 compute (on CPU: the bf16 dense matmuls with loop-carried backward operands,
+    `jaxgpt.models.matmuls`) partitioned fsdp=2 x tensor=2, with and without `model.remat`:
+    three updates' losses equal one device's within bf16 rounding."""
+    from jaxgpt.models.gpt2 import GPT
+    from jaxgpt.models import init_params
+    from jaxgpt.train.optim import make_optimizer
+    from jaxgpt.parallel import DataParallel, MeshParallel
+    from jaxgpt.train.steps import create_train_state, lm_loss_fn, train_step
+
+    cfg = ModelConfig(vocab_size=97, context_length=16, n_layer=1, n_head=2, n_embd=128, dropout=0.0)
+    params, tx = init_params(cfg, jax.random.key(0)), make_optimizer(TrainConfig(lr=1e-3, warmup_steps=0))
+    rng = np.random.default_rng(0)
+    batches = [{k: rng.integers(0, 97, (8, 16)).astype(np.int32) for k in ("inputs", "targets")} for _ in range(3)]
+    for remat in (False, True):
+        model = GPT(dataclasses.replace(cfg, dtype="bfloat16", remat=remat))
+        losses = {}
+        for name, layout in {"one": DataParallel(1), "mesh": MeshParallel(1, 2, 2)}.items():
+            placed = layout.place(create_train_state(params, tx), train_step, 2, loss_fn=lm_loss_fn(model), tx=tx)
+            losses[name] = [float(placed.update(b, jax.random.key(1))["loss"]) for b in batches]
+        assert losses["one"][-1] < losses["one"][0]
+        np.testing.assert_allclose(losses["mesh"], losses["one"], rtol=1e-3)
 
 
 def _same_adam_params(a, b):
