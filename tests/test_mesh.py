@@ -59,7 +59,7 @@ def test_mesh_update_equals_one_device():
 def test_bf16_compute_under_a_mesh_and_remat_matches_one_device():
     """bfloat16 compute (on CPU: the bf16 dense matmuls with loop-carried backward operands,
     `jaxgpt.models.matmuls`) partitioned fsdp=2 x tensor=2, with and without `model.remat`:
-    three updates' losses equal one device's within bf16 rounding."""
+    two updates' losses equal one device's within bf16 rounding."""
     from jaxgpt.models.gpt2 import GPT
     from jaxgpt.models import init_params
     from jaxgpt.train.optim import make_optimizer
@@ -69,7 +69,7 @@ def test_bf16_compute_under_a_mesh_and_remat_matches_one_device():
     cfg = ModelConfig(vocab_size=97, context_length=16, n_layer=1, n_head=2, n_embd=128, dropout=0.0)
     params, tx = init_params(cfg, jax.random.key(0)), make_optimizer(TrainConfig(lr=1e-3, warmup_steps=0))
     rng = np.random.default_rng(0)
-    batches = [{k: rng.integers(0, 97, (8, 16)).astype(np.int32) for k in ("inputs", "targets")} for _ in range(3)]
+    batches = [{k: rng.integers(0, 97, (8, 16)).astype(np.int32) for k in ("inputs", "targets")} for _ in range(2)]
     for remat in (False, True):
         model = GPT(dataclasses.replace(cfg, dtype="bfloat16", remat=remat))
         losses = {}
