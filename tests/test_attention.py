@@ -7,6 +7,7 @@ padded last tile. Tolerances: float32 1e-5 absolute (observed ~1e-6), bfloat16 3
 """
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,11 +19,12 @@ from jaxgpt.models.attention import (
     blockwise_attention,
     choose_attention,
     dropout_keep_mask,
+    one_query_attention,
     reference_attention,
 )
 from jaxgpt.models.gpt2 import GPT
 from jaxgpt.models import init_params
-from jaxgpt.generation.decode import generate_tokens
+from jaxgpt.generation.decode import _generate_jit as decode_jit, generate_tokens
 
 B, T, H, D, TILE = 2, 20, 2, 8, 8
 ATOL = 1e-5
@@ -121,14 +123,86 @@ def test_dropout_is_honoured_and_the_backward_uses_the_forwards_mask():
 
 
 def test_choose_attention_on_cpu():
-    pick = lambda kind, dropout=0.0, kv_len=64, is_causal=True: choose_attention(
-        kind, dtype=jnp.float32, dropout=dropout, kv_len=kv_len, is_causal=is_causal)
+    pick = lambda kind, dropout=0.0, kv_len=64, is_causal=True, q_len=0: choose_attention(
+        kind, dtype=jnp.float32, dropout=dropout, kv_len=kv_len, is_causal=is_causal, q_len=q_len)
     assert pick("auto") == "reference"
     assert pick("auto", kv_len=attention.AUTO_BLOCKWISE_MIN_KV_CAUSAL) == "blockwise"
     assert pick("auto", kv_len=attention.AUTO_BLOCKWISE_MIN_KV_CAUSAL, is_causal=False) == "reference"
     assert pick("auto", kv_len=attention.AUTO_BLOCKWISE_MIN_KV_MASKED, is_causal=False) == "blockwise"
     assert pick("xla") == "xla" and pick("cudnn") == "cudnn" and pick("blockwise", dropout=0.1) == "blockwise"
     assert pick("xla", dropout=0.1) == "reference" and pick("cudnn", dropout=0.1) == "reference"
+    # a decode step (one query over the cache) reads the cache in place, whatever its length
+    for kind in ("reference", "auto"):
+        assert pick(kind, q_len=1, is_causal=False) == pick(kind, q_len=1, kv_len=4096, is_causal=False) == "one_query"
+        assert pick(kind, q_len=2, is_causal=False) != "one_query"
+    assert pick("blockwise", q_len=1) == "blockwise" and pick("xla", q_len=1) == "xla"
+    assert pick("reference", q_len=1, dropout=0.1) == "reference"
+
+
+@pytest.mark.parametrize("kv_heads", [H, 1])
+@pytest.mark.parametrize("q_len", [1, 3])
+def test_one_query_attention_equals_reference(kv_heads, q_len):
+    """The decode-step kernel, for one and several queries, plain and grouped-query K/V, with
+    the model's cache masks (a padded row, queries at the end of a partly filled cache) and in
+    bfloat16."""
+    heads, s = 4, 11
+    q = jax.random.normal(jax.random.key(0), (B, q_len, heads, D))
+    k, v = (jax.random.normal(jax.random.key(i), (B, s, kv_heads, D)) for i in (1, 2))
+    key_valid = (jnp.arange(s)[None, :] >= jnp.array([[0], [4]])) & (jnp.arange(s) < 9)
+    mask = _model_mask(q_len, s, 9 - q_len, key_valid)
+    want = reference_attention(q, k, v, mask)
+    np.testing.assert_allclose(one_query_attention(q, k, v, mask), want, atol=ATOL)
+    bf = [a.astype(jnp.bfloat16) for a in (q, k, v)]
+    got = one_query_attention(*bf, mask)
+    assert got.dtype == jnp.bfloat16
+    np.testing.assert_allclose(got.astype(jnp.float32), reference_attention(*bf, mask).astype(jnp.float32), atol=3e-2)
+
+
+def _hlo_instructions(text):
+    """name -> (opcode, operand names, called computation, computation it is in) of every
+    instruction of an optimised HLO module's text, and computation -> its ROOT's opcode."""
+    instrs, roots, comp = {}, {}, None
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%(\S+) ", line)
+        if head and line.rstrip().endswith("{"):
+            comp = head.group(1)
+        m = re.match(r"^\s+(ROOT )?%(\S+) = .*?\b([a-z][\w-]*)\(([^)]*)\)", line)
+        if m:
+            calls = re.search(r"(?:calls|body)=%([\w.-]+)", line)
+            instrs[m.group(2)] = (m.group(3), re.findall(r"%([\w.-]+)", m.group(4)), calls and calls.group(1), comp)
+            if m.group(1):
+                roots[comp] = m.group(3)
+    return instrs, roots
+
+
+def test_decode_steps_read_the_kv_cache_in_place(tiny_model_cfg):
+    """In the compiled decode loop every dot that reads the KV cache reads the loop's own
+    buffer, updated in place: no per-step copy or transpose of any layer's cache (the
+    einsum over a `[batch, len, heads, head_dim]` cache cost XLA:CPU two transposed copies
+    per layer and token, ~13% of a gpt2-124m decode step)."""
+    cfg, p, n = tiny_model_cfg, 5, 7
+    args = (_params(cfg), jnp.zeros((1, p), jnp.int32), jnp.ones((1, p), bool), jax.random.key(0),
+            jnp.float32(0), jnp.float32(1))
+    text = decode_jit.lower(*args, config=cfg, max_new_tokens=n, greedy=True, top_k=None, use_top_p=False,
+                            eos_id=None, pad_id=0, vocab_limit=None).compile().as_text()
+    instrs, roots = _hlo_instructions(text)
+    loop = {called for op, _, called, _ in instrs.values() if op == "while"}
+    assert len(loop) == 1
+    cache_elems = cfg.kv_heads * (p + n) * cfg.head_dim
+    sizes = {name: int(np.prod([int(x) for x in dims.split(",") if x])) for name, dims in
+             re.findall(r"^\s+(?:ROOT )?%(\S+) = \w+\[([\d,]*)\]", text, re.M)}
+    cache_reads = 0
+    for name, (opcode, operands, _, comp) in instrs.items():
+        for src in operands if opcode == "dot" and comp in loop else ():
+            if sizes.get(src) != cache_elems:
+                continue
+            while instrs[src][0] == "bitcast":
+                src = instrs[src][1][0]
+            op, _, called, _ = instrs[src]
+            cache_reads += 1
+            assert op == "get-tuple-element" or (op == "fusion" and roots.get(called) == "dynamic-update-slice"), \
+                f"{name} reads the cache through {src} ({op}: a copy)"
+    assert cache_reads == 2 * cfg.n_layer  # K and V of every layer
 
 
 @pytest.fixture

@@ -232,6 +232,26 @@ def test_cpu_bf16_backward_matmuls_stay_in_bf16():
                 np.testing.assert_allclose(a.astype(f32), b, rtol=2**-6, atol=2e-2 * float(jnp.max(jnp.abs(b))))
 
 
+def test_one_row_matmuls_run_in_row_blocks():
+    """A one-token dense layer on CPU (batch-1 decoding) multiplies by row blocks of the
+    weight (`matmuls.row_block_gemv`, a batched dot), equal to the plain product; more rows,
+    a weight with an odd number of blocks, or a head much wider than deep stay plain."""
+    from jaxgpt.models.matmuls import GEMV_BLOCK, matmul_2d
+
+    def batched_dots(x, w):
+        jaxpr = jax.make_jaxpr(matmul_2d)(x, w)
+        return [e.params["dimension_numbers"][1] != ((), ()) for e in jaxpr.jaxpr.eqns if e.primitive.name == "dot_general"]
+
+    k = 4 * GEMV_BLOCK
+    w = jax.random.normal(jax.random.key(1), (k, 96)) / 16
+    x = jax.random.normal(jax.random.key(0), (3, 1, k))
+    np.testing.assert_allclose(matmul_2d(x[:1], w), x[:1] @ w, rtol=1e-5, atol=1e-5)
+    assert batched_dots(x[:1], w) == [True]
+    assert batched_dots(x, w) == [False]  # three rows
+    assert batched_dots(x[:1, :, :3 * GEMV_BLOCK], w[:3 * GEMV_BLOCK]) == [False]  # odd block count
+    assert batched_dots(x[:1], jnp.ones((k, 4 * k + 1))) == [False]  # a vocabulary head
+
+
 def test_dense_layers_run_as_one_2d_matmul():
     """Every dense layer (`dense_dot_general`) flattens `[batch, seq, in]` to one 2-D matmul,
     so its weight gradient is a 2-D dot (the 3-D form's costs XLA:CPU a strided transposed

@@ -9,6 +9,8 @@ reference groups the queries in its einsum, blockwise folds each group into its 
 
 * `reference_attention`: einsum + float32 softmax. Materialises the `[batch, heads, q_len,
   kv_len]` scores (and autodiff keeps them for the backward pass); the numerical reference.
+* `one_query_attention`: the reference's math for a decode step, reading the KV cache in the
+  heads-major layout it is kept in (no per-step transpose of the cache).
 * `fused_attention`: `jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on NVIDIA
   GPUs). No dropout on the attention weights.
 * `blockwise_attention`: flash-attention style online softmax over `[block_q, block_k]` tiles
@@ -65,6 +67,33 @@ def reference_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
     return jnp.einsum(pv, weights.astype(v.dtype), v).reshape(b, t, h, d)
+
+
+def one_query_attention(q, k, v, mask):
+    """`reference_attention` for a decode step (one query, or a few) over a KV cache, written
+    for the cache's heads-major layout (`jaxgpt.models.layers.init_cache`).
+
+    Shapes as `reference_attention`; k/v are the cache's `[batch, kv_len, kv_heads, head_dim]`
+    view. Float32 scores and softmax, no dropout. Each (row, kv head)'s keys are the matrix
+    of both dots, scores `K q` and output `V^T p`, so XLA reads the cache where it lies. The
+    einsum form made XLA:CPU copy every layer's keys and values each step into `[heads,
+    head_dim, kv_len]` (the minor-dimension transpose its batched matmul wanted; 24 copies
+    per gpt2-124m token, ~3 ms of a ~23 ms step on an AVX-512 EPYC; `BENCHMARKS.md`, decode).
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    b, t, h, d = q.shape
+    s, kv = k.shape[1], k.shape[2]
+    group = h // kv
+    batch = ((0,), (0,))
+    heads_major = lambda x: jnp.swapaxes(x, 1, 2).reshape(b * kv, s, d)  # noqa: E731
+    qt = q.reshape(b, t, kv, group, d).transpose(0, 2, 4, 1, 3).reshape(b * kv, d, t * group)
+    scores = lax.dot_general(heads_major(k), qt, (((2,), (1,)), batch),
+                             preferred_element_type=jnp.float32) * scale  # [b * kv, s, t * group]
+    keep = jnp.broadcast_to(jnp.swapaxes(mask, 2, 3)[..., None], (b, kv, s, t, group))
+    scores = jnp.where(keep.reshape(b * kv, s, t * group), scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=1).astype(v.dtype)
+    out = lax.dot_general(heads_major(v), weights, (((1,), (1,)), batch))  # [b * kv, d, t * group]
+    return out.reshape(b, kv, d, t, group).transpose(0, 3, 1, 4, 2).reshape(b, t, h, d)
 
 
 def fused_attention(q, k, v, mask, *, implementation: str | None, is_causal: bool):
@@ -298,11 +327,14 @@ def _is_nvidia_gpu() -> bool:
 
 
 def choose_attention(kind: str, *, dtype, dropout: float, kv_len: int, is_causal: bool,
-                     head_dim: int = 64) -> str:
-    """The kernel `model.attention=kind` runs for one call: reference | xla | cudnn | blockwise.
+                     head_dim: int = 64, q_len: int = 0) -> str:
+    """The kernel `model.attention=kind` runs for one call: reference | xla | cudnn | blockwise
+    | one_query.
 
     dropout: this call's attention dropout (0 when deterministic); kv_len: keys per query;
-    is_causal: the mask is the plain causal one (no padding, no cache).
+    is_causal: the mask is the plain causal one (no padding, no cache); q_len: queries.
+    `reference` and `auto`: a single query (a decode step) runs `one_query`, the reference's
+    math written for the KV cache's layout.
     `auto`: cuDNN flash attention on an NVIDIA GPU for bf16/fp16 without dropout, causal (the
     mask cuDNN takes without reading one; padding and cache masks go to XLA) and a head_dim
     cuDNN supports (a multiple of 8, at most 128); otherwise,
@@ -312,6 +344,8 @@ def choose_attention(kind: str, *, dtype, dropout: float, kv_len: int, is_causal
     memory O(T) not O(T^2), else `reference`.
     Explicit `xla` / `cudnn` with dropout > 0 run `reference`, so dropout is still applied.
     """
+    if kind in ("reference", "auto") and q_len == 1 and dropout == 0.0:
+        return "one_query"
     if kind == "auto":
         half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
         cudnn_shape = is_causal and head_dim % 8 == 0 and head_dim <= 128

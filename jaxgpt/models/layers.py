@@ -18,7 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxgpt.models.attention import blockwise_attention, choose_attention, fused_attention, reference_attention
+from jaxgpt.models.attention import (blockwise_attention, choose_attention, fused_attention, one_query_attention,
+                                     reference_attention)
 from jaxgpt.models.lora import LoRAConfig, LoRADense
 from jaxgpt.models.matmuls import cpu_bf16_dot_general, dense_dot_general
 from jaxgpt.models.recompute import recompute_after_cotangent
@@ -45,13 +46,17 @@ def param_dtype(config):
 def init_cache(config, batch_size: int, max_len: int | None = None) -> Cache:
     """An empty KV cache for `batch_size` rows and `max_len` slots (default: the context).
 
-    `layers[i]["k"|"v"]`: `[batch, max_len, kv_heads, head_dim]` in the compute dtype;
+    `layers[i]["k"|"v"]`: `[batch * kv_heads, max_len, head_dim]` in the compute dtype, kv
+    head by kv head (row `r * kv_heads + n` is row r's head n), so a decode step
+    (`one_query_attention`) reads each head's keys and values where they lie (kept as
+    `[batch, max_len, kv_heads, head_dim]`, XLA:CPU copied every layer's cache, transposed,
+    at every step);
     `valid`: `[batch, max_len]` bool, True where a slot holds a real (non-padding) token;
     `index`: int32 scalar, the next slot to write (shared by all rows: prompts are
     left-padded so they end together).
     """
     max_len = max_len or config.context_length
-    shape = (batch_size, max_len, config.kv_heads, config.head_dim)
+    shape = (batch_size * config.kv_heads, max_len, config.head_dim)
     dtype = compute_dtype(config)
     layers = tuple(
         {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)
@@ -147,11 +152,17 @@ def attention_inputs(tokens, positions=None, attention_mask=None, cache: Cache |
 
 
 def write_cache(cache_layer, k, v, index):
-    """This call's keys and values `[batch, seq, kv_heads, head_dim]` written into a cache
-    layer at slot `index`; returns the whole layer's `(k, v)` and the new layer."""
-    k = jax.lax.dynamic_update_slice(cache_layer["k"], k.astype(cache_layer["k"].dtype), (0, index, 0, 0))
-    v = jax.lax.dynamic_update_slice(cache_layer["v"], v.astype(cache_layer["v"].dtype), (0, index, 0, 0))
-    return k, v, {"k": k, "v": v}
+    """Write this call's keys and values `[batch, seq, kv_heads, head_dim]` into a cache layer
+    at slot `index`. Returns `(k, v, new_layer)`: the whole layer's keys and values as the
+    attention kernels take them, `[batch, max_len, kv_heads, head_dim]`, are a transposed view
+    of the cache; at a decode step `one_query_attention` transposes it back and XLA reads the
+    cache itself, a prefill's kernel gets one copy."""
+    b, t, kv, d = k.shape
+    put = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
+        c, jnp.swapaxes(x, 1, 2).reshape(b * kv, t, d).astype(c.dtype), (0, index, 0))
+    new = {"k": put(cache_layer["k"], k), "v": put(cache_layer["v"], v)}
+    view = lambda c: jnp.swapaxes(c.reshape(b, kv, -1, d), 1, 2)  # noqa: E731
+    return view(new["k"]), view(new["v"]), new
 
 
 def attend(module: nn.Module, config, q, k, v, mask, is_causal: bool, deterministic: bool):
@@ -163,10 +174,12 @@ def attend(module: nn.Module, config, q, k, v, mask, is_causal: bool, determinis
     `module` draws the dropout key (its `dropout` stream)."""
     attn_dropout = 0.0 if deterministic else config.dropout
     kind = choose_attention(config.attention, dtype=q.dtype, dropout=attn_dropout, kv_len=k.shape[1],
-                            is_causal=is_causal, head_dim=config.head_dim)
+                            is_causal=is_causal, head_dim=config.head_dim, q_len=q.shape[1])
     rng = module.make_rng("dropout") if attn_dropout > 0.0 else None
     if kind == "reference":
         return reference_attention(q, k, v, mask, dropout_rate=attn_dropout, dropout_rng=rng)
+    if kind == "one_query":
+        return one_query_attention(q, k, v, mask)
     if kind == "blockwise":  # causal: the mask is generated per tile, not read
         return blockwise_attention(q, k, v, None if is_causal else mask, is_causal=is_causal,
                                    dropout_rate=attn_dropout, dropout_rng=rng)

@@ -1,6 +1,6 @@
 """How the dense layers (and, in bf16, the fused LM head) multiply: one 2-D matmul over the
-tokens, and with bfloat16 compute on CPU the CPU's bf16 instructions in the forward matmul
-and both backward ones.
+tokens; with bfloat16 compute on CPU the CPU's bf16 instructions in the forward matmul and
+both backward ones; and a one-token float32 matmul on CPU (batch-1 decoding) as row blocks.
 
 Both answer to how XLA:CPU (jax 0.10.2) lays out and dispatches dots; the figures in the
 docstrings were measured on AVX-512 EPYC hosts (`benchmarks/matmul_dtypes.py` and the
@@ -74,8 +74,41 @@ def matmul_2d(x, w, *, cpu_bf16: bool = False):
     EPYC: 221 ms 3-D, 160 ms 2-D. `cpu_bf16`: bf16 inputs, float32 accumulation, bf16 result
     (`cpu_bf16_dot_general`)."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = bf16_matmul(x2, w) if cpu_bf16 else x2 @ w
+    if cpu_bf16:
+        y = bf16_matmul(x2, w)
+    elif x2.shape[0] == 1 and _row_blocks_pay(w.shape):
+        y = row_block_gemv(x2, w)
+    else:
+        y = x2 @ w
     return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+GEMV_BLOCK = 128  # rows of the weight per partial product in `row_block_gemv`
+
+
+def _row_blocks_pay(shape) -> bool:
+    """Whether a one-row `x @ w` with `w` of `shape` [k, n] runs as `row_block_gemv`: on CPU,
+    k an even number of blocks, n <= 4k (a vocabulary head, n >> k, ran slower that way)."""
+    k, n = shape
+    return jax.default_backend() == "cpu" and k % (2 * GEMV_BLOCK) == 0 and n <= 4 * k
+
+
+def row_block_gemv(x, w):
+    """`x [1, k] @ w [k, n]` as `k / GEMV_BLOCK` products of `GEMV_BLOCK`-row blocks of w
+    (one batched dot), summed.
+
+    A decode step at batch 1 is matrix-vector products that only have to stream the weights
+    from memory. XLA:CPU's one-row matmul fell short of the memory's speed for most of a
+    GPT's shapes; as a batch of row blocks, each a contiguous slab of w, it reaches it.
+    Measured on a 2-core AVX-512 EPYC (GB/s of weights read; `jnp.sum` over the same bytes
+    ~27-33): `[3072, 768]` 22 -> 31, `[768, 768]` 24 -> 30, `[768, 2304]` 25-30 -> 37;
+    `[768, 3072]` level; a gpt2-124m decode step ~15% faster (`BENCHMARKS.md`, decode). With
+    more than one row it does not pay (4 rows: level or slower)."""
+    k, n = w.shape
+    blocks = k // GEMV_BLOCK
+    parts = lax.dot_general(x.reshape(blocks, 1, GEMV_BLOCK), w.reshape(blocks, GEMV_BLOCK, n),
+                            (((2,), (1,)), ((0,), (0,))))  # [blocks, 1, n]
+    return jnp.sum(parts, axis=0)
 
 
 def _is_dense_contraction(lhs, rhs, dimension_numbers) -> bool:
