@@ -1,12 +1,15 @@
 #!/usr/bin/env python
-"""Llama and Qwen3 speed on this machine: jaxgpt vs transformers' `LlamaForCausalLM` /
-`Qwen3ForCausalLM` in the same run, for a training step and batch-1 greedy decode.
+"""Llama, Qwen3 and Gemma 3 speed on this machine: jaxgpt vs transformers' `LlamaForCausalLM` /
+`Qwen3ForCausalLM` / `Gemma3ForCausalLM` in the same run, for a training step and batch-1
+greedy decode.
 
     python benchmarks/families.py --families llama,qwen3 --steps 10 --rounds 3 --json families.json
     python benchmarks/families.py --tiny --families llama --steps 1 --rounds 1 --warmup 1   # smoke test
 
 Models: ~150M parameters each (`CONFIGS`: width 768, 12 layers, 12 query / 4 key-value heads,
-MLP 2048, GPT-2's vocabulary, untied head; Qwen3 adds its q/k norms), float32, dropout 0.
+MLP 2048, GPT-2's vocabulary, untied head; Qwen3 adds its q/k norms; Gemma 3 its four norms
+a block and a 128-slot sliding window on 5 layers in 6, so that it masks at these lengths),
+float32, dropout 0.
 `--train-dtype bfloat16` trains in bf16 compute on both sides (jaxgpt `model.dtype=bfloat16`,
 transformers under `torch.autocast("cpu", torch.bfloat16)`, float32 weights and loss).
 
@@ -43,6 +46,9 @@ CONFIGS = {
               "model.mlp_dim=2048", "model.tie_embeddings=false", "model.context_length=1024"],
     "qwen3": ["model.family=qwen3", "model.n_layer=12", "model.n_head=12", "model.n_kv_head=4", "model.n_embd=768",
               "model.head_size=64", "model.mlp_dim=2048", "model.tie_embeddings=false", "model.context_length=1024"],
+    "gemma3": ["model.family=gemma3", "model.n_layer=12", "model.n_head=12", "model.n_kv_head=4", "model.n_embd=768",
+               "model.head_size=64", "model.mlp_dim=2048", "model.tie_embeddings=false", "model.context_length=1024",
+               "model.sliding_window=128", "model.sliding_window_pattern=6"],
 }
 
 

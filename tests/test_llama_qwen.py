@@ -1,7 +1,9 @@
-"""Llama 3 and Qwen3 against transformers' `LlamaForCausalLM` / `Qwen3ForCausalLM`, which jaxgpt
-did not write, on tiny random configs built here (offline): grouped-query attention 4:2 and
-4:1, Qwen3 with head_dim != hidden / heads, Llama 3.1's rope scaling with a small original
-context (so it changes the frequencies at these lengths), tied and untied heads.
+"""Llama 3, Qwen3 and Gemma 3 against transformers' `LlamaForCausalLM` / `Qwen3ForCausalLM` /
+`Gemma3ForCausalLM`, which jaxgpt did not write, on tiny random configs built here (offline):
+grouped-query attention 4:2 and 4:1, Qwen3 with head_dim != hidden / heads, Llama 3.1's rope
+scaling with a small original context (so it changes the frequencies at these lengths), tied
+and untied heads; Gemma 3 with a 6-slot sliding window on every other layer (the rows are 40
+tokens, so it masks), linear rope scaling, query_pre_attn_scalar != head_dim, and all-global.
 
 Tolerances (float32, dropout off): logits 1e-5 absolute (`LOGIT_ATOL`; the frameworks differ
 in summation order only), 30 greedy tokens identical, the KV-cache decode's logits equal to the
@@ -47,6 +49,12 @@ CASES = {
     "qwen3-headdim16-gqa2-tied": ModelConfig(family="qwen3", n_kv_head=2, head_size=16, tie_embeddings=True,
                                              rope_theta=1000000.0, **{**_TINY, "layer_norm_epsilon": 1e-6}),
     "qwen3-gqa4-untied": ModelConfig(family="qwen3", n_kv_head=1, tie_embeddings=False, **_TINY),
+    "gemma3-window6-gqa2-linear": ModelConfig(
+        family="gemma3", n_kv_head=2, head_size=16, tie_embeddings=True, rope_theta=1e6, rope_local_theta=1e4,
+        rope_scaling=RopeScaling(type="linear", factor=4.0), sliding_window=6, sliding_window_pattern=2,
+        query_pre_attn_scalar=24, **{**_TINY, "n_layer": 3, "layer_norm_epsilon": 1e-6}),
+    "gemma3-global-gqa4-untied": ModelConfig(family="gemma3", n_kv_head=1, tie_embeddings=False,
+                                             query_pre_attn_scalar=8, **_TINY),
 }
 
 
@@ -62,9 +70,10 @@ def hf_model(cfg: ModelConfig, seed: int = 0):
     """transformers' model of `cfg` with random weights (std 0.1: logits far from uniform)."""
     torch.manual_seed(seed)
     model = family_of(cfg).torch_model(cfg).eval()
+    offset = 1.0 if cfg.family == "gemma3" else 0.0  # Gemma's norms weigh by 1 + weight
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.1) if p.ndim > 1 else p.uniform_(0.5, 1.5)  # norms away from 1
+            p.normal_(0.0, 0.1) if p.ndim > 1 else p.uniform_(0.5 - offset, 1.5 - offset)  # norms away from 1
     return model
 
 
@@ -88,8 +97,15 @@ def case(request):
 def test_config_round_trip_and_rope(case):
     name, cfg, model, loaded_cfg, _ = case
     assert dataclasses.replace(loaded_cfg, head_size=loaded_cfg.head_dim) == dataclasses.replace(cfg, head_size=cfg.head_dim)
-    # The inverse frequencies transformers' rotary module holds (the llama3 scaling included).
-    np.testing.assert_allclose(rope_frequencies(cfg), model.model.rotary_emb.inv_freq.numpy(), rtol=1e-6)
+    # The inverse frequencies transformers' rotary module holds (the llama3 / linear scaling included).
+    rotary = model.model.rotary_emb
+    if cfg.family != "gemma3":
+        np.testing.assert_allclose(rope_frequencies(cfg), rotary.inv_freq.numpy(), rtol=1e-6)
+        return
+    np.testing.assert_allclose(rope_frequencies(cfg), rotary.full_attention_inv_freq.numpy(), rtol=1e-6)
+    if cfg.sliding_window:
+        np.testing.assert_allclose(rope_frequencies(cfg, cfg.rope_local_theta, scaled=False),
+                                   rotary.sliding_attention_inv_freq.numpy(), rtol=1e-6)
 
 
 def test_logits_equal_transformers(case):
@@ -140,7 +156,7 @@ def test_export_reloads_in_transformers(case, tmp_path):
         np.testing.assert_allclose(again(tokens).logits.numpy(), model(tokens).logits.numpy(), atol=LOGIT_ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name", ["llama-gqa2-tied-rope31", "qwen3-headdim16-gqa2-tied"])
+@pytest.mark.parametrize("name", ["llama-gqa2-tied-rope31", "qwen3-headdim16-gqa2-tied", "gemma3-window6-gqa2-linear"])
 def test_adamw_steps_equal_the_torch_twin(name):
     """Five AdamW steps of jaxgpt's real `train_step` and of `torch.optim.AdamW` on the twin,
     from the same weights on the same batches: the same losses and the same weights."""
@@ -178,3 +194,29 @@ def test_preset_parameter_counts_equal_transformers(preset):
         hf = family_of(cfg).torch_model(cfg)
     n = sum(p.numel() for p in hf.parameters())  # a tied head counted once
     assert count_params(param_shapes(cfg)) == n == num_params_hf(cfg)
+
+
+def test_gemma3_config_json_forms_and_refusals():
+    """Gemma 3's config.json: transformers 5's `rope_parameters` and 4's flat rope keys, and
+    `layer_types` or the older `sliding_window_pattern`, read the same; what jaxgpt does not
+    build (softcapping, another layer pattern or activation, yarn) is a one-line UserError, and
+    other families refuse Gemma's fields."""
+    from jaxgpt.errors import UserError
+    from jaxgpt.models import get_family
+
+    family, cfg = get_family("gemma3"), CASES["gemma3-window6-gqa2-linear"]
+    flat = family.config_to_hf(cfg)
+    assert family.config_from_hf(flat) == cfg
+    v5 = {k: v for k, v in flat.items() if k not in ("rope_theta", "rope_scaling", "rope_local_base_freq")}
+    v5["rope_parameters"] = {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    pattern = {**{k: v for k, v in flat.items() if k != "layer_types"}, "sliding_window_pattern": 2}
+    assert family.config_from_hf(v5) == family.config_from_hf(pattern) == cfg
+    for bad, message in [({"final_logit_softcapping": 30.0}, "final_logit_softcapping"),
+                         ({"layer_types": ["full_attention", "sliding_attention", "sliding_attention"]}, "every N-th"),
+                         ({"hidden_activation": "gelu"}, "gelu_pytorch_tanh"),
+                         ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}}, "yarn")]:
+        with pytest.raises(UserError, match=message):
+            family.config_from_hf({**flat, **bad})
+    with pytest.raises(UserError, match="Gemma 3's"):
+        family_of(CASES["llama-gqa4-untied"]).validate(dataclasses.replace(CASES["llama-gqa4-untied"], sliding_window=8))

@@ -64,6 +64,11 @@ def validate_model(m: ModelConfig, *, check_vocab: bool = False) -> None:
              f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}), or set model.head_size")
     _require(not m.n_head % m.kv_heads, f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})")
     _require(m.rope_theta > 0, f"model.rope_theta must be positive, got {m.rope_theta}")
+    _require(m.rope_local_theta > 0, f"model.rope_local_theta must be positive, got {m.rope_local_theta}")
+    _require(m.sliding_window >= 0, f"model.sliding_window must be >= 0 (0 = none), got {m.sliding_window}")
+    _require(m.sliding_window_pattern >= 1, f"model.sliding_window_pattern must be >= 1, got {m.sliding_window_pattern}")
+    _require(m.query_pre_attn_scalar >= 0, f"model.query_pre_attn_scalar must be >= 0 (0 = head_dim), got "
+             f"{m.query_pre_attn_scalar}")
     one_of(m.rope_scaling.type, ROPE_SCALINGS, "model.rope_scaling.type")
     if m.rope_scaling.type:
         r = m.rope_scaling

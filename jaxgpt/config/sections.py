@@ -10,11 +10,12 @@ from typing import Any
 class RopeScaling:
     """`model.rope_scaling`: how rotary frequencies are stretched for long contexts.
 
+    `linear` (Gemma 3 from 4B up, its global layers): every inverse frequency divided by `factor`.
     `llama3` (Llama 3.1 / 3.2): wavelengths longer than `original_context / low_freq_factor`
     are divided by `factor`, those shorter than `original_context / high_freq_factor` kept,
     the band between interpolated (transformers' `_compute_llama3_parameters`). "" = none."""
 
-    type: str = ""  # "" | llama3
+    type: str = ""  # "" | llama3 | linear (inv_freq / factor: Gemma 3's global layers)
     factor: float = 8.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
@@ -23,25 +24,31 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A transformer of one family (`jaxgpt.models`: gpt2, llama, qwen3) and its shape.
+    """A transformer of one family (`jaxgpt.models`: gpt2, llama, qwen3, gemma3) and its shape.
     Defaults are GPT-2 124M as OpenAI released it; fields a family does not use keep their
     defaults (checked by the family)."""
 
-    family: str = "gpt2"  # gpt2 | llama | qwen3: the module that builds the model (jaxgpt.models)
+    family: str = "gpt2"  # gpt2 | llama | qwen3 | gemma3: the module that builds the model (jaxgpt.models)
     vocab_size: int = 50257
     context_length: int = 1024
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    n_kv_head: int = 0  # key/value heads (grouped-query attention, llama/qwen3); 0 = n_head
+    n_kv_head: int = 0  # key/value heads (grouped-query attention, llama/qwen3/gemma3); 0 = n_head
     head_size: int = 0  # width of one attention head; 0 = n_embd // n_head (Qwen3 sets its own)
     mlp_dim: int = 0  # MLP hidden units; 0 = 4 * n_embd
     dropout: float = 0.1
     qkv_bias: bool = True
     tie_embeddings: bool = True
-    layer_norm_epsilon: float = 1e-5  # LayerNorm (gpt2) or RMSNorm (llama, qwen3) epsilon
-    rope_theta: float = 10000.0  # rotary position base (llama, qwen3)
+    layer_norm_epsilon: float = 1e-5  # LayerNorm (gpt2) or RMSNorm (llama, qwen3, gemma3) epsilon
+    rope_theta: float = 10000.0  # rotary position base (llama, qwen3; gemma3's global layers)
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    # gemma3: every `sliding_window_pattern`-th layer attends to the whole context, the others to
+    # the last `sliding_window` slots (0 = every layer global), with rotary base `rope_local_theta`
+    sliding_window: int = 0
+    sliding_window_pattern: int = 6
+    rope_local_theta: float = 10000.0
+    query_pre_attn_scalar: int = 0  # gemma3: scores scaled by its -1/2 power; 0 = head_dim
     tokenizer: str = "gpt2"  # gpt2 (tiktoken, offline) | a folder with tokenizer.json (jaxgpt.text)
     dtype: str = "float32"  # compute dtype: float32 | bfloat16
     # storage of the model's weights: float32 | bfloat16 (e.g. the frozen base of a LoRA run: half
@@ -78,6 +85,9 @@ _LLAMA3 = dict(family="llama", vocab_size=128256, context_length=131072, n_kv_he
 _LLAMA3_ROPE = dict(type="llama3", low_freq_factor=1.0, high_freq_factor=4.0, original_context=8192)
 _QWEN3 = dict(family="qwen3", vocab_size=151936, context_length=40960, n_kv_head=8, head_size=128, qkv_bias=False,
               dropout=0.0, layer_norm_epsilon=1e-6, rope_theta=1000000.0)
+_GEMMA3 = dict(family="gemma3", vocab_size=262144, context_length=32768, n_kv_head=1, head_size=256, qkv_bias=False,
+               dropout=0.0, layer_norm_epsilon=1e-6, rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=512,
+               sliding_window_pattern=6, query_pre_attn_scalar=256, tie_embeddings=True)
 # The shapes of the released models (each preset's parameter count equals transformers' model
 # of the same config: tests/test_llama_qwen.py). Weights: `--init NAME` (jaxgpt.io.hub).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -95,23 +105,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-1.7b": dict(_QWEN3, n_layer=28, n_head=16, n_embd=2048, mlp_dim=6144, tie_embeddings=True),
     "qwen3-4b": dict(_QWEN3, n_layer=36, n_head=32, n_embd=2560, mlp_dim=9728, tie_embeddings=True),
     "qwen3-8b": dict(_QWEN3, n_layer=36, n_head=32, n_embd=4096, mlp_dim=12288, tie_embeddings=False),
+    "gemma-3-270m": dict(_GEMMA3, n_layer=18, n_head=4, n_embd=640, mlp_dim=2048),
+    "gemma-3-1b": dict(_GEMMA3, n_layer=26, n_head=4, n_embd=1152, mlp_dim=6912),
 }
 # The shape keys a later preset replaces (`jaxgpt.config.loading`); settings such as dropout,
 # qkv_bias or tie_embeddings that an earlier file gave stay.
 PRESET_KEYS = frozenset({"family", "vocab_size", "context_length", "n_layer", "n_head", "n_embd", "n_kv_head", "head_size",
-                         "mlp_dim", "rope_theta", "rope_scaling"})
+                         "mlp_dim", "rope_theta", "rope_scaling", "sliding_window", "sliding_window_pattern",
+                         "rope_local_theta", "query_pre_attn_scalar"})
 # The names in jax.checkpoint_policies that are policies themselves (the others, such as
 # save_only_these_names, are factories that need arguments a config cannot give).
 REMAT_POLICIES = ("nothing_saveable", "everything_saveable", "dots_saveable", "checkpoint_dots",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
-FAMILIES = ("gpt2", "llama", "qwen3")  # model.family: jaxgpt.models.FAMILY_MODULES (tests keep the two equal)
+FAMILIES = ("gpt2", "llama", "qwen3", "gemma3")  # model.family: jaxgpt.models.FAMILY_MODULES (tests keep the two equal)
 # What a model section that names a family (and no preset) gets for the keys it leaves out,
 # where the family differs from GPT-2's defaults above.
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(qkv_bias=False, dropout=0.0, rope_theta=500000.0),
     "qwen3": dict(qkv_bias=False, dropout=0.0, layer_norm_epsilon=1e-6, rope_theta=1000000.0),
+    "gemma3": dict(qkv_bias=False, dropout=0.0, layer_norm_epsilon=1e-6, rope_theta=1000000.0, sliding_window=512),
 }
-ROPE_SCALINGS = ("", "llama3")
+ROPE_SCALINGS = ("", "llama3", "linear")
 ATTENTION_KINDS = ("reference", "xla", "cudnn", "blockwise", "auto")
 MODEL_INITS = ("gpt2", "torch-default")
 TRAIN_MODES = ("full", "last-block", "lora")  # finetune.train_mode (jaxgpt.engine.params)

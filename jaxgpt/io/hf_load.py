@@ -1,7 +1,7 @@
 """Hugging Face checkpoints in: a folder's config.json and weights -> `(ModelConfig, params)`.
 
-The family is config.json's `model_type` (`jaxgpt.models`: gpt2, llama, qwen3); the family's
-converter maps each tensor's HF name to its jaxgpt path (a rename table, `Family.hf_target`,
+The family is config.json's `model_type` (`jaxgpt.models`: gpt2, llama, qwen3, gemma3_text);
+the family's converter maps each tensor's HF name to its jaxgpt path (a rename table, `Family.hf_target`,
 with a transpose where HF stores `[out, in]`) and reads the config (`Family.config_from_hf`).
 Any unknown, duplicate, missing or mis-shaped tensor is a one-line `UserError` naming it.
 With tied embeddings the head is the token embedding itself: `lm_head.weight` must be absent

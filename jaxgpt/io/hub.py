@@ -4,7 +4,7 @@ Accepted forms, tried in this order:
 
 1. a jaxgpt run directory (holds `config.yaml`): its latest checkpoint, through
    `jaxgpt.io.checkpoint.load_params`;
-2. a Hugging Face model directory of a family jaxgpt has (GPT-2, Llama, Qwen3: `config.json`
+2. a Hugging Face model directory of a family jaxgpt has (GPT-2, Llama, Qwen3, Gemma 3: `config.json`
    plus `model.safetensors`, a sharded `model.safetensors.index.json`, or `pytorch_model.bin`
    when torch is installed; its `tokenizer.json` becomes the model's tokenizer);
 3. OpenAI's original TensorFlow release directory (holds `hparams.json` and
@@ -13,7 +13,7 @@ Accepted forms, tried in this order:
    same shapes, `gpt2-124m`, `gpt2-355m`, `gpt2-774m`, `gpt2-1558m`). Its config.json and
    model.safetensors are downloaded once from huggingface.co/openai-community/NAME into
    `$JAXGPT_CACHE/hf/NAME` (default `~/.cache/jaxgpt/hf/NAME`) and read from there after;
-5. a hub id (`Qwen/Qwen3-0.6B`, `meta-llama/Llama-3.2-1B`) or a preset naming one
+5. a hub id (`Qwen/Qwen3-0.6B`, `google/gemma-3-270m`) or a preset naming one
    (`REPO_PRESETS`: `qwen3-0.6b`, `llama-3.2-1b`, ...): downloaded once into the same cache,
    verified the same way (`jaxgpt.io.hub_repos`); gated repositories need `$HF_TOKEN`.
 
@@ -79,7 +79,8 @@ PRESET_FILES = ("config.json", "model.safetensors")
 # Presets whose weights live in an organisation's repository (downloaded by `download_repo`).
 REPO_PRESETS = {"llama-3.2-1b": "meta-llama/Llama-3.2-1B", "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
                 "llama-3.1-8b": "meta-llama/Llama-3.1-8B", "qwen3-0.6b": "Qwen/Qwen3-0.6B",
-                "qwen3-1.7b": "Qwen/Qwen3-1.7B", "qwen3-4b": "Qwen/Qwen3-4B", "qwen3-8b": "Qwen/Qwen3-8B"}
+                "qwen3-1.7b": "Qwen/Qwen3-1.7B", "qwen3-4b": "Qwen/Qwen3-4B", "qwen3-8b": "Qwen/Qwen3-8B",
+                "gemma-3-270m": "google/gemma-3-270m", "gemma-3-1b": "google/gemma-3-1b-pt"}
 ACCEPTED = ("a jaxgpt run directory (config.yaml + checkpoints/), a Hugging Face model directory "
             "(config.json + model.safetensors), an OpenAI TensorFlow checkpoint directory "
             "(hparams.json + model.ckpt.*), a hub id such as Qwen/Qwen3-0.6B, or a preset: "

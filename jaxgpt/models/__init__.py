@@ -1,6 +1,6 @@
 """The model library: one module per model family, found through one lookup.
 
-    family = family_of(cfg.model)                # cfg.model.family: gpt2 | llama | qwen3
+    family = family_of(cfg.model)                # cfg.model.family: gpt2 | llama | qwen3 | gemma3
     model = family.build(cfg.model)              # a flax linen module: apply(params, tokens) -> logits
     params = family.init_params(cfg.model, key)  # or init_params(cfg.model, key): a plain dict pytree
 
@@ -26,6 +26,7 @@ FAMILY_MODULES: dict[str, str] = {
     "gpt2": "jaxgpt.models.gpt2",
     "llama": "jaxgpt.models.llama",
     "qwen3": "jaxgpt.models.qwen3",
+    "gemma3": "jaxgpt.models.gemma3",
 }
 
 

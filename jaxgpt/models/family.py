@@ -50,6 +50,7 @@ class Family:
     axes_table: ClassVar[tuple[tuple[str, tuple], ...]]
     hf_model_type: ClassVar[str]  # config.json's model_type
     hf_architecture: ClassVar[str]  # config.json's architectures[0] / the transformers class
+    sliding_window_layers: ClassVar[bool] = False  # reads model.sliding_window, query_pre_attn_scalar (Gemma 3)
 
     # -- the module ------------------------------------------------------------------------
     def build(self, config, *, num_classes: int = 0, value_head: bool = False, lora=None):
@@ -130,6 +131,9 @@ class Family:
     # -- checks ----------------------------------------------------------------------------
     def validate(self, config) -> None:
         """UserError for settings this family cannot build (checked before a run writes)."""
+        if not self.sliding_window_layers and (config.sliding_window or config.query_pre_attn_scalar):
+            raise UserError(f"model.sliding_window and model.query_pre_attn_scalar are Gemma 3's; model.family "
+                            f"{self.name} has neither: leave them at 0")
 
     # -- Hugging Face ----------------------------------------------------------------------
     def config_from_hf(self, hf: Mapping[str, Any], where: str = "config.json"):

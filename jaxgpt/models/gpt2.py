@@ -186,6 +186,7 @@ class GPT2Family(Family):
         return 12 * config.n_embd * config.n_embd
 
     def validate(self, config) -> None:
+        super().validate(config)
         if config.n_kv_head not in (0, config.n_head) or config.head_size not in (0, config.n_embd // config.n_head):
             raise UserError("model.family gpt2 has one key/value head per query head and head_size = n_embd / n_head; "
                             "leave model.n_kv_head and model.head_size at 0")

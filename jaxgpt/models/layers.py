@@ -148,7 +148,21 @@ def attention_inputs(tokens, positions=None, attention_mask=None, cache: Cache |
     # (fused kernels can return NaN there, which would leak through 0 * NaN). Real
     # tokens' rows are unchanged: they already see themselves.
     mask = mask | (k_slots[None, :] == q_slots[:, None])[None, None]
-    return {"mask": mask, "is_causal": is_causal, "positions": positions, "start": start, "key_valid": key_valid}
+    return {"mask": mask, "is_causal": is_causal, "positions": positions, "start": start, "key_valid": key_valid,
+            "q_slots": q_slots, "k_slots": k_slots}
+
+
+def sliding_window_mask(att, window: int):
+    """`(mask, is_causal)` of a sliding-window layer (Gemma 3's local layers): `att`'s mask where
+    the query's slot is less than `window` slots past the key's, so each query sees itself and
+    the `window - 1` slots before it (transformers' `sliding_window_causal_mask`; slots, not
+    positions, as there). When no key lies that far back (`kv_len <= window`) it is `att`'s own,
+    and the fused kernels keep their implicit causal mask."""
+    q_slots, k_slots = att["q_slots"], att["k_slots"]
+    if k_slots.shape[0] <= window:
+        return att["mask"], att["is_causal"]
+    near = (q_slots[:, None] - k_slots[None, :]) < window  # [q, kv]
+    return att["mask"] & near[None, None], False
 
 
 def write_cache(cache_layer, k, v, index):
@@ -270,21 +284,24 @@ class LanguageModel(nn.Module):
             self.values(x)
         return out if cache is None else (out, new_cache)
 
-    def run_blocks(self, x, att, deterministic: bool, cache: Cache | None, rope=None):
+    def run_blocks(self, x, att, deterministic: bool, cache: Cache | None, rope=None, per_layer=None):
         """`x [b, t, n_embd]` through `self.blocks` (each with its cache layer); returns `x` and
-        the new cache (None without one)."""
+        the new cache (None without one). `per_layer(i) -> (mask, is_causal, rope)` gives layers
+        their own masks and rotary tables (Gemma 3's sliding-window layers); by default every
+        layer takes `att`'s and `rope`."""
         new_layers = []
         recompute = (self.config.remat and self.config.remat_policy == "nothing_saveable" and cache is None
                      and not self.is_initializing())
-        mask, is_causal = att["mask"], att["is_causal"]
+        per_layer = per_layer or (lambda i: (att["mask"], att["is_causal"], rope))
         for i, block in enumerate(self.blocks):
+            mask, is_causal, layer_rope = per_layer(i)
             if recompute:
-                x = self._recomputed_block(block, x, mask, is_causal, deterministic, rope)
+                x = self._recomputed_block(block, x, mask, is_causal, deterministic, layer_rope)
                 new_layers.append(None)
                 continue
             layer_cache = None if cache is None else cache["layers"][i]
             x, new_layer = block(x, mask, is_causal, deterministic, layer_cache,
-                                 None if cache is None else att["start"], rope)
+                                 None if cache is None else att["start"], layer_rope)
             new_layers.append(new_layer)
         if cache is None:
             return x, None

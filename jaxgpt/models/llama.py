@@ -20,10 +20,11 @@ plus the task heads (`score`, `value_head`) and LoRA adapters as every family ha
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from jaxgpt.errors import UserError
 from jaxgpt.models.family import Family, Target, hf_shape
@@ -36,11 +37,14 @@ from jaxgpt.models.rope import apply_rope, rope_tables
 
 class LlamaAttention(nn.Module):
     """Grouped-query self-attention: `kv_heads` key/value heads serve `n_head` query heads,
-    rotary positions on q and k (after Qwen3's per-head norms when `qk_norm`)."""
+    rotary positions on q and k (after Qwen3's per-head norms when `qk_norm`; Gemma 3's norms
+    weigh by `1 + scale`, `norm_offset`). Scores are scaled by `model.query_pre_attn_scalar`
+    ** -1/2 where it is set (Gemma 3), else head_dim ** -1/2."""
 
     config: Any
     lora: LoRAConfig | None = None
     qk_norm: bool = False
+    norm_offset: bool = False
 
     @nn.compact
     def __call__(self, x, mask, is_causal, deterministic, cache_layer, cache_index, rope):
@@ -52,9 +56,12 @@ class LlamaAttention(nn.Module):
         k = proj(kv, "k_proj")(x).reshape(b, t, kv, hd)
         v = proj(kv, "v_proj")(x).reshape(b, t, kv, hd)
         if self.qk_norm:
-            q = RMSNorm(cfg.layer_norm_epsilon, dtype=q.dtype, param_dtype=param_dtype(cfg), name="q_norm")(q)
-            k = RMSNorm(cfg.layer_norm_epsilon, dtype=k.dtype, param_dtype=param_dtype(cfg), name="k_norm")(k)
+            norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, dtype=q.dtype, param_dtype=param_dtype(cfg),  # noqa: E731
+                                        unit_offset=self.norm_offset, name=name)
+            q, k = norm("q_norm")(q), norm("k_norm")(k)
         q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if cfg.query_pre_attn_scalar and cfg.query_pre_attn_scalar != hd:  # the kernels scale by hd ** -1/2
+            q = q * jnp.asarray((hd / cfg.query_pre_attn_scalar) ** 0.5, q.dtype)
         new_cache = None
         if cache_layer is not None:
             k, v, new_cache = write_cache(cache_layer, k, v, cache_index)
@@ -63,10 +70,12 @@ class LlamaAttention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """`down(silu(gate(x)) * up(x))`, hidden width `model.mlp_width`."""
+    """`down(act(gate(x)) * up(x))`, hidden width `model.mlp_width`; `act` silu (Llama, Qwen3)
+    or GELU's tanh approximation (Gemma 3's GeGLU)."""
 
     config: Any
     lora: LoRAConfig | None = None
+    act: Callable = jax.nn.silu
 
     @nn.compact
     def __call__(self, x):
@@ -74,7 +83,7 @@ class SwiGLU(nn.Module):
         m, d = cfg.mlp_width, x.shape[-1]
         gate = dense(m, "gate_proj", config=cfg, fan_in=d, use_bias=False, lora=self.lora)(x)
         up = dense(m, "up_proj", config=cfg, fan_in=d, use_bias=False, lora=self.lora)(x)
-        return dense(d, "down_proj", config=cfg, fan_in=m, use_bias=False, lora=self.lora)(jax.nn.silu(gate) * up)
+        return dense(d, "down_proj", config=cfg, fan_in=m, use_bias=False, lora=self.lora)(self.act(gate) * up)
 
 
 class LlamaBlock(nn.Module):
@@ -158,6 +167,7 @@ class LlamaFamily(Family):
         return 2 * d * config.n_head * hd + 2 * d * config.kv_heads * hd + 3 * d * config.mlp_width
 
     def validate(self, config) -> None:
+        super().validate(config)
         if config.qkv_bias:
             raise UserError(f"model.family {self.name} has no attention biases; set model.qkv_bias=false")
 
@@ -254,7 +264,7 @@ def num_params_hf(config) -> int:
     """Parameter count by arithmetic, as transformers counts it (a tied head once)."""
     d, V, hd = config.n_embd, config.vocab_size, config.head_dim
     attn = d * config.n_head * hd * 2 + 2 * d * config.kv_heads * hd
-    norms = 2 * d + (2 * hd if config.family == "qwen3" else 0)
+    norms = {"llama": 2 * d, "qwen3": 2 * d + 2 * hd, "gemma3": 4 * d + 2 * hd}[config.family]
     block = attn + 3 * d * config.mlp_width + norms
     return V * d * (1 if config.tie_embeddings else 2) + config.n_layer * block + d
 

@@ -149,25 +149,28 @@ def _rms_norm_rstd(x, epsilon: float):
     return jax.lax.rsqrt((xf * xf).mean(-1, keepdims=True) + epsilon)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def rms_norm(x, scale, epsilon: float):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def rms_norm(x, scale, epsilon: float, unit_offset: bool = False):
     """RMSNorm over the last axis of `x [..., d]` with `scale [d]`, as transformers' Llama and
     Qwen3 compute it: normalised in float32, cast back to x's dtype, then times the scale.
+    `unit_offset` (Gemma): times `1 + scale` (zeros at init) in float32, then cast.
     The backward pass keeps `x` and the `[..., 1]` statistic only (like `layer_norm`)."""
-    return scale * (x.astype(jnp.float32) * _rms_norm_rstd(x, epsilon)).astype(x.dtype)
+    return _rms_norm_fwd(x, scale, epsilon, unit_offset)[0]
 
 
-def _rms_norm_fwd(x, scale, epsilon):
+def _rms_norm_fwd(x, scale, epsilon, unit_offset):
     rstd = _rms_norm_rstd(x, epsilon)
-    return scale * (x.astype(jnp.float32) * rstd).astype(x.dtype), (x, scale, rstd)
+    xhat = x.astype(jnp.float32) * rstd
+    y = (xhat * (1.0 + scale.astype(jnp.float32))).astype(x.dtype) if unit_offset else scale * xhat.astype(x.dtype)
+    return y, (x, scale, rstd)
 
 
-def _rms_norm_bwd(epsilon, residuals, g):
+def _rms_norm_bwd(epsilon, unit_offset, residuals, g):
     x, scale, rstd = residuals
     x, scale, rstd = after_cotangent((x, scale, rstd), g)  # recomputed after g, not held (see layer_norm)
     xhat = x.astype(jnp.float32) * rstd
     g = g.astype(jnp.float32)
-    gs = g * scale
+    gs = g * (1.0 + scale.astype(jnp.float32) if unit_offset else scale)
     dx = rstd * (gs - xhat * (gs * xhat).mean(-1, keepdims=True))
     return dx.astype(x.dtype), (g * xhat).sum(tuple(range(g.ndim - 1))).astype(scale.dtype)
 
@@ -176,13 +179,16 @@ rms_norm.defvjp(_rms_norm_fwd, _rms_norm_bwd)
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a `scale [d]` parameter (ones at init), through `rms_norm`."""
+    """RMSNorm with a `scale [d]` parameter, through `rms_norm`: ones at init, or with
+    `unit_offset` (Gemma: the weight is `1 + scale`) zeros."""
 
     epsilon: float = 1e-6
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    unit_offset: bool = False
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
-        return rms_norm(x, scale, self.epsilon).astype(self.dtype or x.dtype)
+        init = nn.initializers.zeros if self.unit_offset else nn.initializers.ones
+        scale = self.param("scale", init, (x.shape[-1],), self.param_dtype)
+        return rms_norm(x, scale, self.epsilon, self.unit_offset).astype(self.dtype or x.dtype)

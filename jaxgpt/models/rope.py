@@ -1,4 +1,4 @@
-"""Rotary position embeddings as transformers computes them for Llama 3 and Qwen3.
+"""Rotary position embeddings as transformers computes them for Llama 3, Qwen3 and Gemma 3.
 
 The "rotate half" layout: a head's dimension `d` pairs entry `i` with entry `i + d/2` (Hugging
 Face's checkpoints have q and k permuted into it; Meta's original interleaves pairs):
@@ -8,7 +8,8 @@ Face's checkpoints have q and k permuted into it; Meta's original interleaves pa
     cos, sin = cos(angle), sin(angle), each repeated twice along j: [b, t, d]   (`rope_tables`)
     rotate(x) = x * cos + rotate_half(x) * sin,  rotate_half([x1, x2]) = [-x2, x1]
 
-`model.rope_scaling.type: llama3` (Llama 3.1 / 3.2) rescales inv_freq by wavelength:
+`model.rope_scaling.type: linear` (Gemma 3's global layers from 4B up) divides inv_freq by
+`factor`; `llama3` (Llama 3.1 / 3.2) rescales inv_freq by wavelength:
 wavelengths longer than `original_context / low_freq_factor` are divided by `factor`, shorter
 than `original_context / high_freq_factor` kept, and the band between interpolated (transformers'
 `_compute_llama3_parameters`, in float32 as there).
@@ -21,12 +22,19 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def rope_frequencies(config) -> np.ndarray:
-    """`inv_freq [head_dim / 2]` float32 of a `ModelConfig` (`rope_theta`, `rope_scaling`)."""
+def rope_frequencies(config, theta: float | None = None, scaled: bool = True) -> np.ndarray:
+    """`inv_freq [head_dim / 2]` float32 of a `ModelConfig` (`rope_theta`, `rope_scaling`).
+    `theta` replaces `rope_theta` and `scaled=False` leaves out the scaling: Gemma 3's
+    sliding-window layers (`rope_local_theta`, never scaled)."""
     d = config.head_dim
     exponent = np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / np.float32(d)
-    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponent)).astype(np.float32)
+    base = np.float32(config.rope_theta if theta is None else theta)
+    inv_freq = (np.float32(1.0) / (base ** exponent)).astype(np.float32)
     r = config.rope_scaling
+    if not scaled:
+        return inv_freq
+    if r.type == "linear":
+        return (inv_freq / np.float32(r.factor)).astype(np.float32)
     if r.type == "llama3":
         low_wavelen = r.original_context / r.low_freq_factor
         high_wavelen = r.original_context / r.high_freq_factor
@@ -40,9 +48,10 @@ def rope_frequencies(config) -> np.ndarray:
     return inv_freq
 
 
-def rope_tables(config, positions):
-    """`(cos, sin)`, each `[batch, seq, head_dim]` float32, for `positions [batch, seq]` int."""
-    inv_freq = jnp.asarray(rope_frequencies(config))
+def rope_tables(config, positions, theta: float | None = None, scaled: bool = True):
+    """`(cos, sin)`, each `[batch, seq, head_dim]` float32, for `positions [batch, seq]` int
+    (`theta`, `scaled`: as `rope_frequencies`)."""
+    inv_freq = jnp.asarray(rope_frequencies(config, theta, scaled))
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, d/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
