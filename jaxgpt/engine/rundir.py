@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from jaxgpt.errors import UserError
 from jaxgpt.io.files import atomic_write, disk_full_as, is_temporary, write_via_temporary
+from jaxgpt.text.tokenizer import TOKENIZER_FILES
 
 MARKER = ".jaxgpt-run"
 LOCK = ".lock"
@@ -48,7 +49,6 @@ def log(msg: str) -> None:
 
 
 TOKENIZER_DIR = "tokenizer"  # a run's copy of its model's tokenizer files (`model.tokenizer: tokenizer`)
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
 def warn(msg: str) -> None:

@@ -26,6 +26,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.models.lora import has_lora
 from jaxgpt.io.hf_load import check_params
 from jaxgpt.models import family_of
+from jaxgpt.text.tokenizer import TOKENIZER_FILES
 
 Params = dict[str, Any]
 
@@ -99,7 +100,6 @@ def write_safetensors(path: str | Path, tensors: dict[str, tuple[tuple[int, ...]
             del a
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES})
 
 

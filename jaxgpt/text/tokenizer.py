@@ -24,6 +24,10 @@ import numpy as np
 
 from jaxgpt.errors import UserError
 
+# What `HFTokenizer` reads from a model folder (a run and an export keep copies of these):
+# generation_config.json for its end-of-turn ids (`HFTokenizer._turn_end`).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json")
 
 class Tokenizer:
     """The interface: `encode`, `encode_batch`, `decode`, and the ids and template below."""
@@ -123,6 +127,33 @@ class HFTokenizer(Tokenizer):
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         self.chat_template = template
         self.bos_token = None if bos is None else self.decode([bos], skip_special=False)
+        self.eos_id = self._turn_end(folder) or self.eos_id
+
+    _MARK = "\x00response\x00"
+
+    def _turn_end(self, folder: Path) -> int | None:
+        """The token the chat template closes an assistant turn with, where it is not
+        `eos_token` but `generation_config.json` lists both as ends: Gemma's instruction-tuned
+        models name `<eos>` their eos and end a turn with `<end_of_turn>`, so a response (an SFT
+        target, where generation stops) ends with `<end_of_turn>`, as they were trained. None
+        elsewhere (Qwen3's and Llama 3's templates end a turn with their eos_token)."""
+        ends = _read_json(folder / "generation_config.json").get("eos_token_id")
+        ends = set(ends) if isinstance(ends, list) else {ends}
+        if not self.chat_template or self.eos_id not in ends or len(ends) < 2:
+            return None
+        from jaxgpt.text.chat import render_chat
+
+        try:
+            text = render_chat(self.chat_template, [{"role": "user", "content": "hi"},
+                                                    {"role": "assistant", "content": self._MARK}],
+                               bos_token=self.bos_token or "", eos_token=self.eos_token)
+        except UserError:
+            return None
+        if self._MARK not in text:
+            return None
+        specials = set(self.special_tokens.values())
+        first = next((i for i in self.encode(text.split(self._MARK, 1)[1]) if i in specials), None)
+        return first if first in ends and first != self.eos_id else None
 
     def _id_of(self, token, key: str, where: Path) -> int | None:
         if isinstance(token, dict):  # {"content": "<|im_end|>", ...}
