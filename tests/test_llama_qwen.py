@@ -220,3 +220,36 @@ def test_gemma3_config_json_forms_and_refusals():
             family.config_from_hf({**flat, **bad})
     with pytest.raises(UserError, match="Gemma 3's"):
         family_of(CASES["llama-gqa4-untied"]).validate(dataclasses.replace(CASES["llama-gqa4-untied"], sliding_window=8))
+
+
+def test_gemma3_language_model_of_a_multimodal_checkpoint(tmp_path):
+    """A saved `Gemma3ForConditionalGeneration` (the 4B-27B checkpoints' class; tiny vision tower
+    made here): its config.json's text_config and the language model's weights load, the image
+    side is skipped, and the logits of a text-only input equal transformers' (1e-5); the hub's
+    older names (`language_model.model.*`) load the same."""
+    from jaxgpt.io.hf_load import load_hf_dir
+
+    text = dict(vocab_size=211, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, sliding_window=6, query_pre_attn_scalar=24,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention"], max_position_embeddings=64,
+                rope_scaling={"rope_type": "linear", "factor": 4.0})
+    vision = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(
+        transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1) if p.ndim > 1 else p.uniform_(-0.5, 0.5)
+    model.save_pretrained(tmp_path / "mm")
+    cfg, params = load_hf_dir(tmp_path / "mm")
+    assert cfg == CASES["gemma3-window6-gqa2-linear"]
+    tokens = tokens_of(cfg)
+    with torch.no_grad():
+        want = model(input_ids=torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(_forward(cfg)(params, jnp.asarray(tokens))), want, atol=LOGIT_ATOL, rtol=0)
+    hub_names = {k.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.", "vision_tower.")
+                 .replace("model.multi_modal_projector.", "multi_modal_projector."): v for k, v in model.state_dict().items()}
+    assert any(k.startswith("language_model.model.") for k in hub_names)
+    again = load_hf_state_dict(hub_names, model.config)[1]
+    jax.tree_util.tree_map(np.testing.assert_array_equal, again, params)

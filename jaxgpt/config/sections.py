@@ -88,6 +88,8 @@ _QWEN3 = dict(family="qwen3", vocab_size=151936, context_length=40960, n_kv_head
 _GEMMA3 = dict(family="gemma3", vocab_size=262144, context_length=32768, n_kv_head=1, head_size=256, qkv_bias=False,
                dropout=0.0, layer_norm_epsilon=1e-6, rope_theta=1000000.0, rope_local_theta=10000.0, sliding_window=512,
                sliding_window_pattern=6, query_pre_attn_scalar=256, tie_embeddings=True)
+_GEMMA3_MM = dict(_GEMMA3, vocab_size=262208, context_length=131072, sliding_window=1024,
+                  rope_scaling=dict(type="linear", factor=8.0))
 # The shapes of the released models (each preset's parameter count equals transformers' model
 # of the same config: tests/test_llama_qwen.py). Weights: `--init NAME` (jaxgpt.io.hub).
 PRESETS: dict[str, dict[str, Any]] = {
@@ -107,6 +109,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "qwen3-8b": dict(_QWEN3, n_layer=36, n_head=32, n_embd=4096, mlp_dim=12288, tie_embeddings=False),
     "gemma-3-270m": dict(_GEMMA3, n_layer=18, n_head=4, n_embd=640, mlp_dim=2048),
     "gemma-3-1b": dict(_GEMMA3, n_layer=26, n_head=4, n_embd=1152, mlp_dim=6912),
+    # the language models of the multimodal 4B / 12B / 27B checkpoints
+    "gemma-3-4b": dict(_GEMMA3_MM, n_layer=34, n_head=8, n_kv_head=4, n_embd=2560, mlp_dim=10240),
+    "gemma-3-12b": dict(_GEMMA3_MM, n_layer=48, n_head=16, n_kv_head=8, n_embd=3840, mlp_dim=15360),
+    "gemma-3-27b": dict(_GEMMA3_MM, n_layer=62, n_head=32, n_kv_head=16, n_embd=5376, mlp_dim=21504, head_size=128,
+                        query_pre_attn_scalar=168),
 }
 # The shape keys a later preset replaces (`jaxgpt.config.loading`); settings such as dropout,
 # qkv_bias or tie_embeddings that an earlier file gave stay.

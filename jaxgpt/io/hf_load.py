@@ -40,7 +40,7 @@ def family_of_hf(hf: Mapping[str, Any], where: str = "config.json") -> Family:
     model_type = hf.get("model_type", "gpt2")
     for name in FAMILY_MODULES:
         family = get_family(name)
-        if family.hf_model_type == model_type:
+        if model_type in (family.hf_model_type, *family.hf_model_types_read):
             return family
     known = [get_family(n) for n in FAMILY_MODULES]
     raise UserError(f"{where}: model_type is {model_type!r}; only {' / '.join(f.title for f in known)} "

@@ -80,7 +80,9 @@ PRESET_FILES = ("config.json", "model.safetensors")
 REPO_PRESETS = {"llama-3.2-1b": "meta-llama/Llama-3.2-1B", "llama-3.2-3b": "meta-llama/Llama-3.2-3B",
                 "llama-3.1-8b": "meta-llama/Llama-3.1-8B", "qwen3-0.6b": "Qwen/Qwen3-0.6B",
                 "qwen3-1.7b": "Qwen/Qwen3-1.7B", "qwen3-4b": "Qwen/Qwen3-4B", "qwen3-8b": "Qwen/Qwen3-8B",
-                "gemma-3-270m": "google/gemma-3-270m", "gemma-3-1b": "google/gemma-3-1b-pt"}
+                "gemma-3-270m": "google/gemma-3-270m", "gemma-3-1b": "google/gemma-3-1b-pt",
+                "gemma-3-4b": "google/gemma-3-4b-pt", "gemma-3-12b": "google/gemma-3-12b-pt",
+                "gemma-3-27b": "google/gemma-3-27b-pt"}
 ACCEPTED = ("a jaxgpt run directory (config.yaml + checkpoints/), a Hugging Face model directory "
             "(config.json + model.safetensors), an OpenAI TensorFlow checkpoint directory "
             "(hparams.json + model.ckpt.*), a hub id such as Qwen/Qwen3-0.6B, or a preset: "

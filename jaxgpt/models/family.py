@@ -30,7 +30,8 @@ LOGICAL_AXES = ("vocab", "embed", "qkv", "heads", "kv_heads", "mlp", "head_dim")
 
 
 class Target(NamedTuple):
-    """Where a checkpoint tensor goes: a jaxgpt param path, or `None` to skip it (a buffer)."""
+    """Where a checkpoint tensor goes: a jaxgpt param path, or `None` to skip it (a buffer, or
+    the image side of a multimodal checkpoint)."""
 
     path: tuple[str, ...] | None
     transform: str = ""  # "" | "T" (transpose [out, in] -> [in, out]) | "squeeze0" (drop a leading 1)
@@ -48,7 +49,8 @@ class Family:
     lora_targets: ClassVar[tuple[str, ...]]  # the dense layers of a block (what `all` adapts, with a task head)
     # (path-suffix regex, axes) pairs, first match wins
     axes_table: ClassVar[tuple[tuple[str, tuple], ...]]
-    hf_model_type: ClassVar[str]  # config.json's model_type
+    hf_model_type: ClassVar[str]  # config.json's model_type (what an export writes)
+    hf_model_types_read: ClassVar[tuple[str, ...]] = ()  # more model_types it loads (Gemma 3's multimodal)
     hf_architecture: ClassVar[str]  # config.json's architectures[0] / the transformers class
     sliding_window_layers: ClassVar[bool] = False  # reads model.sliding_window, query_pre_attn_scalar (Gemma 3)
 

@@ -1,5 +1,6 @@
 """Gemma 3, text (`model.family: gemma3`; transformers' `Gemma3ForCausalLM`, the 270M and 1B
-checkpoints): Llama's grouped-query attention and gated MLP (`jaxgpt.models.llama`) with
+checkpoints, and the language model of the multimodal 4B-27B ones, `Gemma3ForConditionalGeneration`,
+whose image side is not read): Llama's grouped-query attention and gated MLP (`jaxgpt.models.llama`) with
 
 - sliding-window layers: every `sliding_window_pattern`-th layer (6th) attends to the whole
   context, the others to their last `sliding_window` slots (512), with their own rotary base
@@ -25,7 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxgpt.errors import UserError
-from jaxgpt.models.family import hf_shape
+from jaxgpt.models.family import Target, hf_shape
 from jaxgpt.models.layers import (LanguageModel, attention_inputs, compute_dtype, embedding_init, param_dtype,
                                   sliding_window_mask)
 from jaxgpt.models.llama import LlamaAttention, LlamaFamily, SwiGLU
@@ -101,6 +102,15 @@ class Gemma3(LanguageModel):
 # The family
 
 _UNSUPPORTED = ("final_logit_softcapping", "attn_logit_softcapping", "use_bidirectional_attention", "attention_bias")
+# transformers' `Gemma3TextConfig` defaults: what it reads for keys a config.json leaves out (the
+# multimodal checkpoints' text_config omits most of them)
+_TEXT_DEFAULTS = {"vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                  "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256, "max_position_embeddings": 131_072,
+                  "rms_norm_eps": 1e-6, "sliding_window": 4096, "query_pre_attn_scalar": 256, "tie_word_embeddings": True}
+# The language model's names in a multimodal checkpoint (transformers 5, and 4's as on the hub) -> Gemma3ForCausalLM's
+_MULTIMODAL_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                        ("language_model.lm_head.", "lm_head."))
+_IMAGE_SIDE = ("model.vision_tower.", "vision_tower.", "model.multi_modal_projector.", "multi_modal_projector.")
 
 
 class Gemma3Family(LlamaFamily):
@@ -109,6 +119,7 @@ class Gemma3Family(LlamaFamily):
     module = Gemma3
     hf_model_type = "gemma3_text"
     hf_architecture = "Gemma3ForCausalLM"
+    hf_model_types_read = ("gemma3",)  # Gemma3ForConditionalGeneration: its language model
     sliding_window_layers = True
 
     def flops_per_token(self, config, seq_len: int | None = None, training: bool = True) -> float:
@@ -127,18 +138,23 @@ class Gemma3Family(LlamaFamily):
 
     # -- Hugging Face ----------------------------------------------------------------------
     def config_from_hf(self, hf: Mapping[str, Any], where: str = "config.json"):
-        """A `ModelConfig` from a `gemma3_text` config.json dict. Keys it lacks take transformers'
-        `Gemma3TextConfig` defaults (head_dim 256, query_pre_attn_scalar 256, sliding window 4096,
-        every 6th layer global, rotary bases 1e6 / 1e4), as transformers reads the same file;
-        softcapping, bidirectional attention, biases and layer patterns other than "every N-th
-        layer global" are a UserError."""
+        """A `ModelConfig` from a `gemma3_text` config.json dict, or a multimodal `gemma3` one's
+        `text_config`. Keys it lacks take transformers' `Gemma3TextConfig` defaults (e.g. head_dim
+        256, sliding window 4096, every 6th layer global, rotary bases 1e6 / 1e4), as transformers
+        reads the same file; softcapping, bidirectional attention, biases and layer patterns other
+        than "every N-th layer global" are a UserError."""
         from jaxgpt.config import ModelConfig, RopeScaling
         from jaxgpt.models.llama import _SHAPE_KEYS
 
+        if hf.get("model_type") == "gemma3":
+            if not isinstance(hf.get("text_config"), Mapping):
+                raise UserError(f"{where}: a multimodal gemma3 config.json needs a text_config object")
+            hf = hf["text_config"]
+        hf = {**_TEXT_DEFAULTS, **{k: v for k, v in hf.items() if v is not None or k not in _TEXT_DEFAULTS}}
         shape = {field: hf_shape(hf, keys, where) for field, keys in _SHAPE_KEYS.items()}
         heads = shape["n_head"]
-        kv = hf_shape(hf, ("num_key_value_heads",), where, required=False) or heads
-        head_dim = hf_shape(hf, ("head_dim",), where, required=False) or 256
+        kv = hf_shape(hf, ("num_key_value_heads",), where)
+        head_dim = hf_shape(hf, ("head_dim",), where)
         if heads % kv:
             raise UserError(f"{where}: num_key_value_heads ({kv}) does not divide num_attention_heads ({heads})")
         act = hf.get("hidden_activation") or hf.get("hidden_act") or "gelu_pytorch_tanh"
@@ -149,14 +165,13 @@ class Gemma3Family(LlamaFamily):
                 raise UserError(f"{where}: {key}={hf[key]!r} is not supported by jaxgpt's Gemma 3")
         window, pattern = self._layer_pattern(hf, shape["n_layer"], where)
         full, local = self._rope(hf, where)
-        scalar = hf_shape({"query_pre_attn_scalar": 256, **hf}, ("query_pre_attn_scalar",), where)
+        scalar = hf_shape(hf, ("query_pre_attn_scalar",), where)
         scaling = RopeScaling() if full.get("rope_type", "default") == "default" else RopeScaling(
             type="linear", factor=float(full["factor"]))
         return ModelConfig(
             family=self.name, **shape, n_kv_head=kv, head_size=head_dim if head_dim * heads != shape["n_embd"] else 0,
             dropout=float(hf.get("attention_dropout") or 0.0), qkv_bias=False,
-            tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            layer_norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(full.get("rope_theta", 1e6)),
+            tie_embeddings=bool(hf["tie_word_embeddings"]), layer_norm_epsilon=float(hf["rms_norm_eps"]), rope_theta=float(full.get("rope_theta", 1e6)),
             rope_scaling=scaling, rope_local_theta=float(local.get("rope_theta", 1e4)), sliding_window=window,
             sliding_window_pattern=pattern, query_pre_attn_scalar=scalar)
 
@@ -179,7 +194,7 @@ class Gemma3Family(LlamaFamily):
         if any((t == "full_attention") != ((i + 1) % pattern == 0) for i, t in enumerate(types)):
             raise UserError(f"{where}: layer_types must make every N-th layer full_attention (Gemma 3's pattern); "
                             f"got {types}")
-        window = hf.get("sliding_window", 4096)
+        window = hf["sliding_window"]
         if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
             raise UserError(f"{where}: sliding_window must be a positive integer, got {window!r}")
         return window, pattern
@@ -203,6 +218,16 @@ class Gemma3Family(LlamaFamily):
         if local.get("rope_type", local.get("type", "default")) != "default":
             raise UserError(f"{where}: the sliding-window layers' rotary positions must be unscaled")
         return full, local
+
+    def hf_target(self, key: str) -> Target | None:
+        """Llama's table; in a multimodal checkpoint the language model's tensors under their
+        prefix, the image side (vision tower, projector) skipped."""
+        for prefix, plain in _MULTIMODAL_PREFIXES:
+            if key.startswith(prefix):
+                return super().hf_target(plain + key[len(prefix):])
+        if key.startswith(_IMAGE_SIDE):
+            return Target(None)
+        return super().hf_target(key)
 
     def config_to_hf(self, config) -> dict[str, Any]:
         scaling = {"rope_type": "linear", "factor": config.rope_scaling.factor} if config.rope_scaling.type else None
