@@ -101,7 +101,7 @@ def test_qwen3_sft_with_a_chat_template_and_uint32_tokens(tmp_path):
     assert InstructConfig  # noqa: B018  (the task's config class loads the run: above)
 
 
-@pytest.mark.parametrize("family, kv, tensor", [("llama", 2, 2), ("qwen3", 1, 2), ("gemma3", 2, 2)])
+@pytest.mark.parametrize("family, kv, tensor", [("llama", 2, 2), ("qwen3", 1, 2)])  # gemma3: llama's axes
 def test_a_mesh_update_equals_one_device(family, kv, tensor):
     """Three updates on fsdp 2 x tensor 2 (4 devices) == one device. With kv=2 the k/v
     projections split over tensor by whole heads; with kv=1 they stay whole on each device."""
