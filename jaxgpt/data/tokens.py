@@ -16,7 +16,7 @@ the last; a single file is one document, so its tokens are exactly `tokenizer.en
 (a literal `<|endoftext|>` in the text is the special token, as in the book's `GPTDatasetV1`).
 
 The token file is a flat array of the smallest little-endian unsigned type that holds the
-vocabulary (uint16 for GPT-2's 50,257 ids, uint32 above 65,536: Llama 3, Qwen3), named
+vocabulary (uint16 for GPT-2's 50,257 ids, uint32 above 65,536: Llama 3, Qwen3, Gemma 3), named
 `<name>-<key>.bin` (the key covers the source and the tokenizer), with a JSON sidecar (`.json`:
 source, fingerprint, token count, dtype, tokenizer, sha256 of the token file). Text is read and
 encoded in ~1 MB chunks cut only where BPE cannot merge across the cut (`jaxgpt.data.text`;

@@ -13,7 +13,7 @@ into the kernels and returns plain params that the plain model (no `lora`) runs.
 Targets name dense modules by the end of their path: `c_fc` matches every `h_i/mlp/c_fc`,
 `attn/c_proj` only the attention output projection, `h_11/mlp/c_proj` one layer; `all` (the
 default) matches every dense layer a block has, plus a classifier's `score` head (never the
-LM head): GPT-2's c_attn, c_proj, c_fc; Llama's and Qwen3's q, k, v, o, gate, up, down. With
+LM head): GPT-2's c_attn, c_proj, c_fc; Llama's, Qwen3's and Gemma 3's q, k, v, o, gate, up, down. With
 `split_qkv`, the fused qkv projection `c_attn` gets three rank-r adapters (q, k, v adapted
 separately, as appendix E's separate `W_query`/`W_key`/`W_value` layers); they are stacked on
 a leading axis: `lora_a [3, in, r]`, `lora_b [3, r, out/3]`.

@@ -3,7 +3,7 @@
 - `LayerNorm` / `layer_norm` and `gelu_tanh`: GPT-2's normalisation and activation, equal
   to Flax's LayerNorm and `jax.nn.gelu(approximate=True)`, whose autodiff keeps several
   `[tokens, d]` intermediates per call (BENCHMARKS.md, "Peak training memory"); `RMSNorm` /
-  `rms_norm` the same for Llama's and Qwen3's normalisation (transformers' arithmetic).
+  `rms_norm` the same for Llama's, Qwen3's and Gemma 3's normalisation (transformers' arithmetic).
 - `recompute_after_cotangent`: a whole block recomputed in the backward pass (`model.remat`).
 
 `jax.checkpoint` protects its recomputation with optimisation barriers; XLA:CPU's pipeline

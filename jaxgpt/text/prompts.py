@@ -1,7 +1,7 @@
 """Prompt formats, in one place: instruction tuning, preference tuning, RL and generation all
 build prompts here (`prompt_format(tokenizer).prompt(instruction, input)`), so a model is
 always asked the way it was trained: its tokenizer's chat template when it has one
-(`ChatFormat`: Llama 3 and Qwen3 instruct models), else the Alpaca format (`AlpacaFormat`,
+(`ChatFormat`: Llama 3, Qwen3 and Gemma 3 instruct models), else the Alpaca format (`AlpacaFormat`,
 GPT-2's):
 
     Below is an instruction that describes a task. Write a response that appropriately completes the request.
