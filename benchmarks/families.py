@@ -149,6 +149,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--torch-attention", default="sdpa")
+    p.add_argument("--attention", default="reference", help="jaxgpt's model.attention (auto: blockwise from 256 keys on CPU)")
     p.add_argument("--train-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="training compute dtype: jaxgpt's model.dtype, transformers under torch.autocast(bfloat16); "
                    "decode stays float32")
@@ -171,7 +172,8 @@ def main(argv=None) -> int:
     print(f"host: {host}; load {os.getloadavg()[0]:.2f}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}", flush=True)
     rows = []
     for family in args.families.split(","):
-        cfg = load_config(None, CONFIGS[family] + tiny + ["model.dropout=0.0", "train.lr=3e-4", "train.weight_decay=0.1",
+        cfg = load_config(None, CONFIGS[family] + tiny + [f"model.attention={args.attention}", "model.dropout=0.0",
+                                                   "train.lr=3e-4", "train.weight_decay=0.1",
                                                    "train.grad_clip=1.0", "train.warmup_steps=0"])
         prompt = np.random.default_rng(1).integers(0, cfg.model.vocab_size, (1, args.prompt)).astype(np.int32)
         jtrain, jdecode, params = jax_side(cfg.model, cfg.train, args.batch, args.seq, prompt, args.new_tokens,

@@ -257,3 +257,30 @@ def test_gpt_blockwise_dropout_trains(tiny_model_cfg, small_tiles, monkeypatch):
     assert seen == [(0.5, True)] * cfg.n_layer  # traced once
     np.testing.assert_array_equal(a, b)
     assert np.abs(np.asarray(a - c)).max() > 1e-3
+
+
+@pytest.mark.parametrize("window, group", [(1, 1), (5, 2), (30, 2)])
+def test_sliding_window_kernels_equal_the_reference_with_the_windowed_mask(window, group):
+    """Causal attention within the `window` latest keys (Gemma 3's local layers): blockwise in
+    4 x 4 tiles (skipping tiles outside the window, in the backward pass too) and XLA's fused
+    kernel (`local_window_size`) generate the window themselves; values and gradients equal
+    the reference given the window as a mask (float32, grouped K/V folded into the rows)."""
+    from jaxgpt.models.attention import blockwise_attention, fused_attention, reference_attention
+
+    b, t, kv, d = 2, 21, 2, 8
+    keys = jax.random.split(jax.random.key(window), 3)
+    q = jax.random.normal(keys[0], (b, t, kv * group, d))
+    k, v = (jax.random.normal(key, (b, t, kv, d)) for key in keys[1:])
+    pos = jnp.arange(t)
+    mask = ((pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window))[None, None]
+
+    def loss(fn):
+        return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v)))
+
+    want = jax.value_and_grad(loss(lambda q, k, v: reference_attention(q, k, v, mask)), argnums=(0, 1, 2))(q, k, v)
+    for fn in (lambda q, k, v: blockwise_attention(q, k, v, is_causal=True, window=window, block_q=4, block_k=4),
+               lambda q, k, v: fused_attention(q, k, v, None, implementation="xla", is_causal=True, window=window)):
+        got = jax.jit(jax.value_and_grad(loss(fn), argnums=(0, 1, 2)))(q, k, v)
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+        for g, w in zip(got[1], want[1]):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)

@@ -96,15 +96,17 @@ def one_query_attention(q, k, v, mask):
     return out.reshape(b, kv, d, t, group).transpose(0, 3, 1, 4, 2).reshape(b, t, h, d)
 
 
-def fused_attention(q, k, v, mask, *, implementation: str | None, is_causal: bool):
+def fused_attention(q, k, v, mask, *, implementation: str | None, is_causal: bool, window: int = 0):
     """`jax.nn.dot_product_attention` (XLA, or cuDNN flash attention on NVIDIA GPUs).
 
     Shapes as `reference_attention` (grouped K/V are taken as they are). With `is_causal` the
-    mask is implied and not materialised, which the cuDNN kernel needs.
+    mask is implied and not materialised, which the cuDNN kernel needs; `window` > 0 (with
+    `is_causal`) narrows it to the `window` latest keys, the query's own included.
     """
     impl = None if implementation == "xla" else implementation
     if is_causal:
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
+        local = (window - 1, 0) if window else None
+        return jax.nn.dot_product_attention(q, k, v, is_causal=True, local_window_size=local, implementation=impl)
     return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
@@ -118,6 +120,7 @@ class _Spec(NamedTuple):
     rate: float  # attention dropout probability (0: none)
     scale: float
     group: int = 1  # query rows per position (grouped-query attention folds a group into the rows)
+    window: int = 0  # causal only: also key index > query index - window (sliding-window attention)
 
 
 def _keep(spec: _Spec, rng, i, j, shape):
@@ -136,7 +139,10 @@ def _tile_scores(spec: _Spec, qi, k, mask, i, j):
     k_idx = j * bk + jnp.arange(bk)
     ok = jnp.ones((bq, bk), bool)
     if spec.causal:  # a folded row's position is its index // group
-        ok = k_idx[None, :] <= ((i * bq + jnp.arange(bq)) // spec.group)[:, None]
+        q_pos = ((i * bq + jnp.arange(bq)) // spec.group)[:, None]
+        ok = k_idx[None, :] <= q_pos
+        if spec.window:
+            ok = ok & (k_idx[None, :] > q_pos - spec.window)
     if mask is not None:  # [batch | 1, 1 | heads, Tq, Tk], padded with False
         ok = ok & lax.dynamic_slice(mask, (0, 0, i * bq, j * bk), mask.shape[:2] + (bq, bk))
     s = jnp.where(ok, s, _MASKED)
@@ -145,18 +151,26 @@ def _tile_scores(spec: _Spec, qi, k, mask, i, j):
 
 
 def _k_range(spec: _Spec, i, nk):
-    """Key tiles that query tile i needs: causal attention skips the tiles above the diagonal."""
+    """Key tiles that query tile i needs: causal attention skips the tiles above the diagonal,
+    a sliding window also those before its first query's window."""
     if not spec.causal:
         return 0, nk
     last = (i * spec.block_q + spec.block_q - 1) // spec.group  # the tile's last query position
-    return 0, jnp.minimum(nk, last // spec.block_k + 1)
+    first = 0
+    if spec.window:
+        first = jnp.maximum(0, (i * spec.block_q) // spec.group - spec.window + 1) // spec.block_k
+    return first, jnp.minimum(nk, last // spec.block_k + 1)
 
 
 def _q_range(spec: _Spec, j, nq):
     """Query tiles that key tile j contributes to (the transpose of `_k_range`)."""
     if not spec.causal:
         return 0, nq
-    return (j * spec.block_k * spec.group) // spec.block_q, nq
+    end = nq
+    if spec.window:  # the last position whose window reaches the tile's last key, as its last row
+        last_row = (j * spec.block_k + spec.block_k - 1 + spec.window) * spec.group - 1
+        end = jnp.minimum(nq, last_row // spec.block_q + 1)
+    return (j * spec.block_k * spec.group) // spec.block_q, end
 
 
 def _flash_fwd_core(spec: _Spec, q, k, v, mask, rng):
@@ -263,7 +277,7 @@ def _tiles(length: int, block: int | None, default: int) -> tuple[int, int]:
 
 
 def blockwise_attention(q, k, v, mask=None, *, is_causal=False, block_q=None, block_k=None,
-                        dropout_rate=0.0, dropout_rng=None):
+                        dropout_rate=0.0, dropout_rng=None, window: int = 0):
     """Softmax attention in `[block_q, block_k]` tiles with an online softmax (flash attention).
 
     q: `[batch, q_len, heads, head_dim]`, k/v: `[batch, kv_len, kv_heads, head_dim]`. Returns
@@ -274,8 +288,10 @@ def blockwise_attention(q, k, v, mask=None, *, is_causal=False, block_q=None, bl
     tile (it is an input, so it is held: 1 byte per entry, shared by the heads, vs the 4 bytes
     per entry per head the reference's scores take). is_causal: key index <= query index,
     generated per tile from indices (no mask array), and key tiles above the diagonal are
-    skipped; both may be given. A row with every key masked gets the reference's answer (the
-    mean of v).
+    skipped; both may be given. window > 0 (with is_causal): each query sees only the `window`
+    latest keys, itself included (sliding-window attention), generated per tile too, and key
+    tiles wholly before a query tile's windows are skipped (work O(T * window), not O(T^2)). A
+    row with every key masked gets the reference's answer (the mean of v).
 
     Lengths need not be multiples of the tiles: inputs are padded and the padded keys masked.
     Tile sizes default to `BLOCK_Q` / `BLOCK_K` (a length shorter than a tile is one tile).
@@ -295,7 +311,9 @@ def blockwise_attention(q, k, v, mask=None, *, is_causal=False, block_q=None, bl
     bq, tq = _tiles(q_len, block_q, BLOCK_Q)
     bk, tk = _tiles(kv_len, block_k, BLOCK_K)
     rate = float(dropout_rate) if dropout_rng is not None else 0.0
-    spec = _Spec(bq, bk, kv_len, bool(is_causal), rate, 1.0 / math.sqrt(d), group)
+    if window and not is_causal:
+        raise ValueError("blockwise_attention: window needs is_causal (else give the window in the mask)")
+    spec = _Spec(bq, bk, kv_len, bool(is_causal), rate, 1.0 / math.sqrt(d), group, int(window))
     pad = lambda x, t: jnp.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0), (0, 0)))
     if mask is not None:
         mask = jnp.broadcast_to(mask, jnp.broadcast_shapes(mask.shape, (1, 1, q_len, kv_len))).astype(bool)

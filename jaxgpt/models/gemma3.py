@@ -43,17 +43,22 @@ def is_sliding(config, i: int) -> bool:
 
 class Gemma3Block(nn.Module):
     """x + post_attention_layernorm(attn(input_layernorm(x))), then
-    x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x)))."""
+    x + post_feedforward_layernorm(mlp(pre_feedforward_layernorm(x))); `sliding`: the layer
+    attends within `model.sliding_window` (its mask says so; the kernels may generate it)."""
 
     config: Any
     lora: LoRAConfig | None = None
+    sliding: bool = False
 
     @nn.compact
     def __call__(self, x, mask, is_causal, deterministic=True, cache_layer=None, cache_index=None, rope=None):
         cfg = self.config
-        norm = lambda name: RMSNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),  # noqa: E731
-                                    unit_offset=True, name=name)
-        y, new_cache = LlamaAttention(cfg, self.lora, qk_norm=True, norm_offset=True, name="self_attn")(
+        def norm(name):
+            return RMSNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),
+                           unit_offset=True, name=name)
+
+        window = cfg.sliding_window if self.sliding else 0
+        y, new_cache = LlamaAttention(cfg, self.lora, qk_norm=True, norm_offset=True, window=window, name="self_attn")(
             norm("input_layernorm")(x), mask, is_causal, deterministic, cache_layer, cache_index, rope)
         x = x + norm("post_attention_layernorm")(y)
         y = SwiGLU(cfg, self.lora, act=gelu_tanh, name="mlp")(norm("pre_feedforward_layernorm")(x))
@@ -69,7 +74,7 @@ class Gemma3(LanguageModel):
         self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),
                                      embedding_init=embedding_init(cfg, 0.02))
         block_cls = self.block_class(Gemma3Block)
-        self.layers = [block_cls(cfg, self.lora) for _ in range(cfg.n_layer)]  # layers_0, ...
+        self.layers = [block_cls(cfg, self.lora, is_sliding(cfg, i)) for i in range(cfg.n_layer)]  # layers_0, ...
         self.norm = RMSNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),
                             unit_offset=True)
         self.setup_heads()
@@ -91,7 +96,7 @@ class Gemma3(LanguageModel):
         full = (att["mask"], att["is_causal"], rope_tables(cfg, att["positions"]))
         local = full
         if cfg.sliding_window:
-            local = (*sliding_window_mask(att, cfg.sliding_window),
+            local = (sliding_window_mask(att, cfg.sliding_window), att["is_causal"],
                      rope_tables(cfg, att["positions"], cfg.rope_local_theta, scaled=False))
         x, new_cache = self.run_blocks(x, att, deterministic, cache,
                                        per_layer=lambda i: local if is_sliding(cfg, i) else full)
@@ -171,8 +176,8 @@ class Gemma3Family(LlamaFamily):
         return ModelConfig(
             family=self.name, **shape, n_kv_head=kv, head_size=head_dim if head_dim * heads != shape["n_embd"] else 0,
             dropout=float(hf.get("attention_dropout") or 0.0), qkv_bias=False,
-            tie_embeddings=bool(hf["tie_word_embeddings"]), layer_norm_epsilon=float(hf["rms_norm_eps"]), rope_theta=float(full.get("rope_theta", 1e6)),
-            rope_scaling=scaling, rope_local_theta=float(local.get("rope_theta", 1e4)), sliding_window=window,
+            tie_embeddings=bool(hf["tie_word_embeddings"]), layer_norm_epsilon=float(hf["rms_norm_eps"]),
+            rope_theta=float(full.get("rope_theta", 1e6)), rope_scaling=scaling, rope_local_theta=float(local.get("rope_theta", 1e4)), sliding_window=window,
             sliding_window_pattern=pattern, query_pre_attn_scalar=scalar)
 
     @staticmethod

@@ -153,16 +153,16 @@ def attention_inputs(tokens, positions=None, attention_mask=None, cache: Cache |
 
 
 def sliding_window_mask(att, window: int):
-    """`(mask, is_causal)` of a sliding-window layer (Gemma 3's local layers): `att`'s mask where
-    the query's slot is less than `window` slots past the key's, so each query sees itself and
-    the `window - 1` slots before it (transformers' `sliding_window_causal_mask`; slots, not
-    positions, as there). When no key lies that far back (`kv_len <= window`) it is `att`'s own,
-    and the fused kernels keep their implicit causal mask."""
+    """The mask `[batch, 1, q, kv_len]` of a sliding-window layer (Gemma 3's local layers):
+    `att`'s where the query's slot is less than `window` slots past the key's, so each query
+    sees itself and the `window - 1` slots before it (transformers' `sliding_window_causal_mask`;
+    slots, not positions, as there). `att`'s own when no key lies that far back. Where
+    `att["is_causal"]` holds, the fused kernels generate the same from `attend(..., window=)`."""
     q_slots, k_slots = att["q_slots"], att["k_slots"]
     if k_slots.shape[0] <= window:
-        return att["mask"], att["is_causal"]
+        return att["mask"]
     near = (q_slots[:, None] - k_slots[None, :]) < window  # [q, kv]
-    return att["mask"] & near[None, None], False
+    return att["mask"] & near[None, None]
 
 
 def write_cache(cache_layer, k, v, index):
@@ -179,9 +179,13 @@ def write_cache(cache_layer, k, v, index):
     return view(new["k"]), view(new["v"]), new
 
 
-def attend(module: nn.Module, config, q, k, v, mask, is_causal: bool, deterministic: bool):
+def attend(module: nn.Module, config, q, k, v, mask, is_causal: bool, deterministic: bool, window: int = 0):
     """Softmax attention of q `[b, t, heads, hd]` over k/v `[b, kv_len, kv_heads, hd]` by the
     kernel `model.attention` picks for this call (`choose_attention`); `[b, t, heads, hd]`.
+
+    `window` > 0: a sliding-window layer, whose `mask` has the window in it
+    (`sliding_window_mask`); with `is_causal` the fused and blockwise kernels, which do not read
+    the mask then, generate it (blockwise skips the key tiles outside it).
 
     The fused kernels have no dropout on attention weights: with dropout, `xla`/`cudnn` run
     `reference` and `auto` a kernel that has it, so the regulariser is never silently dropped.
@@ -196,8 +200,8 @@ def attend(module: nn.Module, config, q, k, v, mask, is_causal: bool, determinis
         return one_query_attention(q, k, v, mask)
     if kind == "blockwise":  # causal: the mask is generated per tile, not read
         return blockwise_attention(q, k, v, None if is_causal else mask, is_causal=is_causal,
-                                   dropout_rate=attn_dropout, dropout_rng=rng)
-    return fused_attention(q, k, v, mask, implementation=kind, is_causal=is_causal)
+                                   dropout_rate=attn_dropout, dropout_rng=rng, window=window if is_causal else 0)
+    return fused_attention(q, k, v, mask, implementation=kind, is_causal=is_causal, window=window)
 
 
 # ---------------------------------------------------------------------------------------

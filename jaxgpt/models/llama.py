@@ -39,12 +39,14 @@ class LlamaAttention(nn.Module):
     """Grouped-query self-attention: `kv_heads` key/value heads serve `n_head` query heads,
     rotary positions on q and k (after Qwen3's per-head norms when `qk_norm`; Gemma 3's norms
     weigh by `1 + scale`, `norm_offset`). Scores are scaled by `model.query_pre_attn_scalar`
-    ** -1/2 where it is set (Gemma 3), else head_dim ** -1/2."""
+    ** -1/2 where it is set (Gemma 3), else head_dim ** -1/2. `window` > 0: a sliding-window
+    layer (its mask holds the window; `layers.attend`)."""
 
     config: Any
     lora: LoRAConfig | None = None
     qk_norm: bool = False
     norm_offset: bool = False
+    window: int = 0
 
     @nn.compact
     def __call__(self, x, mask, is_causal, deterministic, cache_layer, cache_index, rope):
@@ -65,7 +67,7 @@ class LlamaAttention(nn.Module):
         new_cache = None
         if cache_layer is not None:
             k, v, new_cache = write_cache(cache_layer, k, v, cache_index)
-        y = attend(self, cfg, q, k, v, mask, is_causal, deterministic).reshape(b, t, h * hd)
+        y = attend(self, cfg, q, k, v, mask, is_causal, deterministic, self.window).reshape(b, t, h * hd)
         return dense(d, "o_proj", config=cfg, fan_in=h * hd, use_bias=False, lora=self.lora)(y), new_cache
 
 
