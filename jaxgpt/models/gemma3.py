@@ -27,9 +27,8 @@ import jax.numpy as jnp
 
 from jaxgpt.errors import UserError
 from jaxgpt.models.family import Target, hf_shape
-from jaxgpt.models.layers import (LanguageModel, attention_inputs, compute_dtype, embedding_init, param_dtype,
-                                  sliding_window_mask)
-from jaxgpt.models.llama import LlamaAttention, LlamaFamily, SwiGLU
+from jaxgpt.models.layers import attention_inputs, compute_dtype, embedding_init, param_dtype, sliding_window_mask
+from jaxgpt.models.llama import Llama, LlamaAttention, LlamaFamily, SwiGLU
 from jaxgpt.models.lora import LoRAConfig
 from jaxgpt.models.recompute import RMSNorm, gelu_tanh
 from jaxgpt.models.rope import rope_tables
@@ -65,9 +64,10 @@ class Gemma3Block(nn.Module):
         return x + norm("post_feedforward_layernorm")(y), new_cache
 
 
-class Gemma3(LanguageModel):
-    """Token embedding `embed_tokens` (times sqrt(n_embd) on the way in; the tied head reads it
-    unscaled), blocks `layers_i`, final norm `norm`, and `LanguageModel`'s heads."""
+class Gemma3(Llama):
+    """Llama's module with Gemma's blocks and norm: token embedding `embed_tokens` (times
+    sqrt(n_embd) on the way in; the tied head reads it unscaled), blocks `layers_i`, final norm
+    `norm`, and `LanguageModel`'s heads."""
 
     def setup(self):
         cfg = self.config
@@ -78,13 +78,6 @@ class Gemma3(LanguageModel):
         self.norm = RMSNorm(cfg.layer_norm_epsilon, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),
                             unit_offset=True)
         self.setup_heads()
-
-    @property
-    def blocks(self):
-        return self.layers
-
-    def token_embedding(self):
-        return self.embed_tokens
 
     def hidden_states(self, tokens, *, positions=None, attention_mask=None, cache=None, deterministic: bool = True):
         """The trunk: final-norm hidden states `[batch, seq, n_embd]` and the updated cache."""
