@@ -10,6 +10,8 @@
                                                       # pmap replicas vs mesh fsdp=8 (remat off/on)
     python benchmarks/memory.py --finetune --preset qwen3-8b --preset llama-3.1-8b --seq 2048 --batch 8 \
         --set model.param_dtype=bfloat16 --set model.remat=true   # per device on fsdp=8: LoRA and full
+    python benchmarks/memory.py --generate 16 --preset gemma-3-270m --preset gemma-3-1b --seq 8192 --batch 4
+                                                      # generation: a 16-token prompt, then seq - 16 tokens
 
 With `--layouts` the global batch is split over 8 devices (8 fake CPU devices when no
 accelerator has them): a replica holds the whole state and its batch / 8 rows (pmap's
@@ -140,11 +142,42 @@ def finetune(presets, seq: int, batch: int, overrides) -> list[dict]:
     return rows
 
 
+def generate(presets, seq: int, batch: int, prompt: int, overrides) -> list[dict]:
+    """`generate_tokens`' jitted loop (prefill, then a `lax.while_loop` of decode steps) for
+    `batch` rows of `prompt` tokens and `seq - prompt` new ones: its KV cache and peak."""
+    from jaxgpt.generation.decode import _generate_jit
+    from jaxgpt.models import init_cache, param_shapes
+
+    print("| preset | rows x (prompt + new) | KV cache GiB | temporaries GiB | peak GiB | compile s |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for preset in presets:
+        cfg = load_config(None, [f"model.preset={preset}", "model.dropout=0.0", f"model.context_length={seq}",
+                                 *overrides])
+        cache = jax.eval_shape(lambda: init_cache(cfg.model, batch, seq))  # noqa: B023
+        tokens = jax.ShapeDtypeStruct((batch, prompt), jnp.int32)
+        t0 = time.perf_counter()
+        lowered = _generate_jit.lower(param_shapes(cfg.model), tokens, jax.ShapeDtypeStruct((batch, prompt), bool),
+                                      jax.random.key(0), 0.0, 1.0, config=cfg.model, max_new_tokens=seq - prompt,
+                                      greedy=True, top_k=None, use_top_p=False, eos_id=None, pad_id=0, vocab_limit=None)
+        mem = lowered.compile().memory_analysis()
+        r = {"preset": preset, "cache_bytes": sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache)),
+             "temp_bytes": mem.temp_size_in_bytes, "compile_s": time.perf_counter() - t0,
+             "peak_bytes": mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+             - mem.alias_size_in_bytes}
+        rows.append(r)
+        print(f"| {preset} | {batch} x ({prompt} + {seq - prompt}) | {r['cache_bytes'] / GIB:.3f} | "
+              f"{r['temp_bytes'] / GIB:.2f} | {r['peak_bytes'] / GIB:.2f} | {r['compile_s']:.0f} |", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", action="append", help="model preset (repeatable with --layouts; default gpt2-124m)")
     p.add_argument("--layouts", action="store_true", help="per device on 8 devices: pmap replicas vs mesh fsdp=8")
     p.add_argument("--finetune", action="store_true", help="per device on fsdp=8: LoRA and full fine-tuning")
+    p.add_argument("--generate", type=int, default=0, metavar="PROMPT",
+                   help="generation instead of training: a PROMPT-token prompt, then seq - PROMPT new tokens")
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--budget-gib", type=float, default=0.0, help="also find the largest batch under this peak")
@@ -155,8 +188,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write results here")
     args = p.parse_args(argv)
     presets = args.preset or ["gpt2-124m"]
-    if args.finetune:
-        rows = finetune(presets, args.seq, args.batch, args.overrides)
+    if args.finetune or args.generate:
+        rows = (generate(presets, args.seq, args.batch, args.generate, args.overrides) if args.generate
+                else finetune(presets, args.seq, args.batch, args.overrides))
         if args.json:
             Path(args.json).write_text(json.dumps({"backend": jax.devices()[0].platform, "seq": args.seq,
                                                    "batch": args.batch, "rows": rows}, indent=2))

@@ -80,10 +80,11 @@ def test_kv_cache_matches_full_forward(tiny_model_cfg):
     tokens = _tokens(cfg, b=2, t=12)
     full = GPT(cfg).apply({"params": params}, tokens)
     cache = init_cache(cfg, 2, 16)
-    logits, cache = GPT(cfg).apply({"params": params}, tokens[:, :5], cache=cache)
+    step = jax.jit(lambda tokens, cache: GPT(cfg).apply({"params": params}, tokens, cache=cache))
+    logits, cache = step(tokens[:, :5], cache)
     outs = [logits]
     for i in range(5, 12):
-        logits, cache = GPT(cfg).apply({"params": params}, tokens[:, i : i + 1], cache=cache)
+        logits, cache = step(tokens[:, i : i + 1], cache)
         outs.append(logits)
     np.testing.assert_allclose(jnp.concatenate(outs, 1), full, atol=1e-5)
     assert int(cache["index"]) == 12
@@ -230,6 +231,65 @@ def test_cpu_bf16_backward_matmuls_stay_in_bf16():
             for a, b in zip(got, want):
                 assert a.dtype == bf
                 np.testing.assert_allclose(a.astype(f32), b, rtol=2**-6, atol=2e-2 * float(jnp.max(jnp.abs(b))))
+
+
+def _weight_dots(text: str, shapes: set[str]) -> list[tuple[str, str]]:
+    """(lhs, rhs) element types of the dots in compiled HLO `text` that read an operand of
+    one of `shapes` (e.g. "256,768")."""
+    shape_of = dict(re.findall(r"%(\S+) = \w+\[([\d,]*)\]", text))
+    dtype_of = dict(re.findall(r"%(\S+) = (\w+)\[", text))
+    return [(dtype_of.get(a, "?"), dtype_of.get(b, "?")) for a, b in re.findall(r" dot\(%(\S+), %(\S+)\)", text)
+            if shape_of.get(a) in shapes or shape_of.get(b) in shapes]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's bf16 dot selection")
+@pytest.mark.parametrize("rows,weights", [(1, "float32"), (3, "float32"), (1, "bfloat16")])
+def test_cpu_bf16_decoding_reads_bf16_weights(rows, weights):
+    """bf16 decoding on CPU multiplies by the bf16 weights, the tied head included: a one-row
+    dot goes in as two rows (`matmuls.two_rows`) and the head contracts the embedding on its
+    own d (`decode_tied_head`), and embedding rows are gathered from the stored table
+    (`layers.Embed`, `take_rows`). Plainly written, XLA:CPU ran them in float32 and hoisted the
+    weights' conversion out of the decode loop: a float32 copy of every weight held while
+    decoding (1.8-2.3x the float32 params' bytes of temporaries here, with float32 or bf16
+    weights; now the bf16 copy of float32 weights and little else). Checked on the compiled loop (every dot reading a weight) and its memory;
+    logits equal float32 math on the bf16-rounded operands."""
+    from jaxgpt.generation.decode import _generate_jit
+    from jaxgpt.models.matmuls import decode_tied_head, matmul_2d
+
+    bf, f32 = jnp.bfloat16, jnp.float32
+    if _compiled_dot_operand_dtypes(lambda x, w: jnp.dot(x, w, preferred_element_type=f32),
+                                    jnp.ones((64, 96), bf), jnp.ones((96, 80), bf)) != [("bf16", "bf16")]:
+        pytest.skip("this XLA:CPU converts every bf16 dot to float32")
+    from jaxgpt.models.layers import take_rows
+
+    cfg = ModelConfig(vocab_size=4096, context_length=64, n_layer=2, n_head=4, n_embd=256, dropout=0.0,
+                      dtype="bfloat16", param_dtype=weights)
+    params = param_shapes(cfg)
+    prompt = jax.ShapeDtypeStruct((rows, 8), jnp.int32)
+    compiled = _generate_jit.lower(params, prompt, jax.ShapeDtypeStruct((rows, 8), bool), jax.random.key(0), 0.0, 1.0,
+                                   config=cfg, max_new_tokens=24, greedy=True, top_k=None, use_top_p=False, eos_id=None,
+                                   pad_id=0, vocab_limit=None).compile()
+    matrices = [leaf.shape for leaf in jax.tree_util.tree_leaves(params) if leaf.ndim == 2]
+    dots = _weight_dots(compiled.as_text(), {f"{a},{b}" for a, b in matrices} | {f"{b},{a}" for a, b in matrices})
+    assert len(dots) >= 4 * cfg.n_layer and all(d == ("bf16", "bf16") for d in dots), dots
+    float32_bytes = sum(leaf.size * 4 for leaf in jax.tree_util.tree_leaves(params))
+    bf16_copies = float32_bytes / 2 if weights == "float32" else 0  # made once for the loop
+    assert compiled.memory_analysis().temp_size_in_bytes < bf16_copies + 0.3 * float32_bytes
+
+    table = jax.random.normal(jax.random.key(2), (50, 8)).astype(bf)
+    ids = jnp.array([[3, 7, 3], [49, 0, 3]])
+    np.testing.assert_array_equal(take_rows(table, ids), jnp.take(table, ids, axis=0))
+    ct = jax.random.normal(jax.random.key(3), (2, 3, 8)).astype(bf)
+    np.testing.assert_array_equal(jax.vjp(take_rows, table, ids)[1](ct)[0],
+                                  jax.vjp(lambda t: jnp.take(t, ids, axis=0), table)[1](ct)[0])
+
+    x = jax.random.normal(jax.random.key(0), (rows, 1, 64)).astype(bf)
+    w = (jax.random.normal(jax.random.key(1), (64, 96)) / 8).astype(bf)
+    want = (x.astype(f32) @ w.astype(f32)).astype(bf).astype(f32)
+    np.testing.assert_allclose(matmul_2d(x, w, cpu_bf16=True).astype(f32), want, rtol=2**-7, atol=1e-6)
+    logits = decode_tied_head(x, w.T)  # the embedding [vocab, d]
+    assert logits.shape == (rows, 1, 96) and logits.dtype == f32
+    np.testing.assert_allclose(logits, x.astype(f32) @ w.astype(f32), rtol=1e-5, atol=1e-5)
 
 
 def test_one_row_matmuls_run_in_row_blocks():

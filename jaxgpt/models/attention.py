@@ -71,7 +71,7 @@ def reference_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
 
 def one_query_attention(q, k, v, mask):
     """`reference_attention` for a decode step (one query, or a few) over a KV cache, written
-    for the cache's heads-major layout (`jaxgpt.models.layers.init_cache`).
+    for the cache's heads-major layout (`jaxgpt.models.kv_cache.init_cache`).
 
     Shapes as `reference_attention`; k/v are the cache's `[batch, kv_len, kv_heads, head_dim]`
     view. Float32 scores and softmax, no dropout. Each (row, kv head)'s keys are the matrix

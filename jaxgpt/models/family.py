@@ -76,7 +76,7 @@ class Family:
         return jax.eval_shape(lambda t: model.init({"params": jax.random.key(0)}, t), tokens)["params"]
 
     def init_cache(self, config, batch_size: int, max_len: int | None = None):
-        from jaxgpt.models.layers import init_cache
+        from jaxgpt.models.kv_cache import init_cache
 
         return init_cache(config, batch_size, max_len)
 

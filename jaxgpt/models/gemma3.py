@@ -15,8 +15,9 @@ Parameter tree: Llama's names plus `layers_{i}/pre_feedforward_layernorm/scale [
 ...), and Qwen3's `self_attn/q_norm|k_norm/scale [head_dim]`. A norm's `scale` is HF's `weight`
 as stored (the `1 +` is in the arithmetic), so loading stays a rename.
 
-The KV cache holds every slot for sliding-window layers too (masked, not rolled): simpler and
-exact, at the global layers' memory.
+A sliding-window layer's KV cache is a ring of its last `sliding_window` slots
+(`jaxgpt.models.kv_cache.write_ring_cache`): at 32k slots, gemma-3-1b's cache is 1/6 the size
+of one holding every slot in every layer, and a decode step reads 1/6 the keys.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ import jax.numpy as jnp
 
 from jaxgpt.errors import UserError
 from jaxgpt.models.family import Target, hf_shape
-from jaxgpt.models.layers import attention_inputs, compute_dtype, embedding_init, param_dtype, sliding_window_mask
+from jaxgpt.models.kv_cache import init_cache, ring_window_mask
+from jaxgpt.models.layers import Embed, attention_inputs, compute_dtype, embedding_init, param_dtype, sliding_window_mask
 from jaxgpt.models.llama import Llama, LlamaAttention, LlamaFamily, SwiGLU
 from jaxgpt.models.lora import LoRAConfig
 from jaxgpt.models.recompute import RMSNorm, gelu_tanh
@@ -71,7 +73,7 @@ class Gemma3(Llama):
 
     def setup(self):
         cfg = self.config
-        self.embed_tokens = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.n_embd, dtype=compute_dtype(cfg), param_dtype=param_dtype(cfg),
                                      embedding_init=embedding_init(cfg, 0.02))
         block_cls = self.block_class(Gemma3Block)
         self.layers = [block_cls(cfg, self.lora, is_sliding(cfg, i)) for i in range(cfg.n_layer)]  # layers_0, ...
@@ -89,8 +91,12 @@ class Gemma3(Llama):
         full = (att["mask"], att["is_causal"], rope_tables(cfg, att["positions"]))
         local = full
         if cfg.sliding_window:
-            local = (sliding_window_mask(att, cfg.sliding_window), att["is_causal"],
-                     rope_tables(cfg, att["positions"], cfg.rope_local_theta, scaled=False))
+            if cache is None:
+                local_mask = sliding_window_mask(att, cfg.sliding_window)
+            else:  # the ring's keys (`init_cache`'s windows)
+                ring_len = min(cfg.sliding_window, cache["valid"].shape[1])
+                local_mask = ring_window_mask(att, ring_len, cfg.sliding_window, tokens.shape[1])
+            local = (local_mask, att["is_causal"], rope_tables(cfg, att["positions"], cfg.rope_local_theta, scaled=False))
         x, new_cache = self.run_blocks(x, att, deterministic, cache,
                                        per_layer=lambda i: local if is_sliding(cfg, i) else full)
         return self.norm(x), new_cache
@@ -127,6 +133,11 @@ class Gemma3Family(LlamaFamily):
         n_matmul = config.n_layer * self.layer_matmul_params(config) + config.n_embd * config.vocab_size
         keys = sum(min(t, config.sliding_window) if is_sliding(config, i) else t for i in range(config.n_layer))
         return mult * n_matmul + (mult * 2) * config.n_head * config.head_dim * keys
+
+    def init_cache(self, config, batch_size: int, max_len: int | None = None):
+        """`kv_cache.init_cache` with a ring of `sliding_window` slots for each sliding-window layer."""
+        windows = [config.sliding_window if is_sliding(config, i) else 0 for i in range(config.n_layer)]
+        return init_cache(config, batch_size, max_len, windows)
 
     def validate(self, config) -> None:
         super().validate(config)

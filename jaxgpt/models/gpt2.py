@@ -39,8 +39,8 @@ import jax.numpy as jnp
 
 from jaxgpt.errors import UserError
 from jaxgpt.models.family import Family, Target, hf_shape
-from jaxgpt.models.layers import (LanguageModel, attend, attention_inputs, compute_dtype, dense, embedding_init, param_dtype,
-                                  write_cache)
+from jaxgpt.models.kv_cache import write_cache
+from jaxgpt.models.layers import Embed, LanguageModel, attend, attention_inputs, compute_dtype, dense, embedding_init, param_dtype
 from jaxgpt.models.lora import LoRAConfig
 from jaxgpt.models.recompute import LayerNorm, gelu_tanh
 
@@ -112,9 +112,9 @@ class GPT(LanguageModel):
     def setup(self):
         cfg = self.config
         dtype = compute_dtype(cfg)
-        self.wte = nn.Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=param_dtype(cfg),
+        self.wte = Embed(cfg.vocab_size, cfg.n_embd, dtype=dtype, param_dtype=param_dtype(cfg),
                             embedding_init=embedding_init(cfg, 0.02))
-        self.wpe = nn.Embed(cfg.context_length, cfg.n_embd, dtype=dtype, param_dtype=param_dtype(cfg),
+        self.wpe = Embed(cfg.context_length, cfg.n_embd, dtype=dtype, param_dtype=param_dtype(cfg),
                             embedding_init=embedding_init(cfg, 0.01))
         block_cls = self.block_class(Block)
         self.h = [block_cls(cfg, self.lora) for _ in range(cfg.n_layer)]  # named h_0, h_1, ...

@@ -4,10 +4,9 @@
 A family module (`jaxgpt.models.gpt2`, `llama`, ...) defines its blocks and a subclass of
 `LanguageModel` that embeds tokens and runs them; everything here is family-independent.
 
-The KV cache is a plain pytree passed in and returned (`init_cache`), not a mutable
-collection, so decoding is an ordinary pure function that `jit`, `lax.scan` and
-`lax.while_loop` can carry. It holds `kv_heads` heads (grouped-query attention never
-repeats K/V per query head).
+The KV cache (`jaxgpt.models.kv_cache`) is a plain pytree passed in and returned, not a
+mutable collection, so decoding is an ordinary pure function that `jit`, `lax.scan` and
+`lax.while_loop` can carry.
 """
 from __future__ import annotations
 
@@ -20,12 +19,12 @@ import jax.numpy as jnp
 
 from jaxgpt.models.attention import (blockwise_attention, choose_attention, fused_attention, one_query_attention,
                                      reference_attention)
+from jaxgpt.models.kv_cache import Cache
 from jaxgpt.models.lora import LoRAConfig, LoRADense
-from jaxgpt.models.matmuls import cpu_bf16_dot_general, dense_dot_general
+from jaxgpt.models.matmuls import cpu_bf16_dot_general, dense_dot_general, decode_tied_head, is_cpu_bf16
 from jaxgpt.models.recompute import recompute_after_cotangent
 
 Array = jax.Array
-Cache = dict[str, Any]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Top-level parameters of the task heads, jaxgpt's own names in every family: a classifier or
@@ -41,31 +40,6 @@ def param_dtype(config):
     """How the model's weights are stored (`model.param_dtype`); LoRA adapters and the value
     head are always float32."""
     return DTYPES[config.param_dtype]
-
-
-def init_cache(config, batch_size: int, max_len: int | None = None) -> Cache:
-    """An empty KV cache for `batch_size` rows and `max_len` slots (default: the context).
-
-    `layers[i]["k"|"v"]`: `[batch * kv_heads, max_len, head_dim]` in the compute dtype, kv
-    head by kv head (row `r * kv_heads + n` is row r's head n), so a decode step
-    (`one_query_attention`) reads each head's keys and values where they lie (kept as
-    `[batch, max_len, kv_heads, head_dim]`, XLA:CPU copied every layer's cache, transposed,
-    at every step);
-    `valid`: `[batch, max_len]` bool, True where a slot holds a real (non-padding) token;
-    `index`: int32 scalar, the next slot to write (shared by all rows: prompts are
-    left-padded so they end together).
-    """
-    max_len = max_len or config.context_length
-    shape = (batch_size * config.kv_heads, max_len, config.head_dim)
-    dtype = compute_dtype(config)
-    layers = tuple(
-        {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.n_layer)
-    )
-    return {
-        "layers": layers,
-        "valid": jnp.zeros((batch_size, max_len), bool),
-        "index": jnp.zeros((), jnp.int32),
-    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -91,6 +65,41 @@ def dense_inits(config, fan_in: int, std: float) -> dict:
     return {"kernel_init": nn.initializers.normal(std)}
 
 
+@jax.custom_vjp
+def take_rows(table, ids):
+    """`jnp.take(table, ids, axis=0)` for a 16-bit float table, gathered as uint16: XLA:CPU
+    gathers bf16 in float32, converting the whole table first (in a decode loop it keeps the
+    float32 copy: llama-3.2-1b's 1 GiB with `model.param_dtype=bfloat16`; XLA makes a uint16
+    view of the table once, half that). The gradient is `jnp.take`'s."""
+    bits = jax.lax.bitcast_convert_type(table, jnp.uint16)
+    return jax.lax.bitcast_convert_type(jnp.take(bits, ids, axis=0), table.dtype)
+
+
+def _take_rows_fwd(table, ids):
+    return take_rows(table, ids), (table, ids)
+
+
+def _take_rows_bwd(res, g):
+    table, ids = res
+    return jax.vjp(lambda t: jnp.take(t, ids, axis=0), table)[1](g)[0], None
+
+
+take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+class Embed(nn.Embed):
+    """`nn.Embed` that looks rows up in the stored table and casts the rows, not the table, to
+    the compute dtype. Same values; but `nn.Embed` converts the whole `[vocab, d]` table first,
+    and for bf16 XLA:CPU gathers in float32, so a bf16 decode loop held a float32 copy of the
+    bf16-rounded table (gemma-3-1b: 1.2 GiB). A 16-bit table (`model.param_dtype`) is gathered
+    by `take_rows`. The gradient reaches a float32 table as a float32 scatter-add of the rows'."""
+
+    def __call__(self, inputs):
+        table = self.embedding
+        rows = take_rows(table, inputs) if jnp.dtype(table.dtype).itemsize == 2 else jnp.take(table, inputs, axis=0)
+        return rows.astype(self.dtype or table.dtype)
+
+
 def embedding_init(config, std: float):
     """GPT-2: N(0, std) (wte 0.02, wpe 0.01); torch-default: `nn.Embedding`'s N(0, 1)."""
     return nn.initializers.normal(1.0 if config.init == "torch-default" else std)
@@ -104,8 +113,7 @@ def dense(features: int, name: str, *, config, fan_in: int, use_bias=True, std=0
     output blocks the kernel concatenates (GPT-2's q|k|v), for LoRA's `split_qkv`."""
     kwargs = dict(use_bias=use_bias, dtype=compute_dtype(config), param_dtype=param_dtype(config),
                   name=name, **dense_inits(config, fan_in, std))
-    cpu_bf16 = jnp.dtype(kwargs["dtype"]) == jnp.bfloat16 and jax.default_backend() == "cpu"
-    kwargs["dot_general"] = cpu_bf16_dot_general if cpu_bf16 else dense_dot_general
+    kwargs["dot_general"] = cpu_bf16_dot_general if is_cpu_bf16(kwargs["dtype"]) else dense_dot_general
     if lora is None:
         return nn.Dense(features, **kwargs)
     return LoRADense(features, lora=lora, fused=fused, **kwargs)
@@ -163,20 +171,6 @@ def sliding_window_mask(att, window: int):
         return att["mask"]
     near = (q_slots[:, None] - k_slots[None, :]) < window  # [q, kv]
     return att["mask"] & near[None, None]
-
-
-def write_cache(cache_layer, k, v, index):
-    """Write this call's keys and values `[batch, seq, kv_heads, head_dim]` into a cache layer
-    at slot `index`. Returns `(k, v, new_layer)`: the whole layer's keys and values as the
-    attention kernels take them, `[batch, max_len, kv_heads, head_dim]`, are a transposed view
-    of the cache; at a decode step `one_query_attention` transposes it back and XLA reads the
-    cache itself, a prefill's kernel gets one copy."""
-    b, t, kv, d = k.shape
-    put = lambda c, x: jax.lax.dynamic_update_slice(  # noqa: E731
-        c, jnp.swapaxes(x, 1, 2).reshape(b * kv, t, d).astype(c.dtype), (0, index, 0))
-    new = {"k": put(cache_layer["k"], k), "v": put(cache_layer["v"], v)}
-    view = lambda c: jnp.swapaxes(c.reshape(b, kv, -1, d), 1, 2)  # noqa: E731
-    return view(new["k"]), view(new["v"]), new
 
 
 def attend(module: nn.Module, config, q, k, v, mask, is_causal: bool, deterministic: bool, window: int = 0):
@@ -338,8 +332,12 @@ class LanguageModel(nn.Module):
 
     def lm_logits(self, hidden):
         """The LM head: `[..., n_embd]` -> float32 `[..., vocab]`."""
-        out = self.token_embedding().attend(hidden) if self.config.tie_embeddings else self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        if not self.config.tie_embeddings:
+            return self.lm_head(hidden).astype(jnp.float32)
+        embedding = self.token_embedding()
+        if hidden.ndim == 3 and hidden.shape[1] == 1 and is_cpu_bf16(compute_dtype(self.config)):  # decoding
+            return decode_tied_head(hidden, embedding.embedding)
+        return embedding.attend(hidden).astype(jnp.float32)
 
     def class_logits(self, hidden):
         """The classifier / scalar score head: `[..., n_embd]` -> float32 `[..., num_classes]`."""

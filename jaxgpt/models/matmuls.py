@@ -72,15 +72,50 @@ def matmul_2d(x, w, *, cpu_bf16: bool = False):
     (fused with SwiGLU's backward it was 11% of a Llama step); the 2-D form's weight gradient
     is one plain matmul. A SwiGLU MLP forward+backward, [1024, 768] -> 2048, on an AVX-512
     EPYC: 221 ms 3-D, 160 ms 2-D. `cpu_bf16`: bf16 inputs, float32 accumulation, bf16 result
-    (`cpu_bf16_dot_general`)."""
+    (`cpu_bf16_dot_general`; one row, a decode step's, as `two_rows`)."""
     x2 = x.reshape(-1, x.shape[-1])
-    if cpu_bf16:
+    if cpu_bf16 and x2.shape[0] == 1:  # see `two_rows`
+        y = bf16_matmul(two_rows(x2), w)[:1]
+    elif cpu_bf16:
         y = bf16_matmul(x2, w)
     elif x2.shape[0] == 1 and _row_blocks_pay(w.shape):
         y = row_block_gemv(x2, w)
     else:
         y = x2 @ w
     return y.reshape(*x.shape[:-1], w.shape[-1])
+
+
+def is_cpu_bf16(dtype) -> bool:
+    """Whether matmuls in `dtype` take this module's bf16 CPU paths."""
+    return jnp.dtype(dtype) == jnp.bfloat16 and jax.default_backend() == "cpu"
+
+
+def two_rows(x):
+    """`[1, k]` -> `[2, k]` (the row twice), for a bf16 matrix-vector product on CPU.
+
+    XLA:CPU runs a bf16 dot with one row in float32: it converts the weight to float32
+    first, and in a decode loop it hoists that conversion out of the loop, so batch-1 bf16
+    decoding held a float32 copy of every weight beside the bf16 one (gpt2-124m's compiled
+    decode loop: 0.98 GiB of temporaries, against 0.08 in float32) and read it at float32
+    speed. With two rows the dot stays on the bf16 kernel, reading the bf16 weight; the
+    second row is free beside the weight's reads."""
+    return jnp.concatenate([x, x])
+
+
+def decode_tied_head(hidden, embedding):
+    """A tied LM head for a decode step on the bf16 CPU path: `hidden [batch, 1, d]` against
+    `embedding [vocab, d]` contracted on d, bf16 operands, float32 logits `[batch, 1, vocab]`.
+
+    `nn.Embed.attend`'s `hidden @ embedding.T` in bf16 ran in float32 on CPU (a transposed
+    operand, `loop_carried_dots`), and in a decode loop XLA hoisted the conversion: float32
+    copies of the embedding, plain and transposed, held for the whole loop (llama-3.2-1b:
+    2 x 1 GiB). Contracted on its own d, the embedding is read in place by the bf16 kernel
+    (one row: `two_rows`)."""
+    b, t, d = hidden.shape
+    x = hidden.reshape(b * t, d).astype(jnp.bfloat16)
+    logits = lax.dot_general(two_rows(x) if b * t == 1 else x, embedding.astype(jnp.bfloat16),
+                             (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return logits[:b * t].reshape(b, t, embedding.shape[0])
 
 
 GEMV_BLOCK = 128  # rows of the weight per partial product in `row_block_gemv`
