@@ -14,7 +14,7 @@ import pytest
 from flax import traverse_util
 
 from jaxgpt.config import FAMILIES, ModelConfig
-from jaxgpt.models import FAMILY_MODULES, build_model, families, family_of, get_family, init_params, param_shapes
+from jaxgpt.models import FAMILY_MODULES, families, family_of, get_family, init_params, param_shapes
 from jaxgpt.models.attention import blockwise_attention, fused_attention, reference_attention
 from jaxgpt.models.family import LOGICAL_AXES
 from jaxgpt.models.lora import LoRAConfig

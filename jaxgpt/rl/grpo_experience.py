@@ -65,7 +65,7 @@ def sample_groups(recipe, iteration: int, params) -> tuple[dict, dict, dict]:
     completion_mask, advantages), the chosen rows' rollout arrays, and the iteration's stats.
     params: plain GPT params (LoRA merged) that sample."""
     cfg, s = recipe.cfg, recipe.settings
-    r, g, n = cfg.rollout, cfg.grpo, cfg.rollout.max_new_tokens
+    r, g = cfg.rollout, cfg.grpo
     num = len(recipe.data.problems["rl"])
     idx = prompt_indices(iteration, r.prompts_per_step, num, cfg.data.seed)
     key = recipe.keys.rollout(iteration)
