@@ -202,11 +202,15 @@ def make_batch(data: Encoded, idx, batch_size: int, length: int, mask_prompt: bo
 # Length-bucketed batching
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, sort_chunk: int, seed: int, epoch: int) -> list[np.ndarray]:
+def epoch_batches(lengths: np.ndarray, batch_size: int, sort_chunk: int, seed: int, epoch: int,
+                  drop_last: bool = False) -> list[np.ndarray]:
     """Index arrays of one epoch's batches (see the module docstring); every index once,
-    all batches full except possibly one. A pure function of its arguments."""
+    all batches full except possibly one (`drop_last`: the rows past the last full batch of
+    the permutation are left out). A pure function of its arguments."""
     rng = np.random.default_rng([seed, epoch])
     perm = rng.permutation(len(lengths))
+    if drop_last:
+        perm = perm[: len(perm) // batch_size * batch_size]
     chunk = batch_size * sort_chunk
     batches = []
     for start in range(0, len(perm), chunk):

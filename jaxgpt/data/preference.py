@@ -31,6 +31,7 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxgpt.data.instruct import epoch_batches
 from jaxgpt.data.records import check_split_fractions, read_records
 from jaxgpt.errors import UserError
 from jaxgpt.text.prompts import prompt_format
@@ -172,17 +173,8 @@ class PreferenceData:
         """The training batches of `epoch` (row indices): a seeded permutation, sorted by
         length within chunks of SORT_CHUNK batches, the batch order shuffled again; the
         incomplete last batch is dropped (as the book's loader)."""
-        train = self.splits["train"]
-        rng = np.random.default_rng([self.seed, epoch])
-        perm = rng.permutation(len(train))[: self.steps_per_epoch(batch_size) * batch_size]
-        lengths = train.pair_lengths()
-        chunk = batch_size * SORT_CHUNK
-        batches = []
-        for start in range(0, len(perm), chunk):
-            part = perm[start:start + chunk]
-            part = part[np.argsort(lengths[part], kind="stable")]
-            batches += [part[i:i + batch_size] for i in range(0, len(part), batch_size)]
-        return [batches[i] for i in rng.permutation(len(batches))]
+        return epoch_batches(self.splits["train"].pair_lengths(), batch_size, SORT_CHUNK, self.seed, epoch,
+                             drop_last=True)
 
     def train_batch(self, step: int, batch_size: int) -> dict[str, np.ndarray]:
         """Batch number `step`, a pure function of (data.seed, step)."""

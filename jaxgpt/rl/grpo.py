@@ -47,21 +47,26 @@ def _std(x, axis=None, keepdims=False):
     return jnp.std(x, axis=axis, keepdims=keepdims, ddof=1)
 
 
+def _centre_groups(g, scale: str, eps: float):
+    """`g` `[groups, k]` minus each group's mean, divided by the group's std ("group"), the
+    std of all of `g` ("batch") or nothing ("none")."""
+    centred = g - jnp.mean(g, axis=1, keepdims=True)
+    if scale == "group":
+        return centred / (_std(g, axis=1, keepdims=True) + eps)
+    if scale == "batch":
+        return centred / (_std(g) + eps)
+    if scale != "none":
+        raise ValueError(f"reward scale must be one of {REWARD_SCALES}, got {scale!r}")
+    return centred
+
+
 def group_advantages(rewards, group_size: int, *, normalize_std: bool = True, scale: str | None = None,
                      eps: float = 1e-4):
     """Group-relative advantages `[rows]` for rewards `[rows]` (rows = prompts x G, the G
     completions of a prompt adjacent). scale: group | batch | none (see the module docstring;
     None: "group" if normalize_std else "none"). A group with one distinct reward gets 0."""
     scale = scale or ("group" if normalize_std else "none")
-    r = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
-    centred = r - jnp.mean(r, axis=1, keepdims=True)
-    if scale == "group":
-        centred = centred / (_std(r, axis=1, keepdims=True) + eps)
-    elif scale == "batch":
-        centred = centred / (_std(r) + eps)
-    elif scale != "none":
-        raise ValueError(f"reward scale must be one of {REWARD_SCALES}, got {scale!r}")
-    return centred.reshape(-1)
+    return _centre_groups(jnp.asarray(rewards, jnp.float32).reshape(-1, group_size), scale, eps).reshape(-1)
 
 
 def process_advantages(step_rewards, segments, group_size: int, *, scale: str = "group", eps: float = 1e-4):
@@ -75,15 +80,7 @@ def process_advantages(step_rewards, segments, group_size: int, *, scale: str = 
     int, the step index of each completion token (values >= S count as the last step)."""
     r = jnp.asarray(step_rewards, jnp.float32)
     rows, steps = r.shape
-    g = r.reshape(-1, group_size * steps)
-    centred = g - jnp.mean(g, axis=1, keepdims=True)
-    if scale == "group":
-        centred = centred / (_std(g, axis=1, keepdims=True) + eps)
-    elif scale == "batch":
-        centred = centred / (_std(g) + eps)
-    elif scale != "none":
-        raise ValueError(f"reward scale must be one of {REWARD_SCALES}, got {scale!r}")
-    norm = centred.reshape(rows, steps)
+    norm = _centre_groups(r.reshape(-1, group_size * steps), scale, eps).reshape(rows, steps)
     to_go = jnp.flip(jnp.cumsum(jnp.flip(norm, axis=1), axis=1), axis=1)  # sum over steps >= j
     index = jnp.clip(jnp.asarray(segments, jnp.int32), 0, steps - 1)
     return jnp.take_along_axis(to_go, index, axis=1)
