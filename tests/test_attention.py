@@ -129,6 +129,9 @@ def test_choose_attention_on_cpu():
     assert pick("auto", kv_len=attention.AUTO_BLOCKWISE_MIN_KV_CAUSAL) == "blockwise"
     assert pick("auto", kv_len=attention.AUTO_BLOCKWISE_MIN_KV_CAUSAL, is_causal=False) == "reference"
     assert pick("auto", kv_len=attention.AUTO_BLOCKWISE_MIN_KV_MASKED, is_causal=False) == "blockwise"
+    # a padding mask over the queries' own slots skips tiles as the causal kernel does
+    assert choose_attention("auto", dtype=jnp.float32, dropout=0.0, kv_len=attention.AUTO_BLOCKWISE_MIN_KV_CAUSAL,
+                            is_causal=False, causal_mask=True) == "blockwise"
     assert pick("xla") == "xla" and pick("cudnn") == "cudnn" and pick("blockwise", dropout=0.1) == "blockwise"
     assert pick("xla", dropout=0.1) == "reference" and pick("cudnn", dropout=0.1) == "reference"
     # a decode step (one query over the cache) reads the cache in place, whatever its length
@@ -284,3 +287,44 @@ def test_sliding_window_kernels_equal_the_reference_with_the_windowed_mask(windo
         np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
         for g, w in zip(got[1], want[1]):
             np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_a_padded_model_call_skips_the_tiles_above_the_diagonal(monkeypatch):
+    """A padded batch without a cache (RL updates, rollout scoring): blockwise reads the padding
+    mask *and* skips the tiles above the diagonal and outside a sliding window; a cached call
+    (keys are not the queries' slots) reads its mask alone. Logits and gradients of a padded
+    Gemma 3 (window 6 in tiles of 4) equal the reference's."""
+    from jaxgpt.config import ModelConfig
+    from jaxgpt.models import build_model, init_cache, layers
+
+    cfg = ModelConfig(family="gemma3", vocab_size=97, context_length=32, n_layer=2, n_head=4, n_kv_head=2, n_embd=32,
+                      mlp_dim=48, head_size=8, qkv_bias=False, dropout=0.0, sliding_window=6, sliding_window_pattern=2)
+    params = init_params(cfg, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, 97)
+    pad = jnp.arange(24)[None] >= jnp.array([[0], [7]])  # the second row left-padded
+    calls = []
+    real = layers.blockwise_attention
+
+    def spy(q, k, v, mask=None, **kw):
+        calls.append((mask is not None, kw["is_causal"], kw["window"]))
+        return real(q, k, v, mask, block_q=4, block_k=4, **{n: a for n, a in kw.items() if n not in ("block_q", "block_k")})
+
+    monkeypatch.setattr(layers, "blockwise_attention", spy)
+
+    def loss_and_grads(kind):
+        model = build_model(dataclasses.replace(cfg, attention=kind))
+        f = lambda p: model.apply({"params": p}, tokens, attention_mask=pad).astype(jnp.float32).sum()  # noqa: E731
+        return jax.jit(jax.value_and_grad(f))(params)
+
+    (want, want_g), (got, got_g) = loss_and_grads("reference"), loss_and_grads("blockwise")
+    assert calls == [(True, True, 6), (True, True, 0)]  # local layer, global layer: mask, causal and window
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(  # on each leaf's scale (Gemma's embedding)
+        a, b, rtol=1e-4, atol=1e-5 * max(1.0, float(np.abs(b).max()))), got_g, want_g)
+
+    calls.clear()
+    global_cfg = dataclasses.replace(cfg, attention="blockwise", sliding_window=0)
+    cache = init_cache(global_cfg, 2, 32)  # a prefill of 24 of 32 slots: keys are not the queries
+    model = build_model(global_cfg)
+    jax.jit(lambda p, c: model.apply({"params": p}, tokens, attention_mask=pad, cache=c))(params, cache)
+    assert calls == [(True, False, 0)] * 2

@@ -38,7 +38,10 @@ BLOCK_K = 128
 # batch 8, 12 heads, head_dim 64, float32): causal (tiles above the diagonal skipped) is
 # already faster at 256 keys (~130-220 ms vs ~220 ms) and 1.7-2.5x faster at 1024; with an
 # explicit mask every tile is computed and blockwise only wins from 1024 (~2.4-2.9 s vs ~3.5 s;
-# at 512 it is ~0.9 s vs ~0.75 s). Below 256 the einsum is as fast or faster.
+# at 512 it is ~0.9 s vs ~0.75 s). Below 256 the einsum is as fast or faster. A padding mask
+# over as many keys as queries is causal too, so the tiles above the diagonal are skipped
+# there as well and the causal threshold holds (left-padded, 2026-12-06's AVX-512 AMD host:
+# 124 vs 142 ms at 256 keys, 383 vs 378 at 512, 1.31 vs 1.42 s at 1024; 2.24 s without skipping).
 AUTO_BLOCKWISE_MIN_KV_CAUSAL = 256
 AUTO_BLOCKWISE_MIN_KV_MASKED = 1024
 
@@ -345,12 +348,14 @@ def _is_nvidia_gpu() -> bool:
 
 
 def choose_attention(kind: str, *, dtype, dropout: float, kv_len: int, is_causal: bool,
-                     head_dim: int = 64, q_len: int = 0) -> str:
+                     head_dim: int = 64, q_len: int = 0, causal_mask: bool = False) -> str:
     """The kernel `model.attention=kind` runs for one call: reference | xla | cudnn | blockwise
     | one_query.
 
     dropout: this call's attention dropout (0 when deterministic); kv_len: keys per query;
-    is_causal: the mask is the plain causal one (no padding, no cache); q_len: queries.
+    is_causal: the mask is the plain causal one (no padding, no cache); q_len: queries;
+    causal_mask: the explicit mask hides every key after its query too (a padding mask without
+    a cache), so blockwise skips the same tiles as for `is_causal`.
     `reference` and `auto`: a single query (a decode step) runs `one_query`, the reference's
     math written for the KV cache's layout.
     `auto`: cuDNN flash attention on an NVIDIA GPU for bf16/fp16 without dropout, causal (the
@@ -358,8 +363,8 @@ def choose_attention(kind: str, *, dtype, dropout: float, kv_len: int, is_causal
     cuDNN supports (a multiple of 8, at most 128); otherwise,
     on a GPU/TPU, XLA's fused attention without dropout and `blockwise` with it (the fused
     kernels have no attention dropout); on CPU, `blockwise` from `AUTO_BLOCKWISE_MIN_KV_CAUSAL`
-    (causal) or `AUTO_BLOCKWISE_MIN_KV_MASKED` (explicit mask) keys, where it is faster and its
-    memory O(T) not O(T^2), else `reference`.
+    (causal, `causal_mask` too) or `AUTO_BLOCKWISE_MIN_KV_MASKED` (another explicit mask) keys,
+    where it is faster and its memory O(T) not O(T^2), else `reference`.
     Explicit `xla` / `cudnn` with dropout > 0 run `reference`, so dropout is still applied.
     """
     if kind in ("reference", "auto") and q_len == 1 and dropout == 0.0:
@@ -371,7 +376,7 @@ def choose_attention(kind: str, *, dtype, dropout: float, kv_len: int, is_causal
             return "cudnn"
         if jax.default_backend() != "cpu":
             return "xla" if dropout == 0.0 else "blockwise"
-        threshold = AUTO_BLOCKWISE_MIN_KV_CAUSAL if is_causal else AUTO_BLOCKWISE_MIN_KV_MASKED
+        threshold = AUTO_BLOCKWISE_MIN_KV_CAUSAL if is_causal or causal_mask else AUTO_BLOCKWISE_MIN_KV_MASKED
         return "blockwise" if kv_len >= threshold else "reference"
     if kind in ("xla", "cudnn") and dropout > 0.0:
         return "reference"

@@ -181,20 +181,26 @@ def attend(module: nn.Module, config, q, k, v, mask, is_causal: bool, determinis
     (`sliding_window_mask`); with `is_causal` the fused and blockwise kernels, which do not read
     the mask then, generate it (blockwise skips the key tiles outside it).
 
+    With as many keys as queries the keys are the queries' own slots (no cache, or a prefill
+    that fills one from slot 0), so `attention_inputs`' mask hides every later key: blockwise
+    then reads the mask and also skips the tiles above the diagonal and outside the window.
+
     The fused kernels have no dropout on attention weights: with dropout, `xla`/`cudnn` run
     `reference` and `auto` a kernel that has it, so the regulariser is never silently dropped.
     `module` draws the dropout key (its `dropout` stream)."""
     attn_dropout = 0.0 if deterministic else config.dropout
+    causal_mask = not is_causal and q.shape[1] == k.shape[1]
     kind = choose_attention(config.attention, dtype=q.dtype, dropout=attn_dropout, kv_len=k.shape[1],
-                            is_causal=is_causal, head_dim=config.head_dim, q_len=q.shape[1])
+                            is_causal=is_causal, head_dim=config.head_dim, q_len=q.shape[1], causal_mask=causal_mask)
     rng = module.make_rng("dropout") if attn_dropout > 0.0 else None
     if kind == "reference":
         return reference_attention(q, k, v, mask, dropout_rate=attn_dropout, dropout_rng=rng)
     if kind == "one_query":
         return one_query_attention(q, k, v, mask)
     if kind == "blockwise":  # causal: the mask is generated per tile, not read
-        return blockwise_attention(q, k, v, None if is_causal else mask, is_causal=is_causal,
-                                   dropout_rate=attn_dropout, dropout_rng=rng, window=window if is_causal else 0)
+        causal = is_causal or causal_mask
+        return blockwise_attention(q, k, v, None if is_causal else mask, is_causal=causal,
+                                   dropout_rate=attn_dropout, dropout_rng=rng, window=window if causal else 0)
     return fused_attention(q, k, v, mask, implementation=kind, is_causal=is_causal, window=window)
 
 
