@@ -3,6 +3,7 @@ import importlib.util
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -11,6 +12,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 def _load(name: str):
     spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -82,3 +84,20 @@ def test_decode_smoke(tmp_path, capsys):
         want = row["config"]["new_tokens"] / jax_row["times_s"][call] / (bw / row["bytes_per_token"])
         assert math.isclose(jax_row["fractions_per_call"][call], want, rel_tol=1e-9)
     assert 0 < jax_row["fraction_of_limit"] == statistics.median(jax_row["fractions_per_call"])
+
+
+def test_train_throughput_smoke(tmp_path, capsys):
+    """The training benchmark on the tiny config, jaxgpt only: the measured ceiling is the
+    fastest of the matmul readings before and after the steps, and every MFU is against it."""
+    train_throughput = _load("train_throughput")
+    out = tmp_path / "tt.json"
+    assert train_throughput.main(["--configs", "tiny", "--frameworks", "jax", "--steps", "2", "--rounds", "1",
+                                  "--warmup", "1", "--matmul-n", "64", "--json", str(out)]) == 0
+    assert "| tiny | fp32 | 2 x 32 | jaxgpt |" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    machine, (row,) = data["machine"], data["results"]
+    readings = [machine["matmul_fp32_flops"]["jax"], machine["matmul_fp32_flops_after"]["jax"]]
+    assert machine["measured_ceiling_flops"] == max(readings) > 0
+    flops_per_s = row["tokens_per_s"] * row["flops_per_token"]
+    assert math.isclose(row["mfu_measured"], flops_per_s / max(readings), rel_tol=1e-9)
+    assert math.isclose(row["mfu"], flops_per_s / machine["peak_flops_per_device"], rel_tol=1e-9)
