@@ -168,7 +168,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(os.cpu_count() or 1)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     flags = open("/proc/cpuinfo").read()
-    host = f"{cpu}, {os.cpu_count()} cores, " + ", ".join(f for f in ("avx512f", "amx_bf16") if f" {f}" in flags)
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    host = f"{cpu}, {os.cpu_count()} cores, {', '.join(isa) or 'no AVX2'}"
     print(f"host: {host}; load {os.getloadavg()[0]:.2f}; GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')}", flush=True)
     rows = []
     for family in args.families.split(","):

@@ -25,6 +25,12 @@ import statistics
 import time
 
 
+def _gflops(v: float) -> str:
+    """A rate for the table: whole GFLOP/s, or two decimals below 10 (torch's bf16 matmul on a
+    CPU without bf16 instructions runs at a fraction of one)."""
+    return f"{v:.0f}" if v >= 10 else f"{v:.2f}"
+
+
 def rate(fn, flops: float, reps: int) -> float:
     """GFLOP/s of `fn` (doing `flops`), from the median of `reps` timed calls after one untimed."""
     fn()
@@ -71,7 +77,8 @@ def main(argv=None) -> int:
     print("|---|---|---|---|---|")
     for r in rows:
         best = max(r["xla"], r["xla_f32_accumulate"])
-        print(f"| {r['dtype']} | {r['xla']:.0f} | {r['xla_f32_accumulate']:.0f} | {r['torch']:.0f} | {best / r['torch']:.2f}x |")
+        print(f"| {r['dtype']} | {_gflops(r['xla'])} | {_gflops(r['xla_f32_accumulate'])} | {_gflops(r['torch'])} "
+              f"| {best / r['torch']:.2f}x |")
     dense = dense_layers(args.tokens, args.reps) if args.dense_layers else []
     if args.json:
         with open(args.json, "w") as f:
