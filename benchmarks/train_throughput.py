@@ -367,11 +367,11 @@ def main(argv=None) -> int:
         # ceiling below what the model's own step reaches reads as MFU >= 100%.
         after = measure_matmuls(args.matmul_n, torch, torch_device, "after the steps")
         info["matmul_fp32_flops_after"] = {"n": args.matmul_n, **after}
-        first, ceiling = ceiling, max(ceiling, *after.values())
+        ceiling = max(ceiling, *after.values())
         for case in cases:
             for r in case.results.values():
-                if r["mfu_measured"] is not None:
-                    r["mfu_measured"] *= first / ceiling
+                if r["mfu_measured"] is not None:  # fp32 rows
+                    r["mfu_measured"] = r["tokens_per_s"] * r["flops_per_token"] / ceiling
         print(f"measured ceiling (the fastest of both readings): {ceiling / 1e9:.1f} GFLOP/s", file=sys.stderr)
     info["measured_ceiling_flops"] = ceiling
 
