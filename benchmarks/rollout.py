@@ -35,15 +35,22 @@ import jax
 import numpy as np
 
 
+def model_shape(args) -> dict:
+    """`n_layer`, `n_head`, `n_embd` of `--preset` (its vocabulary and context are the
+    benchmark's own: GPT-2's 50,257 tokens, prompt + new tokens), else of the flags."""
+    from jaxgpt.config import PRESETS
+
+    source = PRESETS[args.preset] if args.preset else vars(args)
+    return {k: source[k] for k in ("n_layer", "n_head", "n_embd")}
+
+
 def measure(args) -> dict:
-    from jaxgpt.config import PRESETS, ModelConfig
+    from jaxgpt.config import ModelConfig
     from jaxgpt.models import build_model, init_params
     from jaxgpt.rl.rollout import completion_logprobs, rollout
 
-    shape = dict(PRESETS[args.preset]) if args.preset else dict(n_layer=args.n_layer, n_head=args.n_head,
-                                                                 n_embd=args.n_embd)
     cfg = ModelConfig(vocab_size=50257, context_length=args.prompt_len + args.new_tokens, dropout=0.0,
-                      dtype=args.dtype, **shape)
+                      dtype=args.dtype, **model_shape(args))
     params = init_params(cfg, jax.random.key(0))
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 50000, (args.prompts, args.prompt_len)).astype(np.int32)
@@ -80,10 +87,7 @@ def measure_torch(args, threads: int | None = None) -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from jaxgpt.config import PRESETS
-
-    shape = dict(PRESETS[args.preset]) if args.preset else dict(n_layer=args.n_layer, n_head=args.n_head,
-                                                                 n_embd=args.n_embd)
+    shape = model_shape(args)
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
@@ -127,6 +131,10 @@ def main(argv=None) -> int:
                    help="skip the HF transformers generate() reference")
     p.add_argument("--json", help="also write the result to this file")
     args = p.parse_args(argv)
+    from jaxgpt.config import PRESETS
+
+    if args.preset and args.preset not in PRESETS:
+        p.error(f"unknown --preset {args.preset!r}; one of {', '.join(PRESETS)}")
     result = measure(args)
     if args.torch_reference:
         try:

@@ -101,3 +101,23 @@ def test_train_throughput_smoke(tmp_path, capsys):
     flops_per_s = row["tokens_per_s"] * row["flops_per_token"]
     assert math.isclose(row["mfu_measured"], flops_per_s / max(readings), rel_tol=1e-9)
     assert math.isclose(row["mfu"], flops_per_s / machine["peak_flops_per_device"], rel_tol=1e-9)
+
+
+def test_rollout_smoke(tmp_path, capsys):
+    """A tiny GRPO-shaped rollout, jaxgpt only; a `--preset` keeps its layers and width but
+    takes the benchmark's context (prompt + new tokens)."""
+    rollout = _load("rollout")
+    out = tmp_path / "rollout.json"
+    argv = ["--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--prompts", "2", "--group", "2",
+            "--prompt-len", "4", "--new-tokens", "3", "--repeats", "1", "--no-torch-reference", "--json", str(out)]
+    assert rollout.main(argv) == 0
+    row = json.loads(out.read_text())
+    assert row["rows"] == 4 and row["rollout_tokens_per_sec"] > 0 and row["score_tokens_per_sec"] > 0
+    args = rollout.argparse.Namespace(preset="gpt2-124m", n_layer=1, n_head=2, n_embd=32)
+    assert rollout.model_shape(args) == {"n_layer": 12, "n_head": 12, "n_embd": 768}
+    try:
+        rollout.main(["--preset", "gpt2-9b"])
+    except SystemExit as e:
+        assert e.code == 2 and "unknown --preset 'gpt2-9b'" in capsys.readouterr().err
+    else:
+        raise AssertionError("an unknown preset must exit 2")
