@@ -121,3 +121,13 @@ def test_rollout_smoke(tmp_path, capsys):
         assert e.code == 2 and "unknown --preset 'gpt2-9b'" in capsys.readouterr().err
     else:
         raise AssertionError("an unknown preset must exit 2")
+
+
+def test_one_query_smoke(capsys):
+    """The decode attention benchmark, against a checkout (this one) as `--compare-to`."""
+    one_query = _load("one_query")
+    argv = ["--slots", "24", "--heads", "4", "--kv-heads", "2", "--head-dim", "8", "--layers", "2", "--rows", "2",
+            "--steps", "3", "--rounds", "1", "--compare-to", str(BENCHMARKS.parent)]
+    assert one_query.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "2 layers, 24 slots, 4 heads / 2 kv heads x 8, 2 rows" in out and out.count(" ms a step") == 2
