@@ -18,6 +18,7 @@ from jaxgpt.data.readers import read_file
 from jaxgpt.data.records import read_examples
 from jaxgpt.errors import UserError
 from jaxgpt.text.gpt2_bpe import EOT_ID
+from tests.cli_helpers import assert_refused, run_finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -144,12 +145,6 @@ def test_prediction_reads_the_last_real_token():
 # End to end through finetune.py
 
 
-def _finetune(argv):
-    import finetune
-
-    return finetune.main([str(a) for a in argv])
-
-
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("classify")
@@ -158,7 +153,7 @@ def tiny_run(tmp_path_factory):
     args = ["classify", "--data", data, "--out", run]
     for item in TINY:
         args += ["--set", item]
-    assert _finetune(args) == 0
+    assert run_finetune(args) == 0
     return run, data
 
 
@@ -211,7 +206,7 @@ def test_lora_run_and_resume_match_a_straight_run(tmp_path):
                                     "train.num_devices=1"], cls=ClassifyConfig)  # (tiny_run covers pmap)
     straight = finetune_classifier(cfg, tmp_path / "straight")
     finetune_classifier(cfg, tmp_path / "split", stop_after=4)
-    assert _finetune(["classify", "--resume", tmp_path / "split"]) == 0
+    assert run_finetune(["classify", "--resume", tmp_path / "split"]) == 0
     losses = lambda run: [json.loads(line)["train_loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert losses("straight") == losses("split")
     resumed = json.loads((tmp_path / "split" / "metrics.json").read_text())
@@ -239,7 +234,7 @@ def test_init_from_a_pretraining_run_last_block(tmp_path):
     args = ["classify", "--init", pre, "--train-mode", "last-block", "--data", data, "--out", tmp_path / "run"]
     for item in TINY + ["train.num_devices=1", "train.epochs=1"]:
         args += ["--set", item]
-    assert _finetune(args) == 0
+    assert run_finetune(args) == 0
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
     d = 16
     block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
@@ -282,11 +277,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     for item in TINY:
         argv += ["--set", item]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
-    capsys.readouterr()
-    assert _finetune(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
-    assert not (tmp_path / "run").exists()
+    assert_refused(run_finetune, argv, capsys, message, tmp_path / "run")
 
 
 @pytest.mark.slow

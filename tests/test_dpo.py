@@ -19,6 +19,7 @@ from jaxgpt.train.losses import sequence_logprobs
 from jaxgpt.models.gpt2 import GPT
 from jaxgpt.models import init_params
 from jaxgpt.train.preference_losses import dpo_logits, dpo_loss, implicit_rewards
+from tests.cli_helpers import assert_refused, run_finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(context_length=64, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
@@ -172,12 +173,6 @@ def test_lora_reference_is_the_policys_own_base_leaves(tmp_path):
 # End to end through finetune.py
 
 
-def _finetune(argv):
-    import finetune
-
-    return finetune.main([str(a) for a in argv])
-
-
 def _args(run, init, data, extra=()):
     argv = ["dpo", "--init", init, "--data", data, "--out", run]
     for item in TINY + list(extra):
@@ -191,7 +186,7 @@ def dpo_run(tmp_path_factory):
     init = make_lm_run(tmp / "sft", extra={"data": {"instruction_field": "q", "mask_prompt": True},
                                            "instruct": {"max_new_tokens": 7}})
     data = write_pairs(tmp / "pairs.jsonl")
-    assert _finetune(_args(tmp / "run", init, data)) == 0  # 4 devices: pmapped
+    assert run_finetune(_args(tmp / "run", init, data)) == 0  # 4 devices: pmapped
     return tmp / "run", init, data
 
 
@@ -229,13 +224,13 @@ def test_run_directory_and_margin(dpo_run):
 def test_lora_run_and_resume_match_a_straight_run(dpo_run, tmp_path):
     _, init, data = dpo_run
     extra = ["train.num_devices=1", "lora.rank=2", "train.lr=3e-3", "dpo.num_responses=1"]
-    assert _finetune(_args(tmp_path / "straight", init, data, extra) + ["--train-mode", "lora"]) == 0
+    assert run_finetune(_args(tmp_path / "straight", init, data, extra) + ["--train-mode", "lora"]) == 0
     from jaxgpt.tasks.dpo import DEFAULT_CONFIG, DPOConfig, finetune_dpo
 
     sets = TINY + extra + [f"data.path={data}", f"finetune.init={init}", "finetune.train_mode=lora"]
     cfg = load_config(DEFAULT_CONFIG, sets, cls=DPOConfig)
     finetune_dpo(cfg, tmp_path / "split", stop_after=4)
-    assert _finetune(["dpo", "--resume", tmp_path / "split"]) == 0
+    assert run_finetune(["dpo", "--resume", tmp_path / "split"]) == 0
     losses = lambda run: [r.get("train_loss") for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())]
     assert losses("straight") == losses("split")
     a, b = (json.loads((tmp_path / r / "metrics.json").read_text()) for r in ("straight", "split"))
@@ -278,11 +273,7 @@ def test_bad_input_exits_2_and_writes_nothing(dpo_run, tmp_path, capsys, args, m
     for item in TINY:
         argv += ["--set", item]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
-    capsys.readouterr()
-    assert _finetune(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
-    assert not (tmp_path / "run").exists()
+    assert_refused(run_finetune, argv, capsys, message, tmp_path / "run")
 
 
 def test_truncated_responses_are_counted(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.rl.grpo import aggregate, clipped_surrogate, group_advantages, grpo_loss, grpo_loss_fn, k3_kl
+from tests.cli_helpers import assert_refused, run_finetune
 
 
 def test_group_advantages_by_hand():
@@ -200,12 +201,6 @@ TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.context_l
         "train.log_interval=1", "train.lr=1e-3", "data.eval_samples=0"]
 
 
-def _finetune(argv):
-    import finetune
-
-    return finetune.main([str(a) for a in argv])
-
-
 def _argv(out, extra=()):
     argv = ["grpo", "--out", out]
     for item in TINY + list(extra):
@@ -231,7 +226,7 @@ def test_grpo_command_on_4_devices_and_run_dir(tmp_path, monkeypatch, varied_rew
     calls = []
     sample = evaluation.sample_completions
     monkeypatch.setattr(evaluation, "sample_completions", lambda *a, **k: calls.append(k["samples"]) or sample(*a, **k))
-    assert _finetune(_argv(tmp_path / "run", ["grpo.log_kl=true", "data.eval_samples=2"])) == 0
+    assert run_finetune(_argv(tmp_path / "run", ["grpo.log_kl=true", "data.eval_samples=2"])) == 0
     assert calls == [1, 2, 1, 1, 2]  # greedy + sampled before; greedy at 2 and 4 (the summary reuses it); sampled after
     run = tmp_path / "run"
     assert {"config.yaml", "metrics.jsonl", "metrics.json", "reward.png", "kl.png", "length.png",
@@ -295,7 +290,7 @@ def test_grpo_lora_resume_matches_a_straight_run(tmp_path, varied_rewards):
     cfg = load_config(DEFAULT_CONFIG, TINY + extra, cls=GRPOConfig)
     straight = finetune_grpo(cfg, tmp_path / "straight")
     finetune_grpo(cfg, tmp_path / "split", stop_after=2)
-    assert _finetune(["grpo", "--resume", tmp_path / "split"]) == 0
+    assert run_finetune(["grpo", "--resume", tmp_path / "split"]) == 0
     keys = ("reward", "loss", "kl", "clip_frac", "kl_ref", "eval_accuracy", "grad_norm")
     strip = lambda run: [{k: r.get(k) for k in keys} for r in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())]
     assert strip("split") == strip("straight")
@@ -347,11 +342,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, extra, message):
     (tmp_path / "unparsable.jsonl").write_text('{"question": "How many?", "answer": "Four of them."}\n')
     argv = _argv(tmp_path / "run") if "--resume" not in extra else ["grpo"]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in extra]
-    capsys.readouterr()
-    assert _finetune(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
-    assert not (tmp_path / "run").exists()
+    assert_refused(run_finetune, argv, capsys, message, tmp_path / "run")
 
 
 @pytest.mark.parametrize("signum, code", [("SIGINT", 130), ("SIGTERM", 143)])
@@ -375,9 +366,9 @@ def test_ctrl_c_saves_the_iteration_and_resume_finishes(tmp_path, monkeypatch, v
 
     monkeypatch.setattr(ArithmeticTask, "reward", reward_then_interrupt)
     run = tmp_path / "run"
-    assert _finetune(_argv(run, ["train.num_devices=1"])) == code
+    assert run_finetune(_argv(run, ["train.num_devices=1"])) == code
     assert checkpoint.latest_step(run) == 2 and not (run / "metrics.json").exists()
-    assert _finetune(["grpo", "--resume", run]) == 0
+    assert run_finetune(["grpo", "--resume", run]) == 0
     assert json.loads((run / "metrics.json").read_text())["iteration"] == 4
 
 

@@ -20,6 +20,7 @@ from jaxgpt.errors import UserError
 from jaxgpt.text.prompts import format_prompt
 from jaxgpt.tasks.instruct import instruct_data
 from jaxgpt.text.gpt2_bpe import EOT_ID, encode
+from tests.cli_helpers import assert_refused, run_finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 E = EOT_ID
@@ -41,12 +42,6 @@ def _write_jsonl(path: Path, n: int = 40) -> Path:
         rows.append(json.dumps(rec))
     path.write_text("\n".join(rows) + "\n")
     return path
-
-
-def _finetune(argv):
-    import finetune
-
-    return finetune.main([str(a) for a in argv])
 
 
 def _argv(*args, sets=TINY):
@@ -208,7 +203,7 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("instruct")
     data = _write_jsonl(tmp / "data.jsonl")
     run = tmp / "run"
-    assert _finetune(_argv("--data", data, "--out", run)) == 0  # 4 fake devices: pmapped
+    assert run_finetune(_argv("--data", data, "--out", run)) == 0  # 4 fake devices: pmapped
     return run, data
 
 
@@ -296,7 +291,7 @@ def test_lora_run_and_resume_match_a_straight_run(tmp_path, capsys):
                       cls=InstructConfig)
     straight = finetune_instruct(cfg, tmp_path / "straight")
     finetune_instruct(cfg, tmp_path / "split", stop_after=3)
-    assert _finetune(["instruct", "--resume", tmp_path / "split"]) == 0
+    assert run_finetune(["instruct", "--resume", tmp_path / "split"]) == 0
     losses = lambda run: [json.loads(line).get("train_loss") for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert losses("straight") == losses("split")
     resumed = json.loads((tmp_path / "split" / "metrics.json").read_text())
@@ -356,11 +351,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
     for item in TINY:
         argv += ["--set", item]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
-    capsys.readouterr()
-    assert _finetune(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
-    assert not (tmp_path / "run").exists()
+    assert_refused(run_finetune, argv, capsys, message, tmp_path / "run")
 
 
 def test_config_file_loads_as_the_task_config():

@@ -14,6 +14,7 @@ import pytest
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.rl.ppo import gae, kl_penalized_rewards, ppo_loss, whiten
+from tests.cli_helpers import assert_refused, run_finetune
 
 
 def test_kl_penalized_rewards_by_hand():
@@ -170,12 +171,6 @@ def runs(tmp_path_factory):
     return tmp, sft, rm, data
 
 
-def _finetune(argv):
-    import finetune
-
-    return finetune.main([str(a) for a in argv])
-
-
 def _argv(out, sft, rm, data, extra=()):
     argv = ["ppo", "--init", sft, "--reward", rm, "--data", data, "--out", out]
     for item in SETS + list(extra):
@@ -185,7 +180,7 @@ def _argv(out, sft, rm, data, extra=()):
 
 def test_ppo_command_run_dir_and_resume(runs):
     tmp, sft, rm, data = runs
-    assert _finetune(_argv(tmp / "straight", sft, rm, data)) == 0
+    assert run_finetune(_argv(tmp / "straight", sft, rm, data)) == 0
     summary = json.loads((tmp / "straight" / "metrics.json").read_text())
     for key in ("eval_reward_before", "eval_reward_after", "kl", "eval_kl", "value_loss_last", "rollout_tokens_per_sec"):
         assert summary[key] is not None, key
@@ -206,7 +201,7 @@ def test_ppo_command_run_dir_and_resume(runs):
 
     cfg = load_config(tmp / "straight" / "config.yaml", cls=PPOConfig)
     finetune_ppo(cfg, tmp / "split", stop_after=2)
-    assert _finetune(["ppo", "--resume", tmp / "split"]) == 0
+    assert run_finetune(["ppo", "--resume", tmp / "split"]) == 0
     keys = ("score", "kl", "loss", "value_loss", "clip_frac", "eval_reward")
     strip = lambda run: [{k: r.get(k) for k in keys} for r in map(json.loads, (tmp / run / "metrics.jsonl").read_text().splitlines())]
     assert strip("split") == strip("straight")
@@ -241,11 +236,7 @@ def test_bad_input_exits_2_and_writes_nothing(runs, tmp_path, capsys, extra, mes
     if "ppo.reward=" in extra:
         argv = [a for a in argv if a not in ("--reward", rm)]
     argv += [a.replace("{sft}", str(sft)).replace("{tmp}", str(tmp_path)) for a in extra]
-    capsys.readouterr()
-    assert _finetune(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
-    assert not (tmp_path / "run").exists()
+    assert_refused(run_finetune, argv, capsys, message, tmp_path / "run")
 
 
 def test_ppo_updates_are_the_same_on_1_and_4_devices(runs):
@@ -256,7 +247,7 @@ def test_ppo_updates_are_the_same_on_1_and_4_devices(runs):
     for devices in (1, 4):
         out = tmp / f"devices{devices}"
         extra = ["rollout.prompts_per_step=8", f"train.num_devices={devices}", "train.max_steps=2"]
-        assert _finetune(_argv(out, sft, rm, data, extra)) == 0
+        assert run_finetune(_argv(out, sft, rm, data, extra)) == 0
         logs[devices] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(logs[1]) == len(logs[4]) == 2
     for one, four in zip(logs[1], logs[4]):

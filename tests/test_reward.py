@@ -19,6 +19,7 @@ from jaxgpt.data.preference import PreferenceDataConfig, encode_example, load_pr
 from jaxgpt.errors import UserError
 from jaxgpt.train.preference_losses import pairwise_loss, preference_sums
 from jaxgpt.text.gpt2_bpe import EOT_ID, decode
+from tests.cli_helpers import assert_refused, run_finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(context_length=64, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
@@ -125,12 +126,6 @@ def test_reward_scores_read_the_last_real_token():
 # End to end
 
 
-def _finetune(argv):
-    import finetune
-
-    return finetune.main([str(a) for a in argv])
-
-
 @pytest.fixture(scope="module")
 def reward_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reward")
@@ -138,7 +133,7 @@ def reward_run(tmp_path_factory):
     argv = ["reward", "--data", data, "--out", tmp / "run"]
     for item in TINY:
         argv += ["--set", item]
-    assert _finetune(argv) == 0  # 4 devices: pmapped
+    assert run_finetune(argv) == 0  # 4 devices: pmapped
     return tmp / "run", data
 
 
@@ -198,7 +193,7 @@ def test_lora_from_an_instruct_like_run_and_resume(reward_run, tmp_path):
     cfg = load_config(DEFAULT_CONFIG, sets, cls=RewardConfig)
     straight = train_reward_model(cfg, tmp_path / "straight")
     train_reward_model(cfg, tmp_path / "split", stop_after=4)
-    assert _finetune(["reward", "--resume", tmp_path / "split"]) == 0
+    assert run_finetune(["reward", "--resume", tmp_path / "split"]) == 0
     losses = lambda run: [r.get("train_loss") for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open())]
     assert losses("straight") == losses("split")
     assert json.loads((tmp_path / "split" / "metrics.json").read_text())["test_loss"] == straight["test_loss"]
@@ -240,8 +235,4 @@ def test_bad_input_exits_2_and_writes_nothing(reward_run, tmp_path, capsys, args
     for item in TINY:
         argv += ["--set", item]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
-    capsys.readouterr()
-    assert _finetune(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
-    assert not (tmp_path / "run").exists()
+    assert_refused(run_finetune, argv, capsys, message, tmp_path / "run")

@@ -13,6 +13,7 @@ import pytest
 
 from jaxgpt.rl.dynamic_sampling import choose_groups, gather_groups, informative_groups, refill_prompts
 from jaxgpt.rl.evaluation import pass_at_k
+from tests.cli_helpers import assert_refused, run_finetune
 
 
 @pytest.mark.parametrize("n, c", [(1, 0), (1, 1), (4, 0), (4, 2), (5, 5), (10, 3), (8, 1)])
@@ -68,12 +69,6 @@ def half_the_prompts_teach_nothing(monkeypatch):
     monkeypatch.setattr(ArithmeticTask, "reward", reward)
 
 
-def _finetune(argv):
-    import finetune
-
-    return finetune.main([str(a) for a in argv])
-
-
 def _evaluate(argv):
     from jaxgpt.cli.evaluate import main
 
@@ -85,7 +80,7 @@ def test_evaluate_command_gives_the_grpo_runs_own_figures(tmp_path, capsys, half
     argv = ["grpo", "--out", run, "--set", "data.eval_samples=2", "--set", "train.max_steps=2"]
     for item in TINY:
         argv += ["--set", item]
-    assert _finetune(argv) == 0
+    assert run_finetune(argv) == 0
     summary = json.loads((run / "metrics.json").read_text())
     capsys.readouterr()
     assert _evaluate(["--init", run, "--task", "arithmetic", "--samples", 2, "--limit", 8, "--batch", 8,
@@ -107,7 +102,7 @@ def test_dapo_drops_refills_and_resumes_exactly(tmp_path, half_the_prompts_teach
                                               "grpo.overlong_buffer=4", "data.eval_samples=0"], cls=GRPOConfig)
     straight = finetune_grpo(cfg, tmp_path / "straight")
     finetune_grpo(cfg, tmp_path / "split", stop_after=2)
-    assert _finetune(["grpo", "--resume", tmp_path / "split"]) == 0
+    assert run_finetune(["grpo", "--resume", tmp_path / "split"]) == 0
     records = lambda name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
     keys = ("reward", "loss", "groups_dropped", "groups_unfilled", "sampling_tries", "overlong_penalty",
             "eval_accuracy", "grad_norm")
@@ -176,8 +171,5 @@ def test_evaluate_bad_input_exits_2_and_writes_nothing(tmp_path, tiny_run, capsy
         else:
             argv += [flag, value]
     before = sorted(p.name for p in tiny_run.iterdir())
-    capsys.readouterr()
-    assert _evaluate(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and message in err, err
+    assert_refused(_evaluate, argv, capsys, message)
     assert sorted(p.name for p in tiny_run.iterdir()) == before and not list(tmp_path.glob("*.json"))

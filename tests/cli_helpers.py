@@ -1,0 +1,22 @@
+"""What the task tests share: `finetune.py` run in this process, and the check that a command
+with bad input is refused the way every entry point refuses it (exit 2, one line, no output)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def run_finetune(argv) -> int:
+    """`python finetune.py ARGV` in this process (paths may be `Path`s): its exit code."""
+    import finetune
+
+    return finetune.main([str(a) for a in argv])
+
+
+def assert_refused(run, argv, capsys, message: str, out: Path | None = None) -> None:
+    """`run(argv)` exits 2 with one line on stderr that contains `message`, and leaves no `out`."""
+    capsys.readouterr()
+    assert run(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    if out is not None:
+        assert not Path(out).exists(), f"{out} was written"
