@@ -294,8 +294,9 @@ def test_cpu_bf16_decoding_reads_bf16_weights(rows, weights):
 
 def test_one_row_matmuls_run_in_row_blocks():
     """A one-token dense layer on CPU (batch-1 decoding) multiplies by row blocks of the
-    weight (`matmuls.row_block_gemv`, a batched dot), equal to the plain product; more rows,
-    a weight with an odd number of blocks, or a head much wider than deep stay plain."""
+    weight (`matmuls.row_block_gemv`, a batched dot), equal to the plain product, its parts
+    added pairwise (no reduce op: XLA:CPU would run it as a YNNPACK call of its own); more
+    rows, a weight with an odd number of blocks, or a head much wider than deep stay plain."""
     from jaxgpt.models.matmuls import GEMV_BLOCK, matmul_2d
 
     def batched_dots(x, w):
@@ -307,6 +308,10 @@ def test_one_row_matmuls_run_in_row_blocks():
     x = jax.random.normal(jax.random.key(0), (3, 1, k))
     np.testing.assert_allclose(matmul_2d(x[:1], w), x[:1] @ w, rtol=1e-5, atol=1e-5)
     assert batched_dots(x[:1], w) == [True]
+    assert "reduce_sum" not in str(jax.make_jaxpr(matmul_2d)(x[:1], w))
+    w6 = jax.random.normal(jax.random.key(2), (6 * GEMV_BLOCK, 96)) / 16  # 6 -> 3 -> 2 -> 1 parts
+    x6 = jax.random.normal(jax.random.key(3), (1, 6 * GEMV_BLOCK))
+    np.testing.assert_allclose(matmul_2d(x6, w6), x6 @ w6, rtol=1e-5, atol=1e-5)
     assert batched_dots(x, w) == [False]  # three rows
     assert batched_dots(x[:1, :, :3 * GEMV_BLOCK], w[:3 * GEMV_BLOCK]) == [False]  # odd block count
     assert batched_dots(x[:1], jnp.ones((k, 4 * k + 1))) == [False]  # a vocabulary head

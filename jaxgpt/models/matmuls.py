@@ -138,12 +138,24 @@ def row_block_gemv(x, w):
     Measured on a 2-core AVX-512 EPYC (GB/s of weights read; `jnp.sum` over the same bytes
     ~27-33): `[3072, 768]` 22 -> 31, `[768, 768]` 24 -> 30, `[768, 2304]` 25-30 -> 37;
     `[768, 3072]` level; a gpt2-124m decode step ~15% faster (`BENCHMARKS.md`, decode). With
-    more than one row it does not pay (4 rows: level or slower)."""
+    more than one row it does not pay (4 rows: level or slower).
+
+    The partial products are added pairwise, not by `jnp.sum`: XLA:CPU hands a reduce over
+    the block axis to YNNPACK as an op of its own (a thread-pool call, 6-10 us at these
+    sizes, four a layer), while the adds fuse into the elementwise op that follows. A
+    gpt2-124m decode step on an AVX2 EPYC: 0.4-0.5 ms less of ~19 ms (`BENCHMARKS.md`)."""
     k, n = w.shape
     blocks = k // GEMV_BLOCK
     parts = lax.dot_general(x.reshape(blocks, 1, GEMV_BLOCK), w.reshape(blocks, GEMV_BLOCK, n),
                             (((2,), (1,)), ((0,), (0,))))  # [blocks, 1, n]
-    return jnp.sum(parts, axis=0)
+    return pairwise_sum([parts[i] for i in range(blocks)])
+
+
+def pairwise_sum(terms: list):
+    """`terms[0] + terms[1] + ...` as a balanced tree of adds (rounding like a pairwise sum)."""
+    while len(terms) > 1:
+        terms = [a + b for a, b in zip(terms[::2], terms[1::2])] + terms[len(terms) - len(terms) % 2:]
+    return terms[0]
 
 
 def _is_dense_contraction(lhs, rhs, dimension_numbers) -> bool:
