@@ -1,5 +1,5 @@
 """GPT-2 presets from the Hub (pinned, verified, cached downloads served locally) and the
-export CLI.
+export CLI (run directories as the source, LoRA parameters refused until merged).
 
 Every model here is a small random GPT-2 built and saved by the test itself; nothing
 touches the network: downloads come from a file:// mirror or a local HTTP server on
