@@ -17,6 +17,7 @@ def test_every_readme_python_block_runs(tmp_path, monkeypatch, capsys):
     from jaxgpt.tasks.pretrain import pretrain
 
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))  # token files of the blocks' corpora
     tiny = ["model.n_layer=1", "model.n_head=2", "model.n_embd=32", "model.context_length=32", "train.max_steps=2",
             "train.eval_interval=2", "train.batch_size=4", "train.sample_tokens=0", f"data.cache_dir={tmp_path}"]
     pretrain(load_config(None, tiny), "runs/mine")

@@ -1,0 +1,121 @@
+"""`python -m jaxgpt perplexity`: a model's next-token loss and perplexity on a corpus.
+
+    python -m jaxgpt perplexity --init gpt2 --data the-verdict --context-length 256 --val-ratio 0.1
+    python -m jaxgpt perplexity --init runs/mine --data corpus/ --out ppl.json
+
+`--init` is any model `generate` loads (a run directory, a Hugging Face folder: GPT-2,
+Llama 3, Qwen3, Gemma 3, or a preset); the corpus is anything `train.py --data` takes,
+tokenized with the model's own tokenizer. It is cut as pretraining cuts it
+(`jaxgpt.data.make_splits`: non-overlapping windows of `--context-length` tokens, the last
+`--val-ratio` of the stream apart), so `--val-ratio` equal to a run's `data.val_ratio` and
+its context length gives the run's `val_loss`. With `--val-ratio 0` (the default) the whole
+corpus is one split, `all`. Each split's loss is the mean over every target token, in nats
+(`jaxgpt.train.perplexity.corpus_loss`), pmapped over the local devices.
+
+Prints a table and, with `--out`, writes it as JSON. Bad input (no such model or corpus, a
+corpus shorter than one window, a tokenizer with more ids than the model's vocabulary, a
+context longer than the model's) is one line on stderr, exit code 2, and nothing written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from jaxgpt.cli.common import exit_on_user_error, main_entry
+from jaxgpt.errors import UserError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m jaxgpt perplexity",
+                                     description="Next-token loss and perplexity of a model on a corpus.")
+    parser.add_argument("--init", required=True, metavar="SPEC",
+                        help="the model: a run directory, a Hugging Face model directory or a preset name (gpt2, ...)")
+    parser.add_argument("--data", default="the-verdict", metavar="SOURCE",
+                        help="bundled corpus name, text file, folder of .txt files or tfds:NAME[:SPLIT] "
+                             "(default: the-verdict)")
+    parser.add_argument("--context-length", type=int, default=0, metavar="T",
+                        help="tokens a window (default: 0, the model's context)")
+    parser.add_argument("--val-ratio", type=float, default=0.0, metavar="R",
+                        help="score the first 1-R and the last R of the token stream apart, as train.py splits "
+                             "them (default: 0, the whole corpus)")
+    parser.add_argument("--batch", type=int, default=8, metavar="WINDOWS",
+                        help="windows a step, a multiple of the devices (default: 8)")
+    parser.add_argument("--cache-dir", default="", metavar="DIR",
+                        help="token file cache (default: $JAXGPT_CACHE or ~/.cache/jaxgpt/tokens)")
+    parser.add_argument("--text-field", default="text", metavar="FIELD", help="the text feature of a tfds source")
+    parser.add_argument("--out", metavar="FILE", help="also write the figures as JSON here")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.context_length < 0:
+        raise UserError(f"--context-length must be >= 0, got {args.context_length}")
+    if not 0.0 <= args.val_ratio < 1.0:
+        raise UserError(f"--val-ratio must be in [0, 1), got {args.val_ratio}")
+    if args.batch < 1:
+        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    if args.out:
+        out = Path(args.out)
+        if out.is_dir():
+            raise UserError(f"--out {out} is a directory")
+        if not out.parent.is_dir():
+            raise UserError(f"--out {out}: no such directory {out.parent}")
+
+
+def _flags(message: str) -> str:
+    """A data error worded with config keys, reworded with this command's flags."""
+    return (message.replace("data.val_ratio=0", "--val-ratio 0").replace("data.val_ratio", "--val-ratio")
+            .replace("model.context_length", "--context-length").replace("data.path", "--data").replace("the batch size", "--batch"))
+
+
+def perplexities(args: argparse.Namespace) -> dict:
+    """The result JSON: `{"init", "data", "context_length", "val_ratio", "splits": {name: corpus_loss}}`."""
+    from jaxgpt.cli.generate import get_tokenizer, load_init
+    from jaxgpt.config import DataConfig
+    from jaxgpt.data import load_splits
+    from jaxgpt.train.perplexity import corpus_loss
+
+    config, params = load_init(args.init)
+    tokenizer = get_tokenizer(config)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise UserError(f"the model's tokenizer has {tokenizer.vocab_size:,} ids but its vocabulary only "
+                        f"{config.vocab_size:,}: {args.init} and its tokenizer ({config.tokenizer}) do not match")
+    context = args.context_length or config.context_length
+    if context > config.context_length:
+        raise UserError(f"--context-length {context} is longer than the model's context ({config.context_length})")
+    data = DataConfig(path=args.data, val_ratio=args.val_ratio, cache_dir=args.cache_dir, text_field=args.text_field)
+    try:
+        splits = load_splits(data, context, tokenizer=tokenizer)
+        named = {"all": splits.train} if splits.val is None else {"train": splits.train, "val": splits.val}
+        losses = {name: corpus_loss(config, params, windows, batch_size=args.batch, progress=name)
+                  for name, windows in named.items()}
+    except UserError as e:
+        raise UserError(_flags(str(e))) from None
+    return {"init": args.init, "data": args.data, "context_length": context, "val_ratio": args.val_ratio,
+            "splits": losses}
+
+
+def report(result: dict) -> str:
+    lines = [f"{result['init']} on {result['data']}: windows of {result['context_length']} tokens",
+             f"  {'split':<6} {'windows':>8} {'tokens':>11} {'loss':>8} {'perplexity':>11}"]
+    for name, s in result["splits"].items():
+        lines.append(f"  {name:<6} {s['windows']:>8,} {s['tokens']:>11,} {s['loss']:>8.4f} {s['perplexity']:>11.3f}")
+    return "\n".join(lines)
+
+
+@exit_on_user_error
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    result = perplexities(args)
+    print(report(result))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    main_entry(main)

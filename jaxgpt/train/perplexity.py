@@ -1,0 +1,54 @@
+"""A model's next-token loss and perplexity on a corpus, outside training: what
+`python -m jaxgpt perplexity` prints, and the number a pretraining run logs as `val_loss`.
+
+    splits = load_splits(DataConfig(path="the-verdict", val_ratio=0.1), 256, tokenizer=tokenizer_of(config))
+    corpus_loss(config, params, splits.val)   # {"loss", "perplexity", "tokens", "windows"}
+
+Every window is scored once, in order, with dropout off; the loss is the mean over every
+target token (`[windows, T]`, the final partial batch padded and masked), so it does not
+depend on the batch size or the number of devices. The batches run through the same
+compiled eval step as training's evaluation (`jaxgpt.train.steps.eval_step` with
+`lm_loss_fn`: the LM head fused into the cross-entropy), jitted on one device or pmapped
+over all local ones.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from jaxgpt.errors import UserError
+
+
+def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=None,
+                progress: str = "") -> dict:
+    """`{"loss", "perplexity", "tokens", "windows"}` of the model `config` with `params` over
+    `windows` (`jaxgpt.data.Windows`): the mean cross-entropy in nats per target token and
+    its exp. `layout`: a `jaxgpt.parallel` layout (default: pmap over every local device);
+    `batch_size` windows a step, a multiple of its devices. `progress`: a progress bar's
+    label ("" = none)."""
+    import jax
+    from tqdm.auto import tqdm
+
+    from jaxgpt.data import eval_batches, num_eval_batches
+    from jaxgpt.models import build_model
+    from jaxgpt.parallel import DataParallel, resolve_num_devices
+    from jaxgpt.train.steps import eval_step, lm_loss_fn
+
+    layout = layout or DataParallel(resolve_num_devices(0))
+    if batch_size < 1 or batch_size % layout.num_devices:
+        raise UserError(f"the batch size ({batch_size}) must be a positive multiple of the "
+                        f"{layout.num_devices} device(s)")
+    if not len(windows):
+        raise UserError(f"no window of {windows.context_length + 1} tokens to score; use a shorter context or a "
+                        "longer corpus")
+    p_eval = layout.compile_eval_step(eval_step, loss_fn=lm_loss_fn(build_model(config)))
+    placed = layout.put_frozen(params)
+    batches = eval_batches(windows, batch_size)
+    if progress:
+        batches = tqdm(batches, total=num_eval_batches(windows, batch_size), desc=progress, leave=False,
+                       disable=jax.process_index() != 0)
+    loss = layout.evaluate(p_eval, placed, batches)["loss"]
+    if not math.isfinite(loss):
+        raise UserError(f"the loss is {loss}: the model's log-probabilities are not finite; check the weights")
+    perplexity = math.exp(loss) if loss < 700 else math.inf  # past float64's range
+    return {"loss": loss, "perplexity": perplexity, "tokens": windows.num_target_tokens, "windows": len(windows)}
