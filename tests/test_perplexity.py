@@ -2,7 +2,8 @@
 transformers, which jaxgpt did not write: a tiny random GPT-2 (GPT-2's 50,257-id BPE) on the
 bundled corpus and a tiny Llama with a word-level `tokenizer.json` of its own, each split's
 loss the mean cross-entropy over every target token of non-overlapping windows, computed
-here in torch (float32: relative 1e-5). One device and four, with a padded last batch, give
+here in torch (float32: relative 1e-5); sliding windows (`--stride`) against transformers'
+strided-perplexity loop, each target scored once. One device and four, with a padded last batch, give
 the same loss; a pretraining run's own `val_loss` is what the command reports for its split.
 Bad input is one line, exit code 2, and nothing written."""
 from __future__ import annotations
@@ -83,6 +84,42 @@ def test_gpt2_folder_matches_transformers(gpt2_folder, tmp_path, capsys):
     assert len(val) % 3 and len(val) % 8  # both batch sizes pad their last batch
     one = corpus_loss(config, params, val, batch_size=3, layout=DataParallel(1))
     assert one["loss"] == pytest.approx(result["splits"]["val"]["loss"], rel=1e-6)
+
+
+def hf_strided_loss(model, tokens: np.ndarray, context: int, stride: int) -> tuple[float, int]:
+    """transformers' "perplexity of fixed-length models" loop (labels -100 on the targets an
+    earlier window scored), over the full windows only: (mean loss, targets scored)."""
+    ids = torch.from_numpy(tokens.astype(np.int64))[None]
+    total, count, scored_to = 0.0, 0, 0  # scored_to: tokens up to here have been targets
+    with torch.no_grad():
+        for begin in range(0, len(tokens) - context, stride):
+            window = ids[:, begin: begin + context + 1]
+            labels = window.clone()
+            labels[:, : max(scored_to - begin, 1)] = -100  # (position 0 is never a target)
+            n = int((labels[:, 1:] != -100).sum())
+            total += model(window, labels=labels).loss.item() * n
+            count, scored_to = count + n, begin + context + 1
+    return total / count, count
+
+
+@pytest.mark.parametrize("stride", [7, 20, 33])
+def test_sliding_windows_score_each_target_once(gpt2_folder, tmp_path, capsys, stride):
+    """`--stride` 7 (sliding), 20 (= the context: the default) and 33 (gaps between windows)
+    give transformers' strided loss over the same windows and count the targets it scores."""
+    from jaxgpt.data.bundled import bundled_path
+    from jaxgpt.text.tokenizer import load_tokenizer
+
+    folder, model = gpt2_folder
+    text = bundled_path("the-verdict").read_text(encoding="utf-8")[:3000]
+    corpus = tmp_path / "start.txt"
+    corpus.write_text(text)
+    code, printed, _ = _run(["--init", folder, "--data", corpus, "--context-length", T, "--stride", stride,
+                             "--batch", 4, "--cache-dir", tmp_path, "--out", tmp_path / "ppl.json"], capsys)
+    assert code == 0
+    got = json.loads((tmp_path / "ppl.json").read_text())["splits"]["all"]
+    want, count = hf_strided_loss(model, np.asarray(load_tokenizer("gpt2").encode(text)), T, stride)
+    assert got["tokens"] == count and got["loss"] == pytest.approx(want, rel=1e-5)
+    assert (f"every {stride}" in printed) == (stride != T)
 
 
 def test_llama_folder_with_its_own_tokenizer(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
     python -m jaxgpt perplexity --init gpt2 --data the-verdict --context-length 256 --val-ratio 0.1
     python -m jaxgpt perplexity --init runs/mine --data corpus/ --out ppl.json
+    python -m jaxgpt perplexity --init gpt2 --data wiki.txt --context-length 1024 --stride 512
 
 `--init` is any model `generate` loads (a run directory, a Hugging Face folder: GPT-2,
 Llama 3, Qwen3, Gemma 3, or a preset); the corpus is anything `train.py --data` takes,
@@ -9,8 +10,10 @@ tokenized with the model's own tokenizer. It is cut as pretraining cuts it
 (`jaxgpt.data.make_splits`: non-overlapping windows of `--context-length` tokens, the last
 `--val-ratio` of the stream apart), so `--val-ratio` equal to a run's `data.val_ratio` and
 its context length gives the run's `val_loss`. With `--val-ratio 0` (the default) the whole
-corpus is one split, `all`. Each split's loss is the mean over every target token, in nats
-(`jaxgpt.train.perplexity.corpus_loss`), pmapped over the local devices.
+corpus is one split, `all`. `--stride S` below the context slides the windows S tokens at a
+time, each scoring only the S targets no earlier window scored (every target once, with at
+least T - S tokens of context). Each split's loss is the mean over its scored target tokens,
+in nats (`jaxgpt.train.perplexity.corpus_loss`), pmapped over the local devices.
 
 Prints a table and, with `--out`, writes it as JSON. Bad input (no such model or corpus, a
 corpus shorter than one window, a tokenizer with more ids than the model's vocabulary, a
@@ -37,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: the-verdict)")
     parser.add_argument("--context-length", type=int, default=0, metavar="T",
                         help="tokens a window (default: 0, the model's context)")
+    parser.add_argument("--stride", type=int, default=0, metavar="S",
+                        help="windows start every S tokens, each scoring the targets no earlier one did "
+                             "(default: 0, the context length: non-overlapping windows)")
     parser.add_argument("--val-ratio", type=float, default=0.0, metavar="R",
                         help="score the first 1-R and the last R of the token stream apart, as train.py splits "
                              "them (default: 0, the whole corpus)")
@@ -52,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     if args.context_length < 0:
         raise UserError(f"--context-length must be >= 0, got {args.context_length}")
+    if args.stride < 0:
+        raise UserError(f"--stride must be >= 0, got {args.stride}")
     if not 0.0 <= args.val_ratio < 1.0:
         raise UserError(f"--val-ratio must be in [0, 1), got {args.val_ratio}")
     if args.batch < 1:
@@ -66,15 +74,16 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _flags(message: str) -> str:
     """A data error worded with config keys, reworded with this command's flags."""
-    return (message.replace("data.val_ratio=0", "--val-ratio 0").replace("data.val_ratio", "--val-ratio")
-            .replace("model.context_length", "--context-length").replace("data.path", "--data").replace("the batch size", "--batch"))
+    for key, flag in (("data.val_ratio=0", "--val-ratio 0"), ("data.val_ratio", "--val-ratio"),
+                      ("model.context_length", "--context-length"), ("data.path", "--data"), ("the batch size", "--batch")):
+        message = message.replace(key, flag)
+    return message
 
 
 def perplexities(args: argparse.Namespace) -> dict:
-    """The result JSON: `{"init", "data", "context_length", "val_ratio", "splits": {name: corpus_loss}}`."""
+    """The result JSON: `{"init", "data", "context_length", "stride", "val_ratio", "splits": {name: corpus_loss}}`."""
     from jaxgpt.cli.generate import get_tokenizer, load_init
-    from jaxgpt.config import DataConfig
-    from jaxgpt.data import load_splits
+    from jaxgpt.data import make_splits, prepare_tokens
     from jaxgpt.train.perplexity import corpus_loss
 
     config, params = load_init(args.init)
@@ -85,23 +94,25 @@ def perplexities(args: argparse.Namespace) -> dict:
     context = args.context_length or config.context_length
     if context > config.context_length:
         raise UserError(f"--context-length {context} is longer than the model's context ({config.context_length})")
-    data = DataConfig(path=args.data, val_ratio=args.val_ratio, cache_dir=args.cache_dir, text_field=args.text_field)
     try:
-        splits = load_splits(data, context, tokenizer=tokenizer)
+        tokens = prepare_tokens(args.data, args.cache_dir, args.text_field, tokenizer=tokenizer)
+        splits = make_splits(tokens, context, args.stride, args.val_ratio, name=repr(args.data), val_stride=args.stride)
         named = {"all": splits.train} if splits.val is None else {"train": splits.train, "val": splits.val}
         losses = {name: corpus_loss(config, params, windows, batch_size=args.batch, progress=name)
                   for name, windows in named.items()}
     except UserError as e:
         raise UserError(_flags(str(e))) from None
-    return {"init": args.init, "data": args.data, "context_length": context, "val_ratio": args.val_ratio,
-            "splits": losses}
+    return {"init": args.init, "data": args.data, "context_length": context, "stride": args.stride or context,
+            "val_ratio": args.val_ratio, "splits": losses}
 
 
 def report(result: dict) -> str:
-    lines = [f"{result['init']} on {result['data']}: windows of {result['context_length']} tokens",
+    t, s = result["context_length"], result["stride"]
+    lines = [f"{result['init']} on {result['data']}: windows of {t} tokens" + (f" every {s}" if s != t else ""),
              f"  {'split':<6} {'windows':>8} {'tokens':>11} {'loss':>8} {'perplexity':>11}"]
-    for name, s in result["splits"].items():
-        lines.append(f"  {name:<6} {s['windows']:>8,} {s['tokens']:>11,} {s['loss']:>8.4f} {s['perplexity']:>11.3f}")
+    for name, split in result["splits"].items():
+        lines.append(f"  {name:<6} {split['windows']:>8,} {split['tokens']:>11,} {split['loss']:>8.4f} "
+                     f"{split['perplexity']:>11.3f}")
     return "\n".join(lines)
 
 

@@ -4,32 +4,50 @@
     splits = load_splits(DataConfig(path="the-verdict", val_ratio=0.1), 256, tokenizer=tokenizer_of(config))
     corpus_loss(config, params, splits.val)   # {"loss", "perplexity", "tokens", "windows"}
 
-Every window is scored once, in order, with dropout off; the loss is the mean over every
-target token (`[windows, T]`, the final partial batch padded and masked), so it does not
-depend on the batch size or the number of devices. The batches run through the same
-compiled eval step as training's evaluation (`jaxgpt.train.steps.eval_step` with
-`lm_loss_fn`: the LM head fused into the cross-entropy), jitted on one device or pmapped
-over all local ones.
+Every window is scored once, in order, with dropout off; the loss is the mean over the
+scored target tokens (the final partial batch padded and masked), so it does not depend on
+the batch size or the number of devices. With windows `T` long every `S < T` tokens (a
+sliding window), each window after the first scores only its last `S` targets, the ones no
+earlier window scored: every target once, each with at least `T - S` tokens of context (the
+"perplexity of fixed-length models" evaluation). With `S >= T` every target of every window
+counts. The batches run through the same compiled eval step as training's evaluation
+(`jaxgpt.train.steps.eval_step` with `lm_loss_fn`: the LM head fused into the
+cross-entropy), jitted on one device or pmapped over all local ones.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterator
+
+import numpy as np
 
 from jaxgpt.errors import UserError
+
+
+def scored_batches(windows, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """`jaxgpt.data.eval_batches` (`inputs`, `targets`, `mask` `[batch_size, T]`), with the
+    targets an earlier window already scored masked out (a sliding window: stride < T)."""
+    from jaxgpt.data import eval_batches
+
+    t, s = windows.context_length, windows.stride
+    for n, batch in enumerate(eval_batches(windows, batch_size)):
+        if s < t:
+            window = n * batch_size + np.arange(batch_size)[:, None]  # each row's window index
+            batch["mask"] = batch["mask"] * ((np.arange(t) >= t - s) | (window == 0))
+        yield batch
 
 
 def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=None,
                 progress: str = "") -> dict:
     """`{"loss", "perplexity", "tokens", "windows"}` of the model `config` with `params` over
-    `windows` (`jaxgpt.data.Windows`): the mean cross-entropy in nats per target token and
-    its exp. `layout`: a `jaxgpt.parallel` layout (default: pmap over every local device);
-    `batch_size` windows a step, a multiple of its devices. `progress`: a progress bar's
-    label ("" = none)."""
+    `windows` (`jaxgpt.data.Windows`): the mean cross-entropy in nats per scored target token
+    (see the module docstring) and its exp. `layout`: a `jaxgpt.parallel` layout (default:
+    pmap over every local device); `batch_size` windows a step, a multiple of its devices.
+    `progress`: a progress bar's label ("" = none)."""
     import jax
     from tqdm.auto import tqdm
 
-    from jaxgpt.data import eval_batches, num_eval_batches
+    from jaxgpt.data import num_eval_batches
     from jaxgpt.models import build_model
     from jaxgpt.parallel import DataParallel, resolve_num_devices
     from jaxgpt.train.steps import eval_step, lm_loss_fn
@@ -43,7 +61,14 @@ def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=Non
                         "longer corpus")
     p_eval = layout.compile_eval_step(eval_step, loss_fn=lm_loss_fn(build_model(config)))
     placed = layout.put_frozen(params)
-    batches = eval_batches(windows, batch_size)
+    scored = [0.0]
+
+    def counted(batches):
+        for batch in batches:
+            scored[0] += float(batch["mask"].sum())
+            yield batch
+
+    batches = counted(scored_batches(windows, batch_size))
     if progress:
         batches = tqdm(batches, total=num_eval_batches(windows, batch_size), desc=progress, leave=False,
                        disable=jax.process_index() != 0)
@@ -51,4 +76,4 @@ def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=Non
     if not math.isfinite(loss):
         raise UserError(f"the loss is {loss}: the model's log-probabilities are not finite; check the weights")
     perplexity = math.exp(loss) if loss < 700 else math.inf  # past float64's range
-    return {"loss": loss, "perplexity": perplexity, "tokens": windows.num_target_tokens, "windows": len(windows)}
+    return {"loss": loss, "perplexity": perplexity, "tokens": int(scored[0]), "windows": len(windows)}
