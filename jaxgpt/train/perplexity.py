@@ -19,16 +19,20 @@ from __future__ import annotations
 import math
 from typing import Any, Iterator
 
+import jax
 import numpy as np
+from tqdm.auto import tqdm
 
+from jaxgpt.data import eval_batches, num_eval_batches
 from jaxgpt.errors import UserError
+from jaxgpt.models import build_model
+from jaxgpt.parallel import DataParallel, resolve_num_devices
+from jaxgpt.train.steps import eval_step, lm_loss_fn
 
 
 def scored_batches(windows, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """`jaxgpt.data.eval_batches` (`inputs`, `targets`, `mask` `[batch_size, T]`), with the
     targets an earlier window already scored masked out (a sliding window: stride < T)."""
-    from jaxgpt.data import eval_batches
-
     t, s = windows.context_length, windows.stride
     for n, batch in enumerate(eval_batches(windows, batch_size)):
         if s < t:
@@ -44,14 +48,6 @@ def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=Non
     (see the module docstring) and its exp. `layout`: a `jaxgpt.parallel` layout (default:
     pmap over every local device); `batch_size` windows a step, a multiple of its devices.
     `progress`: a progress bar's label ("" = none)."""
-    import jax
-    from tqdm.auto import tqdm
-
-    from jaxgpt.data import num_eval_batches
-    from jaxgpt.models import build_model
-    from jaxgpt.parallel import DataParallel, resolve_num_devices
-    from jaxgpt.train.steps import eval_step, lm_loss_fn
-
     layout = layout or DataParallel(resolve_num_devices(0))
     if batch_size < 1 or batch_size % layout.num_devices:
         raise UserError(f"the batch size ({batch_size}) must be a positive multiple of the "
@@ -61,14 +57,7 @@ def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=Non
                         "longer corpus")
     p_eval = layout.compile_eval_step(eval_step, loss_fn=lm_loss_fn(build_model(config)))
     placed = layout.put_frozen(params)
-    scored = [0.0]
-
-    def counted(batches):
-        for batch in batches:
-            scored[0] += float(batch["mask"].sum())
-            yield batch
-
-    batches = counted(scored_batches(windows, batch_size))
+    batches = scored_batches(windows, batch_size)
     if progress:
         batches = tqdm(batches, total=num_eval_batches(windows, batch_size), desc=progress, leave=False,
                        disable=jax.process_index() != 0)
@@ -76,4 +65,6 @@ def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=Non
     if not math.isfinite(loss):
         raise UserError(f"the loss is {loss}: the model's log-probabilities are not finite; check the weights")
     perplexity = math.exp(loss) if loss < 700 else math.inf  # past float64's range
-    return {"loss": loss, "perplexity": perplexity, "tokens": int(scored[0]), "windows": len(windows)}
+    t, n = windows.context_length, len(windows)
+    scored = t + (n - 1) * min(windows.stride, t)  # all of the first window's targets, then the new ones
+    return {"loss": loss, "perplexity": perplexity, "tokens": scored, "windows": n}
