@@ -28,6 +28,7 @@ from typing import Sequence
 
 from jaxgpt.cli.common import exit_on_user_error, main_entry
 from jaxgpt.errors import UserError
+from jaxgpt.io.files import atomic_write
 
 DEFAULT_NEW_TOKENS = {"arithmetic": 24, "gsm8k": 256}
 
@@ -140,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               "temperature": args.temperature if args.samples else None, "top_p": args.top_p, "seed": args.seed,
               **metrics, "seconds": time.perf_counter() - started}
     print(report(result))
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    atomic_write(out, json.dumps(result, indent=2) + "\n", "the evaluation figures")
     print(f"wrote {out}")
     return 0
 

@@ -28,6 +28,7 @@ from typing import Sequence
 
 from jaxgpt.cli.common import exit_on_user_error, main_entry
 from jaxgpt.errors import UserError
+from jaxgpt.io.files import atomic_write
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     result = perplexities(args)
     print(report(result))
     if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        atomic_write(args.out, json.dumps(result, indent=2) + "\n", "the perplexity figures")
         print(f"wrote {args.out}")
     return 0
 
