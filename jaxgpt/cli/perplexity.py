@@ -47,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-ratio", type=float, default=0.0, metavar="R",
                         help="score the first 1-R and the last R of the token stream apart, as train.py splits "
                              "them (default: 0, the whole corpus)")
-    parser.add_argument("--batch", type=int, default=8, metavar="WINDOWS",
-                        help="windows a step, a multiple of the devices (default: 8)")
+    parser.add_argument("--batch", type=int, default=0, metavar="WINDOWS",
+                        help="windows a step, a multiple of the devices (default: 0, 8 or the next multiple of the "
+                             "devices)")
     parser.add_argument("--cache-dir", default="", metavar="DIR",
                         help="token file cache (default: $JAXGPT_CACHE or ~/.cache/jaxgpt/tokens)")
     parser.add_argument("--text-field", default="text", metavar="FIELD", help="the text feature of a tfds source")
@@ -63,8 +64,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--stride must be >= 0, got {args.stride}")
     if not 0.0 <= args.val_ratio < 1.0:
         raise UserError(f"--val-ratio must be in [0, 1), got {args.val_ratio}")
-    if args.batch < 1:
-        raise UserError(f"--batch must be >= 1, got {args.batch}")
+    if args.batch < 0:
+        raise UserError(f"--batch must be >= 0, got {args.batch}")
     if args.out:
         out = Path(args.out)
         if out.is_dir():
@@ -83,6 +84,8 @@ def _flags(message: str) -> str:
 
 def perplexities(args: argparse.Namespace) -> dict:
     """The result JSON: `{"init", "data", "context_length", "stride", "val_ratio", "splits": {name: corpus_loss}}`."""
+    import jax
+
     from jaxgpt.cli.generate import get_tokenizer, load_init
     from jaxgpt.data import make_splits, prepare_tokens
     from jaxgpt.train.perplexity import corpus_loss
@@ -99,7 +102,9 @@ def perplexities(args: argparse.Namespace) -> dict:
         tokens = prepare_tokens(args.data, args.cache_dir, args.text_field, tokenizer=tokenizer)
         splits = make_splits(tokens, context, args.stride, args.val_ratio, name=repr(args.data), val_stride=args.stride)
         named = {"all": splits.train} if splits.val is None else {"train": splits.train, "val": splits.val}
-        losses = {name: corpus_loss(config, params, windows, batch_size=args.batch, progress=name)
+        devices = jax.local_device_count()
+        batch = args.batch or -(-8 // devices) * devices
+        losses = {name: corpus_loss(config, params, windows, batch_size=batch, progress=name)
                   for name, windows in named.items()}
     except UserError as e:
         raise UserError(_flags(str(e))) from None
