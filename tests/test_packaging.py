@@ -1,19 +1,17 @@
 """`pip install -e .` alone gives everything the package imports: every third-party module
 that `jaxgpt/` imports (in code, or in the source of a worker process it starts) belongs to
 a distribution in `[project] dependencies`, apart from the few that are optional and say so
-when missing. (`.[test]` pulls in torch and transformers, whose own dependencies would hide
-a missing one from every other test.)"""
+when missing (`.[test]` pulls in torch and transformers, whose own dependencies would hide
+a missing one from every other test); and `requires-python` is the 3.11 that jax>=0.7 needs."""
 from __future__ import annotations
 
 import ast
 import re
 import sys
+import tomllib
 from importlib.metadata import packages_distributions
 from pathlib import Path
 
-import pytest
-
-tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 ROOT = Path(__file__).resolve().parent.parent
 # Behind an extra or a clear error: torch (pytorch_model.bin, the PyTorch twin), transformers
 # (the parity twins), tensorflow (OpenAI's TF checkpoints), tensorboardX (`.[tensorboard]`).
@@ -43,6 +41,7 @@ def imported_modules() -> set[str]:
 
 def test_every_imported_package_is_a_declared_dependency():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"  # jax>=0.7 and flax require it; code uses 3.11 (hashlib.file_digest)
     declared = {canonical(re.match(r"[A-Za-z0-9_.-]+", req).group()) for req in project["dependencies"]}
     dists = packages_distributions()
     third_party = imported_modules() - set(sys.stdlib_module_names) - {"jaxgpt", "__future__"} - OPTIONAL
