@@ -77,8 +77,13 @@ def test_gpt2_folder_matches_transformers(gpt2_folder, tmp_path, capsys):
         want, windows = reference_loss(model, part, T)
         got = result["splits"][name]
         assert (got["windows"], got["tokens"]) == (windows, windows * T)
-        assert got["loss"] == pytest.approx(want, rel=1e-5) and got["perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
+        assert got["loss"] == pytest.approx(want, rel=1e-5)
+        assert got["perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
         assert f"{got['loss']:.4f}" in printed
+        # bits per byte: the loss summed over the targets, per byte of the text they decode to
+        n_bytes = len(load_tokenizer("gpt2").encoding.decode_bytes(part[1: 1 + windows * T].tolist()))
+        assert got["bytes"] == n_bytes
+        assert got["bits_per_byte"] == pytest.approx(want * windows * T / (math.log(2) * n_bytes), rel=1e-5)
     config, params = resolve_init(str(folder))
     val = load_splits(DataConfig(path="the-verdict", val_ratio=0.1, cache_dir=str(tmp_path)), T).val
     assert len(val) % 3 and len(val) % 8  # both batch sizes pad their last batch
@@ -117,8 +122,11 @@ def test_sliding_windows_score_each_target_once(gpt2_folder, tmp_path, capsys, s
                              "--batch", 4, "--cache-dir", tmp_path, "--out", tmp_path / "ppl.json"], capsys)
     assert code == 0
     got = json.loads((tmp_path / "ppl.json").read_text())["splits"]["all"]
-    want, count = hf_strided_loss(model, np.asarray(load_tokenizer("gpt2").encode(text)), T, stride)
+    tokens = np.asarray(load_tokenizer("gpt2").encode(text))
+    want, count = hf_strided_loss(model, tokens, T, stride)
     assert got["tokens"] == count and got["loss"] == pytest.approx(want, rel=1e-5)
+    if stride <= T:  # the scored targets are tokens 1 .. count, once each
+        assert got["bytes"] == len(load_tokenizer("gpt2").encoding.decode_bytes(tokens[1: 1 + count].tolist()))
     assert (f"every {stride}" in printed) == (stride != T)
 
 
@@ -152,6 +160,7 @@ def test_llama_folder_with_its_own_tokenizer(tmp_path, capsys):
     tokens = np.asarray(Tokenizer.from_file(str(folder / "tokenizer.json")).encode(corpus.read_text()).ids)
     want, windows = reference_loss(model, tokens, 24)
     assert got["all"]["windows"] == windows and got["all"]["loss"] == pytest.approx(want, rel=1e-5)
+    assert "bits_per_byte" not in got["all"] and "n/a" in printed  # a word-level tokenizer: no byte count
 
 
 def test_a_runs_val_loss(tmp_path, capsys):
@@ -191,7 +200,8 @@ def test_bad_input_is_one_line_and_writes_nothing(gpt2_folder, tmp_path, capsys)
         "not finite": ["--init", nan, *window],
     }
     for message, argv in cases.items():
-        code, printed, err = _run([*argv, "--cache-dir", tmp_path, *([] if "--out" in argv else ["--out", out])], capsys)
+        out_flag = [] if "--out" in argv else ["--out", out]
+        code, printed, err = _run([*argv, "--cache-dir", tmp_path, *out_flag], capsys)
         errors = [line for line in err.splitlines() if line.startswith("error: ")]
         assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, (message, err)
         assert not out.exists() and not printed

@@ -13,7 +13,9 @@ its context length gives the run's `val_loss`. With `--val-ratio 0` (the default
 corpus is one split, `all`. `--stride S` below the context slides the windows S tokens at a
 time, each scoring only the S targets no earlier window scored (every target once, with at
 least T - S tokens of context). Each split's loss is the mean over its scored target tokens,
-in nats (`jaxgpt.train.perplexity.corpus_loss`), pmapped over the local devices.
+in nats (`jaxgpt.train.perplexity.corpus_loss`), pmapped over the local devices; with it the
+perplexity and, where the tokenizer's byte lengths are known (`jaxgpt.text.token_bytes`),
+bits per byte, which unlike perplexity compares models with different tokenizers.
 
 Prints a table and, with `--out`, writes it as JSON. Bad input (no such model or corpus, a
 corpus shorter than one window, a tokenizer with more ids than the model's vocabulary, a
@@ -76,8 +78,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def _flags(message: str) -> str:
     """A data error worded with config keys, reworded with this command's flags."""
-    for key, flag in (("data.val_ratio=0", "--val-ratio 0"), ("data.val_ratio", "--val-ratio"),
-                      ("model.context_length", "--context-length"), ("data.path", "--data"), ("the batch size", "--batch")):
+    for key, flag in (("data.val_ratio=0", "--val-ratio 0"), ("data.val_ratio", "--val-ratio"), ("data.path", "--data"),
+                      ("model.context_length", "--context-length"), ("the batch size", "--batch")):
         message = message.replace(key, flag)
     return message
 
@@ -88,6 +90,7 @@ def perplexities(args: argparse.Namespace) -> dict:
 
     from jaxgpt.cli.generate import get_tokenizer, load_init
     from jaxgpt.data import make_splits, prepare_tokens
+    from jaxgpt.text.token_bytes import token_byte_lengths
     from jaxgpt.train.perplexity import corpus_loss
 
     config, params = load_init(args.init)
@@ -104,7 +107,9 @@ def perplexities(args: argparse.Namespace) -> dict:
         named = {"all": splits.train} if splits.val is None else {"train": splits.train, "val": splits.val}
         devices = jax.local_device_count()
         batch = args.batch or -(-8 // devices) * devices
-        losses = {name: corpus_loss(config, params, windows, batch_size=batch, progress=name)
+        byte_lengths = token_byte_lengths(tokenizer)
+        losses = {name: corpus_loss(config, params, windows, batch_size=batch, progress=name,
+                                    byte_lengths=byte_lengths)
                   for name, windows in named.items()}
     except UserError as e:
         raise UserError(_flags(str(e))) from None
@@ -115,10 +120,11 @@ def perplexities(args: argparse.Namespace) -> dict:
 def report(result: dict) -> str:
     t, s = result["context_length"], result["stride"]
     lines = [f"{result['init']} on {result['data']}: windows of {t} tokens" + (f" every {s}" if s != t else ""),
-             f"  {'split':<6} {'windows':>8} {'tokens':>11} {'loss':>8} {'perplexity':>11}"]
+             f"  {'split':<6} {'windows':>8} {'tokens':>11} {'loss':>8} {'perplexity':>11} {'bits/byte':>9}"]
     for name, split in result["splits"].items():
+        bpb = f"{split['bits_per_byte']:>9.4f}" if "bits_per_byte" in split else f"{'n/a':>9}"
         lines.append(f"  {name:<6} {split['windows']:>8,} {split['tokens']:>11,} {split['loss']:>8.4f} "
-                     f"{split['perplexity']:>11.3f}")
+                     f"{split['perplexity']:>11.3f} {bpb}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 
     splits = load_splits(DataConfig(path="the-verdict", val_ratio=0.1), 256, tokenizer=tokenizer_of(config))
     corpus_loss(config, params, splits.val)   # {"loss", "perplexity", "tokens", "windows"}
+    corpus_loss(config, params, splits.val, byte_lengths=token_byte_lengths(tokenizer))  # + "bytes", "bits_per_byte"
 
 Every window is scored once, in order, with dropout off; the loss is the mean over the
 scored target tokens (the final partial batch padded and masked), so it does not depend on
@@ -41,13 +42,15 @@ def scored_batches(windows, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         yield batch
 
 
-def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=None,
-                progress: str = "") -> dict:
+def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=None, progress: str = "",
+                byte_lengths: np.ndarray | None = None) -> dict:
     """`{"loss", "perplexity", "tokens", "windows"}` of the model `config` with `params` over
     `windows` (`jaxgpt.data.Windows`): the mean cross-entropy in nats per scored target token
     (see the module docstring) and its exp. `layout`: a `jaxgpt.parallel` layout (default:
     pmap over every local device); `batch_size` windows a step, a multiple of its devices.
-    `progress`: a progress bar's label ("" = none)."""
+    `progress`: a progress bar's label ("" = none). With `byte_lengths` (`[vocab]`, from
+    `jaxgpt.text.token_bytes.token_byte_lengths`) also `"bytes"`, the text the scored targets
+    stand for, and `"bits_per_byte"`, the loss summed and put per byte in bits."""
     layout = layout or DataParallel(resolve_num_devices(0))
     if batch_size < 1 or batch_size % layout.num_devices:
         raise UserError(f"the batch size ({batch_size}) must be a positive multiple of the "
@@ -57,7 +60,16 @@ def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=Non
                         "longer corpus")
     p_eval = layout.compile_eval_step(eval_step, loss_fn=lm_loss_fn(build_model(config)))
     placed = layout.put_frozen(params)
+    scored_bytes = [0]
+
+    def counting_bytes(batches):
+        for batch in batches:
+            scored_bytes[0] += int((byte_lengths[batch["targets"]] * (batch["mask"] > 0)).sum())
+            yield batch
+
     batches = scored_batches(windows, batch_size)
+    if byte_lengths is not None:
+        batches = counting_bytes(batches)
     if progress:
         batches = tqdm(batches, total=num_eval_batches(windows, batch_size), desc=progress, leave=False,
                        disable=jax.process_index() != 0)
@@ -67,4 +79,7 @@ def corpus_loss(config, params: Any, windows, *, batch_size: int = 8, layout=Non
     perplexity = math.exp(loss) if loss < 700 else math.inf  # past float64's range
     t, n = windows.context_length, len(windows)
     scored = t + (n - 1) * min(windows.stride, t)  # all of the first window's targets, then the new ones
-    return {"loss": loss, "perplexity": perplexity, "tokens": scored, "windows": n}
+    out = {"loss": loss, "perplexity": perplexity, "tokens": scored, "windows": n}
+    if byte_lengths is not None and scored_bytes[0]:
+        out.update(bytes=scored_bytes[0], bits_per_byte=loss * scored / (math.log(2) * scored_bytes[0]))
+    return out
