@@ -10,7 +10,8 @@ Exact for the kinds of tokenizer the model families use:
   characters are bytes mapped one to one onto printable characters, so its length.
 * sentencepiece-style BPE with byte fallback (a decoder that replaces "▁" by a space and
   has `ByteFallback`: Gemma 3): `<0xNN>` is one byte, any other token its UTF-8 length with
-  "▁" as a space.
+  "▁" as a space. (A tokenizer that also prepends "▁" to its input, as Llama 2's does, counts
+  that space: one byte more per encoded document.)
 Special and added tokens (eos, chat markers, `<|endoftext|>` between documents) are markup,
 not text: 0.
 Other tokenizers (word-level, WordPiece, ...) decode with separators a token does not carry:
