@@ -11,5 +11,5 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "classify": ("jaxgpt.cli.classify_texts", "label texts with a `finetune.py classify` run"),
     "reward": ("jaxgpt.cli.score_responses", "score responses with a `finetune.py reward` run"),
     "evaluate": ("jaxgpt.cli.evaluate", "accuracy, pass@k, format rate, length on a verifiable task (arithmetic, gsm8k)"),
-    "perplexity": ("jaxgpt.cli.perplexity", "next-token loss and perplexity of a model on a corpus"),
+    "perplexity": ("jaxgpt.cli.perplexity", "next-token loss, perplexity and bits per byte of a model on a corpus"),
 }

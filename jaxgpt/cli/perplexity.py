@@ -35,7 +35,7 @@ from jaxgpt.io.files import atomic_write
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxgpt perplexity",
-                                     description="Next-token loss and perplexity of a model on a corpus.")
+                                     description="Next-token loss, perplexity and bits per byte of a model on a corpus.")
     parser.add_argument("--init", required=True, metavar="SPEC",
                         help="the model: a run directory, a Hugging Face model directory or a preset name (gpt2, ...)")
     parser.add_argument("--data", default="the-verdict", metavar="SOURCE",
