@@ -10,9 +10,10 @@ tokenized with the model's own tokenizer. It is cut as pretraining cuts it
 (`jaxgpt.data.make_splits`: non-overlapping windows of `--context-length` tokens, the last
 `--val-ratio` of the stream apart), so `--val-ratio` equal to a run's `data.val_ratio` and
 its context length gives the run's `val_loss`. With `--val-ratio 0` (the default) the whole
-corpus is one split, `all`. `--stride S` below the context slides the windows S tokens at a
-time, each scoring only the S targets no earlier window scored (every target once, with at
-least T - S tokens of context). Each split's loss is the mean over its scored target tokens,
+corpus is one split, `all`; `--max-windows N` scores only each split's first N windows.
+`--stride S` below the context slides the windows S tokens at a time, each scoring only the
+S targets no earlier window scored (every target once, with at least T - S tokens of
+context). Each split's loss is the mean over its scored target tokens,
 in nats (`jaxgpt.train.perplexity.corpus_loss`), pmapped over the local devices; with it the
 perplexity and, where the tokenizer's byte lengths are known (`jaxgpt.text.token_bytes`),
 bits per byte, which unlike perplexity compares models with different tokenizers.
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val-ratio", type=float, default=0.0, metavar="R",
                         help="score the first 1-R and the last R of the token stream apart, as train.py splits "
                              "them (default: 0, the whole corpus)")
+    parser.add_argument("--max-windows", type=int, default=0, metavar="N",
+                        help="score only the first N windows of each split, a quick estimate on a large corpus "
+                             "(default: 0, all)")
     parser.add_argument("--batch", type=int, default=0, metavar="WINDOWS",
                         help="windows a step, a multiple of the devices (default: 0, 8 or the next multiple of the "
                              "devices)")
@@ -66,6 +70,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--stride must be >= 0, got {args.stride}")
     if not 0.0 <= args.val_ratio < 1.0:
         raise UserError(f"--val-ratio must be in [0, 1), got {args.val_ratio}")
+    if args.max_windows < 0:
+        raise UserError(f"--max-windows must be >= 0, got {args.max_windows}")
     if args.batch < 0:
         raise UserError(f"--batch must be >= 0, got {args.batch}")
     if args.out:
@@ -91,7 +97,7 @@ def perplexities(args: argparse.Namespace) -> dict:
     from jaxgpt.cli.generate import get_tokenizer, load_init
     from jaxgpt.data import make_splits, prepare_tokens
     from jaxgpt.text.token_bytes import token_byte_lengths
-    from jaxgpt.train.perplexity import corpus_loss
+    from jaxgpt.train.perplexity import corpus_loss, first_windows
 
     config, params = load_init(args.init)
     tokenizer = get_tokenizer(config)
@@ -105,6 +111,8 @@ def perplexities(args: argparse.Namespace) -> dict:
         tokens = prepare_tokens(args.data, args.cache_dir, args.text_field, tokenizer=tokenizer)
         splits = make_splits(tokens, context, args.stride, args.val_ratio, name=repr(args.data), val_stride=args.stride)
         named = {"all": splits.train} if splits.val is None else {"train": splits.train, "val": splits.val}
+        if args.max_windows:
+            named = {name: first_windows(windows, args.max_windows) for name, windows in named.items()}
         devices = jax.local_device_count()
         batch = args.batch or -(-8 // devices) * devices
         byte_lengths = token_byte_lengths(tokenizer)
@@ -114,7 +122,7 @@ def perplexities(args: argparse.Namespace) -> dict:
     except UserError as e:
         raise UserError(_flags(str(e))) from None
     return {"init": args.init, "data": args.data, "context_length": context, "stride": args.stride or context,
-            "val_ratio": args.val_ratio, "splits": losses}
+            "val_ratio": args.val_ratio, "max_windows": args.max_windows, "splits": losses}
 
 
 def report(result: dict) -> str:

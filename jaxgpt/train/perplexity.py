@@ -31,6 +31,15 @@ from jaxgpt.parallel import DataParallel, resolve_num_devices
 from jaxgpt.train.steps import eval_step, lm_loss_fn
 
 
+def first_windows(windows, n: int):
+    """The first `n` windows of `windows` (all of them if there are fewer), as `Windows` over
+    only the tokens they read: a quick estimate on a large corpus."""
+    if n >= len(windows):
+        return windows
+    t, s = windows.context_length, windows.stride
+    return type(windows)(windows.tokens[: (n - 1) * s + t + 1], t, s)
+
+
 def scored_batches(windows, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """`jaxgpt.data.eval_batches` (`inputs`, `targets`, `mask` `[batch_size, T]`), with the
     targets an earlier window already scored masked out (a sliding window: stride < T)."""
