@@ -128,8 +128,8 @@ def test_sliding_windows_score_each_target_once(gpt2_folder, tmp_path, capsys, s
     assert got["tokens"] == count and got["loss"] == pytest.approx(want, rel=1e-5)
     if stride <= T:  # the scored targets are tokens 1 .. count, once each
         assert got["bytes"] == len(load_tokenizer("gpt2").encoding.decode_bytes(tokens[1: 1 + count].tolist()))
-    code, _, _ = _run(["--init", folder, "--data", corpus, "--context-length", T, "--stride", stride,
-                       "--max-windows", 5, "--batch", 4, "--cache-dir", tmp_path, "--out", tmp_path / "first.json"], capsys)
+    argv = ["--init", folder, "--data", corpus, "--context-length", T, "--stride", stride, "--max-windows", 5]
+    code, _, _ = _run([*argv, "--batch", 4, "--cache-dir", tmp_path, "--out", tmp_path / "first.json"], capsys)
     first = json.loads((tmp_path / "first.json").read_text())["splits"]["all"]
     want, count = hf_strided_loss(model, tokens[: 4 * stride + T + 1], T, stride)  # the first 5 windows' tokens
     assert first["windows"] == 5 and first["tokens"] == count and first["loss"] == pytest.approx(want, rel=1e-5)
