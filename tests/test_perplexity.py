@@ -3,9 +3,10 @@ transformers, which jaxgpt did not write: a tiny random GPT-2 (GPT-2's 50,257-id
 bundled corpus and a tiny Llama with a word-level `tokenizer.json` of its own, each split's
 loss the mean cross-entropy over every target token of non-overlapping windows, computed
 here in torch (float32: relative 1e-5); sliding windows (`--stride`) against transformers'
-strided-perplexity loop, each target scored once. One device and four, with a padded last batch, give
-the same loss; a pretraining run's own `val_loss` is what the command reports for its split.
-Bad input is one line, exit code 2, and nothing written."""
+strided-perplexity loop, each target scored once; bits per byte over the bytes tiktoken
+decodes the scored targets to. One device and four, with a padded last batch, give the same
+loss; a pretraining run's own `val_loss` is what the command reports for its split. Bad
+input is one line, exit code 2, and nothing written."""
 from __future__ import annotations
 
 import json
