@@ -59,7 +59,7 @@ def test_byte_fallback_bpe(tmp_path):
     tok.add_special_tokens(["<|end|>"])
     tokenizer = _folder(tmp_path, tok)
     assert tokenizer.decode(tokenizer.encode(TEXTS[1])) == TEXTS[1]  # the bytes come back whole
-    assert {tokenizer._backend.id_to_token(i) for i in tokenizer.encode("é")} == {"<0xC3>", "<0xA9>"}  # bytes
+    assert {tokenizer.backend.id_to_token(i) for i in tokenizer.encode("é")} == {"<0xC3>", "<0xA9>"}  # bytes
     _check(tokenizer, TEXTS)
 
 

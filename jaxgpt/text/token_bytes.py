@@ -60,7 +60,7 @@ def _decoder_kind(decoder: dict | None) -> str | None:
 
 
 def _hf_lengths(tokenizer) -> np.ndarray | None:
-    backend = tokenizer._backend
+    backend = tokenizer.backend
     kind = _decoder_kind(json.loads(backend.to_str()).get("decoder"))
     if kind is None:
         return None

@@ -165,6 +165,11 @@ class HFTokenizer(Tokenizer):
             raise UserError(f"{where.parent / 'tokenizer_config.json'}: {key} {token!r} is not in tokenizer.json")
         return i
 
+    @property
+    def backend(self):
+        """The `tokenizers.Tokenizer` itself (its vocabulary and decoder: `jaxgpt.text.token_bytes`)."""
+        return self._backend
+
     def encode(self, text: str) -> list[int]:
         """Token ids of `text` alone: no begin-of-text is added (a chat template writes it
         into the prompt itself, as transformers' `apply_chat_template` does)."""
