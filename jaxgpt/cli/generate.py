@@ -8,6 +8,8 @@
 
 Each prompt's continuation is printed as prompt + generated text, prompts separated by a
 blank line. All prompts run as one left-padded batch through `jaxgpt.generation.decode.generate`.
+`--stream` prints the text as it is decoded (one prompt); `--stop TEXT` ends each text before
+TEXT's first appearance and stops that row's decoding there.
 With `--instruction` (and optionally `--input`) the prompt is the model's format
 (`jaxgpt.text.prompts.prompt_format`: its chat template, else Alpaca), the format `finetune.py
 instruct` trains on, and only the response is printed (the text generated after the prompt, up to `<|endoftext|>`).
@@ -63,9 +65,20 @@ def build_parser() -> argparse.ArgumentParser:
                           "template (else the Alpaca prompt); only the response is printed")
     src.add_argument("--input", metavar="TEXT", default="",
                      help="the instruction's input (optional; with --instruction)")
+    smp = add_sampling_args(parser, max_new_tokens=50)
+    smp.add_argument("--ignore-eos", action="store_true",
+                     help="keep generating past <|endoftext|> instead of stopping there")
+    out = parser.add_argument_group("output")
+    out.add_argument("--stream", action="store_true",
+                     help="print the text as it is generated (one prompt)")
+    return parser
+
+
+def add_sampling_args(parser: argparse.ArgumentParser, *, max_new_tokens: int) -> argparse._ArgumentGroup:
+    """The sampling flags `generate` and `chat` share, as an argument group."""
     smp = parser.add_argument_group("sampling")
-    smp.add_argument("--max-new-tokens", type=int, default=50, metavar="N",
-                     help="tokens to generate per prompt (default: 50)")
+    smp.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                     help=f"tokens to generate per prompt (default: {max_new_tokens})")
     smp.add_argument("--temperature", type=float, default=0.0, metavar="T",
                      help="0 = greedy (default); e.g. 0.8 for varied text")
     smp.add_argument("--top-k", type=int, default=None, metavar="K",
@@ -73,9 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     smp.add_argument("--top-p", type=float, default=None, metavar="P",
                      help="nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1]")
     smp.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
-    smp.add_argument("--ignore-eos", action="store_true",
-                     help="keep generating past <|endoftext|> instead of stopping there")
-    return parser
+    smp.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="end the text before TEXT's first appearance (repeatable; \\n and \\t in TEXT are a "
+                          "newline and a tab, e.g. --stop '\\n\\n')")
+    return smp
+
+
+def stop_strings(args: argparse.Namespace) -> list[str]:
+    """`--stop` values with `\\n` / `\\t` read as newline / tab (shells pass them literally)."""
+    from jaxgpt.generation.stream import check_stop_strings
+
+    return list(check_stop_strings([s.replace("\\n", "\n").replace("\\t", "\t") for s in args.stop]))
 
 
 def read_prompts(args: argparse.Namespace) -> list:
@@ -108,24 +129,55 @@ def read_prompts(args: argparse.Namespace) -> list:
     return prompts
 
 
+class Printer:
+    """An `on_text` for `generate`: each piece to stdout as it comes (an answer's leading
+    whitespace dropped, as the printed answers are stripped)."""
+
+    def __init__(self, skip_leading_space: bool = False):
+        self.started = not skip_leading_space
+
+    def show(self, text: str) -> None:
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def __call__(self, row: int, text: str) -> None:
+        self.show(text)
+
+
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jaxgpt.generation.decode import check_sampling_args, generate
 
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    stop = stop_strings(args)
     prompts = read_prompts(args)
+    if args.stream and len(prompts) > 1:
+        raise UserError(f"--stream prints one prompt's text as it comes; got {len(prompts)} prompts")
     config, params = load_init(args.init)
     tokenizer = get_tokenizer(config)
     if args.instruction is not None:  # the model's own format: its chat template, else Alpaca
         from jaxgpt.text.prompts import prompt_format
 
         prompts = [prompt_format(tokenizer).prompt(*prompts[0])]
+    on_text = None
+    if args.stream:
+        on_text = Printer(skip_leading_space=args.instruction is not None)
+        if args.instruction is None:
+            on_text.show(prompts[0])
     texts = generate(
         params, config, prompts,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop_at_eos=not args.ignore_eos, tokenizer=tokenizer,
+        stop=stop, on_text=on_text,
     )
+    if args.stream:
+        print()
+        sys.stdout.flush()
+        return 0
     if args.instruction is not None:
         print(texts[0].strip())  # the response only: what follows the prompt, cut at <|endoftext|>
         sys.stdout.flush()

@@ -22,16 +22,19 @@ does not shift a row's positions and a padded row decodes exactly like the same 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.models import build_model, init_cache
+from jaxgpt.generation.stream import TextStream, check_stop_strings, text_sink
 from jaxgpt.generation.samplers import SAMPLERS, _is_number, _sample, categorical_inverse_cdf, sample_logits  # noqa: F401
 
 Array = jax.Array
@@ -59,16 +62,39 @@ def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Tokens to the host as they are sampled (streaming, stop strings)
+
+# `generate_tokens(on_token=...)` registers its callable here under a fresh id, passed to the
+# loop as a traced operand: one compiled program serves every callable (no recompilation per
+# call or per chat turn), and concurrent calls do not mix their callbacks.
+_SINKS: dict[int, Callable] = {}
+_SINK_IDS = itertools.count(1)
+
+
+def _call_sink(sink, step, tokens, live) -> np.ndarray:
+    stop = _SINKS[int(sink)](int(step), np.asarray(tokens), np.asarray(live))
+    return np.broadcast_to(np.asarray(False if stop is None else stop, bool), tokens.shape).copy()
+
+
+def _host_stop(sink, step, tokens, live) -> Array:
+    """`on_token(step, tokens [batch], live [batch])` on the host, in step order: its `[batch]`
+    bool answer (rows to stop after this token) is the loop's next carry, so each call
+    waits for the one before, and the loop for it."""
+    return io_callback(_call_sink, jax.ShapeDtypeStruct(tokens.shape, jnp.bool_), sink, step, tokens, live)
+
+
+# ---------------------------------------------------------------------------------------
 # The jitted decode loop
 
 
 @functools.partial(
     jax.jit,
     static_argnames=("config", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id",
-                     "pad_id", "vocab_limit", "method"),
+                     "pad_id", "vocab_limit", "method", "stream"),
 )
-def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, *, config,
-                  max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, vocab_limit, method="gumbel"):
+def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, sink, *, config,
+                  max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, vocab_limit, method="gumbel",
+                  stream=False):
     b, p = prompt_tokens.shape
     n = max_new_tokens
     model = build_model(config)
@@ -88,6 +114,8 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, *
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
     cmask = jnp.zeros((b, n), bool).at[:, 0].set(True)
     done = (tok == eos_id) if eos_id is not None else jnp.zeros((b,), bool)
+    if stream:
+        done = done | _host_stop(sink, 0, tok, jnp.ones((b,), bool))
 
     def cond(carry):
         i, _, _, done, *_ = carry
@@ -105,8 +133,10 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, *
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
         cmask = jax.lax.dynamic_update_slice(cmask, ~done[:, None], (0, i))
+        stop = _host_stop(sink, i, tok, ~done) if stream else False
         if eos_id is not None:
-            done = done | (tok == eos_id)
+            stop = stop | (tok == eos_id)
+        done = done | stop
         return i + 1, cache, tok, done, tokens, logprobs, cmask
 
     carry = (jnp.int32(1), cache, tok, done, tokens, logprobs, cmask)
@@ -130,6 +160,7 @@ def generate_tokens(
     pad_id: int | None = None,
     vocab_limit: int | None = None,
     method: str = "gumbel",
+    on_token: Callable[[int, np.ndarray, np.ndarray], Any] | None = None,
 ) -> dict[str, Array]:
     """Sample `max_new_tokens` continuation tokens for a left-padded batch of prompts.
 
@@ -148,6 +179,13 @@ def generate_tokens(
     method: how plain temperature sampling (no top-k / top-p) draws a token: "gumbel"
     (`jax.random.categorical`) or "inverse_cdf" (`categorical_inverse_cdf`: the same
     distribution, one uniform per row; much faster on CPU, used by RL rollouts).
+
+    on_token: called on the host as each token is sampled, in order, while the loop runs:
+    `on_token(step, tokens [batch] int32, live [batch] bool)`, `live` False on rows that had
+    already finished (their token is padding). It may return True, or a `[batch]` bool, to
+    end those rows after this token (stop strings, a user's Ctrl-C); None goes on. This is
+    what streams text (`jaxgpt.generation.stream`); the loop waits for each call, so keep it
+    short. Without it the compiled loop has no host callback at all.
 
     Compiled once per (config, shapes, max_new_tokens, top_k, greedy-or-not, top-p on/off,
     eos_id, method); temperature, the top-p value, the key and the params are traced.
@@ -173,14 +211,22 @@ def generate_tokens(
     # top_p = 1 keeps everything: skip the sort. An array top_p is always applied.
     use_top_p = top_p is not None and not (_is_number(top_p) and top_p >= 1.0)
     greedy = _is_number(temperature) and temperature == 0
-    return _generate_jit(
-        params, prompt_tokens, prompt_mask, key,
-        jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p if use_top_p else 1.0, jnp.float32),
-        config=config, max_new_tokens=int(max_new_tokens), greedy=greedy,
-        top_k=None if top_k is None else int(top_k), use_top_p=use_top_p,
-        eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id),
-        vocab_limit=None if vocab_limit is None else int(vocab_limit), method=method,
-    )
+    sink = next(_SINK_IDS) if on_token is not None else 0
+    if on_token is not None:
+        _SINKS[sink] = on_token
+    try:
+        out = _generate_jit(
+            params, prompt_tokens, prompt_mask, key,
+            jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p if use_top_p else 1.0, jnp.float32),
+            jnp.int32(sink), config=config, max_new_tokens=int(max_new_tokens), greedy=greedy,
+            top_k=None if top_k is None else int(top_k), use_top_p=use_top_p,
+            eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id),
+            vocab_limit=None if vocab_limit is None else int(vocab_limit), method=method,
+            stream=on_token is not None,
+        )
+        return jax.block_until_ready(out) if on_token is not None else out
+    finally:
+        _SINKS.pop(sink, None)
 
 
 # ---------------------------------------------------------------------------------------
@@ -243,6 +289,9 @@ def generate(
     stop_at_eos: bool = True,
     eos_id: int | None = None,
     tokenizer: Any = None,
+    stop: Sequence[str] = (),
+    on_text: Callable[[int, str], None] | None = None,
+    prompt_bucket: int = PROMPT_BUCKET,
 ) -> list[str]:
     """Continue each prompt; returns the generated text only, one string per prompt.
 
@@ -254,8 +303,17 @@ def generate(
     before the first eos (`eos_id`, default the tokenizer's: GPT-2's `<|endoftext|>` = 50256)
     when `stop_at_eos`. A prompt that does not fit in the context together with
     `max_new_tokens` is an error (UserError), not truncated.
+
+    stop: strings that end a row's text where they first appear (the text stops before them,
+    and so does that row's decoding). on_text: `on_text(row, text)` with each piece of a row's
+    text as soon as it is decoded (streaming); the pieces of a row add up to its result. If it
+    returns True, that row ends there (a user's Ctrl-C in `python -m jaxgpt chat`).
+    Either one runs the loop with a host callback per token (`generate_tokens(on_token=...)`).
+    prompt_bucket: prompt lengths are padded up to a multiple of it, so that prompts of nearby
+    lengths share a compiled loop (a chat whose history grows wants a larger one).
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    stop = check_stop_strings(stop)
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -278,14 +336,22 @@ def generate(
     if not stop_at_eos:
         eos_id = None
     tokens, mask = pad_prompts(token_lists, max_new_tokens=max_new_tokens,
-                               context_length=config.context_length)
+                               context_length=config.context_length, bucket=prompt_bucket)
     if key is None:
         key = jax.random.key(seed)
     n_vocab = getattr(tokenizer, "vocab_size", getattr(tokenizer, "n_vocab", None))
     vocab_limit = n_vocab if n_vocab is not None and n_vocab < config.vocab_size else None
+    streams = [TextStream(tokenizer, stop) for _ in token_lists] if stop or on_text else None
     out = generate_tokens(params, config, tokens, mask, key, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                          vocab_limit=vocab_limit)
+                          vocab_limit=vocab_limit,
+                          on_token=None if streams is None else text_sink(streams, eos_id, on_text))
+    if streams is not None:
+        for row, stream in enumerate(streams):
+            rest = stream.finish()
+            if rest and on_text is not None:
+                on_text(row, rest)
+        return [stream.text for stream in streams]
     new_tokens, lengths = np.asarray(out["tokens"]), np.asarray(out["lengths"])
     texts = []
     for row, length in zip(new_tokens, lengths):

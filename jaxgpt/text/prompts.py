@@ -82,9 +82,14 @@ class ChatFormat:
         return [{"role": "user", "content": content}]
 
     def prompt(self, instruction: str, input: str = "") -> str:
+        return self.conversation(self.messages(instruction, input))
+
+    def conversation(self, messages: list[dict[str, str]]) -> str:
+        """A whole conversation (`{"role", "content"}` dicts, oldest first) with the generation
+        prompt: what the model sees before its next turn (`python -m jaxgpt chat`)."""
         from jaxgpt.text.chat import render_chat
 
-        return render_chat(self.template, self.messages(instruction, input), add_generation_prompt=True, **self.specials)
+        return render_chat(self.template, messages, add_generation_prompt=True, **self.specials)
 
 
 def prompt_format(tokenizer=None):
