@@ -92,7 +92,7 @@ def _host_stop(sink, step, tokens, live) -> Array:
     static_argnames=("config", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id",
                      "pad_id", "vocab_limit", "method", "stream"),
 )
-def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, sink, *, config,
+def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, sink=0, *, config,
                   max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, vocab_limit, method="gumbel",
                   stream=False):
     b, p = prompt_tokens.shape
