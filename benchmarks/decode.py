@@ -205,7 +205,9 @@ def main(argv=None) -> int:
     p.add_argument("--tiny", action="store_true",
                    help="smoke test: 2 layers x 64 wide (GPT-2 vocab), prompt 8, 16 new tokens, 64 MiB bandwidth array")
     p.add_argument("--bw-mib", type=int, default=None, help="bandwidth array size (default 1024; --tiny 64)")
-    p.add_argument("--frameworks", default="jax,torch", help="comma list of: jax, torch")
+    p.add_argument("--frameworks", default="jax,torch",
+                   help="comma list of: jax, jax-stream (jaxgpt with a per-token host callback that detokenizes, "
+                        "as generate --stream does), torch")
     p.add_argument("--torch-threads", type=int, default=None,
                    help="torch.set_num_threads (default: the usable cores). On a loaded machine OpenMP "
                    "threads waiting on each other can dominate batch-1 decode; try 1")
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
         args.new_tokens = 16 if args.tiny else 200
     bw_bytes = (args.bw_mib or (64 if args.tiny else 1024)) << 20
     frameworks = [f.strip() for f in args.frameworks.split(",") if f.strip()]
-    if set(frameworks) - {"jax", "torch"}:
+    if set(frameworks) - {"jax", "jax-stream", "torch"}:
         p.error(f"unknown frameworks {frameworks}")
 
     import jax
@@ -249,6 +251,25 @@ def main(argv=None) -> int:
             return time.perf_counter() - t0, np.asarray(toks)[0]
 
         runners["jaxgpt"] = run_jax
+    if "jax-stream" in frameworks:
+        from jaxgpt.generation.stream import TextStream
+        from jaxgpt.text.tokenizer import load_tokenizer
+
+        jp, jm, key = jnp.asarray(prompt), jnp.ones(prompt.shape, bool), jax.random.key(args.seed)
+        gpt2 = load_tokenizer("gpt2")
+
+        def run_jax_stream():
+            stream = TextStream(gpt2)
+
+            def on_token(step, toks, live):
+                stream.push(toks[0])  # the text is decoded as the CLI's --stream decodes it, not printed
+
+            t0 = time.perf_counter()
+            out = generate_tokens(params, cfg, jp, jm, key, max_new_tokens=n, temperature=0.0, on_token=on_token)
+            toks = jax.block_until_ready(out["tokens"])
+            return time.perf_counter() - t0, np.asarray(toks)[0]
+
+        runners["jaxgpt-stream"] = run_jax_stream
     torch = None
     if "torch" in frameworks:
         try:
@@ -300,11 +321,11 @@ def main(argv=None) -> int:
 
     same = None
     first_diff = None
-    if len(tokens) == 2:
-        a, b = tokens["jaxgpt"], tokens["torch"]
-        same = bool(np.array_equal(a, b))
+    if len(tokens) >= 2:
+        a, *others = tokens.values()
+        same = all(np.array_equal(a, b) for b in others)
         if not same:
-            first_diff = int(np.argmax(a != b))
+            first_diff = min(int(np.argmax(a != b)) for b in others if not np.array_equal(a, b))
     results = {}
     for name, ts in times.items():
         med = statistics.median(ts)
@@ -325,6 +346,7 @@ def main(argv=None) -> int:
              "", "| framework | median s / call | tokens/s (median) | fraction of memory-bound limit (median over calls) | x torch |",
              "|---|---|---|---|---|"]
     label = {"jaxgpt": "jaxgpt (generate_tokens, jitted, KV cache)",
+             "jaxgpt-stream": "jaxgpt, streamed (on_token: a host callback a token, TextStream)",
              "torch": "torch (llms-from-scratch kv_cache GPTModel, inference_mode)"}
     for name, r in results.items():
         ratio = f"{r['over_torch']:.2f}x" if r["over_torch"] is not None and name != "torch" else ""

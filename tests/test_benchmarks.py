@@ -86,6 +86,15 @@ def test_decode_smoke(tmp_path, capsys):
     assert 0 < jax_row["fraction_of_limit"] == statistics.median(jax_row["fractions_per_call"])
 
 
+def test_decode_streamed_smoke(capsys):
+    """`--frameworks jax,jax-stream`: the streamed loop (a host callback a token) is timed
+    beside the plain one, and gives the same greedy tokens."""
+    decode = _load("decode")
+    assert decode.main(["--tiny", "--frameworks", "jax,jax-stream", "--rounds", "1", "--bw-mib", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "| jaxgpt, streamed (on_token" in out and "Greedy tokens, same weights: identical" in out
+
+
 def test_train_throughput_smoke(tmp_path, capsys):
     """The training benchmark on the tiny config, jaxgpt only: the measured ceiling is the
     fastest of the matmul readings before and after the steps, and every MFU is against it."""
