@@ -216,11 +216,17 @@ def test_chat_without_a_template_asks_each_message_in_alpaca(monkeypatch, capsys
     assert rc == 2 and "chat template" in err
 
 
-def test_ctrl_c_ends_the_answer_not_the_chat():
+def test_ctrl_c_ends_the_answer_not_the_chat(capsys):
+    """Ctrl-C while an answer is decoded sets the event (no KeyboardInterrupt), and the
+    printer's True ends the answer at the next piece; the chat goes on."""
     from jaxgpt.cli.chat import run_interruptibly
+    from jaxgpt.cli.generate import Printer
 
     interrupt = threading.Event()
     threading.Timer(0.3, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
     assert run_interruptibly(lambda: interrupt.wait(20) and "stopped", interrupt) == "stopped"
+    answer = generate(_params(CFG), CFG, ["hi"], max_new_tokens=10, tokenizer=CharTokenizer(), stop_at_eos=False,
+                      on_text=Printer(interrupt=interrupt))[0]
+    assert len(answer) == 1 and capsys.readouterr().out == answer
     with pytest.raises(ValueError, match="boom"):
         run_interruptibly(lambda: (_ for _ in ()).throw(ValueError("boom")), threading.Event())

@@ -26,7 +26,7 @@ import threading
 from typing import Any, Callable, Sequence
 
 from jaxgpt.cli.common import exit_on_user_error, main_entry
-from jaxgpt.cli.generate import add_sampling_args, get_tokenizer, load_init, stop_strings
+from jaxgpt.cli.generate import Printer, add_sampling_args, get_tokenizer, load_init, stop_strings
 from jaxgpt.errors import UserError
 
 CHAT_BUCKET = 128  # a growing conversation recompiles the decode loop once per this many prompt tokens
@@ -91,22 +91,6 @@ class Conversation:
 
     def reset(self) -> None:
         self.history = []
-
-
-class StreamToStdout:
-    """`on_text` for the answer: pieces to stdout as they come, leading whitespace dropped;
-    returns True (end the answer) once `interrupt` is set."""
-
-    def __init__(self, interrupt: threading.Event):
-        self.interrupt, self.started = interrupt, False
-
-    def __call__(self, row: int, text: str) -> bool:
-        if not self.started:
-            text = text.lstrip()
-            self.started = bool(text)
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return self.interrupt.is_set()
 
 
 def run_interruptibly(fn: Callable[[], Any], interrupt: threading.Event) -> Any:
@@ -196,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         answer = run_interruptibly(lambda: generate(
             params, config, [ids], max_new_tokens=new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, key=jax.random.fold_in(root, turn), tokenizer=tokenizer, stop=stop,
-            on_text=StreamToStdout(interrupt), prompt_bucket=CHAT_BUCKET)[0], interrupt)
+            on_text=Printer(skip_leading_space=True, interrupt=interrupt), prompt_bucket=CHAT_BUCKET)[0], interrupt)
         print(" [stopped]" if interrupt.is_set() else "")
         print()
         sys.stdout.flush()

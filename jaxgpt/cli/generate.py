@@ -131,10 +131,11 @@ def read_prompts(args: argparse.Namespace) -> list:
 
 class Printer:
     """An `on_text` for `generate`: each piece to stdout as it comes (an answer's leading
-    whitespace dropped, as the printed answers are stripped)."""
+    whitespace dropped, as the printed answers are stripped). With `interrupt` (chat's
+    Ctrl-C), it answers True, ending the row, once the event is set."""
 
-    def __init__(self, skip_leading_space: bool = False):
-        self.started = not skip_leading_space
+    def __init__(self, skip_leading_space: bool = False, interrupt=None):
+        self.started, self.interrupt = not skip_leading_space, interrupt
 
     def show(self, text: str) -> None:
         if not self.started:
@@ -143,8 +144,9 @@ class Printer:
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    def __call__(self, row: int, text: str) -> None:
+    def __call__(self, row: int, text: str) -> bool:
         self.show(text)
+        return self.interrupt is not None and self.interrupt.is_set()
 
 
 @exit_on_user_error
