@@ -134,6 +134,10 @@ def test_generate_cli_stream_and_stop(monkeypatch, capsys):
     assert "one prompt" in capsys.readouterr().err
     assert cli.main([*argv, "--stop", ""]) == 2
     assert "non-empty" in capsys.readouterr().err
+    assert cli.main([*argv, "--repetition-penalty", "0"]) == 2
+    assert "--repetition-penalty must be a number > 0" in capsys.readouterr().err
+    assert cli.main([*argv, "--repetition-penalty", "3"]) == 0
+    assert capsys.readouterr().out != plain  # transformers' parity: tests/test_weights.py
 
 
 # ---------------------------------------------------------------------------------------

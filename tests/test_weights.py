@@ -120,6 +120,35 @@ def test_greedy_generation_matches_transformers(hf_models, name):
         np.testing.assert_array_equal(ours[i], ref)
 
 
+def test_repetition_penalty_matches_transformers(hf_models):
+    """Greedy decoding with `repetition_penalty=1.8` equals transformers' `generate(...,
+    repetition_penalty=1.8)` token for token (two prompts in one left-padded batch, the
+    padding never counted as seen), differs from plain greedy, and the log-probs are still the
+    model's own: those of the plain logits at the chosen tokens."""
+    from jaxgpt.generation.decode import generate_tokens, pad_prompts
+    from jaxgpt.models import build_model
+
+    path, model = hf_models["odd"]
+    config, params = resolve_init(str(path))
+    rng = np.random.RandomState(5)
+    prompts = [rng.randint(0, config.vocab_size, 6), rng.randint(0, config.vocab_size, 3)]
+    tokens, mask = pad_prompts([p.tolist() for p in prompts], max_new_tokens=30, context_length=config.context_length)
+    run = lambda **kw: jax.tree_util.tree_map(np.asarray, generate_tokens(  # noqa: E731
+        params, config, tokens, mask, jax.random.key(0), max_new_tokens=30, **kw))
+    out, plain = run(repetition_penalty=1.8), run()
+    for i, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = model.generate(torch.tensor(p[None], dtype=torch.long), do_sample=False, max_new_tokens=30,
+                                 repetition_penalty=1.8, pad_token_id=0, eos_token_id=None,
+                                 attention_mask=torch.ones(1, len(p), dtype=torch.long))
+        np.testing.assert_array_equal(out["tokens"][i], ref[0, len(p):].numpy())
+    assert (out["tokens"] != plain["tokens"]).any() and len(set(out["tokens"][0].tolist())) > 20
+    full = np.concatenate([tokens, out["tokens"]], axis=1)[1:, -33:]  # row 1: its 3 prompt tokens + 30
+    logp = jax.nn.log_softmax(build_model(config).apply({"params": params}, full), axis=-1)
+    want = np.take_along_axis(np.asarray(logp)[0, 2:-1], out["tokens"][1][:, None], axis=-1)[:, 0]
+    np.testing.assert_allclose(out["logprobs"][1], want, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_hf_round_trip_is_bitwise(hf_models, tmp_path, name):
     path, _ = hf_models[name]

@@ -7,7 +7,7 @@ from __future__ import annotations
 # command -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("jaxgpt.cli.generate", "continue prompts (or answer an instruction) with a run or pretrained weights"),
-    "chat": ("jaxgpt.cli.chat", "talk with an instruction-tuned model, turn by turn; answers print as they are decoded"),
+    "chat": ("jaxgpt.cli.chat", "chat with an instruction-tuned model, answers printed as they are decoded"),
     "export": ("jaxgpt.cli.export", "write weights as a Hugging Face folder (config.json + model.safetensors)"),
     "classify": ("jaxgpt.cli.classify_texts", "label texts with a `finetune.py classify` run"),
     "reward": ("jaxgpt.cli.score_responses", "score responses with a `finetune.py reward` run"),

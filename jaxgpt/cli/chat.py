@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from jaxgpt.generation.decode import check_sampling_args, generate
 
-    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     stop = stop_strings(args)
     config, params = load_init(args.init)
     tokenizer = get_tokenizer(config)
@@ -179,7 +179,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         interrupt = threading.Event()
         answer = run_interruptibly(lambda: generate(
             params, config, [ids], max_new_tokens=new_tokens, temperature=args.temperature, top_k=args.top_k,
-            top_p=args.top_p, key=jax.random.fold_in(root, turn), tokenizer=tokenizer, stop=stop,
+            top_p=args.top_p, repetition_penalty=args.repetition_penalty, key=jax.random.fold_in(root, turn),
+            tokenizer=tokenizer, stop=stop,
             on_text=Printer(skip_leading_space=True, interrupt=interrupt), prompt_bucket=CHAT_BUCKET)[0], interrupt)
         print(" [stopped]" if interrupt.is_set() else "")
         print()

@@ -85,6 +85,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, *, max_new_tokens: int) -
                      help="sample only from the K most likely tokens")
     smp.add_argument("--top-p", type=float, default=None, metavar="P",
                      help="nucleus sampling: the smallest set of tokens with probability >= P, in (0, 1]")
+    smp.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                     help="make the ids already in the text (prompt included) less likely, as transformers' "
+                          "repetition_penalty: R > 1, e.g. 1.2 (default: none)")
     smp.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: 0)")
     smp.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="end the text before TEXT's first appearance (repeatable; \\n and \\t in TEXT are a "
@@ -154,7 +157,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from jaxgpt.generation.decode import check_sampling_args, generate
 
-    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     stop = stop_strings(args)
     prompts = read_prompts(args)
     if args.stream and len(prompts) > 1:
@@ -174,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         params, config, prompts,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop_at_eos=not args.ignore_eos, tokenizer=tokenizer,
-        stop=stop, on_text=on_text,
+        stop=stop, on_text=on_text, repetition_penalty=args.repetition_penalty,
     )
     if args.stream:
         print()

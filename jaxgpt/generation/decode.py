@@ -35,7 +35,8 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.models import build_model, init_cache
 from jaxgpt.generation.stream import TextStream, check_stop_strings, text_sink
-from jaxgpt.generation.samplers import SAMPLERS, _is_number, _sample, categorical_inverse_cdf, sample_logits  # noqa: F401
+from jaxgpt.generation.samplers import (SAMPLERS, _is_number, _sample, categorical_inverse_cdf,  # noqa: F401
+                                        repetition_penalty, sample_logits)
 
 Array = jax.Array
 
@@ -46,7 +47,7 @@ def trace_count() -> int:
     return _generate_jit._cache_size()
 
 
-def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
+def check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty=None) -> None:
     """UserError (naming the CLI flag) for out-of-range sampling settings.
 
     Array-valued temperature / top_p (traced settings from research code) are not checked.
@@ -59,6 +60,9 @@ def check_sampling_args(max_new_tokens, temperature, top_k, top_p) -> None:
         raise UserError(f"--top-k must be an integer >= 1, got {top_k!r}")
     if top_p is not None and _is_number(top_p) and not 0.0 < top_p <= 1.0:
         raise UserError(f"--top-p must be in (0, 1], got {top_p}")
+    if repetition_penalty is not None and not (_is_number(repetition_penalty) and math.isfinite(repetition_penalty)
+                                               and repetition_penalty > 0):
+        raise UserError(f"--repetition-penalty must be a number > 0 (1 = none; e.g. 1.2), got {repetition_penalty!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -90,11 +94,11 @@ def _host_stop(sink, step, tokens, live) -> Array:
 @functools.partial(
     jax.jit,
     static_argnames=("config", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id",
-                     "pad_id", "vocab_limit", "method", "stream"),
+                     "pad_id", "vocab_limit", "method", "stream", "use_penalty"),
 )
-def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, sink=0, *, config,
+def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, sink=0, penalty=1.0, *, config,
                   max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, vocab_limit, method="gumbel",
-                  stream=False):
+                  stream=False, use_penalty=False):
     b, p = prompt_tokens.shape
     n = max_new_tokens
     model = build_model(config)
@@ -109,7 +113,18 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, s
     # last_only: the head runs on the final position alone, never on `[b, P, V]`.
     logits, cache = model.apply({"params": params}, prompt_tokens, positions=positions,
                                 attention_mask=mask, cache=cache, last_only=True)
-    tok, lp = sample(logits[:, 0], jax.random.fold_in(key, 0))
+    rows = jnp.arange(b)
+    seen = None  # [b, V] bool: the ids in each row so far (prompt and output), for the repetition penalty
+    if use_penalty:
+        seen = jnp.zeros((b, logits.shape[-1]), jnp.int32).at[rows[:, None], prompt_tokens].add(mask) > 0
+
+    def pick(logits, key, seen):
+        scores = None if seen is None else repetition_penalty(logits, seen, penalty)
+        return sample(logits, key, scores=scores)
+
+    tok, lp = pick(logits[:, 0], jax.random.fold_in(key, 0), seen)
+    if use_penalty:
+        seen = seen.at[rows, tok].set(True)
     tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
     cmask = jnp.zeros((b, n), bool).at[:, 0].set(True)
@@ -122,13 +137,15 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, s
         return (i < n) & ~jnp.all(done)
 
     def body(carry):
-        i, cache, prev, done, tokens, logprobs, cmask = carry
+        i, cache, prev, done, tokens, logprobs, cmask, seen = carry
         # Feed the previous token (at position n_real + i - 1), sample token i.
         logits, cache = model.apply({"params": params}, prev[:, None],
                                     positions=(n_real + i - 1)[:, None],
                                     attention_mask=jnp.ones((b, 1), bool), cache=cache)
-        tok, lp = sample(logits[:, 0], jax.random.fold_in(key, i))
+        tok, lp = pick(logits[:, 0], jax.random.fold_in(key, i), seen)
         tok = jnp.where(done, pad_id, tok)  # finished rows emit padding, not counted
+        if use_penalty:
+            seen = seen.at[rows, tok].set(True)
         lp = jnp.where(done, 0.0, lp)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
@@ -137,10 +154,10 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, s
         if eos_id is not None:
             stop = stop | (tok == eos_id)
         done = done | stop
-        return i + 1, cache, tok, done, tokens, logprobs, cmask
+        return i + 1, cache, tok, done, tokens, logprobs, cmask, seen
 
-    carry = (jnp.int32(1), cache, tok, done, tokens, logprobs, cmask)
-    _, _, _, _, tokens, logprobs, cmask = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(1), cache, tok, done, tokens, logprobs, cmask, seen)
+    _, _, _, _, tokens, logprobs, cmask, _ = jax.lax.while_loop(cond, body, carry)
     return {"tokens": tokens, "mask": cmask, "logprobs": logprobs,
             "lengths": jnp.sum(cmask, axis=1, dtype=jnp.int32)}
 
@@ -161,6 +178,7 @@ def generate_tokens(
     vocab_limit: int | None = None,
     method: str = "gumbel",
     on_token: Callable[[int, np.ndarray, np.ndarray], Any] | None = None,
+    repetition_penalty: float | None = None,
 ) -> dict[str, Array]:
     """Sample `max_new_tokens` continuation tokens for a left-padded batch of prompts.
 
@@ -175,6 +193,10 @@ def generate_tokens(
       logprobs `[batch, max_new_tokens]` float32: log p(token) under the model's
         untempered, unfiltered distribution; 0 where mask is False.
       lengths `[batch]` int32: completion lengths, `mask.sum(1)`.
+
+    repetition_penalty: > 1 makes the ids already in a row (its prompt and what it has
+    generated) less likely, as transformers' `repetition_penalty` does (`samplers.repetition_penalty`;
+    None or 1 is off and compiles no `[batch, vocab]` record of them). The log-probs stay the model's.
 
     method: how plain temperature sampling (no top-k / top-p) draws a token: "gumbel"
     (`jax.random.categorical`) or "inverse_cdf" (`categorical_inverse_cdf`: the same
@@ -197,7 +219,7 @@ def generate_tokens(
     if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
         raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
                          f"{prompt_mask.shape} must both be [batch, P]")
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     b, p = prompt_tokens.shape
     if p + max_new_tokens > config.context_length:
         raise UserError(f"prompt of {p} tokens plus --max-new-tokens {max_new_tokens} exceeds "
@@ -222,7 +244,8 @@ def generate_tokens(
             top_k=None if top_k is None else int(top_k), use_top_p=use_top_p,
             eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id),
             vocab_limit=None if vocab_limit is None else int(vocab_limit), method=method,
-            stream=on_token is not None,
+            stream=on_token is not None, penalty=jnp.asarray(repetition_penalty or 1.0, jnp.float32),
+            use_penalty=repetition_penalty is not None and repetition_penalty != 1,
         )
         return jax.block_until_ready(out) if on_token is not None else out
     finally:
@@ -292,6 +315,7 @@ def generate(
     stop: Sequence[str] = (),
     on_text: Callable[[int, str], None] | None = None,
     prompt_bucket: int = PROMPT_BUCKET,
+    repetition_penalty: float | None = None,
 ) -> list[str]:
     """Continue each prompt; returns the generated text only, one string per prompt.
 
@@ -312,7 +336,7 @@ def generate(
     prompt_bucket: prompt lengths are padded up to a multiple of it, so that prompts of nearby
     lengths share a compiled loop (a chat whose history grows wants a larger one).
     """
-    check_sampling_args(max_new_tokens, temperature, top_k, top_p)
+    check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     stop = check_stop_strings(stop)
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -344,7 +368,7 @@ def generate(
     streams = [TextStream(tokenizer, stop) for _ in token_lists] if stop or on_text else None
     out = generate_tokens(params, config, tokens, mask, key, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                          vocab_limit=vocab_limit,
+                          vocab_limit=vocab_limit, repetition_penalty=repetition_penalty,
                           on_token=None if streams is None else text_sink(streams, eos_id, on_text))
     if streams is not None:
         for row, stream in enumerate(streams):

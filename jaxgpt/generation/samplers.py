@@ -1,6 +1,6 @@
 """Sampling one token per row from logits `[batch, vocab]`, with static shapes so it can sit
 inside `jit`, `lax.scan` or `lax.while_loop`: greedy (temperature 0), temperature, top-k,
-top-p (nucleus), and the token draw itself (a Gumbel variate per vocabulary entry, or an exact
+top-p (nucleus), a repetition penalty, and the token draw itself (a Gumbel variate per vocabulary entry, or an exact
 inverse-CDF draw that is ~30x cheaper on a CPU). `jaxgpt.generation.decode` builds the decode loop on it.
 """
 from __future__ import annotations
@@ -53,16 +53,30 @@ def categorical_inverse_cdf(key: Array, logits: Array, block: int = 256) -> Arra
     return (blk * block + idx).astype(jnp.int32)
 
 
-def _sample(logits, key, *, temperature, greedy: bool, top_k, top_p, vocab_limit, method: str = "gumbel"):
+def repetition_penalty(logits: Array, seen: Array, penalty) -> Array:
+    """Hugging Face's `RepetitionPenaltyLogitsProcessor` (Keskar et al., 2019): the logits
+    `[b, V]` of the ids already in a row (`seen` `[b, V]` bool) divided by `penalty` where
+    positive and multiplied by it where negative, so `penalty > 1` makes repeats less likely."""
+    return jnp.where(seen, jnp.where(logits > 0, logits / penalty, logits * penalty), logits)
+
+
+def _sample(logits, key, *, temperature, greedy: bool, top_k, top_p, vocab_limit, method: str = "gumbel",
+            scores=None):
     """(tokens [b] int32, logprobs [b] float32) for logits `[b, V]` float32.
 
     `greedy`, `top_k` and whether `top_p` is None are static; `temperature` and the top-p
     value may be traced (changing them does not recompile). `logprobs` are the sampled
     tokens' log-probabilities under the model's own distribution (temperature 1, no
     filtering), which is what policy-gradient losses recompute at training time.
+    scores: `[b, V]` the token is chosen from instead of the logits (repetition-penalised);
+    the log-probs stay the logits'.
     """
     logits = _mask_vocab(logits.astype(jnp.float32), vocab_limit)
     top = jnp.max(logits, axis=-1, keepdims=True)
+    raw, raw_top = logits, top
+    if scores is not None:
+        logits = _mask_vocab(scores.astype(jnp.float32), vocab_limit)
+        top = jnp.max(logits, axis=-1, keepdims=True)
     if greedy:
         tokens = first_argmax(logits, top)
     else:
@@ -90,8 +104,8 @@ def _sample(logits, key, *, temperature, greedy: bool, top_k, top_p, vocab_limit
         # A traced temperature of 0 still means greedy.
         tokens = jnp.where(temperature > 0, sampled, first_argmax(logits, top)).astype(jnp.int32)
     # log_softmax at the sampled ids only (jax.nn.log_softmax's arithmetic, no [b, V] output).
-    shifted_lse = jnp.log(jnp.sum(jnp.exp(logits - jax.lax.stop_gradient(top)), axis=-1))
-    logprobs = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - top[:, 0] - shifted_lse
+    shifted_lse = jnp.log(jnp.sum(jnp.exp(raw - jax.lax.stop_gradient(raw_top)), axis=-1))
+    logprobs = jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0] - raw_top[:, 0] - shifted_lse
     return tokens, logprobs
 
 
