@@ -22,19 +22,17 @@ does not shift a row's positions and a padded row decodes exactly like the same 
 from __future__ import annotations
 
 import functools
-import itertools
 import math
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import io_callback
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.models import build_model, init_cache
-from jaxgpt.generation.stream import TextStream, check_stop_strings, text_sink
+from jaxgpt.generation.stream import TextStream, check_stop_strings, host_stop, registered_sink, text_sink
 from jaxgpt.generation.samplers import (SAMPLERS, _is_number, _sample, categorical_inverse_cdf,  # noqa: F401
                                         repetition_penalty, sample_logits)
 
@@ -63,28 +61,6 @@ def check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_pe
     if repetition_penalty is not None and not (_is_number(repetition_penalty) and math.isfinite(repetition_penalty)
                                                and repetition_penalty > 0):
         raise UserError(f"--repetition-penalty must be a number > 0 (1 = none; e.g. 1.2), got {repetition_penalty!r}")
-
-
-# ---------------------------------------------------------------------------------------
-# Tokens to the host as they are sampled (streaming, stop strings)
-
-# `generate_tokens(on_token=...)` registers its callable here under a fresh id, passed to the
-# loop as a traced operand: one compiled program serves every callable (no recompilation per
-# call or per chat turn), and concurrent calls do not mix their callbacks.
-_SINKS: dict[int, Callable] = {}
-_SINK_IDS = itertools.count(1)
-
-
-def _call_sink(sink, step, tokens, live) -> np.ndarray:
-    stop = _SINKS[int(sink)](int(step), np.asarray(tokens), np.asarray(live))
-    return np.broadcast_to(np.asarray(False if stop is None else stop, bool), tokens.shape).copy()
-
-
-def _host_stop(sink, step, tokens, live) -> Array:
-    """`on_token(step, tokens [batch], live [batch])` on the host, in step order: its `[batch]`
-    bool answer (rows to stop after this token) is the loop's next carry, so each call
-    waits for the one before, and the loop for it."""
-    return io_callback(_call_sink, jax.ShapeDtypeStruct(tokens.shape, jnp.bool_), sink, step, tokens, live)
 
 
 # ---------------------------------------------------------------------------------------
@@ -130,7 +106,7 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, s
     cmask = jnp.zeros((b, n), bool).at[:, 0].set(True)
     done = (tok == eos_id) if eos_id is not None else jnp.zeros((b,), bool)
     if stream:
-        done = done | _host_stop(sink, 0, tok, jnp.ones((b,), bool))
+        done = done | host_stop(sink, 0, tok, jnp.ones((b,), bool))
 
     def cond(carry):
         i, _, _, done, *_ = carry
@@ -150,7 +126,7 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, s
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
         logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
         cmask = jax.lax.dynamic_update_slice(cmask, ~done[:, None], (0, i))
-        stop = _host_stop(sink, i, tok, ~done) if stream else False
+        stop = host_stop(sink, i, tok, ~done) if stream else False
         if eos_id is not None:
             stop = stop | (tok == eos_id)
         done = done | stop
@@ -233,10 +209,7 @@ def generate_tokens(
     # top_p = 1 keeps everything: skip the sort. An array top_p is always applied.
     use_top_p = top_p is not None and not (_is_number(top_p) and top_p >= 1.0)
     greedy = _is_number(temperature) and temperature == 0
-    sink = next(_SINK_IDS) if on_token is not None else 0
-    if on_token is not None:
-        _SINKS[sink] = on_token
-    try:
+    with registered_sink(on_token) as sink:
         out = _generate_jit(
             params, prompt_tokens, prompt_mask, key,
             jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p if use_top_p else 1.0, jnp.float32),
@@ -248,8 +221,6 @@ def generate_tokens(
             use_penalty=repetition_penalty is not None and repetition_penalty != 1,
         )
         return jax.block_until_ready(out) if on_token is not None else out
-    finally:
-        _SINKS.pop(sink, None)
 
 
 # ---------------------------------------------------------------------------------------

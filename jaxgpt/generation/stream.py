@@ -1,4 +1,5 @@
-"""Text while it is generated: incremental detokenization and stop strings, one row at a time.
+"""Text while it is generated: tokens to the host as the decode loop samples them, incremental
+detokenization and stop strings.
 
     stream = TextStream(tokenizer, stop=["\\n\\n"])
     for token in ids:                 # as the decode loop emits them
@@ -18,14 +19,53 @@ random ids, which split characters often, and a tokenizer.json).
 Stop strings: text that could still be the start of a stop string is held back, so a stop
 string is never shown; the text ends before it (`stream.text`), as Hugging Face's
 `stop_strings` and the OpenAI API's `stop` do.
+
+The tokens reach the host through `host_stop`, an `io_callback` inside the jitted loop
+(`generate_tokens(on_token=...)`), and `text_sink` is the `on_token` that feeds one
+TextStream a row.
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import itertools
+from typing import Callable, Iterator, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from jaxgpt.errors import UserError
+
+# `generate_tokens(on_token=...)` registers its callable here under a fresh id, passed to the
+# loop as a traced operand: one compiled program serves every callable (no recompilation per
+# call or per chat turn), and concurrent calls do not mix their callbacks.
+_SINKS: dict[int, Callable] = {}
+_SINK_IDS = itertools.count(1)
+
+
+@contextlib.contextmanager
+def registered_sink(on_token: Callable | None) -> Iterator[int]:
+    """The id the decode loop passes to `host_stop` for `on_token` (0: none), while in use."""
+    sink = 0 if on_token is None else next(_SINK_IDS)
+    if on_token is not None:
+        _SINKS[sink] = on_token
+    try:
+        yield sink
+    finally:
+        _SINKS.pop(sink, None)
+
+
+def _call_sink(sink, step, tokens, live) -> np.ndarray:
+    stop = _SINKS[int(sink)](int(step), np.asarray(tokens), np.asarray(live))
+    return np.broadcast_to(np.asarray(False if stop is None else stop, bool), tokens.shape).copy()
+
+
+def host_stop(sink, step, tokens, live) -> jax.Array:
+    """Inside the jitted loop: `on_token(step, tokens [batch], live [batch])` on the host, in
+    step order. Its `[batch]` bool answer (rows to stop after this token) is the loop's next
+    carry, so each call waits for the one before, and the loop for it."""
+    return io_callback(_call_sink, jax.ShapeDtypeStruct(tokens.shape, jnp.bool_), sink, step, tokens, live)
 
 
 def check_stop_strings(stop: Sequence[str]) -> tuple[str, ...]:
@@ -127,4 +167,4 @@ def text_sink(streams: list[TextStream], eos_id: int | None, on_text=None) -> Ca
     return on_token
 
 
-__all__ = ["TextStream", "check_stop_strings", "text_sink"]
+__all__ = ["TextStream", "check_stop_strings", "host_stop", "registered_sink", "text_sink"]
