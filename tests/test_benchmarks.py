@@ -95,6 +95,17 @@ def test_decode_streamed_smoke(capsys):
     assert "| jaxgpt, streamed (on_token" in out and "Greedy tokens, same weights: identical" in out
 
 
+def test_chat_turns_smoke(tmp_path, capsys):
+    """A conversation on jaxgpt's `DecodeSession` and on transformers' `generate` continuing
+    from its last cache (tiny Llama, same weights): the same greedy answers, turn after turn."""
+    chat_turns = _load("chat_turns")
+    out = tmp_path / "chat.json"
+    assert chat_turns.main(["--tiny", "--turns", "3", "--rounds", "1", "--ways", "jaxgpt-session,transformers-cache",
+                            "--json", str(out)]) == 0
+    assert "Greedy answers, same weights: identical over 3 turns" in capsys.readouterr().out
+    assert json.loads(out.read_text())["same_answers"] is True
+
+
 def test_train_throughput_smoke(tmp_path, capsys):
     """The training benchmark on the tiny config, jaxgpt only: the measured ceiling is the
     fastest of the matmul readings before and after the steps, and every MFU is against it."""

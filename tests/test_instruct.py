@@ -259,7 +259,7 @@ def test_responses_are_the_greedy_kv_cache_decode(tiny_run):
 
 def test_generate_instruction_prints_the_response(tiny_run, capsys):
     from jaxgpt.cli import generate as cli
-    from jaxgpt.generation.decode import greedy_responses
+    from jaxgpt.generation.responses import greedy_responses
     from jaxgpt.tasks.instruct import InstructConfig
     from jaxgpt.tasks.common import load_run
 

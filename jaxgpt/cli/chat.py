@@ -6,9 +6,10 @@
 
 Each line read is the user's next message. A model with a chat template (Llama 3, Qwen3 and
 Gemma 3 instruct folders, and runs fine-tuned from them) sees the whole conversation each
-turn, rendered by its template as transformers' `apply_chat_template` renders it, and
-prefilled again into a fresh KV cache (`jaxgpt.generation.decode.generate`, prompt lengths
-bucketed by 128 tokens so a growing conversation reuses its compiled loop). When the
+turn, rendered by its template as transformers' `apply_chat_template` renders it. The KV
+cache is kept from turn to turn (`jaxgpt.generation.session.DecodeSession`): a turn prefills
+only the tokens its prompt adds to the last one (the answer's end and the new message), and
+the model's answer is never prefilled again. When the
 conversation and `--max-new-tokens` no longer fit in the model's context, the oldest
 exchanges are left out of the prompt (said on stderr). A model without a template (GPT-2,
 `finetune.py instruct` runs on it) was trained on single Alpaca prompts, so each message is
@@ -29,7 +30,7 @@ from jaxgpt.cli.common import exit_on_user_error, main_entry
 from jaxgpt.cli.generate import Printer, add_sampling_args, get_tokenizer, load_init, stop_strings
 from jaxgpt.errors import UserError
 
-CHAT_BUCKET = 128  # a growing conversation recompiles the decode loop once per this many prompt tokens
+CHAT_BUCKET = 128  # where the session prefills whole (sliding windows): one compiled loop per this many tokens
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import jax
 
     from jaxgpt.generation.decode import check_sampling_args, generate
+    from jaxgpt.generation.session import DecodeSession
 
     check_sampling_args(args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.repetition_penalty)
     stop = stop_strings(args)
@@ -160,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 system=args.system, thinking=not args.no_thinking)
     if not conversation.chat:
         print("(no chat template: each message is asked alone, in the Alpaca format)", file=sys.stderr)
+    session = DecodeSession(params, config)
     root = jax.random.key(args.seed)
     for turn, message in enumerate(read_messages()):
         if message in ("/exit", "/quit"):
@@ -181,7 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             params, config, [ids], max_new_tokens=new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, repetition_penalty=args.repetition_penalty, key=jax.random.fold_in(root, turn),
             tokenizer=tokenizer, stop=stop,
-            on_text=Printer(skip_leading_space=True, interrupt=interrupt), prompt_bucket=CHAT_BUCKET)[0], interrupt)
+            on_text=Printer(skip_leading_space=True, interrupt=interrupt), prompt_bucket=CHAT_BUCKET,
+            session=session)[0], interrupt)
         print(" [stopped]" if interrupt.is_set() else "")
         print()
         sys.stdout.flush()

@@ -76,30 +76,51 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, s
                   max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, vocab_limit, method="gumbel",
                   stream=False, use_penalty=False):
     b, p = prompt_tokens.shape
-    n = max_new_tokens
     model = build_model(config)
     mask = prompt_mask.astype(bool)
     n_real = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [b]
     positions = jnp.maximum(jnp.cumsum(mask, axis=1, dtype=jnp.int32) - 1, 0)  # [b, P]
-    sample = functools.partial(_sample, temperature=temperature, greedy=greedy, top_k=top_k,
-                               top_p=top_p if use_top_p else None, vocab_limit=vocab_limit, method=method)
-
     # Prefill: the whole prompt in one call; the last column is every row's last real token.
-    cache = init_cache(config, b, p + n)
+    cache = init_cache(config, b, p + max_new_tokens)
     # last_only: the head runs on the final position alone, never on `[b, P, V]`.
     logits, cache = model.apply({"params": params}, prompt_tokens, positions=positions,
                                 attention_mask=mask, cache=cache, last_only=True)
-    rows = jnp.arange(b)
     seen = None  # [b, V] bool: the ids in each row so far (prompt and output), for the repetition penalty
     if use_penalty:
-        seen = jnp.zeros((b, logits.shape[-1]), jnp.int32).at[rows[:, None], prompt_tokens].add(mask) > 0
+        seen = jnp.zeros((b, logits.shape[-1]), jnp.int32).at[jnp.arange(b)[:, None], prompt_tokens].add(mask) > 0
+    pick = picker(temperature, top_p, penalty, greedy=greedy, top_k=top_k, use_top_p=use_top_p,
+                  vocab_limit=vocab_limit, method=method)
+    tokens, logprobs, cmask, _ = decode_loop(model, params, cache, logits[:, 0], n_real, key, pick, seen, sink,
+                                             max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id,
+                                             stream=stream)
+    return {"tokens": tokens, "mask": cmask, "logprobs": logprobs,
+            "lengths": jnp.sum(cmask, axis=1, dtype=jnp.int32)}
+
+
+def picker(temperature, top_p, penalty, *, greedy, top_k, use_top_p, vocab_limit, method):
+    """`pick(logits [b, V], key, seen) -> (tokens [b], logprobs [b])`: `_sample` with these
+    settings, scoring by the repetition penalty where `seen` (`[b, V]` bool) is given."""
+    sample = functools.partial(_sample, temperature=temperature, greedy=greedy, top_k=top_k,
+                               top_p=top_p if use_top_p else None, vocab_limit=vocab_limit, method=method)
 
     def pick(logits, key, seen):
         scores = None if seen is None else repetition_penalty(logits, seen, penalty)
         return sample(logits, key, scores=scores)
 
-    tok, lp = pick(logits[:, 0], jax.random.fold_in(key, 0), seen)
-    if use_penalty:
+    return pick
+
+
+def decode_loop(model, params, cache, logits, n_real, key, pick, seen, sink, *, max_new_tokens, eos_id, pad_id,
+                stream):
+    """Token 0 from the prompt's last logits `[b, V]`, then one token per `lax.while_loop`
+    step through `cache` (which holds the prompt; `n_real [b]`: its real tokens a row, so token
+    i is fed at position `n_real + i`). Rows end at `eos_id` or when the host sink says so.
+    Returns `(tokens, logprobs, mask)`, each `[b, max_new_tokens]`, and the cache after the
+    last token fed (every sampled token but the last)."""
+    b, n = logits.shape[0], max_new_tokens
+    rows = jnp.arange(b)
+    tok, lp = pick(logits, jax.random.fold_in(key, 0), seen)
+    if seen is not None:
         seen = seen.at[rows, tok].set(True)
     tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
@@ -120,7 +141,7 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, s
                                     attention_mask=jnp.ones((b, 1), bool), cache=cache)
         tok, lp = pick(logits[:, 0], jax.random.fold_in(key, i), seen)
         tok = jnp.where(done, pad_id, tok)  # finished rows emit padding, not counted
-        if use_penalty:
+        if seen is not None:
             seen = seen.at[rows, tok].set(True)
         lp = jnp.where(done, 0.0, lp)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, i))
@@ -133,9 +154,8 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, s
         return i + 1, cache, tok, done, tokens, logprobs, cmask, seen
 
     carry = (jnp.int32(1), cache, tok, done, tokens, logprobs, cmask, seen)
-    _, _, _, _, tokens, logprobs, cmask, _ = jax.lax.while_loop(cond, body, carry)
-    return {"tokens": tokens, "mask": cmask, "logprobs": logprobs,
-            "lengths": jnp.sum(cmask, axis=1, dtype=jnp.int32)}
+    _, cache, _, _, tokens, logprobs, cmask, _ = jax.lax.while_loop(cond, body, carry)
+    return tokens, logprobs, cmask, cache
 
 
 def generate_tokens(
@@ -188,8 +208,6 @@ def generate_tokens(
     Compiled once per (config, shapes, max_new_tokens, top_k, greedy-or-not, top-p on/off,
     eos_id, method); temperature, the top-p value, the key and the params are traced.
     """
-    if method not in SAMPLERS:
-        raise ValueError(f"method must be one of {SAMPLERS}, got {method!r}")
     prompt_tokens = jnp.asarray(prompt_tokens, jnp.int32)
     prompt_mask = jnp.asarray(prompt_mask, bool)
     if prompt_tokens.ndim != 2 or prompt_mask.shape != prompt_tokens.shape:
@@ -201,26 +219,34 @@ def generate_tokens(
         raise UserError(f"prompt of {p} tokens plus --max-new-tokens {max_new_tokens} exceeds "
                         f"the model's context of {config.context_length}; shorten the prompt "
                         "or lower --max-new-tokens")
-    if pad_id is None:
-        pad_id = eos_id if eos_id is not None else 0
+    traced, static = sampling_settings(temperature, top_k, top_p, eos_id, pad_id, vocab_limit, method,
+                                       repetition_penalty)
     if max_new_tokens == 0:
         return {"tokens": jnp.zeros((b, 0), jnp.int32), "mask": jnp.zeros((b, 0), bool),
                 "logprobs": jnp.zeros((b, 0), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32)}
-    # top_p = 1 keeps everything: skip the sort. An array top_p is always applied.
-    use_top_p = top_p is not None and not (_is_number(top_p) and top_p >= 1.0)
-    greedy = _is_number(temperature) and temperature == 0
     with registered_sink(on_token) as sink:
-        out = _generate_jit(
-            params, prompt_tokens, prompt_mask, key,
-            jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p if use_top_p else 1.0, jnp.float32),
-            jnp.int32(sink), config=config, max_new_tokens=int(max_new_tokens), greedy=greedy,
-            top_k=None if top_k is None else int(top_k), use_top_p=use_top_p,
-            eos_id=None if eos_id is None else int(eos_id), pad_id=int(pad_id),
-            vocab_limit=None if vocab_limit is None else int(vocab_limit), method=method,
-            stream=on_token is not None, penalty=jnp.asarray(repetition_penalty or 1.0, jnp.float32),
-            use_penalty=repetition_penalty is not None and repetition_penalty != 1,
-        )
+        out = _generate_jit(params, prompt_tokens, prompt_mask, key, sink=jnp.int32(sink), **traced, config=config,
+                            max_new_tokens=int(max_new_tokens), stream=on_token is not None, **static)
         return jax.block_until_ready(out) if on_token is not None else out
+
+
+def sampling_settings(temperature, top_k, top_p, eos_id, pad_id, vocab_limit, method, repetition_penalty):
+    """`generate_tokens`' sampling arguments as the jitted loops take them: `(traced, static)`
+    keyword dicts. top_p = 1 keeps everything, so it skips the sort (an array top_p is always
+    applied); a penalty of None or 1 compiles no record of the ids seen."""
+    if method not in SAMPLERS:
+        raise ValueError(f"method must be one of {SAMPLERS}, got {method!r}")
+    use_top_p = top_p is not None and not (_is_number(top_p) and top_p >= 1.0)
+    if pad_id is None:
+        pad_id = eos_id if eos_id is not None else 0
+    traced = {"temperature": jnp.asarray(temperature, jnp.float32),
+              "top_p": jnp.asarray(top_p if use_top_p else 1.0, jnp.float32),
+              "penalty": jnp.asarray(repetition_penalty or 1.0, jnp.float32)}
+    static = {"greedy": _is_number(temperature) and temperature == 0, "top_k": None if top_k is None else int(top_k),
+              "use_top_p": use_top_p, "eos_id": None if eos_id is None else int(eos_id), "pad_id": int(pad_id),
+              "vocab_limit": None if vocab_limit is None else int(vocab_limit), "method": method,
+              "use_penalty": repetition_penalty is not None and repetition_penalty != 1}
+    return traced, static
 
 
 # ---------------------------------------------------------------------------------------
@@ -287,6 +313,7 @@ def generate(
     on_text: Callable[[int, str], None] | None = None,
     prompt_bucket: int = PROMPT_BUCKET,
     repetition_penalty: float | None = None,
+    session: Any = None,
 ) -> list[str]:
     """Continue each prompt; returns the generated text only, one string per prompt.
 
@@ -306,6 +333,8 @@ def generate(
     Either one runs the loop with a host callback per token (`generate_tokens(on_token=...)`).
     prompt_bucket: prompt lengths are padded up to a multiple of it, so that prompts of nearby
     lengths share a compiled loop (a chat whose history grows wants a larger one).
+    session: a `jaxgpt.generation.session.DecodeSession` for these params: one prompt, decoded
+    on the KV cache the session kept from its last call, prefilling only what this prompt adds.
     """
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     stop = check_stop_strings(stop)
@@ -337,10 +366,12 @@ def generate(
     n_vocab = getattr(tokenizer, "vocab_size", getattr(tokenizer, "n_vocab", None))
     vocab_limit = n_vocab if n_vocab is not None and n_vocab < config.vocab_size else None
     streams = [TextStream(tokenizer, stop) for _ in token_lists] if stop or on_text else None
-    out = generate_tokens(params, config, tokens, mask, key, max_new_tokens=max_new_tokens,
-                          temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                          vocab_limit=vocab_limit, repetition_penalty=repetition_penalty,
-                          on_token=None if streams is None else text_sink(streams, eos_id, on_text))
+    if session is not None and len(token_lists) != 1:
+        raise ValueError(f"a DecodeSession decodes one prompt at a time, got {len(token_lists)}")
+    decode = functools.partial(generate_tokens, params, config) if session is None else session.generate_tokens
+    out = decode(tokens, mask, key, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                 eos_id=eos_id, vocab_limit=vocab_limit, repetition_penalty=repetition_penalty,
+                 on_token=None if streams is None else text_sink(streams, eos_id, on_text))
     if streams is not None:
         for row, stream in enumerate(streams):
             rest = stream.finish()
@@ -355,38 +386,3 @@ def generate(
             ids = ids[:-1]
         texts.append(tokenizer.decode(ids))
     return texts
-
-
-def greedy_responses(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], key, *,
-                     max_new_tokens: int, batch_size: int, tokenizer=None) -> list[str]:
-    """Greedy responses to token-id prompts, in order. Prompts are sorted by length and
-    decoded `batch_size` at a time (left-padded, KV cache, stopping at the tokenizer's eos);
-    a batch gets `min(max_new_tokens, context - its longest prompt)` new tokens. `params` are
-    plain (LoRA merged); `tokenizer` defaults to the model's. The last batch is filled with
-    copies so every batch has one shape."""
-    from jaxgpt.text.tokenizer import tokenizer_of
-
-    tokenizer = tokenizer or tokenizer_of(model_cfg)
-    eos = tokenizer.eos_id
-    out: list[str] = [""] * len(prompts)
-    order = np.argsort([len(p) for p in prompts], kind="stable")
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = [list(prompts[i]) for i in idx]
-        new = min(max_new_tokens, model_cfg.context_length - max(len(r) for r in rows))
-        if new < 1:
-            raise UserError(f"a test prompt of {max(len(r) for r in rows)} tokens leaves no room to answer "
-                            f"in the context of {model_cfg.context_length}")
-        rows += [rows[0]] * (batch_size - len(rows))
-        tokens, mask = pad_prompts(rows, max_new_tokens=new, context_length=model_cfg.context_length,
-                                   pad_id=tokenizer.pad_id)
-        limit = tokenizer.vocab_size if model_cfg.vocab_size > tokenizer.vocab_size else None
-        res = generate_tokens(params, model_cfg, tokens, mask, key, max_new_tokens=new, temperature=0.0,
-                              eos_id=eos, vocab_limit=limit)
-        toks, lengths = np.asarray(res["tokens"]), np.asarray(res["lengths"])
-        for row, i in enumerate(idx):
-            ids = toks[row, :lengths[row]].tolist()
-            if ids and ids[-1] == eos:
-                ids = ids[:-1]
-            out[i] = tokenizer.decode(ids).strip()
-    return out

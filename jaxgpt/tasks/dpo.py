@@ -140,7 +140,7 @@ def sample_responses(model_cfg: ModelConfig, params, records: list[dict], max_ne
                      tokenizer=None) -> list[str]:
     """Greedy responses to `records`' prompts, in one batch; `params` are plain (merged);
     `tokenizer` defaults to the model's."""
-    from jaxgpt.generation.decode import greedy_responses
+    from jaxgpt.generation.responses import greedy_responses
     from jaxgpt.text.prompts import prompt_format
     from jaxgpt.text.tokenizer import tokenizer_of
 

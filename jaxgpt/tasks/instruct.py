@@ -36,7 +36,7 @@ from jaxgpt.engine.driver import train
 from jaxgpt.engine.loop import Throughput
 from jaxgpt.errors import UserError
 from jaxgpt.models.lora import has_lora, merge_lora
-from jaxgpt.generation.decode import greedy_responses
+from jaxgpt.generation.responses import greedy_responses
 from jaxgpt.train.steps import lm_loss_fn
 from jaxgpt.tasks import common, default_config
 from jaxgpt.tasks.common import SplitTask, TaskConfig
