@@ -14,8 +14,9 @@ The conversation: turn k's prompt is turn k-1's prompt, its answer and `--messag
 * `jaxgpt-session`: `DecodeSession` (`jaxgpt.generation.session`): each turn prefills only
   the tokens its prompt adds, the answer before it already in the cache;
 * `transformers`: `generate(use_cache=True)` on the whole prompt each turn (a fresh cache);
-* `transformers-cache`: `generate(past_key_values=<the last turn's cache>)`, transformers'
-  documented way to continue from a cache (it prefills the uncached tokens only).
+* `transformers-cache`: `generate(cache=<the last turn's cache>)` (`past_key_values=` before
+  transformers 5.25), its documented way to continue from a cache (it prefills the uncached
+  tokens only).
 
 Timing: one untimed conversation per way (compilation; its time is printed: a CLI chat pays
 it), then `--rounds` alternating timed conversations; medians of the whole conversation and
@@ -83,14 +84,19 @@ def torch_ways(cfg, params, answer: int):
     from jaxgpt.io import torch_twin
 
     model = torch_twin.to_torch(params, cfg, attn_implementation="sdpa").eval()
+    try:  # transformers >= 5.25 names it `cache` (`past_key_values` deprecated)
+        from transformers.generation.utils import ALL_CACHE_NAMES  # noqa: F401
+        name = "cache"
+    except ImportError:
+        name = "past_key_values"
 
     def run(ids, cache=None):
         ids = torch.as_tensor([ids])
         with torch.no_grad():
             out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=answer,
                                  min_new_tokens=answer, do_sample=False, use_cache=True, eos_token_id=None,
-                                 pad_token_id=0, past_key_values=cache, return_dict_in_generate=True)
-        return out.sequences[0, ids.shape[1]:].tolist(), out.past_key_values
+                                 pad_token_id=0, return_dict_in_generate=True, **{name: cache})
+        return out.sequences[0, ids.shape[1]:].tolist(), getattr(out, name)
 
     def fresh():
         return lambda ids: run(ids)[0]

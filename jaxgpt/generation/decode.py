@@ -63,6 +63,13 @@ def check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_pe
         raise UserError(f"--repetition-penalty must be a number > 0 (1 = none; e.g. 1.2), got {repetition_penalty!r}")
 
 
+def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> None:
+    """UserError when a prompt and its new tokens overflow the context (never truncated)."""
+    if prompt_len + max_new_tokens > context_length:
+        raise UserError(f"prompt of {prompt_len} tokens plus --max-new-tokens {max_new_tokens} exceeds the "
+                        f"model's context of {context_length}; shorten the prompt or lower --max-new-tokens")
+
+
 # ---------------------------------------------------------------------------------------
 # The jitted decode loop
 
@@ -215,10 +222,7 @@ def generate_tokens(
                          f"{prompt_mask.shape} must both be [batch, P]")
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
     b, p = prompt_tokens.shape
-    if p + max_new_tokens > config.context_length:
-        raise UserError(f"prompt of {p} tokens plus --max-new-tokens {max_new_tokens} exceeds "
-                        f"the model's context of {config.context_length}; shorten the prompt "
-                        "or lower --max-new-tokens")
+    check_fits(p, max_new_tokens, config.context_length)
     traced, static = sampling_settings(temperature, top_k, top_p, eos_id, pad_id, vocab_limit, method,
                                        repetition_penalty)
     if max_new_tokens == 0:
@@ -274,10 +278,7 @@ def pad_prompts(
     for ids in prompts:
         if len(ids) == 0:
             raise UserError("empty prompt; give at least one token of text")
-        if len(ids) + max_new_tokens > context_length:
-            raise UserError(f"prompt of {len(ids)} tokens plus --max-new-tokens {max_new_tokens} "
-                            f"exceeds the model's context of {context_length}; shorten the "
-                            "prompt or lower --max-new-tokens")
+        check_fits(len(ids), max_new_tokens, context_length)
         longest = max(longest, len(ids))
     p = max(longest, min(-(-longest // bucket) * bucket, context_length - max_new_tokens))
     tokens = np.full((len(prompts), p), pad_id, np.int32)

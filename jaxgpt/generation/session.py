@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxgpt.errors import UserError
-from jaxgpt.generation.decode import (check_sampling_args, decode_loop, generate_tokens, picker,
+from jaxgpt.generation.decode import (check_fits, check_sampling_args, decode_loop, generate_tokens, picker,
                                       sampling_settings)
 from jaxgpt.generation.stream import registered_sink
 from jaxgpt.models import build_model, init_cache
@@ -43,6 +43,13 @@ MIN_SLOTS = 256  # the cache's slots: a power of two at least this
 
 def _pow2(n: int, least: int) -> int:
     return max(least, 1 << max(n - 1, 0).bit_length())
+
+
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return n
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",),
@@ -119,18 +126,11 @@ class DecodeSession:
         if not ids:
             raise UserError("empty prompt; give at least one token of text")
         check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
-        if len(ids) + max_new_tokens > self.config.context_length:
-            raise UserError(f"prompt of {len(ids)} tokens plus --max-new-tokens {max_new_tokens} exceeds "
-                            f"the model's context of {self.config.context_length}; shorten the prompt "
-                            "or lower --max-new-tokens")
+        check_fits(len(ids), max_new_tokens, self.config.context_length)
         traced, static = sampling_settings(temperature, top_k, top_p, eos_id, pad_id, vocab_limit, method,
                                            repetition_penalty)
-        kept = 0  # the shared prefix, less the prompt's last token (its logits come from the prefill)
-        for kept, (a, b) in enumerate(zip(self.ids[:len(ids) - 1], ids)):
-            if a != b:
-                break
-        else:
-            kept = min(len(self.ids), len(ids) - 1)
+        # the shared prefix, less the prompt's last token (its logits come from the prefill)
+        kept = min(_shared_prefix(self.ids, ids), len(ids) - 1)
         chunk_len = len(ids) - kept
         width = _pow2(chunk_len, MIN_CHUNK)
         slots = self._slots(max(kept + width, len(ids) + max_new_tokens))
