@@ -168,10 +168,23 @@ def _chat(monkeypatch, capsys, model, lines, *flags):
 
 
 def test_chat_sends_the_whole_conversation_through_the_template(tmp_path, monkeypatch, capsys):
+    from jaxgpt.generation.session import DecodeSession
+
     cfg, params, tok = _chat_model(tmp_path)
+    reused, turn = [], DecodeSession.generate_tokens
+
+    def recorded(self, *args, **kwargs):  # how much of each prompt the chat's KV cache held
+        out = turn(self, *args, **kwargs)
+        reused.append((self.reused, int(np.asarray(args[1]).sum())))
+        return out
+
+    monkeypatch.setattr(DecodeSession, "generate_tokens", recorded)
     rc, answers, err = _chat(monkeypatch, capsys, (cfg, params), ["w1 w2", "w3", "/reset", "w3"],
                              "--system", "w9")
     assert rc == 0 and len(answers) == 4 and answers[2] == "" and "forgotten" in err
+    # turn 2 prefills only what follows turn 1's prompt and answer; after /reset, the system turn is kept
+    (first, n1), (second, n2), (third, _) = reused
+    assert first == 0 and second > n1 and 0 < third < n1
 
     def ask(messages):  # what transformers' apply_chat_template + greedy generate would give
         from jaxgpt.text.chat import render_chat

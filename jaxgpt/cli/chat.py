@@ -8,8 +8,9 @@ Each line read is the user's next message. A model with a chat template (Llama 3
 Gemma 3 instruct folders, and runs fine-tuned from them) sees the whole conversation each
 turn, rendered by its template as transformers' `apply_chat_template` renders it. The KV
 cache is kept from turn to turn (`jaxgpt.generation.session.DecodeSession`): a turn prefills
-only the tokens its prompt adds to the last one (the answer's end and the new message), and
-the model's answer is never prefilled again. When the
+only the tokens its prompt adds to the last one (the answer's end and the new message); the
+answer is already in the cache, unless the template renders it otherwise (Qwen3 leaves an
+earlier answer's <think> block out), where the cache is cut back to the shared prefix. When the
 conversation and `--max-new-tokens` no longer fit in the model's context, the oldest
 exchanges are left out of the prompt (said on stderr). A model without a template (GPT-2,
 `finetune.py instruct` runs on it) was trained on single Alpaca prompts, so each message is
