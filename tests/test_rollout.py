@@ -1,4 +1,4 @@
-"""Rollouts: grouping, masks, log-probs against a full forward pass, the sliced LM head,
+"""Rollouts: grouping (one prefill a group), masks, log-probs against a full forward pass, the sliced LM head,
 right-padding for the reward model, greedy parity with `generate`, one compilation."""
 from __future__ import annotations
 
@@ -53,6 +53,22 @@ def test_layout_groups_and_masks(setup):
     assert (out["logprobs"][~cm] == 0).all() and (out["logprobs"][cm] < 0).all()
     # The G samples of a prompt differ (sampled, not copies).
     assert len({tuple(r) for r in out["tokens"][:4].tolist()}) > 1
+
+
+def test_a_group_shares_one_prefill(setup):
+    """Each prompt is prefilled once and its KV cache copied to its G rows (`group_size`):
+    the samples are those of the prompts repeated G times (ring layers too, Gemma 3's)."""
+    from jaxgpt.generation.decode import generate_tokens
+
+    gemma = _cfg(family="gemma3", n_layer=3, n_head=4, n_kv_head=2, head_size=8, mlp_dim=48, qkv_bias=False,
+                 tie_embeddings=True, sliding_window=4, sliding_window_pattern=2)
+    cfg, params, tokens, mask, out = setup
+    for cfg, params, out in [(cfg, params, out), (gemma, init_params(gemma, jax.random.key(1)), None)]:
+        kw = dict(max_new_tokens=10, temperature=1.0, eos_id=EOS, method="inverse_cdf")
+        out = out or generate_tokens(params, cfg, tokens, mask, jax.random.key(2), group_size=4, **kw)
+        rows = generate_tokens(params, cfg, np.repeat(tokens, 4, 0), np.repeat(mask, 4, 0), jax.random.key(2), **kw)
+        np.testing.assert_array_equal(out["tokens"][:, -10:], rows["tokens"])
+        np.testing.assert_allclose(out["logprobs"], rows["logprobs"], atol=1e-5)
 
 
 def test_logprobs_match_a_full_forward_pass(setup):

@@ -32,6 +32,7 @@ import numpy as np
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.models import build_model, init_cache
+from jaxgpt.models.kv_cache import repeat_rows
 from jaxgpt.generation.stream import TextStream, check_stop_strings, host_stop, registered_sink, text_sink
 from jaxgpt.generation.samplers import (SAMPLERS, _is_number, _sample, categorical_inverse_cdf,  # noqa: F401
                                         repetition_penalty, sample_logits)
@@ -77,11 +78,11 @@ def check_fits(prompt_len: int, max_new_tokens: int, context_length: int) -> Non
 @functools.partial(
     jax.jit,
     static_argnames=("config", "max_new_tokens", "greedy", "top_k", "use_top_p", "eos_id",
-                     "pad_id", "vocab_limit", "method", "stream", "use_penalty"),
+                     "pad_id", "vocab_limit", "method", "stream", "use_penalty", "group_size"),
 )
 def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, sink=0, penalty=1.0, *, config,
                   max_new_tokens, greedy, top_k, use_top_p, eos_id, pad_id, vocab_limit, method="gumbel",
-                  stream=False, use_penalty=False):
+                  stream=False, use_penalty=False, group_size=1):
     b, p = prompt_tokens.shape
     model = build_model(config)
     mask = prompt_mask.astype(bool)
@@ -92,6 +93,11 @@ def _generate_jit(params, prompt_tokens, prompt_mask, key, temperature, top_p, s
     # last_only: the head runs on the final position alone, never on `[b, P, V]`.
     logits, cache = model.apply({"params": params}, prompt_tokens, positions=positions,
                                 attention_mask=mask, cache=cache, last_only=True)
+    if group_size > 1:  # each prompt prefilled once; its cache and last logits copied to its samples' rows
+        cache = repeat_rows(cache, group_size)
+        logits, n_real, prompt_tokens, mask = (jnp.repeat(x, group_size, axis=0)
+                                               for x in (logits, n_real, prompt_tokens, mask))
+        b *= group_size
     seen = None  # [b, V] bool: the ids in each row so far (prompt and output), for the repetition penalty
     if use_penalty:
         seen = jnp.zeros((b, logits.shape[-1]), jnp.int32).at[jnp.arange(b)[:, None], prompt_tokens].add(mask) > 0
@@ -182,6 +188,7 @@ def generate_tokens(
     method: str = "gumbel",
     on_token: Callable[[int, np.ndarray, np.ndarray], Any] | None = None,
     repetition_penalty: float | None = None,
+    group_size: int = 1,
 ) -> dict[str, Array]:
     """Sample `max_new_tokens` continuation tokens for a left-padded batch of prompts.
 
@@ -212,6 +219,10 @@ def generate_tokens(
     what streams text (`jaxgpt.generation.stream`); the loop waits for each call, so keep it
     short. Without it the compiled loop has no host callback at all.
 
+    group_size: G samples of each prompt, in rows `i * G .. i * G + G - 1` of the outputs
+    (`[batch * G, ...]`). Each prompt is prefilled once and its KV cache copied to its G rows
+    (GRPO's groups: the prefill costs a G-th of that of the prompts repeated).
+
     Compiled once per (config, shapes, max_new_tokens, top_k, greedy-or-not, top-p on/off,
     eos_id, method); temperature, the top-p value, the key and the params are traced.
     """
@@ -221,7 +232,10 @@ def generate_tokens(
         raise ValueError(f"prompt_tokens {prompt_tokens.shape} and prompt_mask "
                          f"{prompt_mask.shape} must both be [batch, P]")
     check_sampling_args(max_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    if not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise ValueError(f"group_size must be an integer >= 1, got {group_size!r}")
     b, p = prompt_tokens.shape
+    b *= group_size
     check_fits(p, max_new_tokens, config.context_length)
     traced, static = sampling_settings(temperature, top_k, top_p, eos_id, pad_id, vocab_limit, method,
                                        repetition_penalty)
@@ -230,7 +244,8 @@ def generate_tokens(
                 "logprobs": jnp.zeros((b, 0), jnp.float32), "lengths": jnp.zeros((b,), jnp.int32)}
     with registered_sink(on_token) as sink:
         out = _generate_jit(params, prompt_tokens, prompt_mask, key, sink=jnp.int32(sink), **traced, config=config,
-                            max_new_tokens=int(max_new_tokens), stream=on_token is not None, **static)
+                            max_new_tokens=int(max_new_tokens), stream=on_token is not None,
+                            group_size=int(group_size), **static)
         return jax.block_until_ready(out) if on_token is not None else out
 
 

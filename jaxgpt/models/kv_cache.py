@@ -102,4 +102,16 @@ def write_ring_cache(cache_layer, k, v, index):
     return cat(cache_layer["k"], k), cat(cache_layer["v"], v), new
 
 
-__all__ = ["Cache", "init_cache", "ring_window_mask", "write_cache", "write_ring_cache"]
+def repeat_rows(cache: Cache, times: int) -> Cache:
+    """Each row of `cache` repeated `times` times in place (row r -> rows r*times .. r*times +
+    times - 1), ring layers included: a prompt prefilled once, shared by a group of samples."""
+    b = cache["valid"].shape[0]
+
+    def rep(x):  # [b * kv_heads, slots, head_dim]: a row's heads are consecutive
+        return jnp.repeat(x.reshape(b, -1, *x.shape[1:]), times, axis=0).reshape(-1, *x.shape[1:])
+
+    return {"layers": jax.tree.map(rep, cache["layers"]), "valid": jnp.repeat(cache["valid"], times, axis=0),
+            "index": cache["index"]}
+
+
+__all__ = ["Cache", "init_cache", "repeat_rows", "ring_window_mask", "write_cache", "write_ring_cache"]

@@ -1,7 +1,7 @@
 """Rollouts: G sampled completions per prompt in one jitted call, and their log-probs.
 
-Sampling is `jaxgpt.generation.decode.generate_tokens` (a fixed-size KV cache, one prefill call,
-then a `lax.while_loop` that emits a token per step and stops once every row has emitted
+Sampling is `jaxgpt.generation.decode.generate_tokens` (a fixed-size KV cache, one prefill call
+of each prompt, its cache copied to the prompt's G rows (`group_size`), then a `lax.while_loop` that emits a token per step and stops once every row has emitted
 `<|endoftext|>`; no Python loop over tokens). A rollout batch lays the left-padded prompt
 and its completion side by side:
 
@@ -76,13 +76,14 @@ def rollout(params, config: ModelConfig, prompt_tokens, prompt_mask, key, *, gro
     adapters merged). method: the sampler's token draw (`generate_tokens`); the default
     inverse-CDF draw is exact and ~30x cheaper on CPU than a Gumbel variate per vocabulary
     entry, which would otherwise dominate a small model's rollout."""
-    prompt_tokens = jnp.repeat(jnp.asarray(prompt_tokens, jnp.int32), group_size, axis=0)
-    prompt_mask = jnp.repeat(jnp.asarray(prompt_mask, bool), group_size, axis=0)
     from jaxgpt.generation.decode import generate_tokens
 
+    # each prompt is prefilled once for its group (`generate_tokens(group_size=)`)
     out = generate_tokens(params, config, prompt_tokens, prompt_mask, key, max_new_tokens=max_new_tokens,
                           temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
-                          vocab_limit=vocab_limit, method=method)
+                          vocab_limit=vocab_limit, method=method, group_size=group_size)
+    prompt_tokens = jnp.repeat(jnp.asarray(prompt_tokens, jnp.int32), group_size, axis=0)
+    prompt_mask = jnp.repeat(jnp.asarray(prompt_mask, bool), group_size, axis=0)
     return _assemble(prompt_tokens, prompt_mask, out["tokens"], out["mask"], out["logprobs"], out["lengths"])
 
 
