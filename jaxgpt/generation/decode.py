@@ -6,14 +6,12 @@ Three layers, each usable on its own from research code:
   re-exported here): greedy (temperature 0), temperature, top-k and top-p (nucleus) sampling
   with static shapes, so it can sit inside `jit`, `lax.scan` or `lax.while_loop`.
 * `generate_tokens(params, config, prompt_tokens, prompt_mask, key, ...)` -> a dict of
-  `tokens`, `mask`, `logprobs`, `lengths` (`[batch, max_new_tokens]` / `[batch]`). One
-  jitted function: it prefills a fixed-size KV cache (`P + max_new_tokens` slots) with the
-  whole left-padded prompt in one model call, then decodes one token per
-  `lax.while_loop` step through the cache. The loop exits early once every row has emitted
-  `eos_id`. This is also the rollout engine for RL fine-tuning: completion masks and the
-  sampled tokens' log-probs come out of the same call.
+  `tokens`, `mask`, `logprobs`, `lengths` (`[batch, max_new_tokens]` / `[batch]`). One jitted
+  function: it prefills a fixed-size KV cache (`P + max_new_tokens` slots) with the whole
+  left-padded prompt in one model call, then decodes a token per `lax.while_loop` step
+  (`decode_loop`) until every row has emitted `eos_id`. The rollout engine of RL fine-tuning too.
 * `generate(params, config, prompts, ...)` -> `list[str]`: tokenize, left-pad (prompt length
-  rounded up to a bucket so different lengths reuse compilations), generate, decode.
+  bucketed so different lengths reuse compilations), generate, decode.
 
 Prompts are LEFT-padded so that every row's last prompt token sits in the same cache slot
 and all rows share one cache write index; positions are `cumsum(mask) - 1`, so the padding
