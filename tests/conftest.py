@@ -20,6 +20,23 @@ if os.environ.get("JAXGPT_TEST_XLA_CACHE", "1") == "1":
 
 import pytest  # noqa: E402
 
+# Most tests' time is XLA compiling tiny programs, not running them: there its LLVM passes run at
+# their lowest (`jax_disable_most_optimizations`; the HLO passes, fusion included, are the same),
+# a quarter off the default suite. Tests marked `optimized` (long runs whose time is running the
+# program) get full optimisation, as users do. Setting JAX_DISABLE_MOST_OPTIMIZATIONS yourself wins.
+_OPT_ENV = "JAX_DISABLE_MOST_OPTIMIZATIONS"
+_opt_fixed = _OPT_ENV in os.environ
+
+
+def pytest_runtest_setup(item):
+    if _opt_fixed:
+        return
+    low = item.get_closest_marker("optimized") is None
+    os.environ[_OPT_ENV] = "1" if low else "0"  # for the CLI subprocesses a test starts
+    import jax
+
+    jax.config.update("jax_disable_most_optimizations", low)
+
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_sessionfinish(session):

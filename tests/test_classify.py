@@ -281,6 +281,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):
 
 
 @pytest.mark.slow
+@pytest.mark.optimized  # minutes of training: running, not compiling
 def test_default_command_reaches_95_percent(tmp_path):
     """The issue's result: random init, full fine-tuning, >= 95% test accuracy (minutes on CPU)."""
     out = subprocess.run([sys.executable, "finetune.py", "classify", "--out", str(tmp_path / "spam")],

@@ -366,6 +366,7 @@ def test_config_file_loads_as_the_task_config():
 
 
 @pytest.mark.slow
+@pytest.mark.optimized  # minutes of training: running, not compiling
 def test_default_command_from_a_pretrained_run(tmp_path):
     """The issue's result, shortened for CI: from `train.py`'s default config (120 of its 250
     steps), one epoch of the default SFT (of 4) lowers the val loss by >= 0.5. The full
