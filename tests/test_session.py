@@ -1,8 +1,8 @@
 """`DecodeSession`: a KV cache kept across a conversation's calls. Each call must decode what
 `generate_tokens` decodes from the whole prompt (tokens equal, log-probs to float noise),
 while prefilling only what the prompt adds: a longer prompt, one that leaves the cache's
-path (cut back), sampling with the repetition penalty, streaming, a cache that grows, and the
-sliding-window rings it may not cut back (prefilled whole)."""
+path (cut back), sampling with the repetition penalty, streaming, a cache that grows, and
+sliding-window layers past their window (every slot kept, not a ring)."""
 from __future__ import annotations
 
 import dataclasses
@@ -102,13 +102,18 @@ def test_a_growing_conversation_grows_the_cache(monkeypatch):
     assert session.cache["valid"].shape == (1, 112) and session.reused == 33
 
 
-def test_sliding_window_rings_are_prefilled_whole():
-    cfg = dataclasses.replace(GEMMA, sliding_window=6)  # ring of 6 slots: cutting it back would lose keys
+def test_sliding_window_layers_past_the_window_are_cut_back_too():
+    """A window of 6 slots: `generate_tokens` keeps those layers' cache as a ring of 6, which
+    could not be cut back; the session keeps every slot and masks the window, and decodes the same."""
+    cfg = dataclasses.replace(GEMMA, sliding_window=6)
     session = DecodeSession(_params(cfg), cfg)
     a = list(range(3, 20))
     first = _turn(session, a)
     _turn(session, a + first + [7, 8])
-    assert session.reused == 0 and session.cache is None
+    assert session.reused == len(a) + N - 1  # the last answer token is in the cache but not yet written
+    assert {layer["k"].shape[1] for layer in session.cache["layers"]} == {session.cache["valid"].shape[1]}
+    _turn(session, a[:9] + [50, 51])  # off the cache's path: cut back to 9 slots, written over after
+    assert session.reused == 9
 
 
 def test_a_session_refuses_batches_and_prompts_past_the_context():

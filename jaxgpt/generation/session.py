@@ -18,9 +18,11 @@ slots are not valid and the next writes go over them) and the cache grows in pow
 (at least 256 slots), so a growing conversation compiles a handful of programs, not one per
 length. The cache holds `batch 1` only.
 
-Families with sliding-window layers keep those layers' cache as a ring (`kv_cache.init_cache`)
-once the cache outgrows the window; cutting a ring back would need the slots it has written
-over, so there the session prefills every prompt whole (`generate_tokens`), as without one.
+Sliding-window layers (Gemma 3's) keep every slot here too, not the ring of their last
+`sliding_window` slots that `generate_tokens` keeps: cutting a ring back would need the slots
+it has written over. Their window is in the mask (`kv_cache.is_ring`), and past the window
+they hold and read more keys than a ring would: a decode step of a long Gemma 3 conversation
+reads the cache a global layer would.
 """
 from __future__ import annotations
 
@@ -35,7 +37,8 @@ from jaxgpt.errors import UserError
 from jaxgpt.generation.decode import (check_fits, check_sampling_args, decode_loop, generate_tokens, picker,
                                       sampling_settings)
 from jaxgpt.generation.stream import registered_sink
-from jaxgpt.models import build_model, init_cache
+from jaxgpt.models import build_model
+from jaxgpt.models.kv_cache import init_cache
 
 MIN_CHUNK = 16  # the new tokens are padded to a power of two at least this
 MIN_SLOTS = 256  # the cache's slots: a power of two at least this
@@ -111,10 +114,6 @@ class DecodeSession:
             slots = max(self.config.context_length, -(-needed // MIN_CHUNK) * MIN_CHUNK)
         return slots
 
-    def _has_ring(self, slots: int) -> bool:
-        shapes = jax.eval_shape(lambda: init_cache(self.config, 1, slots))
-        return any(layer["k"].shape[1] < slots for layer in shapes["layers"])
-
     def generate_tokens(self, prompt_tokens, prompt_mask, key, *, max_new_tokens: int, temperature=0.0,
                         top_k=None, top_p=None, eos_id=None, pad_id=None, vocab_limit=None, method="gumbel",
                         on_token=None, repetition_penalty=None) -> dict[str, Any]:
@@ -134,15 +133,14 @@ class DecodeSession:
         chunk_len = len(ids) - kept
         width = _pow2(chunk_len, MIN_CHUNK)
         slots = self._slots(max(kept + width, len(ids) + max_new_tokens))
-        if max_new_tokens == 0 or self._has_ring(max(slots, 0 if self.cache is None else
-                                                     self.cache["valid"].shape[1])):
+        if max_new_tokens == 0:  # nothing to decode: no cache to keep
             self.reset()
             return generate_tokens(self.params, self.config, tokens, mask, key, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_k=top_k, top_p=top_p, eos_id=eos_id,
                                    pad_id=pad_id, vocab_limit=vocab_limit, method=method, on_token=on_token,
                                    repetition_penalty=repetition_penalty)
         cache, self.cache, self.ids = self.cache, None, []  # donated below: unusable if the call fails
-        if cache is None:
+        if cache is None:  # every layer holds every slot: no rings (the module docstring)
             cache = init_cache(self.config, 1, slots)
         elif cache["valid"].shape[1] < slots:
             cache = _grow(cache, slots)

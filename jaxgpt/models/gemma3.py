@@ -17,7 +17,8 @@ as stored (the `1 +` is in the arithmetic), so loading stays a rename.
 
 A sliding-window layer's KV cache is a ring of its last `sliding_window` slots
 (`jaxgpt.models.kv_cache.write_ring_cache`): at 32k slots, gemma-3-1b's cache is 1/6 the size
-of one holding every slot in every layer, and a decode step reads 1/6 the keys.
+of one holding every slot in every layer, and a decode step reads 1/6 the keys. (A chat's
+`DecodeSession` keeps every slot, since a ring cannot be cut back; `kv_cache.is_ring`.)
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 
 from jaxgpt.errors import UserError
 from jaxgpt.models.family import Target, hf_shape
-from jaxgpt.models.kv_cache import init_cache, ring_window_mask
+from jaxgpt.models.kv_cache import init_cache, is_ring, ring_window_mask
 from jaxgpt.models.layers import Embed, attention_inputs, compute_dtype, embedding_init, param_dtype, sliding_window_mask
 from jaxgpt.models.llama import Llama, LlamaAttention, LlamaFamily, SwiGLU
 from jaxgpt.models.lora import LoRAConfig
@@ -91,10 +92,12 @@ class Gemma3(Llama):
         full = (att["mask"], att["is_causal"], rope_tables(cfg, att["positions"]))
         local = full
         if cfg.sliding_window:
-            if cache is None:
+            sliding = [i for i in range(cfg.n_layer) if is_sliding(cfg, i)]
+            local_cache = cache["layers"][sliding[0]] if cache is not None and sliding else None
+            if local_cache is None or not is_ring(local_cache, cfg.sliding_window):
                 local_mask = sliding_window_mask(att, cfg.sliding_window)
             else:  # the ring's keys (`init_cache`'s windows)
-                ring_len = min(cfg.sliding_window, cache["valid"].shape[1])
+                ring_len = local_cache["k"].shape[1]
                 local_mask = ring_window_mask(att, ring_len, cfg.sliding_window, tokens.shape[1])
             local = (local_mask, att["is_causal"], rope_tables(cfg, att["positions"], cfg.rope_local_theta, scaled=False))
         x, new_cache = self.run_blocks(x, att, deterministic, cache,

@@ -55,6 +55,15 @@ def write_cache(cache_layer, k, v, index):
     return view(new["k"]), view(new["v"]), new
 
 
+def is_ring(cache_layer, window: int) -> bool:
+    """Whether a layer's cache is a ring (`init_cache`'s `windows`): a sliding-window layer
+    whose cache holds at most `window` slots. Given every slot instead (`init_cache` without
+    `windows`, as a `DecodeSession` keeps them, to cut the cache back), it is written and read
+    like a full layer's, its window in the mask (`layers.sliding_window_mask`). A ring of all
+    the cache's slots (no more than the window) is both."""
+    return bool(window) and cache_layer["k"].shape[1] <= window
+
+
 def _ring_slots(start, ring_len: int, written: bool):
     """The slot each of a ring layer's `ring_len` entries holds, `[ring_len]` int (negative:
     none yet), before (`written=False`) or after a one-token write at slot `start`: entry j
@@ -114,4 +123,4 @@ def repeat_rows(cache: Cache, times: int) -> Cache:
             "index": cache["index"]}
 
 
-__all__ = ["Cache", "init_cache", "repeat_rows", "ring_window_mask", "write_cache", "write_ring_cache"]
+__all__ = ["Cache", "init_cache", "is_ring", "repeat_rows", "ring_window_mask", "write_cache", "write_ring_cache"]
