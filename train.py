@@ -10,8 +10,7 @@ from jaxgpt.config import load_config
 from jaxgpt.cli.hostmem import reexec_with_huge_pages
 
 
-@exit_on_user_error
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split(".")[0])
     add_config_args(parser)
     parser.add_argument("--data", help="corpus: bundled name, text file, folder of .txt, or tfds:NAME (sets data.path)")
@@ -19,6 +18,25 @@ def main(argv=None) -> int:
     parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
     parser.add_argument("--init", metavar="SPEC", help="start from weights: a run directory, an HF GPT-2 directory, or gpt2/gpt2-medium/...")
     add_distributed_args(parser)
+    return parser
+
+
+def overrides_of(args: argparse.Namespace) -> list[str]:
+    """The `--set` overrides, `--data` among them."""
+    return list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
+
+
+def config_of(args: argparse.Namespace):
+    """A new run's config from the flags (`--init`'s checkpoint sets the model shape later)."""
+    from jaxgpt.tasks.pretrain import DEFAULT_CONFIG
+
+    return load_config(args.config or DEFAULT_CONFIG, overrides_of(args), model_file=args.model_config,
+                       model_from_init=bool(args.init))
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     initialize_distributed(args)
 
@@ -26,15 +44,13 @@ def main(argv=None) -> int:
     from jaxgpt.engine.rundir import RunDir
     from jaxgpt.tasks import pretrain
 
-    overrides = list(args.overrides) + ([f"data.path={args.data}"] if args.data else [])
     if args.resume:
         if args.config or args.model_config or args.out or args.init:
             parser.error("--resume takes its config and directory from the run; use only --set with it")
         RunDir(args.resume, resume=True)  # one line when RUN holds no checkpoint, before its config is read
-        pretrain.pretrain(read_run_config(args.resume, overrides), args.resume, resume=True)
+        pretrain.pretrain(read_run_config(args.resume, overrides_of(args)), args.resume, resume=True)
         return 0
-    cfg = load_config(args.config or pretrain.DEFAULT_CONFIG, overrides, model_file=args.model_config)
-    pretrain.pretrain(cfg, args.out, init=args.init)
+    pretrain.pretrain(config_of(args), args.out, init=args.init)
     return 0
 
 

@@ -135,6 +135,29 @@ def test_existing_run_needs_resume(tmp_path, capsys):
     assert "--resume" in capsys.readouterr().err
 
 
+def test_init_takes_the_checkpoints_shape_before_the_data_is_checked_against_it(tmp_path, capsys):
+    """`train.py --init RUN --set data.context_length=L` (continued pretraining, as the README
+    shows it) checks L against the checkpoint's context, not the default model's."""
+    from jaxgpt.io.checkpoint import load_params, read_run_config
+    from jaxgpt.tasks.pretrain import pretrain
+
+    source = tmp_path / "source"
+    pretrain(tiny_cfg(tmp_path, "model.context_length=64", "train.max_steps=1", "train.sample_tokens=0"), source)
+    capsys.readouterr()
+    argv = [x for s in TINY for x in ("--set", s)] + ["--set", f"data.cache_dir={tmp_path / 'cache'}",
+                                                      "--init", str(source), "--set", "train.sample_tokens=0"]
+    longer = tmp_path / "longer"
+    assert _main(argv + ["--set", "data.context_length=128", "--out", str(longer)]) == 2  # past the checkpoint's 64
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "data.context_length=128 is longer than the model's context" in err[0], err
+    assert not longer.exists()
+    run = tmp_path / "continued"
+    assert _main(argv + ["--set", "data.context_length=64", "--set", "train.max_steps=1", "--out", str(run)]) == 0
+    cfg = read_run_config(run)
+    assert (cfg.model.context_length, cfg.data.context_length) == (64, 64)
+    assert load_params(run)[1]["wpe"]["embedding"].shape == (64, 32)
+
+
 def test_cli_train_then_generate(tmp_path):
     """The README's commands as subprocesses: train, resume to more steps, generate."""
     env_args = [x for s in TINY for x in ("--set", s)] + ["--set", f"data.cache_dir={tmp_path / 'cache'}"]

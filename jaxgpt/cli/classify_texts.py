@@ -14,14 +14,18 @@ from jaxgpt.cli.common import exit_on_user_error
 from jaxgpt.errors import UserError
 
 
-@exit_on_user_error
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxgpt classify", description=__doc__.split("\n")[0])
     parser.add_argument("--init", metavar="RUN", required=True, help="a `finetune.py classify` run directory")
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     parser.add_argument("--file", help="a UTF-8 file with one text per line")
     parser.add_argument("--batch-size", type=int, default=32)
-    args = parser.parse_args(argv)
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
 
     texts = list(args.texts)
     if args.file:

@@ -24,9 +24,9 @@ def at_least(section, prefix: str, minimum: float, *names: str) -> None:
         _require(value >= minimum, f"{prefix}.{name} must be >= {minimum}, got {value}")
 
 
-def validate(cfg, *, check_vocab: bool = False) -> None:
+def validate(cfg, *, check_vocab: bool = False, model_from_init: bool = False) -> None:
     """Range checks that no type can express (non-finite numbers are refused when parsed).
-    Raises `UserError` naming the key. `check_vocab`: see `load_config`."""
+    Raises `UserError` naming the key. `check_vocab`, `model_from_init`: see `load_config`."""
     m = getattr(cfg, "model", None)
     if isinstance(m, ModelConfig):
         validate_model(m, check_vocab=check_vocab)
@@ -34,7 +34,7 @@ def validate(cfg, *, check_vocab: bool = False) -> None:
     if isinstance(d, DataConfig):
         _require(d.stride >= 0 and d.context_length >= 0,
                  f"data.stride and data.context_length must be >= 0, got {d.stride}, {d.context_length}")
-        if isinstance(m, ModelConfig) and d.context_length > m.context_length:
+        if isinstance(m, ModelConfig) and not model_from_init and d.context_length > m.context_length:
             raise UserError(
                 f"data.context_length={d.context_length} is longer than the model's context "
                 f"(model.context_length={m.context_length}); use at most {m.context_length}"

@@ -185,6 +185,7 @@ def load_config(
     model_file: str | Path | None = None,
     *,
     check_vocab: bool | None = None,
+    model_from_init: bool = False,
 ):
     """Defaults <- `base` <- YAML file <- `model_file`'s model section <- `--set` overrides
     (later layers win, presets included), then validated. `model_file` (`--model-config
@@ -194,6 +195,8 @@ def load_config(
     check_vocab: require `model.vocab_size` >= the tokenizer's 50,257 ids. None (default)
     checks unless the config is a run's own (`base` given, or `path` is RUN/config.yaml):
     a saved run's vocabulary is that of its weights.
+    model_from_init: the model section will be the `--init` checkpoint's, so nothing is
+    checked against this one's shape (the engine checks again once the checkpoint is read).
     """
     model_layer: dict[str, Any] = {}
     if model_file is not None:
@@ -208,7 +211,7 @@ def load_config(
     cfg = from_dict(cls, data)
     if check_vocab is None:
         check_vocab = base is None and not is_run_config(path)
-    validate(cfg, check_vocab=check_vocab)
+    validate(cfg, check_vocab=check_vocab and not model_from_init, model_from_init=model_from_init)
     return cfg
 
 

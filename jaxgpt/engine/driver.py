@@ -34,6 +34,7 @@ from jaxgpt.engine.params import check_lora_targets, graft, init_from, param_cou
 from jaxgpt.engine.recipe import Recipe, Schedule
 from jaxgpt.engine.metrics import MetricsWriter, check_tensorboard, plot_curves, read_jsonl, write_json
 from jaxgpt.errors import UserError
+from jaxgpt.config.checks import validate
 from jaxgpt.models import family_of
 from jaxgpt.train.optim import lr_schedule, make_optimizer
 from jaxgpt.parallel import layout_for
@@ -117,6 +118,7 @@ def prepare(recipe_cls: type[Recipe], cfg, run: RunDir, init: str | None, tfds_d
     loaded = None
     if init and (not run.resume or recipe_cls.reference_on_resume):
         cfg, loaded = init_from(init, cfg)
+        validate(cfg)  # the other sections against the checkpoint's shape (e.g. data.context_length)
     t = cfg.train
     family = family_of(cfg.model)
     family.validate(cfg.model)
