@@ -159,3 +159,20 @@ def test_offline_hub_id_says_where_to_put_the_folder(tmp_path, monkeypatch):
     message = str(e.value)
     assert "\n" not in message and "cannot download Qwen/Qwen3-0.6B (offline?)" in message
     assert "https://huggingface.co/Qwen/Qwen3-0.6B" in message and "--init FOLDER" in message
+
+
+def test_a_mistyped_run_directory_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    """`--init runs/trian-1` where runs/ is a local folder: "no such directory" with the close
+    name, not a download error for a hub repository `runs/trian-1`; the failed download
+    leaves no empty folder in the cache."""
+    monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JAXGPT_HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "train-1").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"^--init runs/trian-1: no such directory \(did you mean runs/train-1\?\)"):
+        resolve_init("runs/trian-1")
+    with pytest.raises(UserError, match=r"no such directory \(runs/ holds train-1\)"):
+        resolve_init("runs/spam")
+    with pytest.raises(UserError, match="cannot download Org/Model"):  # no local folder Org/: a hub id
+        resolve_init("Org/Model")
+    assert list((tmp_path / "cache" / "hf").iterdir()) == []

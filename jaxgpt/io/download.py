@@ -64,6 +64,14 @@ def _hash_problem(sha256: str, sha1: str, expected: Expected) -> str | None:
     return None
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Remove `folder` if it holds nothing (a download that failed before its first file)."""
+    try:
+        folder.rmdir()
+    except OSError:  # not empty, or not there
+        pass
+
+
 def warn(msg: str) -> None:
     from tqdm import tqdm
 

@@ -28,6 +28,7 @@ check the sizes without the network.
 """
 from __future__ import annotations
 
+import difflib
 import http.client
 import json
 import os
@@ -39,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxgpt.config import ModelConfig
-from jaxgpt.io.download import Expected, VerificationError, fetch_verified, file_matches, warn
+from jaxgpt.io.download import Expected, VerificationError, fetch_verified, file_matches, remove_if_empty, warn
 from jaxgpt.errors import UserError
 from jaxgpt.models.lora import LoRAConfig, has_lora, merge_lora
 from jaxgpt.io.hf_load import check_params, load_hf_dir
@@ -194,10 +195,12 @@ def download_preset(name: str) -> Path:
         tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, _record_path(name))
     except VerificationError as e:
+        remove_if_empty(target)
         raise UserError(f"cannot download {name}: {e}; check the connection (or $JAXGPT_HF_ENDPOINT) and "
                         "try again") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # HTTPError, timeouts
         reason = getattr(e, "reason", None) or e
+        remove_if_empty(target)
         raise UserError(f"cannot download {name} (offline?): put {' and '.join(PRESET_FILES)} from {page} "
                         f"into {target} (commit {pin.revision}) [{reason}]") from None
     return target
@@ -231,12 +234,30 @@ def resolve_init(spec: str, expect: ModelConfig | None = None) -> tuple[ModelCon
     elif spec in REPO_PRESETS or REPO_ID.fullmatch(spec):
         from jaxgpt.io.hub_repos import download_repo
 
-        config, params = load_hf_dir(download_repo(REPO_PRESETS.get(spec, spec)))
+        try:
+            folder = download_repo(REPO_PRESETS.get(spec, spec))
+        except UserError:  # `runs/typo`: an entry missing from a local folder, not a hub id
+            if spec not in REPO_PRESETS and path.parent.is_dir():
+                raise UserError(f"--init {spec}: no such directory{missing_entry_hint(path)} (nor a hub "
+                                f"repository that could be downloaded)") from None
+            raise
+        config, params = load_hf_dir(folder)
     else:
         raise UserError(f"--init {spec}: no such directory or preset; give {ACCEPTED}")
     if expect is not None:
         check_params(params, expect, spec)
     return config, params
+
+
+def missing_entry_hint(path: Path) -> str:
+    """` (did you mean runs/train-1?)`, or what the existing `path.parent` holds."""
+    names = sorted(p.name for p in path.parent.iterdir() if p.is_dir())
+    close = difflib.get_close_matches(path.name, names, n=1)
+    if close:
+        return f" (did you mean {path.parent / close[0]}?)"
+    if not names:
+        return f" ({path.parent}/ holds no folders)"
+    return f" ({path.parent}/ holds {', '.join(names[:4])}{', ...' if len(names) > 4 else ''})"
 
 
 @dataclass(frozen=True)

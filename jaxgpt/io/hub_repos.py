@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 from jaxgpt.errors import UserError
-from jaxgpt.io.download import Expected, VerificationError, fetch_verified
+from jaxgpt.io.download import Expected, VerificationError, fetch_verified, remove_if_empty
 
 NEEDED = ("config.json", "tokenizer.json", "tokenizer_config.json")
 OPTIONAL = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -93,6 +93,14 @@ def download_repo(repo: str, revision: str = "main") -> Path:
     if _recorded(target):
         return target
     base, page = _endpoint(), f"https://huggingface.co/{repo}"
+    try:
+        return _download(repo, revision, target, base, page)
+    except UserError:
+        remove_if_empty(target)  # a failed first try leaves no empty folder in the cache
+        raise
+
+
+def _download(repo: str, revision: str, target: Path, base: str, page: str) -> Path:
     try:
         target.mkdir(parents=True, exist_ok=True)
         info = _get_json(f"{base}/api/models/{repo}/revision/{revision}?blobs=true")
