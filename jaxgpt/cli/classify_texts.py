@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from jaxgpt.cli.common import exit_on_user_error
+from jaxgpt.cli.common import exit_on_user_error, read_lines
 from jaxgpt.errors import UserError
 
 
@@ -29,15 +28,9 @@ def main(argv=None) -> int:
 
     texts = list(args.texts)
     if args.file:
-        path = Path(args.file)
-        if not path.is_file():
-            raise UserError(f"--file {path} not found")
-        try:
-            texts += [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
-        except UnicodeDecodeError:
-            raise UserError(f"--file {path} is not UTF-8 text") from None
+        texts += read_lines(args.file, "--file")
         if not texts:
-            raise UserError(f"--file {path} has no texts (it is empty)")
+            raise UserError(f"--file {args.file} has no texts (it is empty)")
     if not texts:
         raise UserError("nothing to classify: give TEXT arguments or --file")
     if args.batch_size <= 0:

@@ -151,6 +151,17 @@ def load_task_config(args: argparse.Namespace, cls, default_path: Path, parser: 
     return cfg, Path(args.out) if args.out else None, False
 
 
+def read_lines(path: str | Path, flag: str) -> list[str]:
+    """The non-blank lines of the UTF-8 text file `path`, given as `flag` (named in errors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: no such file")
+    try:
+        return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise UserError(f"{flag} {path} is not UTF-8 text") from None
+
+
 def main_entry(main: Callable[[Sequence[str] | None], int]) -> None:
     """`if __name__ == "__main__": main_entry(main)`."""
     sys.exit(main(None))

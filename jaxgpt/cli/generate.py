@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, Sequence
 
-from jaxgpt.cli.common import exit_on_user_error, main_entry
+from jaxgpt.cli.common import exit_on_user_error, main_entry, read_lines
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 
@@ -116,14 +115,7 @@ def read_prompts(args: argparse.Namespace) -> list:
         raise UserError("--input goes with --instruction")
     prompts = list(args.prompt)
     if args.prompt_file:
-        path = Path(args.prompt_file)
-        if not path.is_file():
-            raise UserError(f"--prompt-file {path}: no such file")
-        try:
-            lines = path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise UserError(f"--prompt-file {path} is not UTF-8 text") from None
-        prompts += [line for line in lines if line.strip()]
+        prompts += read_lines(args.prompt_file, "--prompt-file")
     if not prompts:
         raise UserError("no prompt given; use --prompt TEXT or --prompt-file FILE")
     empty = [i for i, p in enumerate(prompts) if not p]
