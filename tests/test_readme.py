@@ -112,3 +112,27 @@ def test_every_documented_command_parses(doc, at_least):
         except (Exception, SystemExit) as e:  # argparse exits 2 on an unknown flag
             failures.append(f"{' '.join(argv)}: {type(e).__name__}: {e}")
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "ARCHITECTURE.md", "BENCHMARKS.md"])
+def test_every_documented_name_and_path_exists(doc):
+    """`jaxgpt.x.y` names resolve to a module or attribute, and `jaxgpt/...`, `tests/...`,
+    `benchmarks/...`, `configs/...` paths (or globs) exist (`TASK`, `mytask`: the docs' placeholders)."""
+    import importlib
+
+    text = (README.parent / doc).read_text(encoding="utf-8")
+    missing = []
+    for name in sorted(set(re.findall(r"jaxgpt(?:\.\w+)+", text))):
+        parts = name.split(".")
+        for k in range(len(parts), 0, -1):  # the longest prefix that imports, then attributes
+            try:
+                obj = importlib.import_module(".".join(parts[:k]))
+                break
+            except ImportError:
+                continue
+        for attr in parts[k:]:
+            obj = getattr(obj, attr, None)
+        missing += [name] if obj is None else []
+    paths = re.findall(r"[`(]((?:jaxgpt|tests|benchmarks|configs|docs)/[\w./*-]+)", text)
+    missing += [p for p in paths if not any(README.parent.glob(p)) and not re.search(r"TASK|mytask", p)]
+    assert not missing, missing
