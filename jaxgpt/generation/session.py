@@ -21,8 +21,8 @@ length. The cache holds `batch 1` only.
 Sliding-window layers (Gemma 3's) keep every slot here too, not the ring of their last
 `sliding_window` slots that `generate_tokens` keeps: cutting a ring back would need the slots
 it has written over. Their window is in the mask (`kv_cache.is_ring`), and past the window
-they hold and read more keys than a ring would: a decode step of a long Gemma 3 conversation
-reads the cache a global layer would.
+they hold more keys than a ring would (a long Gemma 3 conversation holds a global layer's cache
+in each); a decode step reads only the window's slots (`kv_cache.window_keys`).
 """
 from __future__ import annotations
 

@@ -18,7 +18,8 @@ as stored (the `1 +` is in the arithmetic), so loading stays a rename.
 A sliding-window layer's KV cache is a ring of its last `sliding_window` slots
 (`jaxgpt.models.kv_cache.write_ring_cache`): at 32k slots, gemma-3-1b's cache is 1/6 the size
 of one holding every slot in every layer, and a decode step reads 1/6 the keys. (A chat's
-`DecodeSession` keeps every slot, since a ring cannot be cut back; `kv_cache.is_ring`.)
+`DecodeSession` keeps every slot, since a ring cannot be cut back, and a decode step reads
+the window's; `kv_cache.is_ring`, `kv_cache.window_keys`.)
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from jaxgpt.errors import UserError
 from jaxgpt.models.family import Family, Target, hf_shape
-from jaxgpt.models.kv_cache import is_ring, write_cache, write_ring_cache
+from jaxgpt.models.kv_cache import is_ring, window_keys, write_cache, write_ring_cache
 from jaxgpt.models.layers import Embed, LanguageModel, attend, attention_inputs, compute_dtype, dense, embedding_init, param_dtype
 from jaxgpt.models.lora import LoRAConfig
 from jaxgpt.models.recompute import RMSNorm
@@ -66,8 +66,10 @@ class LlamaAttention(nn.Module):
             q = q * jnp.asarray((hd / cfg.query_pre_attn_scalar) ** 0.5, q.dtype)
         new_cache = None
         if cache_layer is not None:  # a sliding-window layer's cache may be a ring (its mask says where)
-            write = write_ring_cache if is_ring(cache_layer, self.window) else write_cache
-            k, v, new_cache = write(cache_layer, k, v, cache_index)
+            ring = is_ring(cache_layer, self.window)
+            k, v, new_cache = (write_ring_cache if ring else write_cache)(cache_layer, k, v, cache_index)
+            if self.window and not ring and t == 1 and k.shape[1] > self.window:  # every slot kept: read the window
+                k, v, mask = window_keys(k, v, mask, cache_index, self.window)
         y = attend(self, cfg, q, k, v, mask, is_causal, deterministic, self.window).reshape(b, t, h * hd)
         return dense(d, "o_proj", config=cfg, fan_in=h * hd, use_bias=False, lora=self.lora)(y), new_cache
 
