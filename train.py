@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.cli.common import add_config_args, add_distributed_args, exit_on_user_error, initialize_distributed
+from jaxgpt.cli.common import (add_config_args, add_distributed_args, check_init_overrides, exit_on_user_error,
+                               initialize_distributed)
 from jaxgpt.config import load_config
 from jaxgpt.cli.hostmem import reexec_with_huge_pages
 
@@ -30,6 +31,7 @@ def config_of(args: argparse.Namespace):
     """A new run's config from the flags (`--init`'s checkpoint sets the model shape later)."""
     from jaxgpt.tasks.pretrain import DEFAULT_CONFIG
 
+    check_init_overrides(args.init, args.overrides, args.model_config)
     return load_config(args.config or DEFAULT_CONFIG, overrides_of(args), model_file=args.model_config,
                        model_from_init=bool(args.init))
 

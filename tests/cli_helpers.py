@@ -12,6 +12,13 @@ def run_finetune(argv) -> int:
     return finetune.main([str(a) for a in argv])
 
 
+def init_sets(sets: list[str]) -> list[str]:
+    """`sets` less the model keys an `--init` checkpoint gives (its shape), which `--init` refuses."""
+    from jaxgpt.config import INIT_KEPT
+
+    return [s for s in sets if not s.startswith("model.") or s.split("=")[0].removeprefix("model.") in INIT_KEPT]
+
+
 def assert_refused(run, argv, capsys, message: str, out: Path | None = None) -> None:
     """`run(argv)` exits 2 with one line on stderr that contains `message`, and leaves no `out`."""
     capsys.readouterr()

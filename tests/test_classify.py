@@ -18,7 +18,7 @@ from jaxgpt.data.readers import read_file
 from jaxgpt.data.records import read_examples
 from jaxgpt.errors import UserError
 from jaxgpt.text.gpt2_bpe import EOT_ID
-from tests.cli_helpers import assert_refused, run_finetune
+from tests.cli_helpers import assert_refused, init_sets, run_finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = [
@@ -232,7 +232,7 @@ def test_init_from_a_pretraining_run_last_block(tmp_path):
     checkpoint.save(checkpoint.checkpoint_manager(pre), 5, {"params": lm, "step": np.int32(5)}, {})
     data = _write_csv(tmp_path / "reviews.csv")
     args = ["classify", "--init", pre, "--train-mode", "last-block", "--data", data, "--out", tmp_path / "run"]
-    for item in TINY + ["train.num_devices=1", "train.epochs=1"]:
+    for item in init_sets(TINY) + ["train.num_devices=1", "train.epochs=1"]:
         args += ["--set", item]
     assert run_finetune(args) == 0
     summary = json.loads((tmp_path / "run" / "metrics.json").read_text())
@@ -261,6 +261,7 @@ def test_init_from_a_pretraining_run_last_block(tmp_path):
         (["--set", "train.epochs=-1"], "train.epochs must be >= 0"),
         (["--set", "train.batch_size=64"], "larger than the training split"),
         (["--resume", "{tmp}"], "not a run directory"),
+        (["--init", "gpt2"], "--set model.n_layer: the model's shape comes from --init gpt2"),  # TINY's shape
     ],
 )
 def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys, args, message):

@@ -137,15 +137,20 @@ def test_existing_run_needs_resume(tmp_path, capsys):
 
 def test_init_takes_the_checkpoints_shape_before_the_data_is_checked_against_it(tmp_path, capsys):
     """`train.py --init RUN --set data.context_length=L` (continued pretraining, as the README
-    shows it) checks L against the checkpoint's context, not the default model's."""
+    shows it) checks L against the checkpoint's context, not the default model's; a shape key
+    set with --init is refused, not silently replaced by the checkpoint's."""
     from jaxgpt.io.checkpoint import load_params, read_run_config
     from jaxgpt.tasks.pretrain import pretrain
 
     source = tmp_path / "source"
     pretrain(tiny_cfg(tmp_path, "model.context_length=64", "train.max_steps=1", "train.sample_tokens=0"), source)
     capsys.readouterr()
-    argv = [x for s in TINY for x in ("--set", s)] + ["--set", f"data.cache_dir={tmp_path / 'cache'}",
-                                                      "--init", str(source), "--set", "train.sample_tokens=0"]
+    sets = [s for s in TINY if not s.startswith("model.") or s.startswith("model.dropout=")]  # the rest: --init's
+    argv = [x for s in sets for x in ("--set", s)] + ["--set", f"data.cache_dir={tmp_path / 'cache'}",
+                                                     "--init", str(source), "--set", "train.sample_tokens=0"]
+    assert _main(argv + ["--set", "model.n_layer=2", "--out", str(tmp_path / "shape")]) == 2  # not silently dropped
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--set model.n_layer: the model's shape comes from --init" in err[0], err
     longer = tmp_path / "longer"
     assert _main(argv + ["--set", "data.context_length=128", "--out", str(longer)]) == 2  # past the checkpoint's 64
     err = capsys.readouterr().err.strip().splitlines()

@@ -19,7 +19,7 @@ from jaxgpt.data.preference import PreferenceDataConfig, encode_example, load_pr
 from jaxgpt.errors import UserError
 from jaxgpt.train.preference_losses import pairwise_loss, preference_sums
 from jaxgpt.text.gpt2_bpe import EOT_ID, decode
-from tests.cli_helpers import assert_refused, run_finetune
+from tests.cli_helpers import assert_refused, init_sets, run_finetune
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ModelConfig(context_length=64, n_layer=1, n_head=2, n_embd=32, dropout=0.0)
@@ -232,7 +232,7 @@ def test_bad_input_exits_2_and_writes_nothing(reward_run, tmp_path, capsys, args
     argv = ["reward"] if "--resume" in args else ["reward", "--out", tmp_path / "run"]
     if "--data" not in args and "--resume" not in args:
         argv += ["--data", good]
-    for item in TINY:
+    for item in init_sets(TINY) if "--init" in args else TINY:
         argv += ["--set", item]
     argv += [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert_refused(run_finetune, argv, capsys, message, tmp_path / "run")

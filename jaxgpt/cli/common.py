@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-from jaxgpt.config import TRAIN_MODES, load_config
+from jaxgpt.config import INIT_KEPT, TRAIN_MODES, load_config
 from jaxgpt.errors import UserError
 
 
@@ -146,9 +146,25 @@ def load_task_config(args: argparse.Namespace, cls, default_path: Path, parser: 
         cfg = load_config(path, overrides, cls=cls)
         validate_finetune(cfg)
         return cfg, Path(args.resume), True
-    cfg = load_config(args.config or default_path, overrides, cls=cls, model_file=getattr(args, "model_config", None))
+    model_file = getattr(args, "model_config", None)
+    cfg = load_config(args.config or default_path, overrides, cls=cls, model_file=model_file)
+    check_init_overrides(cfg.finetune.init, args.overrides, model_file)
     validate_finetune(cfg)
     return cfg, Path(args.out) if args.out else None, False
+
+
+def check_init_overrides(init: str, overrides: Sequence[str], model_file: str | None = None) -> None:
+    """With `--init` the model's shape is the checkpoint's: a `--set model.KEY` it would replace,
+    or `--model-config`, is refused (one line) rather than silently ignored."""
+    if not init:
+        return
+    if model_file:
+        raise UserError(f"--model-config {model_file} and --init {init} both give the model's shape; use one of them")
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key.startswith("model.") and key.removeprefix("model.") not in INIT_KEPT:
+            raise UserError(f"--set {key}: the model's shape comes from --init {init}; with --init only "
+                            f"{', '.join('model.' + k for k in INIT_KEPT)} can be set")
 
 
 def read_lines(path: str | Path, flag: str) -> list[str]:

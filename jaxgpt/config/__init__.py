@@ -18,10 +18,12 @@ must hold the GPT-2 tokenizer's ids (a run's own saved config, reloaded, keeps i
 from jaxgpt.config.checks import at_least, one_of, validate, validate_model, validate_train
 from jaxgpt.config.loading import (from_dict, is_run_config, load_config, parse_overrides, read_yaml, replace,
                                    save_config, to_dict, with_local_paths)
-from jaxgpt.config.sections import (ATTENTION_KINDS, DTYPES, FAMILIES, MODEL_INITS, PRESET_KEYS, PRESETS, REMAT_POLICIES,
-                                    TRAIN_MODES, Config, DataConfig, MeshConfig, ModelConfig, RopeScaling, TrainConfig)
+from jaxgpt.config.sections import (ATTENTION_KINDS, DTYPES, FAMILIES, INIT_KEPT, MODEL_INITS, PRESET_KEYS, PRESETS,
+                                    REMAT_POLICIES, TRAIN_MODES, Config, DataConfig, MeshConfig, ModelConfig,
+                                    RopeScaling, TrainConfig)
 
-__all__ = ["ATTENTION_KINDS", "DTYPES", "FAMILIES", "MODEL_INITS", "PRESET_KEYS", "PRESETS", "REMAT_POLICIES", "TRAIN_MODES",
-           "Config", "DataConfig", "MeshConfig", "ModelConfig", "RopeScaling", "TrainConfig", "at_least", "from_dict",
-           "is_run_config", "load_config", "one_of", "parse_overrides", "read_yaml", "replace", "save_config",
-           "to_dict", "with_local_paths", "validate", "validate_model", "validate_train"]
+__all__ = ["ATTENTION_KINDS", "DTYPES", "FAMILIES", "INIT_KEPT", "MODEL_INITS", "PRESET_KEYS", "PRESETS",
+           "REMAT_POLICIES", "TRAIN_MODES", "Config", "DataConfig", "MeshConfig", "ModelConfig", "RopeScaling",
+           "TrainConfig", "at_least", "from_dict", "is_run_config", "load_config", "one_of", "parse_overrides",
+           "read_yaml", "replace", "save_config", "to_dict", "with_local_paths", "validate", "validate_model",
+           "validate_train"]

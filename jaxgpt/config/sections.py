@@ -117,6 +117,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 # The shape keys a later preset replaces (`jaxgpt.config.loading`); settings such as dropout,
 # qkv_bias or tie_embeddings that an earlier file gave stay.
+# The model keys a run keeps over its `--init` checkpoint's (which sets every other: its shape)
+INIT_KEPT = ("dropout", "dtype", "param_dtype", "attention", "remat", "remat_policy")
 PRESET_KEYS = frozenset({"family", "vocab_size", "context_length", "n_layer", "n_head", "n_embd", "n_kv_head", "head_size",
                          "mlp_dim", "rope_theta", "rope_scaling", "sliding_window", "sliding_window_pattern",
                          "rope_local_theta", "query_pre_attn_scalar"})

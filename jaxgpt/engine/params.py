@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxgpt.config import TRAIN_MODES
+from jaxgpt.config import INIT_KEPT, TRAIN_MODES
 from jaxgpt.errors import UserError
 from jaxgpt.models import family_of, param_shapes
 from jaxgpt.models.layers import HEAD_PARAMS  # a task head: an --init checkpoint need not have it
@@ -35,7 +35,7 @@ def init_from(spec: str, cfg):
     from jaxgpt.io.hub import resolve_init
 
     model_cfg, params = resolve_init(spec)
-    keep = {k: getattr(cfg.model, k) for k in ("dropout", "dtype", "param_dtype", "attention", "remat", "remat_policy")}
+    keep = {k: getattr(cfg.model, k) for k in INIT_KEPT}
     return dataclasses.replace(cfg, model=dataclasses.replace(model_cfg, **keep)), params
 
 
