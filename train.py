@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", help="corpus: bundled name, text file, folder of .txt, or tfds:NAME (sets data.path)")
     parser.add_argument("--out", help="run directory (default: runs/train-<timestamp>)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
-    parser.add_argument("--init", metavar="SPEC", help="start from weights: a run directory, an HF GPT-2 directory, or gpt2/gpt2-medium/...")
+    parser.add_argument("--init", metavar="SPEC", help="start from weights (their shape): a run directory, a Hugging "
+                        "Face folder or hub id, or a preset (gpt2, gpt2-medium, qwen3-0.6b, ...)")
     add_distributed_args(parser)
     return parser
 
