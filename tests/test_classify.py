@@ -222,7 +222,7 @@ def test_init_from_a_pretraining_run_last_block(tmp_path):
     from jaxgpt.config import Config, save_config
     from jaxgpt.models import init_params
     from jaxgpt.tasks.common import load_run
-    from jaxgpt.tasks.classify import ClassifyConfig
+    from jaxgpt.tasks.classify import ClassifyConfig, load_classifier
 
     m = ModelConfig(context_length=32, n_layer=2, n_head=2, n_embd=16, tie_embeddings=False)
     lm = jax.device_get(init_params(m, jax.random.key(7)))
@@ -245,6 +245,8 @@ def test_init_from_a_pretraining_run_last_block(tmp_path):
     np.testing.assert_array_equal(params["wte"]["embedding"], lm["wte"]["embedding"])
     np.testing.assert_array_equal(params["h_0"]["mlp"]["c_fc"]["kernel"], lm["h_0"]["mlp"]["c_fc"]["kernel"])
     assert not np.array_equal(params["h_1"]["mlp"]["c_fc"]["kernel"], lm["h_1"]["mlp"]["c_fc"]["kernel"])
+    with pytest.raises(UserError, match="pre is not a classification run .*python finetune.py classify"):
+        load_classifier(pre)  # `python -m jaxgpt classify --init` a pretraining run: this line, not a config error
 
 
 @pytest.mark.parametrize(

@@ -234,7 +234,7 @@ def test_resume_of_a_finished_run_rewrites_nothing(straight, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert out.strip().splitlines() == [f"{run} is finished (step 12 of 12); its results are in "
                                         f"{run / 'metrics.json'}, nothing to do (to train longer: --resume {run} "
-                                        "--set train.max_steps=N, or train.epochs=N for epochs)"], out
+                                        "--set train.max_steps=N)"], out
     assert err == "" and _snapshot(run) == before
     (run / "metrics.json").unlink()
     (run / "loss.png").unlink()
@@ -260,6 +260,13 @@ def test_a_finished_finetune_run_is_safe_too(tmp_path, capsys):
     assert finetune.main(["classify", "--resume", str(run)]) == 0
     out = capsys.readouterr().out
     assert " is finished (step 1 of 1); its results are in " in out and _snapshot(run) == before, out
+    assert out.rstrip().endswith(f"(to train longer: --resume {run} --set train.epochs=N)"), out
+    # an epochs run would ignore max_steps: refused, not silently unused
+    assert finetune.main(["classify", "--resume", str(run), "--set", "train.max_steps=5"]) == 2
+    assert _snapshot(run) == before
+    assert capsys.readouterr().err.strip() == (
+        "error: --set train.max_steps=5 has no effect while train.epochs=1 (the run counts epochs); "
+        "add --set train.epochs=0 to count steps instead")
     summary = json.loads((run / "metrics.json").read_text())
     (run / "metrics.json").unlink()
     assert finetune.main(["classify", "--resume", str(run)]) == 0

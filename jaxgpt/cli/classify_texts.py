@@ -2,7 +2,8 @@
 
 Prints one line per text: the most likely label and its probability, e.g. `spam 0.98`.
 `--file F` reads one text per line (blank lines skipped) after any TEXT arguments. LoRA
-runs are merged into plain weights first (`jaxgpt.models.lora.merge_lora`).
+runs are merged into plain weights first (`jaxgpt.models.lora.merge_lora`). RUN may also be a
+Hugging Face `*ForSequenceClassification` folder (`python -m jaxgpt export` of a run writes one).
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from jaxgpt.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxgpt classify", description=__doc__.split("\n")[0])
-    parser.add_argument("--init", metavar="RUN", required=True, help="a `finetune.py classify` run directory")
+    parser.add_argument("--init", metavar="RUN", required=True,
+                        help="a `finetune.py classify` run, or a Hugging Face *ForSequenceClassification folder")
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     parser.add_argument("--file", help="a UTF-8 file with one text per line")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -38,8 +40,8 @@ def main(argv=None) -> int:
 
     from jaxgpt.tasks.classify import load_classifier, predict
 
-    cfg, params, labels, max_length = load_classifier(args.init)
-    for label, prob in predict(cfg, params, labels, max_length, texts, args.batch_size):
+    model_cfg, params, labels, max_length = load_classifier(args.init)
+    for label, prob in predict(model_cfg, params, labels, max_length, texts, args.batch_size):
         print(f"{label} {prob:.2f}")
     return 0
 

@@ -144,11 +144,13 @@ def load_task_config(args: argparse.Namespace, cls, default_path: Path, parser: 
         if not path.is_file():
             raise UserError(f"--resume {args.resume}: not a run directory (no config.yaml)")
         cfg = load_config(path, overrides, cls=cls)
+        check_step_overrides(cfg, args.overrides)
         validate_finetune(cfg)
         return cfg, Path(args.resume), True
     model_file = getattr(args, "model_config", None)
     cfg = load_config(args.config or default_path, overrides, cls=cls, model_file=model_file)
     check_init_overrides(cfg.finetune.init, args.overrides, model_file)
+    check_step_overrides(cfg, args.overrides)
     validate_finetune(cfg)
     return cfg, Path(args.out) if args.out else None, False
 
@@ -165,6 +167,18 @@ def check_init_overrides(init: str, overrides: Sequence[str], model_file: str | 
         if key.startswith("model.") and key.removeprefix("model.") not in INIT_KEPT:
             raise UserError(f"--set {key}: the model's shape comes from --init {init}; with --init only "
                             f"{', '.join('model.' + k for k in INIT_KEPT)} can be set")
+
+
+def check_step_overrides(cfg, overrides: Sequence[str]) -> None:
+    """A run of `train.epochs` > 0 counts its steps in epochs: a `--set train.max_steps` or
+    `train.eval_interval` it would ignore is refused (one line) rather than silently unused."""
+    if cfg.train.epochs <= 0:
+        return
+    for override in overrides:
+        key = override.split("=", 1)[0].strip()
+        if key in ("train.max_steps", "train.eval_interval"):
+            raise UserError(f"--set {override.strip()} has no effect while train.epochs={cfg.train.epochs} "
+                            f"(the run counts epochs); add --set train.epochs=0 to count steps instead")
 
 
 def read_lines(path: str | Path, flag: str) -> list[str]:

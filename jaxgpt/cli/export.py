@@ -2,17 +2,21 @@
 
 SPEC is anything `--init` accepts (a jaxgpt run directory, a Hugging Face or OpenAI GPT-2
 directory, or a preset such as `gpt2`). OUTDIR receives config.json and model.safetensors
-(`jaxgpt.io.hf_export.export_hf`); LoRA adapters are merged first. A non-empty OUTDIR is refused
-unless --force, which replaces only a previous export.
+(`jaxgpt.io.hf_export.export_hf`); LoRA adapters are merged first. A language model is written
+as the family's *ForCausalLM (PPO's value head left out); a classify run (with its labels) or a
+reward run as its *ForSequenceClassification. A non-empty OUTDIR is refused unless --force,
+which replaces only a previous export.
 """
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Sequence
 
 from jaxgpt.cli.common import exit_on_user_error, main_entry
-from jaxgpt.io.hf_export import check_export_dir, export_hf
+from jaxgpt.io.hf_export import check_export_dir, export_hf, score_classes
 from jaxgpt.io.hub import ACCEPTED, resolve_init
+from jaxgpt.tasks.classify import class_labels
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxgpt export", description=__doc__.split("\n\n")[0])
@@ -29,9 +33,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_export_dir(args.to_hf, args.force, source=args.init)  # fail before a long load, not after
     config, params = resolve_init(args.init)
-    out = export_hf(params, config, args.to_hf, force=args.force)
-    print(f"wrote {out} (config.json, model.safetensors): n_layer={config.n_layer} n_head={config.n_head} "
-          f"n_embd={config.n_embd} vocab_size={config.vocab_size} tied={config.tie_embeddings}")
+    labels = class_labels(args.init) if score_classes(params) > 1 else None
+    out = export_hf(params, config, args.to_hf, force=args.force, labels=labels)
+    what = json.loads((out / "config.json").read_text())["architectures"][0]
+    print(f"wrote {out} (config.json, model.safetensors) as {what}: n_layer={config.n_layer} n_head={config.n_head} "
+          f"n_embd={config.n_embd} vocab_size={config.vocab_size} tied={config.tie_embeddings}"
+          + (f" labels={','.join(labels)}" if labels else ""))
     return 0
 
 

@@ -31,10 +31,16 @@ from jaxgpt.errors import UserError
 def load_init(spec: str) -> tuple[ModelConfig, Any]:
     """`--init` -> (ModelConfig, plain params) through `jaxgpt.io.hub.resolve_init`: run
     directories (a LoRA run comes merged with its own alpha), Hugging Face or OpenAI
-    directories, and preset names like "gpt2"."""
+    directories, and preset names like "gpt2". A model with no LM head (an untied classifier
+    or reward model: its `score` head replaced it) is one line, not a traceback mid-way."""
+    from jaxgpt.io.hf_export import score_classes
     from jaxgpt.io.hub import resolve_init
 
-    return resolve_init(spec)
+    config, params = resolve_init(spec)
+    if not config.tie_embeddings and "lm_head" not in params:
+        kind = {0: "a model without one", 1: "a reward model"}.get(score_classes(params), "a classifier")
+        raise UserError(f"--init {spec} has no language-model head (lm_head): it is {kind}; give a language model")
+    return config, params
 
 
 def get_tokenizer(config: ModelConfig):

@@ -176,8 +176,9 @@ def run_loop(start: Start, run: RunDir, stop_after: int | None, started: float,
         done = finished_results(run, start)
         where = f"{run.path} is finished ({unit} {start.iteration} of {start.schedule.iterations})"
         if done is not None:
+            longer = "train.epochs=N" if getattr(t, "epochs", 0) > 0 else "train.max_steps=N"
             log(f"{where}; its results are in {run.path / 'metrics.json'}, nothing to do (to train longer: "
-                f"--resume {run.path} --set train.max_steps=N, or train.epochs=N for epochs)")
+                f"--resume {run.path} --set {longer})")
             return done
         log(f"{where}; writing its missing results from the last checkpoint")
     mode = f", {task.trainable:,} trainable ({task.cfg.finetune.train_mode})" if hasattr(task.cfg, "finetune") else ""

@@ -2,11 +2,12 @@
 `python -m jaxgpt export` (`jaxgpt.cli.export`).
 
 The folder receives config.json and model.safetensors (the family's names and config,
-`jaxgpt.models.family.Family`), loadable with `transformers.AutoModelForCausalLM.from_pretrained(OUTDIR)`. The export is written to a temporary
-directory and renamed into place, so an interrupted run leaves no half-written OUTDIR; a
-non-empty OUTDIR is refused unless `force`, which replaces only a previous export (a folder of
-config.json and model.safetensors alone), never the working folder, a folder above it, or the
-source weights.
+`jaxgpt.models.family.Family`), loadable with `transformers.AutoModelForCausalLM.from_pretrained`;
+a classifier or reward model (a `score` head) with `AutoModelForSequenceClassification`. The
+export is written to a temporary directory and renamed into place, so an interrupted run
+leaves no half-written OUTDIR; a non-empty OUTDIR is refused unless `force`, which replaces
+only a previous export (a folder of config.json and model.safetensors alone), never the
+working folder, a folder above it, or the source weights.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -24,11 +25,18 @@ from flax import traverse_util
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.models.lora import has_lora
-from jaxgpt.io.hf_load import check_params
+from jaxgpt.io.hf_load import SCORE_KEY, check_params
 from jaxgpt.models import family_of
 from jaxgpt.text.tokenizer import TOKENIZER_FILES
 
 Params = dict[str, Any]
+CRITIC = "value_head"  # PPO's value head: trains beside the policy, is not part of the model an export holds
+
+
+def score_classes(params: Params) -> int:
+    """The classes of a `score` head (a classifier's; 1: a reward model's); 0 for a language model."""
+    score = params.get("score") if hasattr(params, "get") else None
+    return int(np.shape(score["kernel"])[-1]) if score else 0
 
 
 def config_to_hf(config: ModelConfig) -> dict[str, Any]:
@@ -42,19 +50,21 @@ def hf_tensors(params: Params, config: ModelConfig) -> dict[str, tuple[tuple[int
     C-contiguous numpy (so a writer can hold one tensor at a time).
 
     Tied models store only the token embedding (as `save_pretrained` does; the head is re-tied
-    on load). Untied models add `lm_head.weight` `[V, d]`. Kernels HF stores as `[out, in]`
-    are transposed (`Family.hf_key`); tensors HF expects that the family does not hold are
-    zeros (`Family.hf_extra_tensors`: GPT-2's c_attn bias with `qkv_bias=False`, exactly the
-    same function).
+    on load). Untied models add `lm_head.weight` `[V, d]`; a classifier or reward model has
+    `score.weight` `[classes, d]` instead (`*ForSequenceClassification`). PPO's value head is
+    left out. Kernels HF stores as `[out, in]` are transposed (`Family.hf_key`); tensors HF
+    expects that the family does not hold are zeros (`Family.hf_extra_tensors`: GPT-2's c_attn
+    bias with `qkv_bias=False`, exactly the same function).
     """
     if has_lora(params):
         raise UserError("params hold LoRA adapters (lora_a/lora_b): merge them first with "
                         "jaxgpt.models.lora.merge_lora(params, run_config.lora) (--init RUN does this)")
-    check_params(params, config)
+    params = {k: v for k, v in params.items() if k != CRITIC}
+    check_params(params, config, num_classes=score_classes(params))
     family = family_of(config)
     out: dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]] = {}
     for path, value in traverse_util.flatten_dict(params).items():
-        key, transpose = family.hf_key(path)
+        key, transpose = (SCORE_KEY, True) if path == ("score", "kernel") else family.hf_key(path)
 
         def load(value=value, transpose=transpose):
             a = np.asarray(jax.device_get(value), dtype=np.float32)
@@ -134,12 +144,36 @@ def check_export_dir(out_dir: str | Path, force: bool = False, source: str | Pat
     return out
 
 
-def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *, force: bool = False) -> Path:
+def classifier_config(config: ModelConfig, classes: int, labels: Sequence[str] | None) -> dict[str, Any]:
+    """What config.json adds for a `score` head: the `*ForSequenceClassification` class, the
+    label names and the padding id.
+
+    transformers reads the score at each row's last token that is not `pad_token_id`. A
+    classifier reads it at a text's last token, rows right-padded: the same. A reward model
+    reads it at the eos that ends each sequence; where that eos is also the padding (GPT-2's
+    `<|endoftext|>`) config.json gets no `pad_token_id`, and transformers then scores the last
+    token of one unpadded row at a time (it refuses a batch)."""
+    from jaxgpt.text.tokenizer import tokenizer_of
+
+    names = [str(n) for n in labels] if labels else [f"LABEL_{i}" for i in range(classes)]
+    if len(names) != classes or len(set(names)) != classes:
+        raise UserError(f"labels {names} do not name the {classes} classes of the score head once each")
+    tok = tokenizer_of(config)
+    return {"architectures": [family_of(config).hf_classifier],
+            "id2label": {str(i): n for i, n in enumerate(names)}, "label2id": {n: i for i, n in enumerate(names)},
+            "pad_token_id": None if classes == 1 and tok.pad_id == tok.eos_id else tok.pad_id}
+
+
+def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *, force: bool = False,
+              labels: Sequence[str] | None = None) -> Path:
     """Write a Hugging Face model directory: config.json + model.safetensors, and the model's
     tokenizer files when it has its own (`model.tokenizer` a folder; its eos and bos ids go
     into config.json).
 
-    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it. Files are written into
+    `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it; params with a `score`
+    head (a classifier, `labels` its class names; a reward model) are written as the family's
+    `*ForSequenceClassification` (`classifier_config`), which `AutoModelForSequenceClassification`
+    loads. Files are written into
     a temporary sibling directory that is renamed into place, so an interrupted export
     leaves nothing half-written at `out_dir`. A non-empty `out_dir` is refused unless
     `force`, in which case it is replaced as a whole, and only if it holds nothing but a
@@ -160,6 +194,8 @@ def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *,
             for name in TOKENIZER_FILES:
                 if (tok.folder / name).is_file():
                     shutil.copyfile(tok.folder / name, tmp / name)
+        if score_classes(params):
+            hf_config.update(classifier_config(model_config, score_classes(params), labels))
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
         mask = os.umask(0)

@@ -33,6 +33,7 @@ from jaxgpt.models import FAMILY_MODULES, family_of, get_family, param_shapes
 from jaxgpt.models.family import Family, Target
 
 Params = dict[str, Any]
+SCORE_KEY = "score.weight"  # every family's *ForSequenceClassification head, `[classes, d]`
 
 
 def family_of_hf(hf: Mapping[str, Any], where: str = "config.json") -> Family:
@@ -50,6 +51,16 @@ def family_of_hf(hf: Mapping[str, Any], where: str = "config.json") -> Family:
 def config_from_hf(hf: Mapping[str, Any], where: str = "config.json") -> ModelConfig:
     """A `ModelConfig` from a Hugging Face config.json dict (its family's reader)."""
     return family_of_hf(hf, where).config_from_hf(hf, where)
+
+
+def hf_class_labels(hf: Mapping[str, Any]) -> list[str] | None:
+    """The class names, in id order, of a `*ForSequenceClassification` config.json (its `id2label`;
+    transformers' default of two `LABEL_i`); None for a language model. Such a checkpoint holds
+    `score.weight [classes, d]` in place of the LM head (jaxgpt's `score/kernel`)."""
+    if not any(str(a).endswith("ForSequenceClassification") for a in hf.get("architectures") or ()):
+        return None
+    id2label = {str(k): str(v) for k, v in (hf.get("id2label") or {}).items()}
+    return [id2label.get(str(i), f"LABEL_{i}") for i in range(len(id2label) or 2)]
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -107,6 +118,7 @@ def convert_tensors(
     config: ModelConfig,
     target: Callable[[str], Target | None] | None,
     source: str,
+    num_classes: int = 0,
 ) -> Params:
     """Assemble jaxgpt params for `config` from a stream of checkpoint tensors.
 
@@ -115,14 +127,15 @@ def convert_tensors(
     and put on the default device; the host copy is then dropped. Any unknown, duplicate,
     missing or mis-shaped tensor is a one-line `UserError` naming it (and both shapes). For
     tied configs an `lm_head.weight` is accepted only if it equals the token embedding.
+    `num_classes` > 0: a classifier, `score.weight` in place of the LM head (`hf_class_labels`).
     """
     family = family_of(config)
     target = target or family.hf_target
-    expected = traverse_util.flatten_dict(param_shapes(config))
+    expected = traverse_util.flatten_dict(param_shapes(config, num_classes=num_classes))
     out: dict[tuple[str, ...], Any] = {}
     tied_head: np.ndarray | None = None
     for t in tensors:
-        tgt = target(t.name)
+        tgt = Target(("score", "kernel"), "T") if t.name == SCORE_KEY else target(t.name)
         if tgt is None:
             raise UserError(f"{source}: unexpected tensor {t.name} {_fmt(t.shape)} (not a {family.name} parameter)")
         if tgt.path is None:
@@ -157,10 +170,10 @@ def convert_tensors(
     return traverse_util.unflatten_dict(out)
 
 
-def check_params(params: Params, config: ModelConfig, source: str = "params") -> None:
-    """Raise a one-line `UserError` unless `params` has exactly `param_shapes(config)`."""
+def check_params(params: Params, config: ModelConfig, source: str = "params", num_classes: int = 0) -> None:
+    """Raise a one-line `UserError` unless `params` has exactly `param_shapes(config, num_classes=...)`."""
     have = traverse_util.flatten_dict(params)
-    want = traverse_util.flatten_dict(param_shapes(config))
+    want = traverse_util.flatten_dict(param_shapes(config, num_classes=num_classes))
     for path, spec in sorted(want.items(), key=lambda kv: (kv[0][:-1], kv[0][-1] == "bias")):
         name = "/".join(path)
         if path not in have:
@@ -207,7 +220,8 @@ def load_hf_state_dict(state_dict: Mapping[str, Any], hf_config: Mapping[str, An
     if not isinstance(hf_config, Mapping):
         hf_config = hf_config.to_dict()
     config = config_from_hf(hf_config)
-    return config, convert_tensors(_torch_tensors(state_dict), config, None, source)
+    classes = len(hf_class_labels(hf_config) or ())
+    return config, convert_tensors(_torch_tensors(state_dict), config, None, source, classes)
 
 
 def _load_torch_bin(bin_file: Path) -> Mapping[str, Any]:
@@ -251,7 +265,9 @@ def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
     model.safetensors (or a sharded model.safetensors.index.json, or pytorch_model.bin when
     torch is installed)."""
     path = Path(path)
-    config = config_from_hf(read_json(path / "config.json"), str(path / "config.json"))
+    hf = read_json(path / "config.json")
+    config = config_from_hf(hf, str(path / "config.json"))
+    classes = len(hf_class_labels(hf) or ())  # a classifier: its score head in place of the LM head
     if config.family != "gpt2" and (path / "tokenizer.json").is_file():  # GPT-2 keeps tiktoken
         config = dataclasses.replace(config, tokenizer=str(path.resolve()))
     index = path / "model.safetensors.index.json"
@@ -267,7 +283,7 @@ def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
         files = []
     if files:
         try:
-            return config, convert_tensors(_safetensors_tensors(files), config, None, str(files[0]))
+            return config, convert_tensors(_safetensors_tensors(files), config, None, str(files[0]), classes)
         except UserError:
             raise
         except Exception as e:  # a truncated or corrupt file
@@ -280,5 +296,5 @@ def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
             raise UserError(f"{bin_file} needs torch to read (pip install torch), or convert it to "
                             "model.safetensors") from None
         state = _load_torch_bin(bin_file)
-        return config, convert_tensors(_torch_tensors(state), config, None, str(bin_file))
+        return config, convert_tensors(_torch_tensors(state), config, None, str(bin_file), classes)
     raise UserError(f"{path} has config.json but no model.safetensors (or pytorch_model.bin) next to it")

@@ -11,7 +11,7 @@ differs. The engine, tasks, sampling, sharding and weight I/O use only these:
     flops_per_token(config, seq, training)               for MFU
     logical_axes(path, shape)                            names per dimension, for sharding
     validate(config)                                     settings this family cannot build
-    config_from_hf / config_to_hf / hf_target / hf_key   the Hugging Face converter
+    config_from_hf / config_to_hf / hf_target / hf_key   the Hugging Face converter (`hf_classifier`: with `score`)
     torch_config / torch_model(config)                   the transformers twin (parity tests)
 
 Parameter names are the checkpoint's own (GPT-2: `wte`, `h_0/attn/c_attn`; Llama: `embed_tokens`,
@@ -52,6 +52,7 @@ class Family:
     hf_model_type: ClassVar[str]  # config.json's model_type (what an export writes)
     hf_model_types_read: ClassVar[tuple[str, ...]] = ()  # more model_types it loads (Gemma 3's multimodal)
     hf_architecture: ClassVar[str]  # config.json's architectures[0] / the transformers class
+    hf_classifier: ClassVar[str]  # the same with a `score` head (*ForSequenceClassification): a classifier's export
     sliding_window_layers: ClassVar[bool] = False  # reads model.sliding_window, query_pre_attn_scalar (Gemma 3)
 
     # -- the module ------------------------------------------------------------------------

@@ -127,6 +127,7 @@ class Gemma3Family(LlamaFamily):
     module = Gemma3
     hf_model_type = "gemma3_text"
     hf_architecture = "Gemma3ForCausalLM"
+    hf_classifier = "Gemma3TextForSequenceClassification"
     hf_model_types_read = ("gemma3",)  # Gemma3ForConditionalGeneration: its language model
     sliding_window_layers = True
 

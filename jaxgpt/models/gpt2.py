@@ -181,6 +181,7 @@ class GPT2Family(Family):
     )
     hf_model_type = "gpt2"
     hf_architecture = "GPT2LMHeadModel"
+    hf_classifier = "GPT2ForSequenceClassification"
 
     def layer_matmul_params(self, config) -> int:
         return 12 * config.n_embd * config.n_embd

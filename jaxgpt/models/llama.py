@@ -166,6 +166,7 @@ class LlamaFamily(Family):
     )
     hf_model_type = "llama"
     hf_architecture = "LlamaForCausalLM"
+    hf_classifier = "LlamaForSequenceClassification"
 
     def layer_matmul_params(self, config) -> int:
         d, hd = config.n_embd, config.head_dim

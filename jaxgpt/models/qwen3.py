@@ -23,6 +23,7 @@ class Qwen3Family(LlamaFamily):
     module = Qwen3
     hf_model_type = "qwen3"
     hf_architecture = "Qwen3ForCausalLM"
+    hf_classifier = "Qwen3ForSequenceClassification"
 
     def config_from_hf(self, hf: Mapping[str, Any], where: str = "config.json"):
         """Llama's reader; Qwen3's sliding-window attention (`use_sliding_window`, off in every

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from jaxgpt.engine import is_main_process
-from jaxgpt.config import at_least
+from jaxgpt.config import ModelConfig, at_least
 from jaxgpt.data.classification import (ClassifyDataConfig, encode_texts, load_classification, pad_batch,
                                          validate_data)
 from jaxgpt.engine import Plot
@@ -95,23 +95,43 @@ finetune_classifier = functools.partial(train, Classify)
 # Prediction
 
 
-def load_classifier(run_dir: str | Path) -> tuple[ClassifyConfig, Any, list[str], int]:
-    """`(cfg, plain params, labels, max_length)` of a classify run (LoRA adapters merged)."""
-    run_dir = Path(run_dir)
-    cfg, params = common.load_run(run_dir, ClassifyConfig)
-    path = run_dir / LABELS_FILE
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a classification run (no {LABELS_FILE})")
-    meta = json.loads(path.read_text())
-    return cfg, params, list(meta["labels"]), int(meta["max_length"])
+def load_classifier(spec: str | Path) -> tuple[ModelConfig, Any, list[str], int]:
+    """`(model_cfg, plain params, labels, max_length)` of a classify run (LoRA adapters merged)
+    or of a Hugging Face `*ForSequenceClassification` folder (an export of one, or the hub's)."""
+    from jaxgpt.io.hf_load import hf_class_labels, load_hf_dir, read_json
+
+    path = Path(spec)
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        labels = hf_class_labels(read_json(path / "config.json"))
+        if not labels or len(labels) < 2:
+            what = "a reward model (one score): use `python -m jaxgpt reward`" if labels else "a language model"
+            raise UserError(f"{path} is not a classifier: its config.json is {what}")
+        model_cfg, params = load_hf_dir(path)
+        return model_cfg, params, labels, model_cfg.context_length
+    labels_file = path / LABELS_FILE
+    # Checked before the config is read: another task's config.yaml fails as a ClassifyConfig, less clearly.
+    if (path / "config.yaml").is_file() and not labels_file.is_file():
+        raise UserError(f"{path} is not a classification run (no {LABELS_FILE}); "
+                        "train one with `python finetune.py classify`")
+    cfg, params = common.load_run(path, ClassifyConfig)
+    meta = json.loads(labels_file.read_text())
+    return cfg.model, params, list(meta["labels"]), int(meta["max_length"])
 
 
-def predict(cfg: ClassifyConfig, params, labels: Sequence[str], max_length: int, texts: Sequence[str],
+def class_labels(spec: str | Path) -> list[str] | None:
+    """The class names of a classify run (`labels.json`), None for any other run or folder."""
+    path = Path(spec) / LABELS_FILE
+    return list(json.loads(path.read_text())["labels"]) if path.is_file() else None
+
+
+def predict(model_cfg: ModelConfig, params, labels: Sequence[str], max_length: int, texts: Sequence[str],
             batch_size: int = 32) -> list[tuple[str, float]]:
-    """`(label, probability)` of the most likely class of each text (truncated to max_length)."""
+    """`(label, probability)` of the most likely class of each text (its first `max_length`
+    tokens, in the model's own tokenizer)."""
     from jaxgpt.models import build_model
+    from jaxgpt.text.tokenizer import tokenizer_of
 
-    model = build_model(cfg.model, num_classes=len(labels))  # params are merged: no LoRA attribute
+    model = build_model(model_cfg, num_classes=len(labels))  # params are merged: no LoRA attribute
 
     @jax.jit
     def probs(params, tokens, lengths):
@@ -119,10 +139,12 @@ def predict(cfg: ClassifyConfig, params, labels: Sequence[str], max_length: int,
         return jax.nn.softmax(logits, axis=-1)
 
     out = []
-    ids = encode_texts(list(texts), max_length)
+    tokenizer = tokenizer_of(model_cfg)
+    ids = encode_texts(list(texts), max_length, tokenizer)
+    width = max(map(len, ids))  # rows padded to the longest text (causal: padding never changes a row's logits)
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
-        tokens, lengths = pad_batch(chunk + [[0]] * (batch_size - len(chunk)), max_length)
+        tokens, lengths = pad_batch(chunk + [[tokenizer.eos_id]] * (batch_size - len(chunk)), width, tokenizer.pad_id)
         p = np.asarray(probs(params, tokens, lengths))[: len(chunk)]
         out.extend((labels[int(i)], float(row[i])) for row, i in zip(p, p.argmax(-1)))
     return out

@@ -71,22 +71,28 @@ class _RewardRun:
 
 
 def load_reward_model(run_dir: str | Path) -> tuple[ModelConfig, Any]:
-    """`(model_cfg, params)` of a reward run's latest checkpoint: plain params (LoRA adapters
-    merged) with a `score/kernel [n_embd, 1]` head, for `reward_scores`."""
+    """`(model_cfg, params)` of a reward run's latest checkpoint (plain params: LoRA adapters
+    merged), or of a Hugging Face `*ForSequenceClassification` folder with one label (a reward
+    run's export), with a `score/kernel [n_embd, 1]` head, for `reward_scores`."""
     from jaxgpt.io import checkpoint
+    from jaxgpt.io.hf_load import load_hf_dir
     from jaxgpt.models.lora import has_lora, merge_lora
 
     run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file():
+    if (run_dir / "config.json").is_file() and not (run_dir / "config.yaml").is_file():
+        model_cfg, params = load_hf_dir(run_dir)
+    elif not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a jaxgpt run directory (no config.yaml)")
-    cfg, params = checkpoint.load_params(run_dir, config_cls=_RewardRun)
-    if has_lora(params):
-        params = merge_lora(params, cfg.lora)
+    else:
+        cfg, params = checkpoint.load_params(run_dir, config_cls=_RewardRun)
+        if has_lora(params):
+            params = merge_lora(params, cfg.lora)
+        model_cfg = cfg.model
     kernel = params.get("score", {}).get("kernel") if hasattr(params, "get") else None
-    if kernel is None or tuple(np.shape(kernel)) != (cfg.model.n_embd, 1):
-        raise UserError(f"{run_dir} is not a reward-model run (no score head [{cfg.model.n_embd}, 1]); "
+    if kernel is None or tuple(np.shape(kernel)) != (model_cfg.n_embd, 1):
+        raise UserError(f"{run_dir} is not a reward-model run (no score head [{model_cfg.n_embd}, 1]); "
                         "train one with `python finetune.py reward`")
-    return cfg.model, params
+    return model_cfg, params
 
 
 class Reward(SplitTask):
