@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jaxgpt.cli.common import (add_config_args, add_distributed_args, check_init_overrides, exit_on_user_error,
-                               initialize_distributed)
+from jaxgpt.cli.common import (add_config_args, add_distributed_args, check_init_overrides, check_resume_overrides,
+                               exit_on_user_error, initialize_distributed)
 from jaxgpt.config import load_config
 from jaxgpt.cli.hostmem import reexec_with_huge_pages
 
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
         if args.config or args.model_config or args.out or args.init:
             parser.error("--resume takes its config and directory from the run; use only --set with it")
         RunDir(args.resume, resume=True)  # one line when RUN holds no checkpoint, before its config is read
+        check_resume_overrides(args.overrides, args.resume)
         pretrain.pretrain(read_run_config(args.resume, overrides_of(args)), args.resume, resume=True)
         return 0
     pretrain.pretrain(config_of(args), args.out, init=args.init)

@@ -236,6 +236,9 @@ def test_resume_of_a_finished_run_rewrites_nothing(straight, tmp_path, capsys):
                                         f"{run / 'metrics.json'}, nothing to do (to train longer: --resume {run} "
                                         "--set train.max_steps=N)"], out
     assert err == "" and _snapshot(run) == before
+    assert _train(["--resume", run, "--set", "model.n_embd=64"]) == 2  # the checkpoint fixes the shape: one line
+    assert capsys.readouterr().err.startswith("error: --set model.n_embd: a resumed run keeps its checkpoint's "
+                                              "model shape") and _snapshot(run) == before
     (run / "metrics.json").unlink()
     (run / "loss.png").unlink()
     assert _train(["--resume", run]) == 0
@@ -261,6 +264,9 @@ def test_a_finished_finetune_run_is_safe_too(tmp_path, capsys):
     out = capsys.readouterr().out
     assert " is finished (step 1 of 1); its results are in " in out and _snapshot(run) == before, out
     assert out.rstrip().endswith(f"(to train longer: --resume {run} --set train.epochs=N)"), out
+    for change in ("finetune.train_mode=lora", "lora.rank=4"):  # the checkpoint fixes them: one line each
+        assert finetune.main(["classify", "--resume", str(run), "--set", change]) == 2
+        assert f"--set {change.split('=')[0]}: a resumed run keeps" in capsys.readouterr().err
     # an epochs run would ignore max_steps: refused, not silently unused
     assert finetune.main(["classify", "--resume", str(run), "--set", "train.max_steps=5"]) == 2
     assert _snapshot(run) == before
