@@ -107,6 +107,32 @@ def test_folder_corpus(tmp_path):
     assert toks.tolist() == expected
 
 
+def test_jsonl_corpora_and_folders_of_them(tmp_path):
+    """Each line's data.text_field is a document (blank lines and empty texts skipped), .gz the
+    same; another text field is another token file; a folder mixes .txt and .jsonl(.gz)."""
+    import gzip
+
+    e = tokenizer.encode
+    lines = [{"text": "First record.", "body": "b1"}, {"text": "", "body": "b2"}, {"text": "caf\u00e9\n<|endoftext|>x"}]
+    body = "\n".join(json.dumps(r) for r in lines[:2]) + "\n\n" + json.dumps(lines[2]) + "\n"
+    (tmp_path / "c.jsonl").write_text(body)
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(body.encode()))
+    want = e("First record.") + [EOT] + e("caf\u00e9\n<|endoftext|>x")
+    assert prepare_tokens(str(tmp_path / "c.jsonl"), tmp_path / "cache").tolist() == want
+    assert prepare_tokens(str(tmp_path / "c.jsonl.gz"), tmp_path / "cache").tolist() == want
+    two = tmp_path / "two.jsonl"
+    two.write_text("\n".join(json.dumps(r) for r in lines[:2]))
+    assert prepare_tokens(str(two), tmp_path / "cache", "body").tolist() == e("b1") + [EOT] + e("b2")
+    assert prepare_tokens(str(two), tmp_path / "cache").tolist() == e("First record.")
+    assert len(list((tmp_path / "cache").glob("two-*.bin"))) == 2  # one token file per text field
+    root = tmp_path / "docs"
+    (root / "sub").mkdir(parents=True)
+    (root / "a.txt").write_text("A text file.")
+    (root / "b.jsonl.gz").write_bytes(gzip.compress(body.encode()))
+    (root / "sub" / "notes.md").write_text("not a corpus file")
+    assert prepare_tokens(str(root), tmp_path / "cache").tolist() == e("A text file.") + [EOT] + want
+
+
 def test_streaming_chunks_equal_one_shot(tmp_path):
     rnd = random.Random(0)
     parts = ["the", "Verdict", "naïve", "日本", "🙂", "1234", "'s", "<|endoftext|>", "!!", ",",
@@ -128,7 +154,8 @@ def test_streaming_chunks_equal_one_shot(tmp_path):
     assert tokenizer.encode("a\n\n") + tokenizer.encode("b") != tokenizer.encode("a\n\nb")
 
 
-@pytest.mark.parametrize("kind", ["missing", "unknown-name", "empty-file", "blank-only", "no-txt", "not-utf8"])
+@pytest.mark.parametrize("kind", ["missing", "unknown-name", "empty-file", "blank-only", "no-txt", "not-utf8",
+                                  "jsonl-no-field", "jsonl-not-text", "jsonl-bad-line"])
 def test_source_errors(tmp_path, kind):
     if kind == "missing":
         spec, match = str(tmp_path / "nope.txt"), "neither a bundled corpus .*the-verdict"
@@ -143,14 +170,21 @@ def test_source_errors(tmp_path, kind):
         spec, match = str(tmp_path / "d"), "is empty"
     elif kind == "no-txt":
         (tmp_path / "d").mkdir()
-        spec, match = str(tmp_path / "d"), "has no .txt files"
+        spec, match = str(tmp_path / "d"), "has no .txt or .jsonl files"
+    elif kind.startswith("jsonl"):
+        good = '{"text": "fine"}\n' * 3
+        bad = {"jsonl-no-field": ('{"body": "x"}\n', r"line 1 has no field 'text' \(fields: body\); set data.text_field"),
+               "jsonl-not-text": ('{"text": ["x"]}\n', "line 1: field 'text' is list, not text"),
+               "jsonl-bad-line": (good + '{"text": "x"\n', "line 4 is not valid JSON")}[kind]
+        (tmp_path / "c.jsonl").write_text(bad[0])
+        spec, match = str(tmp_path / "c.jsonl"), bad[1]
     else:
         (tmp_path / "b.txt").write_bytes(b"ok \xff\xfe bad")
         spec, match = str(tmp_path / "b.txt"), "not UTF-8"
     with pytest.raises(UserError, match=match) as e:
         prepare_tokens(spec, tmp_path / "cache")
     assert "\n" not in str(e.value)
-    assert not list((tmp_path / "cache").glob("*.bin")) if (tmp_path / "cache").exists() else True
+    assert not any((tmp_path / "cache").iterdir()) if (tmp_path / "cache").exists() else True  # no temporaries either
 
 
 def test_load_splits_from_config(tmp_path):

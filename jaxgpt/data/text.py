@@ -9,12 +9,14 @@ Two ways of reading, on purpose:
 * `read_text` (records: JSON, JSONL, CSV, TSV) keeps newlines as they are (`newline=""`) and
   gunzips `.gz`, because a record's bytes are its content (a CSV field may hold `\\r\\n`);
 * `read_text_chunks` (corpora to tokenize) reads with universal newlines, as the book reads
-  `the-verdict.txt`, and never holds the whole file: a corpus may be larger than memory.
+  `the-verdict.txt`, and never holds the whole file: a corpus may be larger than memory;
+  `jsonl_documents` reads a JSON Lines corpus a line (one document) at a time.
 """
 from __future__ import annotations
 
 import gzip
 import io
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +124,42 @@ def read_text_chunks(path: Path, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
         raise UserError(f"cannot read {path}: {e.strerror}") from None
     if carry:
         yield carry
+
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")  # corpora of one JSON object a line, its `data.text_field` a document
+
+
+def is_jsonl(path: Path) -> bool:
+    return path.name.lower().endswith(JSONL_SUFFIXES)
+
+
+def jsonl_documents(path: Path, text_field: str, max_chars: int = CHUNK_CHARS) -> Iterator[Iterator[str]]:
+    """Each record's `text_field` of a JSON Lines corpus (`.jsonl`, `.jsonl.gz`) as one document
+    of safe-cut pieces, read a line at a time (blank lines skipped), so the file may be larger
+    than memory. A line that is not a JSON object holding that text is a one-line error."""
+    n = 0
+    try:
+        with open_text(path) as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path} line {n} is not valid JSON ({e.msg}, column {e.colno}); a .jsonl "
+                                    "corpus holds one JSON object a line") from None
+                if not isinstance(record, dict) or text_field not in record:
+                    have = f"fields: {', '.join(sorted(record))}" if isinstance(record, dict) else type(record).__name__
+                    raise UserError(f"{path} line {n} has no field {text_field!r} ({have}); set data.text_field")
+                text = record[text_field]
+                if not isinstance(text, str):
+                    raise UserError(f"{path} line {n}: field {text_field!r} is {type(text).__name__}, not text; "
+                                    "set data.text_field")
+                yield split_text(text, max_chars)
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text (line {n + 1}, byte {e.start} of it); convert it to UTF-8") from None
+    except (OSError, EOFError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------

@@ -3,14 +3,16 @@
 A *source* (`data.path`) is one of
 
 * a bundled corpus name (`"the-verdict"`, see `jaxgpt.data.bundled`),
-* a UTF-8 text file,
-* a folder: every `*.txt` below it, recursively, in sorted relative-path order,
+* a UTF-8 text file (one document),
+* a JSON Lines file (`.jsonl`, `.jsonl.gz`): each line's `text_field` is a document,
+* a folder: every `*.txt`, `*.jsonl` and `*.jsonl.gz` below it, recursively, in sorted
+  relative-path order,
 * `"tfds:NAME"` or `"tfds:NAME:SPLIT"` (split defaults to `train`; NAME may carry a config
   and version, `"tfds:wiki/en:1.0.0:train[:10%]"`), read with `tensorflow_datasets.data_source`
   (random access over array_record; no TensorFlow). Each record's `text_field` is a document.
 
 Text is encoded with the run's tokenizer (`jaxgpt.text.tokenizer`; default GPT-2's).
-Documents (folder files, tfds records) are joined with one end-of-text token (the
+Documents (folder files, JSON Lines and tfds records) are joined with one end-of-text token (the
 tokenizer's eos, GPT-2's `<|endoftext|>` 50256) between them, none before the first or after
 the last; a single file is one document, so its tokens are exactly `tokenizer.encode(file_text)`
 (a literal `<|endoftext|>` in the text is the special token, as in the book's `GPTDatasetV1`).
@@ -44,7 +46,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from jaxgpt.data import bundled as datasets
-from jaxgpt.data.text import CHUNK_CHARS, Source, read_text_chunks, slugify
+from jaxgpt.data.text import CHUNK_CHARS, Source, is_jsonl, jsonl_documents, read_text_chunks, slugify
 from jaxgpt.data.tfds_source import tfds_source
 from jaxgpt.errors import UserError
 from jaxgpt.text.tokenizer import Tokenizer, gpt2_tokenizer
@@ -89,20 +91,39 @@ def resolve_source(
     path = Path(spec).expanduser()
     if path.is_file():
         path = path.resolve()
-        return Source(spec, f"file:{path}", slugify(path.stem), {"files": [_file_fingerprint(path, path.name)]},
-                      lambda: [read_text_chunks(path, chunk_chars)])
+        fp = {"files": [_file_fingerprint(path, path.name)]}
+        if is_jsonl(path):
+            first = jsonl_documents(path, text_field, chunk_chars)
+            next(first, None)  # the first record's errors (a wrong data.text_field) before any work
+            first.close()
+            return Source(spec, f"jsonl:{path}:{text_field}", slugify(path.name.split(".")[0]),
+                          {**fp, "text_field": text_field}, lambda: jsonl_documents(path, text_field, chunk_chars))
+        return Source(spec, f"file:{path}", slugify(path.stem), fp, lambda: [read_text_chunks(path, chunk_chars)])
     if path.is_dir():
         path = path.resolve()
-        files = sorted((p for p in path.rglob("*.txt") if p.is_file()), key=lambda p: p.relative_to(path).as_posix())
+        files = sorted((p for p in path.rglob("*") if p.is_file() and (p.suffix == ".txt" or is_jsonl(p))),
+                       key=lambda p: p.relative_to(path).as_posix())
         if not files:
-            raise UserError(f"folder {path} has no .txt files; data.path needs a folder of *.txt documents")
+            raise UserError(f"folder {path} has no .txt or .jsonl files; data.path needs a folder of *.txt "
+                            "documents or *.jsonl(.gz) records")
         fp = {"files": [_file_fingerprint(p, p.relative_to(path).as_posix()) for p in files]}
-        return Source(spec, f"dir:{path}", slugify(path.name), fp,
-                      lambda: (read_text_chunks(p, chunk_chars) for p in files))
+        records = any(map(is_jsonl, files))  # then the text field picks what is read: part of the key
+        if records:
+            fp["text_field"] = text_field
+        return Source(spec, f"dir:{path}" + (f":{text_field}" if records else ""), slugify(path.name), fp,
+                      lambda: _folder_documents(files, text_field, chunk_chars))
     raise UserError(
         f"data.path {spec!r} is neither a bundled corpus ({', '.join(datasets.bundled_names('text'))}) "
         "nor an existing file or folder, nor tfds:NAME"
     )
+
+
+def _folder_documents(files: list[Path], text_field: str, chunk_chars: int) -> Iterator[Iterable[str]]:
+    for p in files:
+        if is_jsonl(p):
+            yield from jsonl_documents(p, text_field, chunk_chars)
+        else:
+            yield read_text_chunks(p, chunk_chars)
 
 
 # ---------------------------------------------------------------------------------------
@@ -292,7 +313,7 @@ def prepare_tokens(
     """The corpus as a read-only memmap of token ids (uint16 or uint32), shape [N] (tokenized once).
 
     `source` is `data.path`, `cache_dir` is `data.cache_dir` ("" = `default_cache_dir()`),
-    `text_field` is `data.text_field` (tfds sources only), `tfds_data_dir` is tfds'
+    `text_field` is `data.text_field` (tfds and JSON Lines sources), `tfds_data_dir` is tfds'
     data_dir (None = tfds' default, `$TFDS_DATA_DIR` or ~/tensorflow_datasets), `tokenizer` the
     run's (default GPT-2's).
     """
