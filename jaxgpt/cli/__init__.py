@@ -6,6 +6,7 @@ from __future__ import annotations
 
 # command -> (module, one-line description)
 COMMANDS: dict[str, tuple[str, str]] = {
+    "tokenize": ("jaxgpt.cli.tokenize", "text <-> token ids; tokenize a corpus into the cache ahead of training"),
     "generate": ("jaxgpt.cli.generate", "continue prompts (or answer an instruction) with a run or pretrained weights"),
     "chat": ("jaxgpt.cli.chat", "chat with an instruction-tuned model, answers printed as they are decoded"),
     "export": ("jaxgpt.cli.export", "write weights as a Hugging Face folder (config.json + model.safetensors)"),

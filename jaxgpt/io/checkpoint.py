@@ -287,6 +287,18 @@ def read_run_config(run_dir: str | Path, overrides=()) -> Config:
     return load_config(path, overrides)
 
 
+def read_run_sections(run_dir: str | Path, config_cls=Config):
+    """A run's config.yaml as `config_cls`, skipping the sections it lacks (a fine-tuning task's
+    own), its paths (`model.tokenizer`) made absolute."""
+    run_dir = Path(run_dir)
+    path = run_dir / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"{run_dir} is not a jaxgpt run directory (no {CONFIG_FILE})")
+    known = {f.name for f in dataclasses.fields(config_cls)}
+    sections = {k: v for k, v in with_local_paths(read_yaml(path), run_dir).items() if k in known}
+    return load_config(None, cls=config_cls, base=sections)
+
+
 def load_params(run_dir: str | Path, config_cls=Config) -> tuple[Any, Any]:
     """`(config, params)` from the newest intact checkpoint of a run, for inference or `--init`.
 
@@ -294,12 +306,7 @@ def load_params(run_dir: str | Path, config_cls=Config) -> tuple[Any, Any]:
     settings) are skipped, so any run can be loaded as a `Config` whose `.model` is exact.
     """
     run_dir = Path(run_dir)
-    path = run_dir / CONFIG_FILE
-    if not path.is_file():
-        raise UserError(f"{run_dir} is not a jaxgpt run directory (no {CONFIG_FILE})")
-    known = {f.name for f in dataclasses.fields(config_cls)}
-    sections = {k: v for k, v in with_local_paths(read_yaml(path), run_dir).items() if k in known}
-    cfg = load_config(None, cls=config_cls, base=sections)
+    cfg = read_run_sections(run_dir, config_cls)
     # Onto one device, whatever layout saved it (pmap replicas, or a mesh of other devices).
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 

@@ -261,7 +261,7 @@ def missing_entry_hint(path: Path) -> str:
 
 
 @dataclass(frozen=True)
-class _ModelSection:
+class ModelSection:
     """Only the `model` and `lora` sections of a run's config.yaml: a fine-tuning run's other
     sections (its own `data`, `train.epochs`, ...) are not pretraining's and need not load."""
 
@@ -275,7 +275,7 @@ def _load_run_dir(path: Path) -> tuple[ModelConfig, Params]:
     except ImportError:
         raise UserError(f"{path} is a jaxgpt run directory but jaxgpt.io.checkpoint.load_params is not "
                         "available in this install") from None
-    config, params = load_params(path, config_cls=_ModelSection)
+    config, params = load_params(path, config_cls=ModelSection)
     if has_lora(params):  # a LoRA fine-tuning run: fold its adapters in with its own alpha
         params = merge_lora(params, config.lora)
     return config.model, params
