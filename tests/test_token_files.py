@@ -187,6 +187,37 @@ def test_source_errors(tmp_path, kind):
     assert not any((tmp_path / "cache").iterdir()) if (tmp_path / "cache").exists() else True  # no temporaries either
 
 
+def test_a_full_disk_while_tokenizing_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import builtins
+    import errno
+    import os
+
+    from jaxgpt.cli.tokenize import main
+    from jaxgpt.data import tokens
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(tokens, "open", lambda f, mode="r", *a, **k: Full(builtins.open(f, mode, *a, **k)),
+                        raising=False)
+    cache = tmp_path / "cache"
+    assert main(["--data", "the-verdict", "--cache-dir", str(cache)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the disk is full: could not write the corpus's token file (") and err.count("\n") == 1
+    assert "no space left on device" in err and list(cache.iterdir()) == []  # no temporary left
+
+
 def test_load_splits_from_config(tmp_path):
     s = load_splits(DataConfig(cache_dir=str(tmp_path)), 256)
     assert (len(s.train), len(s.val)) == (18, 2)

@@ -32,6 +32,7 @@ and last `VERIFY_ENDS` bytes) too.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -49,6 +50,7 @@ from jaxgpt.data import bundled as datasets
 from jaxgpt.data.text import CHUNK_CHARS, Source, is_jsonl, jsonl_documents, read_text_chunks, slugify
 from jaxgpt.data.tfds_source import tfds_source
 from jaxgpt.errors import UserError
+from jaxgpt.io.files import disk_full_as
 from jaxgpt.text.tokenizer import Tokenizer, gpt2_tokenizer
 
 log = logging.getLogger(__name__)
@@ -200,6 +202,18 @@ def _atomic_write(path: Path, write: Callable) -> object:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def _cache_write(what: str, path: Path) -> Iterator[None]:
+    """A full disk is one `DiskFull` line, another write error (a read-only cache) one `UserError`;
+    `_atomic_write` has removed its temporary either way."""
+    try:
+        with disk_full_as(what, path):
+            yield
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path} ({e.strerror or e}); set data.cache_dir to a writable "
+                        "folder") from None
+
+
 def token_file_paths(source: Source, cache_dir: str | Path = "", tokenizer_name: str = "gpt2") -> tuple[Path, Path]:
     """(`.bin`, `.json`) cache paths of `source` (named by its key and the tokenizer's name:
     GPT-2's files keep the names they always had)."""
@@ -286,7 +300,8 @@ def prepare_token_file(
     _remove_stale_temporaries(meta_path)
     threads = num_threads or max(1, min(4, os.cpu_count() or 1))
     t0 = time.time()
-    n, sha256 = _atomic_write(bin_path, lambda f: _write_tokens(src, f, chunk_chars, threads, tokenizer))
+    with _cache_write("the corpus's token file", bin_path):
+        n, sha256 = _atomic_write(bin_path, lambda f: _write_tokens(src, f, chunk_chars, threads, tokenizer))
     if n == 0:
         bin_path.unlink(missing_ok=True)
         raise UserError(f"corpus {source!r} is empty (0 tokens); point data.path at a corpus with text in it")
@@ -295,7 +310,8 @@ def prepare_token_file(
     meta = {"format": FORMAT_VERSION, "source": src.key, "spec": source, "fingerprint": fingerprint,
             "tokens": n, "dtype": dtype, "tokenizer": tokenizer.name, "sha256": sha256, "check_sha256": check,
             "seconds": round(time.time() - t0, 3)}
-    _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
+    with _cache_write("the token file's sidecar", meta_path):
+        _atomic_write(meta_path, lambda f: f.write(json.dumps(meta, indent=1).encode()))
     log.info("tokenized %s: %d tokens -> %s", source, n, bin_path)
     return bin_path, n
 
