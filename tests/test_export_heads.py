@@ -150,3 +150,23 @@ def test_a_ppo_policy_exports_without_its_value_head(tmp_path):
     ours = build_model(cfg).apply({"params": {k: v for k, v in params.items() if k != "value_head"}}, tokens)
     with torch.no_grad():
         np.testing.assert_allclose(theirs(torch.from_numpy(tokens)).logits.numpy(), np.asarray(ours), atol=1e-4)
+
+
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
+    import errno
+    import os
+
+    from jaxgpt.io import hf_export
+
+    def half_then_full(path, tensors, metadata=None):
+        Path(path).write_bytes(b"\0" * 64)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    cfg = ModelConfig(**MODELS["gpt2"])
+    run = save_run(tmp_path / "run", init_params(cfg, jax.random.key(6)), cfg)
+    monkeypatch.setattr(hf_export, "write_safetensors", half_then_full)
+    out = tmp_path / "out" / "hf"
+    assert _export(run, out) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: the disk is full: could not write the export ({out}: no space left on device)\n"
+    assert list((tmp_path / "out").iterdir()) == []  # neither the export nor its temporary folder

@@ -173,7 +173,7 @@ def test_source_errors(tmp_path, kind):
         spec, match = str(tmp_path / "d"), "has no .txt or .jsonl files"
     elif kind.startswith("jsonl"):
         good = '{"text": "fine"}\n' * 3
-        bad = {"jsonl-no-field": ('{"body": "x"}\n', r"line 1 has no field 'text' \(fields: body\); set data.text_field"),
+        bad = {"jsonl-no-field": ('{"body": "x"}\n', r"line 1 has no field 'text' \(fields: body\); set data.text"),
                "jsonl-not-text": ('{"text": ["x"]}\n', "line 1: field 'text' is list, not text"),
                "jsonl-bad-line": (good + '{"text": "x"\n', "line 4 is not valid JSON")}[kind]
         (tmp_path / "c.jsonl").write_text(bad[0])

@@ -24,6 +24,7 @@ from flax import traverse_util
 
 from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
+from jaxgpt.io.files import disk_full_as
 from jaxgpt.models.lora import has_lora
 from jaxgpt.io.hf_load import SCORE_KEY, check_params
 from jaxgpt.models import family_of
@@ -173,9 +174,9 @@ def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *,
     `transformers.AutoModelForCausalLM.from_pretrained(out_dir)` loads it; params with a `score`
     head (a classifier, `labels` its class names; a reward model) are written as the family's
     `*ForSequenceClassification` (`classifier_config`), which `AutoModelForSequenceClassification`
-    loads. Files are written into
-    a temporary sibling directory that is renamed into place, so an interrupted export
-    leaves nothing half-written at `out_dir`. A non-empty `out_dir` is refused unless
+    loads. Files are written into a temporary sibling directory that is renamed into place, so
+    an interrupted export (or a full disk: one `DiskFull` line) leaves nothing half-written
+    at `out_dir`. A non-empty `out_dir` is refused unless
     `force`, in which case it is replaced as a whole, and only if it holds nothing but a
     previous export (`check_export_dir`). Host memory: one tensor at a time
     beyond the params themselves (see `write_safetensors`).
@@ -185,19 +186,8 @@ def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *,
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        hf_config = config_to_hf(model_config)
-        if model_config.tokenizer != "gpt2":
-            from jaxgpt.text.tokenizer import tokenizer_of
-
-            tok = tokenizer_of(model_config)
-            hf_config.update(eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
-            for name in TOKENIZER_FILES:
-                if (tok.folder / name).is_file():
-                    shutil.copyfile(tok.folder / name, tmp / name)
-        if score_classes(params):
-            hf_config.update(classifier_config(model_config, score_classes(params), labels))
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
+        with disk_full_as("the export", out):  # one line (exit 2); the temporary folder goes below
+            _write_export(tmp, params, model_config, tensors, labels)
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp made it private; an export is an ordinary folder
@@ -214,3 +204,20 @@ def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *,
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_export(tmp: Path, params: Params, model_config: ModelConfig, tensors, labels) -> None:
+    """config.json, model.safetensors and the tokenizer's files into the folder `tmp`."""
+    hf_config = config_to_hf(model_config)
+    if model_config.tokenizer != "gpt2":
+        from jaxgpt.text.tokenizer import tokenizer_of
+
+        tok = tokenizer_of(model_config)
+        hf_config.update(eos_token_id=tok.eos_id, bos_token_id=tok.bos_id, pad_token_id=tok.pad_id)
+        for name in TOKENIZER_FILES:
+            if (tok.folder / name).is_file():
+                shutil.copyfile(tok.folder / name, tmp / name)
+    if score_classes(params):
+        hf_config.update(classifier_config(model_config, score_classes(params), labels))
+    (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    write_safetensors(tmp / "model.safetensors", tensors, metadata={"format": "pt"})
