@@ -96,6 +96,9 @@ def test_a_classify_run_exports_as_sequence_classification(tmp_path, capsys, nam
 
         assert generate_main(["--init", str(out), "--prompt", "w1", "--max-new-tokens", "2"]) == 2
         assert "has no language-model head (lm_head): it is a classifier" in capsys.readouterr().err
+    assert _export(out, tmp_path / "again") == 0  # HF -> jaxgpt -> HF: the same files, labels included
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "again" / name).read_bytes() == (out / name).read_bytes(), name
     _, back = resolve_init(out)  # and --init takes it back whole, score head included
     flat = traverse_util.flatten_dict(params)
     assert set(traverse_util.flatten_dict(back)) == set(flat)

@@ -119,9 +119,16 @@ def load_classifier(spec: str | Path) -> tuple[ModelConfig, Any, list[str], int]
 
 
 def class_labels(spec: str | Path) -> list[str] | None:
-    """The class names of a classify run (`labels.json`), None for any other run or folder."""
-    path = Path(spec) / LABELS_FILE
-    return list(json.loads(path.read_text())["labels"]) if path.is_file() else None
+    """The class names of a classify run (`labels.json`) or of a Hugging Face classifier folder
+    (`id2label`); None for anything else."""
+    from jaxgpt.io.hf_load import hf_class_labels, read_json
+
+    path = Path(spec)
+    if (path / LABELS_FILE).is_file():
+        return list(json.loads((path / LABELS_FILE).read_text())["labels"])
+    if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
+        return hf_class_labels(read_json(path / "config.json"))
+    return None
 
 
 def predict(model_cfg: ModelConfig, params, labels: Sequence[str], max_length: int, texts: Sequence[str],
