@@ -107,9 +107,9 @@ def test_folder_corpus(tmp_path):
     assert toks.tolist() == expected
 
 
-def test_jsonl_corpora_and_folders_of_them(tmp_path):
+def test_jsonl_and_gzip_corpora_and_folders_of_them(tmp_path):
     """Each line's data.text_field is a document (blank lines and empty texts skipped), .gz the
-    same; another text field is another token file; a folder mixes .txt and .jsonl(.gz)."""
+    same; another text field is another token file; a folder mixes .txt(.gz) and .jsonl(.gz)."""
     import gzip
 
     e = tokenizer.encode
@@ -129,8 +129,14 @@ def test_jsonl_corpora_and_folders_of_them(tmp_path):
     (root / "sub").mkdir(parents=True)
     (root / "a.txt").write_text("A text file.")
     (root / "b.jsonl.gz").write_bytes(gzip.compress(body.encode()))
+    (root / "sub" / "c.txt.gz").write_bytes(gzip.compress("Gzipped\r\ntext.".encode()))  # universal newlines too
     (root / "sub" / "notes.md").write_text("not a corpus file")
-    assert prepare_tokens(str(root), tmp_path / "cache").tolist() == e("A text file.") + [EOT] + want
+    assert prepare_tokens(str(root), tmp_path / "cache").tolist() == (e("A text file.") + [EOT] + want + [EOT]
+                                                                      + e("Gzipped\ntext."))
+    assert prepare_tokens(str(root / "sub" / "c.txt.gz"), tmp_path / "cache").tolist() == e("Gzipped\ntext.")
+    (tmp_path / "fake.txt.gz").write_text("not gzip")
+    with pytest.raises(UserError, match="cannot read .*fake.txt.gz: Not a gzipped file"):
+        prepare_tokens(str(tmp_path / "fake.txt.gz"), tmp_path / "cache")
 
 
 def test_streaming_chunks_equal_one_shot(tmp_path):

@@ -103,8 +103,8 @@ def read_text_chunks(path: Path, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
     at that one seam may then differ from one-shot encoding; real text never does this).
     """
     carry = ""
-    try:
-        with open(path, encoding="utf-8") as f:  # universal newlines, as the book reads it
+    try:  # universal newlines, as the book reads it; a .gz file gunzipped on the way
+        with (gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")) as f:
             while True:
                 block = f.read(max_chars)
                 if not block:
@@ -120,8 +120,8 @@ def read_text_chunks(path: Path, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
                     carry = carry[p:]
     except UnicodeDecodeError as e:
         raise UserError(f"{path} is not UTF-8 text (bad byte at offset {e.start}); convert it to UTF-8") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path}: {e.strerror}") from None
+    except (OSError, EOFError) as e:  # gzip's "not a gzipped file" / a truncated one too
+        raise UserError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from None
     if carry:
         yield carry
 
@@ -129,8 +129,15 @@ def read_text_chunks(path: Path, max_chars: int = CHUNK_CHARS) -> Iterator[str]:
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")  # corpora of one JSON object a line, its `data.text_field` a document
 
 
+TEXT_SUFFIXES = (".txt", ".txt.gz")  # plain-text documents in a corpus folder
+
+
 def is_jsonl(path: Path) -> bool:
     return path.name.lower().endswith(JSONL_SUFFIXES)
+
+
+def is_text(path: Path) -> bool:
+    return path.name.endswith(TEXT_SUFFIXES)
 
 
 def jsonl_documents(path: Path, text_field: str, max_chars: int = CHUNK_CHARS) -> Iterator[Iterator[str]]:

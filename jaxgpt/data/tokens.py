@@ -3,10 +3,10 @@
 A *source* (`data.path`) is one of
 
 * a bundled corpus name (`"the-verdict"`, see `jaxgpt.data.bundled`),
-* a UTF-8 text file (one document),
+* a UTF-8 text file (one document; gunzipped when its name ends in `.gz`),
 * a JSON Lines file (`.jsonl`, `.jsonl.gz`): each line's `text_field` is a document,
-* a folder: every `*.txt`, `*.jsonl` and `*.jsonl.gz` below it, recursively, in sorted
-  relative-path order,
+* a folder: every `*.txt`, `*.txt.gz`, `*.jsonl` and `*.jsonl.gz` below it, recursively, in
+  sorted relative-path order,
 * `"tfds:NAME"` or `"tfds:NAME:SPLIT"` (split defaults to `train`; NAME may carry a config
   and version, `"tfds:wiki/en:1.0.0:train[:10%]"`), read with `tensorflow_datasets.data_source`
   (random access over array_record; no TensorFlow). Each record's `text_field` is a document.
@@ -47,7 +47,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from jaxgpt.data import bundled as datasets
-from jaxgpt.data.text import CHUNK_CHARS, Source, is_jsonl, jsonl_documents, read_text_chunks, slugify
+from jaxgpt.data.text import CHUNK_CHARS, Source, is_jsonl, is_text, jsonl_documents, read_text_chunks, slugify
 from jaxgpt.data.tfds_source import tfds_source
 from jaxgpt.errors import UserError
 from jaxgpt.io.files import disk_full_as
@@ -103,10 +103,10 @@ def resolve_source(
         return Source(spec, f"file:{path}", slugify(path.stem), fp, lambda: [read_text_chunks(path, chunk_chars)])
     if path.is_dir():
         path = path.resolve()
-        files = sorted((p for p in path.rglob("*") if p.is_file() and (p.suffix == ".txt" or is_jsonl(p))),
+        files = sorted((p for p in path.rglob("*") if p.is_file() and (is_text(p) or is_jsonl(p))),
                        key=lambda p: p.relative_to(path).as_posix())
         if not files:
-            raise UserError(f"folder {path} has no .txt or .jsonl files; data.path needs a folder of *.txt "
+            raise UserError(f"folder {path} has no .txt or .jsonl files; data.path needs a folder of *.txt(.gz) "
                             "documents or *.jsonl(.gz) records")
         fp = {"files": [_file_fingerprint(p, p.relative_to(path).as_posix()) for p in files]}
         records = any(map(is_jsonl, files))  # then the text field picks what is read: part of the key
