@@ -42,6 +42,10 @@ def test_a_tokenizer_folder_and_a_runs_tokenizer(tmp_path, capsys):
         (run / "tokenizer" / f.name).write_bytes(f.read_bytes())
     (run / "config.yaml").write_text("model:\n  tokenizer: tokenizer\n  vocab_size: 64\nfinetune:\n  init: x\n")
     assert _run(["--tokenizer", run, "w3 w1 w39"], capsys)[1].split() == [str(i) for i in want]
+    gpt2 = tmp_path / "hf-gpt2"  # a Hugging Face GPT-2 folder: tiktoken's BPE, as --init reads it
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text('{"model_type": "gpt2"}')
+    assert _run(["--tokenizer", gpt2, BOOK], capsys)[1].split() == [str(i) for i in BOOK_IDS]
 
 
 def test_a_corpus_is_tokenized_once_for_training(tmp_path, capsys):

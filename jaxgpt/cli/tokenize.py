@@ -49,18 +49,21 @@ def tokenizer_for(spec: str):
     from jaxgpt.text.tokenizer import load_tokenizer
 
     path = Path(spec).expanduser()
-    if spec != "gpt2" and (path / "config.yaml").is_file():  # a run: its model.tokenizer
+    if (path / "config.yaml").is_file():  # a run: its model.tokenizer (gpt2, or its own copy)
         from jaxgpt.io.checkpoint import read_run_sections
         from jaxgpt.io.hub import ModelSection
 
         return load_tokenizer(read_run_sections(path, ModelSection).model.tokenizer)
-    if spec != "gpt2" and path.is_dir() and not (path / "tokenizer.json").is_file():
-        if (path / "config.json").is_file():  # a Hugging Face GPT-2 folder: GPT-2's BPE
+    if (path / "config.json").is_file():  # a Hugging Face model: GPT-2 keeps tiktoken, as `--init` does
+        from jaxgpt.io.hf_load import read_json
+
+        if read_json(path / "config.json").get("model_type", "gpt2") == "gpt2":
             return load_tokenizer("gpt2")
+    if spec == "gpt2" or (path / "tokenizer.json").is_file():
+        return load_tokenizer(spec)
+    if path.is_dir():
         raise UserError(f"--tokenizer {spec}: the folder has no tokenizer.json (nor is it a jaxgpt run)")
-    if spec != "gpt2" and not path.is_dir():
-        raise UserError(f"--tokenizer {spec} is neither gpt2, a folder with tokenizer.json, nor a jaxgpt run directory")
-    return load_tokenizer(spec)
+    raise UserError(f"--tokenizer {spec} is neither gpt2, a folder with tokenizer.json, nor a jaxgpt run directory")
 
 
 def _size(n_bytes: int) -> str:
