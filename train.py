@@ -52,8 +52,9 @@ def main(argv=None) -> int:
         if args.config or args.model_config or args.out or args.init:
             parser.error("--resume takes its config and directory from the run; use only --set with it")
         RunDir(args.resume, resume=True)  # one line when RUN holds no checkpoint, before its config is read
-        check_resume_overrides(args.overrides, args.resume)
-        pretrain.pretrain(read_run_config(args.resume, overrides_of(args)), args.resume, resume=True)
+        cfg = read_run_config(args.resume, overrides_of(args))
+        check_resume_overrides(cfg, read_run_config(args.resume), args.resume)
+        pretrain.pretrain(cfg, args.resume, resume=True)
         return 0
     pretrain.pretrain(config_of(args), args.out, init=args.init)
     return 0

@@ -239,6 +239,8 @@ def test_resume_of_a_finished_run_rewrites_nothing(straight, tmp_path, capsys):
     assert _train(["--resume", run, "--set", "model.n_embd=64"]) == 2  # the checkpoint fixes the shape: one line
     assert capsys.readouterr().err.startswith("error: --set model.n_embd: a resumed run keeps its checkpoint's "
                                               "model shape") and _snapshot(run) == before
+    assert _train(["--resume", run, *_sets(TINY)]) == 0 and _snapshot(run) == before  # restating it is fine
+    capsys.readouterr()
     (run / "metrics.json").unlink()
     (run / "loss.png").unlink()
     assert _train(["--resume", run]) == 0

@@ -143,8 +143,8 @@ def load_task_config(args: argparse.Namespace, cls, default_path: Path, parser: 
         path = Path(args.resume) / "config.yaml"
         if not path.is_file():
             raise UserError(f"--resume {args.resume}: not a run directory (no config.yaml)")
-        check_resume_overrides(args.overrides, args.resume)
         cfg = load_config(path, overrides, cls=cls)
+        check_resume_overrides(cfg, load_config(path, cls=cls), args.resume)
         check_step_overrides(cfg, args.overrides)
         validate_finetune(cfg)
         return cfg, Path(args.resume), True
@@ -170,19 +170,21 @@ def check_init_overrides(init: str, overrides: Sequence[str], model_file: str | 
                             f"{', '.join('model.' + k for k in INIT_KEPT)} can be set")
 
 
-def check_resume_overrides(overrides: Sequence[str], run: str | Path) -> None:
+def check_resume_overrides(cfg, saved, run: str | Path) -> None:
     """A resumed run continues its checkpoint, which fixes the model's shape, the train mode and
-    the LoRA adapters: a `--set` that would change them is refused (one line) before the
-    checkpoint is read, not reported as a mismatched tree of optimiser state."""
-    for override in overrides:
-        key = override.split("=", 1)[0].strip()
-        section, _, name = key.partition(".")
-        if (section == "model" and name not in INIT_KEPT) or section == "finetune" or (
-                section == "lora" and name != "alpha"):
-            kept = ", ".join("model." + k for k in INIT_KEPT)
-            raise UserError(f"--set {key}: a resumed run keeps its checkpoint's model shape, train mode and LoRA "
-                            f"adapters (only {kept} and lora.alpha can change); to change them, start a new run "
-                            f"with --init {run}")
+    the LoRA adapters: a `--set` that would change them (`cfg` against the run's own `saved`
+    config; restating a value is fine) is refused in one line before the checkpoint is read,
+    not reported as a mismatched tree of optimiser state."""
+    import dataclasses
+
+    for section, changeable in (("model", INIT_KEPT), ("finetune", ()), ("lora", ("alpha",))):
+        new, old = getattr(cfg, section, None), getattr(saved, section, None)
+        for f in dataclasses.fields(new) if new is not None else ():
+            if f.name not in changeable and getattr(new, f.name) != getattr(old, f.name):
+                kept = ", ".join("model." + k for k in INIT_KEPT)
+                raise UserError(f"--set {section}.{f.name}: a resumed run keeps its checkpoint's model shape, train "
+                                f"mode and LoRA adapters (only {kept} and lora.alpha can change); to change them, "
+                                f"start a new run with --init {run}")
 
 
 def check_step_overrides(cfg, overrides: Sequence[str]) -> None:
