@@ -1,7 +1,10 @@
-"""What the task tests share: `finetune.py` run in this process, and the check that a command
-with bad input is refused the way every entry point refuses it (exit 2, one line, no output)."""
+"""What the task tests share: `finetune.py` run in this process, the check that a command
+with bad input is refused the way every entry point refuses it (exit 2, one line, no output),
+and a file whose disk fills up mid-write."""
 from __future__ import annotations
 
+import errno
+import os
 from pathlib import Path
 
 
@@ -27,3 +30,24 @@ def assert_refused(run, argv, capsys, message: str, out: Path | None = None) -> 
     assert len(err.splitlines()) == 1 and message in err, err
     if out is not None:
         assert not Path(out).exists(), f"{out} was written"
+
+
+class HalfWrite:
+    """An open file whose next `write` puts down half of its data, then fails as a full disk does."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+    def write(self, data):
+        self.f.write(data[: len(data) // 2])
+        self.f.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def flush(self):
+        self.f.flush()

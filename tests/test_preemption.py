@@ -356,24 +356,7 @@ def test_a_full_disk_while_appending_metrics(straight, tmp_path, monkeypatch, ca
     import builtins
 
     from jaxgpt.engine import metrics
-
-    class HalfWrite:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            self.f.flush()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-        def flush(self):
-            self.f.flush()
+    from tests.cli_helpers import HalfWrite
 
     calls = {"n": 0}
 

@@ -195,27 +195,12 @@ def test_source_errors(tmp_path, kind):
 
 def test_a_full_disk_while_tokenizing_is_one_line_and_leaves_nothing(tmp_path, monkeypatch, capsys):
     import builtins
-    import errno
-    import os
 
     from jaxgpt.cli.tokenize import main
     from jaxgpt.data import tokens
+    from tests.cli_helpers import HalfWrite
 
-    class Full:
-        def __init__(self, f):
-            self.f = f
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            self.f.close()
-
-        def write(self, data):
-            self.f.write(data[: len(data) // 2])
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(tokens, "open", lambda f, mode="r", *a, **k: Full(builtins.open(f, mode, *a, **k)),
+    monkeypatch.setattr(tokens, "open", lambda f, mode="r", *a, **k: HalfWrite(builtins.open(f, mode, *a, **k)),
                         raising=False)
     cache = tmp_path / "cache"
     assert main(["--data", "the-verdict", "--cache-dir", str(cache)]) == 2
