@@ -188,10 +188,11 @@ def test_split_fractions_are_checked_by_every_record_task(module, cls, val, test
 # The package's layers (issue 17): no import cycle, no import in a function to dodge one
 
 # Bottom first: a module may import only modules listed before it.
-DATA_LAYERS = ["bundled", "text", "readers", "tfds_builders", "tfds_source", "records", "tokens", "windows",
+DATA_LAYERS = ["bundled", "text", "parquet", "readers", "tfds_builders", "tfds_source", "records", "tokens", "windows",
                "classification", "instruct", "preference", "__init__"]
 DATA_DIR = Path(data_pkg.__file__).parent
-LAZY_ALLOWED = {"tensorflow_datasets"}  # slow to import; only tfds: sources may pay for it
+# Slow to import or optional: only tfds: sources and .parquet files pay for them.
+LAZY_ALLOWED = {"tensorflow_datasets", "pyarrow", "pyarrow.parquet"}
 
 
 def _module_name(stem: str) -> str:
@@ -258,12 +259,12 @@ def test_data_package_layers():
         assert not higher, f"{name} imports {higher}, which DATA_LAYERS puts above it"
 
     # Imported bottom-up in a fresh interpreter, every module loads, and nothing pulls in
-    # tensorflow_datasets, TensorFlow or the packages above (pretraining on a text file and
+    # tensorflow_datasets, TensorFlow, pyarrow or the packages above (pretraining on a text file and
     # `finetune.py --help` do not pay for them).
     code = ("import importlib, sys\n"
             f"for name in {order!r}:\n"
             "    importlib.import_module(name)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'pyarrow')\n"
             "             or m.startswith(('jaxgpt.rl', 'jaxgpt.tasks'))))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=DATA_DIR.parent.parent)

@@ -176,7 +176,7 @@ def test_source_errors(tmp_path, kind):
         spec, match = str(tmp_path / "d"), "is empty"
     elif kind == "no-txt":
         (tmp_path / "d").mkdir()
-        spec, match = str(tmp_path / "d"), "has no .txt or .jsonl files"
+        spec, match = str(tmp_path / "d"), "has no .txt, .jsonl or .parquet files"
     elif kind.startswith("jsonl"):
         good = '{"text": "fine"}\n' * 3
         bad = {"jsonl-no-field": ('{"body": "x"}\n', r"line 1 has no field 'text' \(fields: body\); set data.text"),

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default="", metavar="DIR",
                         help="token file cache (default: $JAXGPT_CACHE or ~/.cache/jaxgpt/tokens)")
     parser.add_argument("--text-field", default="text", metavar="FIELD",
-                        help="the text field of a .jsonl corpus or tfds source")
+                        help="the text field of a .jsonl or .parquet corpus or tfds source")
     parser.add_argument("--out", metavar="FILE", help="also write the figures as JSON here")
     return parser
 

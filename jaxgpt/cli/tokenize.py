@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default="", metavar="DIR", help="token cache (data.cache_dir; default: "
                    "$JAXGPT_CACHE/tokens or ~/.cache/jaxgpt/tokens)")
     p.add_argument("--text-field", default="text", metavar="FIELD",
-                   help="the text field of a .jsonl corpus or tfds source (data.text_field)")
+                   help="the text field of a .jsonl or .parquet corpus or tfds source (data.text_field)")
     p.add_argument("--context-length", type=int, default=0, metavar="T", help="count the windows of T tokens")
     p.add_argument("--stride", type=int, default=0, metavar="S", help="windows start every S tokens (0: T)")
     p.add_argument("--val-ratio", type=float, default=0.1, metavar="R",

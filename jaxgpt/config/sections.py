@@ -151,7 +151,7 @@ class DataConfig:
     val_ratio: float = 0.1  # the last fraction of the token stream is the validation split
     seed: int = 0  # shuffling seed (separate from train.seed so data order can be held fixed)
     cache_dir: str = ""  # where token files are written; "" = ~/.cache/jaxgpt/tokens
-    text_field: str = "text"  # the field read from tfds records and .jsonl corpus lines
+    text_field: str = "text"  # the field read from tfds records, .jsonl corpus lines and .parquet rows
 
 
 @dataclass(frozen=True)

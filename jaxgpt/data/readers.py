@@ -1,4 +1,4 @@
-"""Record files on local disk: JSON / JSONL records by role, and labelled JSONL/JSON/CSV/TSV.
+"""Record files on local disk: JSON / JSONL / parquet records by role, and labelled examples.
 
 The record-reader layer of `jaxgpt.data`, above `jaxgpt.data.text` and below everything that
 resolves a `data.path` (`jaxgpt.data.records`) or builds a TFDS dataset from a bundled file
@@ -14,7 +14,9 @@ set; missing optional fields read as "". Formats come from the suffix before any
 `.json` is one array of objects or one object a line, `.jsonl` one object a line, `.csv` a
 header row then rows (the `csv` module), anything else TSV with a header naming the text and
 label columns, or headerless `label<TAB>text` lines (the SMS file's layout; the text is
-everything after the first TAB). Every problem is a one-line UserError naming the file and line.
+everything after the first TAB). A `.parquet` file (Hugging Face datasets' format) is a table
+whose columns are the fields; a `datasets` ClassLabel column reads as its names. Every problem
+is a one-line UserError naming the file and line (or row).
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ import json
 from pathlib import Path
 from typing import Iterator, Mapping
 
+from jaxgpt.data.parquet import class_names, is_parquet, parquet_rows
 from jaxgpt.data.text import read_text, text_lines
 from jaxgpt.errors import UserError
 
@@ -86,6 +89,14 @@ def pick_fields(record: object, where: str, required: Mapping[str, str],
         value = record.get(field)
         out[role] = "" if value is None else _string(value, where, role)
     return out
+
+
+def read_record_file(path: Path, required: Mapping[str, str], optional: Mapping[str, str]) -> list[dict[str, str]]:
+    """`{role: string}` of every record of a .json/.jsonl(.gz) or .parquet file (see `pick_fields`)."""
+    if is_parquet(path):
+        rows = parquet_rows(path, required, optional.values())
+        return [pick_fields(row, f"{path} {where}", required, optional) for where, row in rows]
+    return read_json_records(path, required, optional)
 
 
 def read_json_records(path: Path, required: Mapping[str, str], optional: Mapping[str, str]) -> list[dict[str, str]]:
@@ -191,9 +202,29 @@ def _read_tsv(path: Path, text: str, text_field: str, label_field: str):
     return texts, labels
 
 
+def _read_parquet(path: Path, text_field: str, label_field: str):
+    names = class_names(path, label_field)  # a `datasets` ClassLabel: 0 -> "ham"
+    texts, labels = [], []
+    for where, row in parquet_rows(path, {"text": text_field, "label": label_field}):
+        where = f"{path} {where}"
+        value = row[label_field]
+        if names and isinstance(value, int) and not isinstance(value, bool):
+            if not 0 <= value < len(names):
+                raise UserError(f"{where}: label {value} is not one of the file's {len(names)} classes")
+            value = names[value]
+        texts.append(pick_fields(row, where, {"text": text_field}, {})["text"])
+        labels.append(label_text(value, where))
+    return texts, labels
+
+
 def read_file(path: str | Path, text_field: str = "text", label_field: str = "label") -> tuple[list[str], list[str]]:
-    """(texts, labels) of a JSONL/JSON/CSV/TSV file (see the module docstring)."""
+    """(texts, labels) of a JSONL/JSON/CSV/TSV or parquet file (see the module docstring)."""
     path = Path(path)
+    if is_parquet(path):
+        texts, labels = _read_parquet(path, text_field, label_field)
+        if not texts:
+            raise UserError(f"data file {path} has no examples")
+        return texts, labels
     text = read_text(path)
     if not text.strip():
         raise UserError(f"data file {path} is empty")

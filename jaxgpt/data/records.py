@@ -10,9 +10,9 @@ readers (`jaxgpt.data.readers`), below the task datasets: every task whose examp
 records resolves its `data.path` here, so a spec means the same thing to all of them.
 `read_records` serves the tasks whose records are JSON objects (instruction tuning,
 preference pairs, GSM8K): `spec` is a bundled data set (kinds json / jsonl), a `.json` /
-`.jsonl` file (optionally gzipped) or a tfds dataset (bytes features decoded as UTF-8).
-`read_examples` serves classification: bundled tsv/csv/json(l), a JSONL/JSON/CSV/TSV file,
-or a tfds dataset (`ClassLabel` ints become their names). Every problem is a one-line
+`.jsonl` file (optionally gzipped), a `.parquet` file or a tfds dataset (bytes features decoded
+as UTF-8). `read_examples` serves classification: bundled tsv/csv/json(l), a
+JSONL/JSON/CSV/TSV/parquet file, or a tfds dataset (`ClassLabel` ints become their names). Every problem is a one-line
 UserError naming the file and record, or the config key to set.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Mapping
 
 from jaxgpt.data import bundled as datasets
-from jaxgpt.data.readers import label_text, pick_fields, read_file, read_json_records
+from jaxgpt.data.readers import label_text, pick_fields, read_file, read_json_records, read_record_file
 from jaxgpt.data.tfds_source import iter_records, open_tfds, text_of
 from jaxgpt.errors import UserError
 
@@ -52,7 +52,7 @@ def read_records(spec: str, required: Mapping[str, str], optional: Mapping[str, 
     optional = dict(optional or {})
     spec = spec.strip()
     if not spec:
-        raise UserError("data.path is empty; give a bundled data set name, a .json/.jsonl file or tfds:NAME")
+        raise UserError("data.path is empty; give a bundled data set name, a .json/.jsonl/.parquet file or tfds:NAME")
     if spec.startswith("tfds:"):
         rows = _tfds_records(spec, required, optional, tfds_data_dir)
     elif spec in datasets.BUNDLED:
@@ -64,12 +64,12 @@ def read_records(spec: str, required: Mapping[str, str], optional: Mapping[str, 
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
-            raise UserError(f"data.path {spec} is a folder; give a .json or .jsonl file")
+            raise UserError(f"data.path {spec} is a folder; give a .json, .jsonl or .parquet file")
         if not path.is_file():
             raise UserError(f"data.path {spec!r} not found: neither a file, a bundled data set "
                             f"({', '.join(datasets.bundled_names('json') + datasets.bundled_names('jsonl'))}) "
                             "nor tfds:NAME")
-        rows = read_json_records(path, required, optional)
+        rows = read_record_file(path, required, optional)
     if not rows:
         raise UserError(f"{spec} has no records")
     return rows
@@ -125,7 +125,7 @@ def read_examples(spec: str, text_field: str = "text", label_field: str = "label
     if path.is_file():
         return read_file(path, text_field, label_field)
     if path.exists():
-        raise UserError(f"data.path {spec} is a folder; give a .jsonl, .json, .csv or .tsv file")
+        raise UserError(f"data.path {spec} is a folder; give a .jsonl, .json, .csv, .tsv or .parquet file")
     labelled = [n for n in datasets.bundled_names() if datasets.BUNDLED[n].kind != "text"]
     raise UserError(f"data.path {spec!r} not found: neither a file, a bundled data set "
                     f"({', '.join(labelled)}) nor tfds:NAME")

@@ -5,16 +5,18 @@ A *source* (`data.path`) is one of
 * a bundled corpus name (`"the-verdict"`, see `jaxgpt.data.bundled`),
 * a UTF-8 text file (one document; gunzipped when its name ends in `.gz`),
 * a JSON Lines file (`.jsonl`, `.jsonl.gz`): each line's `text_field` is a document,
-* a folder: every `*.txt`, `*.txt.gz`, `*.jsonl` and `*.jsonl.gz` below it, recursively, in
-  sorted relative-path order,
+* a parquet file (`.parquet`, Hugging Face datasets' format; needs pyarrow): each row's
+  `text_field` column is a document,
+* a folder: every `*.txt`, `*.txt.gz`, `*.jsonl`, `*.jsonl.gz` and `*.parquet` below it,
+  recursively, in sorted relative-path order,
 * `"tfds:NAME"` or `"tfds:NAME:SPLIT"` (split defaults to `train`; NAME may carry a config
   and version, `"tfds:wiki/en:1.0.0:train[:10%]"`), read with `tensorflow_datasets.data_source`
   (random access over array_record; no TensorFlow). Each record's `text_field` is a document.
 
 Text is encoded with the run's tokenizer (`jaxgpt.text.tokenizer`; default GPT-2's).
-Documents (folder files, JSON Lines and tfds records) are joined with one end-of-text token (the
-tokenizer's eos, GPT-2's `<|endoftext|>` 50256) between them, none before the first or after
-the last; a single file is one document, so its tokens are exactly `tokenizer.encode(file_text)`
+Documents (folder files, JSON Lines, parquet and tfds records) are joined with one end-of-text
+token (the tokenizer's eos, GPT-2's `<|endoftext|>` 50256) between them, none before the first or
+after the last; a single file is one document, so its tokens are exactly `tokenizer.encode(file_text)`
 (a literal `<|endoftext|>` in the text is the special token, as in the book's `GPTDatasetV1`).
 
 The token file is a flat array of the smallest little-endian unsigned type that holds the
@@ -47,6 +49,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from jaxgpt.data import bundled as datasets
+from jaxgpt.data.parquet import is_parquet, parquet_documents
 from jaxgpt.data.text import CHUNK_CHARS, Source, is_jsonl, is_text, jsonl_documents, read_text_chunks, slugify
 from jaxgpt.data.tfds_source import tfds_source
 from jaxgpt.errors import UserError
@@ -94,22 +97,23 @@ def resolve_source(
     if path.is_file():
         path = path.resolve()
         fp = {"files": [_file_fingerprint(path, path.name)]}
-        if is_jsonl(path):
-            first = jsonl_documents(path, text_field, chunk_chars)
+        if is_records(path):
+            first = _record_documents(path, text_field, chunk_chars)
             next(first, None)  # the first record's errors (a wrong data.text_field) before any work
             first.close()
-            return Source(spec, f"jsonl:{path}:{text_field}", slugify(path.name.split(".")[0]),
-                          {**fp, "text_field": text_field}, lambda: jsonl_documents(path, text_field, chunk_chars))
+            kind = "parquet" if is_parquet(path) else "jsonl"
+            return Source(spec, f"{kind}:{path}:{text_field}", slugify(path.name.split(".")[0]),
+                          {**fp, "text_field": text_field}, lambda: _record_documents(path, text_field, chunk_chars))
         return Source(spec, f"file:{path}", slugify(path.stem), fp, lambda: [read_text_chunks(path, chunk_chars)])
     if path.is_dir():
         path = path.resolve()
-        files = sorted((p for p in path.rglob("*") if p.is_file() and (is_text(p) or is_jsonl(p))),
+        files = sorted((p for p in path.rglob("*") if p.is_file() and (is_text(p) or is_records(p))),
                        key=lambda p: p.relative_to(path).as_posix())
         if not files:
-            raise UserError(f"folder {path} has no .txt or .jsonl files; data.path needs a folder of *.txt(.gz) "
-                            "documents or *.jsonl(.gz) records")
+            raise UserError(f"folder {path} has no .txt, .jsonl or .parquet files; data.path needs a folder of "
+                            "*.txt(.gz) documents or *.jsonl(.gz) / *.parquet records")
         fp = {"files": [_file_fingerprint(p, p.relative_to(path).as_posix()) for p in files]}
-        records = any(map(is_jsonl, files))  # then the text field picks what is read: part of the key
+        records = any(map(is_records, files))  # then the text field picks what is read: part of the key
         if records:
             fp["text_field"] = text_field
         return Source(spec, f"dir:{path}" + (f":{text_field}" if records else ""), slugify(path.name), fp,
@@ -120,10 +124,21 @@ def resolve_source(
     )
 
 
+def is_records(path: Path) -> bool:
+    """A corpus file whose records' `data.text_field` are its documents (JSON Lines, parquet)."""
+    return is_jsonl(path) or is_parquet(path)
+
+
+def _record_documents(path: Path, text_field: str, chunk_chars: int) -> Iterator[Iterable[str]]:
+    if is_parquet(path):
+        return parquet_documents(path, text_field, chunk_chars)
+    return jsonl_documents(path, text_field, chunk_chars)
+
+
 def _folder_documents(files: list[Path], text_field: str, chunk_chars: int) -> Iterator[Iterable[str]]:
     for p in files:
-        if is_jsonl(p):
-            yield from jsonl_documents(p, text_field, chunk_chars)
+        if is_records(p):
+            yield from _record_documents(p, text_field, chunk_chars)
         else:
             yield read_text_chunks(p, chunk_chars)
 

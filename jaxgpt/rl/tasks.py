@@ -17,7 +17,7 @@ A task spec is a name plus optional `key=value` options after a colon. Two tasks
   1,750 SFT / 200 val / 400 eval / 1,600 RL): a 4-layer GPT trained from scratch on the SFT
   split reaches roughly 20-60% held-out accuracy in a few hundred steps, leaving RL room
   (2-digit chain operands need far longer to learn from scratch).
-* `gsm8k`: JSONL records {question, answer} whose answer ends "#### N" (default: the bundled
+* `gsm8k`: JSONL or parquet records {question, answer} whose answer ends "#### N" (default: the bundled
   `gsm8k-test`; option `path=FILE`, or GRPO's `--data`). The SFT target is the answer with
   GSM8K's calculator annotations `<<48/2=24>>` removed.
 
