@@ -264,7 +264,8 @@ def test_data_package_layers():
     code = ("import importlib, sys\n"
             f"for name in {order!r}:\n"
             "    importlib.import_module(name)\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'tensorflow_datasets', 'pyarrow')\n"
+            "heavy = ('tensorflow', 'tensorflow_datasets', 'pyarrow')\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy\n"
             "             or m.startswith(('jaxgpt.rl', 'jaxgpt.tasks'))))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                           cwd=DATA_DIR.parent.parent)
