@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--init", required=True, metavar="SPEC",
                         help="the model: a run directory, a Hugging Face model directory or a preset name (gpt2, ...)")
     parser.add_argument("--data", default="the-verdict", metavar="SOURCE",
-                        help="bundled corpus name, text file, .jsonl(.gz), folder of .txt/.jsonl files or "
-                             "tfds:NAME[:SPLIT] (default: the-verdict)")
+                        help="bundled corpus name, text file, .jsonl(.gz), .parquet, folder of .txt/.jsonl/.parquet "
+                             "files or tfds:NAME[:SPLIT] (default: the-verdict)")
     parser.add_argument("--context-length", type=int, default=0, metavar="T",
                         help="tokens a window (default: 0, the model's context)")
     parser.add_argument("--stride", type=int, default=0, metavar="S",

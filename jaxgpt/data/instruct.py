@@ -7,7 +7,7 @@
 Records are `{"instruction", "input", "output"}` strings (roles; the file's field names are
 `data.instruction_field` / `data.input_field` / `data.output_field`), read by
 `jaxgpt.data.records.read_records` from a bundled name (default `instruction-data`, the book's
-1,100 records), a .json/.jsonl(.gz) file or `tfds:NAME`; or, with `data.task`, the SFT splits
+1,100 records), a .json/.jsonl(.gz)/.parquet file or `tfds:NAME`; or, with `data.task`, the SFT splits
 of a verifiable task, which the caller passes in (`task_splits`: `jaxgpt.tasks.instruct` gets
 them from `jaxgpt.rl.tasks.sft_splits`; the data layer does not import the RL package, which
 sits above it). File records are shuffled with
@@ -51,7 +51,7 @@ ROLES = ("instruction", "input", "output")
 class InstructDataConfig:
     """The `data` section of instruction fine-tuning."""
 
-    path: str = "instruction-data"  # bundled name | .json/.jsonl(.gz) file | tfds:NAME[:SPLIT]
+    path: str = "instruction-data"  # bundled name | .json/.jsonl(.gz)/.parquet file | tfds:NAME[:SPLIT]
     task: str = ""  # a verifiable task's SFT splits (jaxgpt.rl.tasks.sft_splits) instead of path
     instruction_field: str = "instruction"
     input_field: str = "input"  # optional in the records: missing reads as ""
@@ -67,7 +67,7 @@ class InstructDataConfig:
 
 def validate_data(cfg: InstructDataConfig, context_length: int) -> None:
     if not cfg.task and not cfg.path.strip():
-        raise UserError("data.path is empty; give a bundled data set name, a .json/.jsonl file or tfds:NAME")
+        raise UserError("data.path is empty; give a bundled data set name, a .json/.jsonl/.parquet file or tfds:NAME")
     check_split_fractions(cfg.val_fraction, cfg.test_fraction)
     if cfg.max_length < 0 or cfg.max_length > context_length:
         raise UserError(f"data.max_length must be in [0, model.context_length={context_length}] "

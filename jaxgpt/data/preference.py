@@ -4,7 +4,7 @@ Used by the reward model (`finetune.py reward`) and DPO (`finetune.py dpo`). Eac
 has an instruction, an optional input, a chosen and a rejected response (field names are
 config keys: `data.instruction_field`, `data.input_field`, `data.chosen_field`,
 `data.rejected_field`; read by `jaxgpt.data.records.read_records`, so a bundled name, a
-.json/.jsonl(.gz) file or tfds:NAME). Default: the bundled `preference-data` (Raschka ch. 7
+.json/.jsonl(.gz)/.parquet file or tfds:NAME). Default: the bundled `preference-data` (Raschka ch. 7
 DPO notebook: the 1,100 instructions with a polite `chosen` and an impolite `rejected` reply).
 
 A sequence is `prompt + response + eos`, the prompt in the model's format (`jaxgpt.text.prompts`:
@@ -46,7 +46,7 @@ TOKEN_KEYS = ("chosen", "rejected", "chosen_mask", "rejected_mask")
 class PreferenceDataConfig:
     """`data` section of the reward and DPO tasks."""
 
-    path: str = "preference-data"  # bundled name | .json/.jsonl(.gz) file | tfds:NAME[:SPLIT]
+    path: str = "preference-data"  # bundled name | .json/.jsonl(.gz)/.parquet file | tfds:NAME[:SPLIT]
     instruction_field: str = "instruction"
     input_field: str = "input"  # optional in each record; "" = records have no input
     chosen_field: str = "chosen"
@@ -60,7 +60,7 @@ class PreferenceDataConfig:
 
 def validate_data(cfg: PreferenceDataConfig, context_length: int) -> None:
     if not cfg.path or not cfg.path.strip():
-        raise UserError("data.path is empty; give a bundled data set name, a .json/.jsonl file or tfds:NAME")
+        raise UserError("data.path is empty; give a bundled data set name, a .json/.jsonl/.parquet file or tfds:NAME")
     check_split_fractions(cfg.val_fraction, cfg.test_fraction)
     if cfg.max_length < 0 or cfg.bucket < 0:
         raise UserError(f"data.max_length and data.bucket must be >= 0, got {cfg.max_length} and {cfg.bucket}")

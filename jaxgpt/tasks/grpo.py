@@ -55,7 +55,7 @@ class RLDataConfig:
     """`data` section: the verifiable task, its prompts, and the evaluation before/after."""
 
     task: str = "arithmetic"  # --task: arithmetic[:digits=1,operands=3,ops=+-,style=chain] | gsm8k[:path=FILE]
-    path: str = ""  # --data: the gsm8k JSONL file ("" = bundled gsm8k-test); must be "" for arithmetic
+    path: str = ""  # --data: the gsm8k JSONL or parquet file ("" = bundled gsm8k-test); must be "" for arithmetic
     seed: int = 0  # which problems of each split, and the prompt order
     eval_size: int = 500  # held-out problems scored at evals; 0 = the whole eval split
     max_prompt_tokens: int = 0  # longer prompts are dropped; 0 = keep all (P = the longest)

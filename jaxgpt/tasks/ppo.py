@@ -47,7 +47,7 @@ DEFAULT_CONFIG = default_config("ppo")
 class PPODataConfig:
     """`data` section: the prompts (instruction records; responses are not used)."""
 
-    path: str = "instruction-data"  # --data: bundled name | .json/.jsonl(.gz) | tfds:NAME
+    path: str = "instruction-data"  # --data: bundled name | .json/.jsonl(.gz)/.parquet | tfds:NAME
     instruction_field: str = "instruction"
     input_field: str = "input"  # optional per record
     seed: int = 0  # the train / eval split and the prompt order
