@@ -17,6 +17,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from jaxgpt.config import ModelConfig, save_config  # noqa: E402
+from jaxgpt.errors import UserError  # noqa: E402
 from jaxgpt.models import build_model, init_params  # noqa: E402
 from jaxgpt.text.tokenizer import tokenizer_of  # noqa: E402
 from tests.test_chat import CHATML, chat_folder  # noqa: E402
@@ -107,11 +108,14 @@ def test_a_classify_run_exports_as_sequence_classification(tmp_path, capsys, nam
 
 
 @pytest.mark.parametrize("name", ["gpt2", "qwen3-untied"])
-def test_a_reward_run_exports_with_one_score(tmp_path, name):
+def test_a_reward_run_exports_with_one_score(tmp_path, monkeypatch, name):
     """The score is read at the eos ending each sequence. GPT-2 pads with that eos, so its
     config.json has no pad_token_id and transformers scores one row at a time; with its own
-    padding token a batch of right-padded rows scores the same."""
+    padding token a batch of right-padded rows scores the same. On the hub, the folder serves
+    `--reward ORG/NAME` (and `classify --init ORG/NAME`'s refusal names the reward command)."""
+    from jaxgpt.tasks.classify import load_classifier
     from jaxgpt.tasks.reward import load_reward_model, reward_scores
+    from tests.test_hf_folders import RepoServer
 
     cfg = _config(tmp_path, name)
     run = save_run(tmp_path / "rm", init_params(cfg, jax.random.key(4), num_classes=1), cfg)
@@ -135,6 +139,14 @@ def test_a_reward_run_exports_with_one_score(tmp_path, name):
     again = reward_scores(*load_reward_model(out), _padded(rows, tok.pad_id).astype(np.int32),
                           np.array([len(r) for r in rows]))  # the export serves `--reward` as the run does
     np.testing.assert_allclose(np.asarray(again), want, atol=1e-6)
+    server = RepoServer(out, "Org/Tiny-RM")
+    monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JAXGPT_HF_ENDPOINT", server.endpoint)
+    hub = reward_scores(*load_reward_model("Org/Tiny-RM"), _padded(rows, tok.pad_id).astype(np.int32),
+                        np.array([len(r) for r in rows]))
+    np.testing.assert_allclose(np.asarray(hub), want, atol=1e-6)
+    with pytest.raises(UserError, match="is not a classifier: its config.json is a reward model"):
+        load_classifier("Org/Tiny-RM")
 
 
 def test_a_ppo_policy_exports_without_its_value_head(tmp_path):

@@ -14,8 +14,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Behind an extra or a clear error: torch (pytorch_model.bin, the PyTorch twin), transformers
-# (the parity twins), tensorflow (OpenAI's TF checkpoints), tensorboardX (`.[tensorboard]`).
-OPTIONAL = {"torch", "transformers", "tensorflow", "tensorboardX"}
+# (the parity twins), tensorflow (OpenAI's TF checkpoints), tensorboardX (`.[tensorboard]`),
+# pyarrow (`.parquet` data, `.[parquet]`).
+OPTIONAL = {"torch", "transformers", "tensorflow", "tensorboardX", "pyarrow"}
 CODE_IMPORT = re.compile(r"^\s*(?:from\s+([A-Za-z_]\w*)[\w.]*\s+import\s|import\s+([A-Za-z_]\w*))", re.M)
 
 

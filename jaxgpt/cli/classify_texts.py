@@ -17,7 +17,8 @@ from jaxgpt.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxgpt classify", description=__doc__.split("\n")[0])
     parser.add_argument("--init", metavar="RUN", required=True,
-                        help="a `finetune.py classify` run, or a Hugging Face *ForSequenceClassification folder")
+                        help="a `finetune.py classify` run, or a Hugging Face *ForSequenceClassification folder "
+                             "or hub id")
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     parser.add_argument("--file", help="a UTF-8 file with one text per line")
     parser.add_argument("--batch-size", type=int, default=32)

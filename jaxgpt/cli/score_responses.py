@@ -19,7 +19,9 @@ from jaxgpt.errors import UserError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxgpt reward", description=__doc__.split("\n")[0])
-    parser.add_argument("--init", required=True, metavar="RUN", help="a reward-model run directory")
+    parser.add_argument("--init", required=True, metavar="RUN",
+                        help="a `finetune.py reward` run, or a Hugging Face one-score *ForSequenceClassification "
+                             "folder or hub id")
     parser.add_argument("--instruction", required=True, help="the instruction (the prompt's task)")
     parser.add_argument("--input", default="", help="optional input for the instruction")
     parser.add_argument("--response", action="append", required=True,
@@ -37,7 +39,7 @@ def score_responses(run_dir: str, instruction: str, input: str,
     from jaxgpt.tasks.reward import load_reward_model, reward_scores
     from jaxgpt.text.tokenizer import tokenizer_of
 
-    model_cfg, params = load_reward_model(run_dir)
+    model_cfg, params = load_reward_model(run_dir, "--init")
     tokenizer = tokenizer_of(model_cfg)
     context = model_cfg.context_length
     rows, truncated = [], []

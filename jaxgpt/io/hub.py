@@ -231,22 +231,40 @@ def resolve_init(spec: str, expect: ModelConfig | None = None) -> tuple[ModelCon
         config, params = load_hf_dir(download_preset(PRESET_ALIASES.get(spec, spec)))
     elif path.exists():
         raise UserError(f"--init {spec} is a file; give the directory that holds it ({ACCEPTED})")
-    elif spec in REPO_PRESETS or REPO_ID.fullmatch(spec):
-        from jaxgpt.io.hub_repos import download_repo
-
-        try:
-            folder = download_repo(REPO_PRESETS.get(spec, spec))
-        except UserError:  # `runs/typo`: an entry missing from a local folder, not a hub id
-            if spec not in REPO_PRESETS and path.parent.is_dir():
-                raise UserError(f"--init {spec}: no such directory{missing_entry_hint(path)} (nor a hub "
-                                f"repository that could be downloaded)") from None
-            raise
-        config, params = load_hf_dir(folder)
+    elif is_hub_id(spec):
+        config, params = load_hf_dir(hub_folder(spec))
     else:
         raise UserError(f"--init {spec}: no such directory or preset; give {ACCEPTED}")
     if expect is not None:
         check_params(params, expect, spec)
     return config, params
+
+
+def is_hub_id(spec: str) -> bool:
+    """`ORG/NAME` (or a preset naming one) that is not a local path: `hub_folder` can fetch it."""
+    return not Path(spec).expanduser().exists() and (spec in REPO_PRESETS or bool(REPO_ID.fullmatch(spec)))
+
+
+def hub_folder(spec: str, flag: str = "--init") -> Path:
+    """The local folder of hub repository `spec` (`ORG/NAME` or a `REPO_PRESETS` name),
+    downloaded and verified once (`jaxgpt.io.hub_repos`). A spec whose parent is a local folder
+    (`runs/typo`) that cannot be downloaded is "no such directory" with the closest name."""
+    from jaxgpt.io.hub_repos import download_repo
+
+    try:
+        return download_repo(REPO_PRESETS.get(spec, spec))
+    except UserError:  # `runs/typo`: an entry missing from a local folder, not a hub id
+        path = Path(spec).expanduser()
+        if spec not in REPO_PRESETS and path.parent.is_dir():
+            raise UserError(f"{flag} {spec}: no such directory{missing_entry_hint(path)} (nor a hub "
+                            f"repository that could be downloaded)") from None
+        raise
+
+
+def local_folder(spec: str | Path, flag: str = "--init") -> Path:
+    """`spec` as a local path: a hub id downloaded (`hub_folder`), anything else as it is (the
+    caller says what it lacks)."""
+    return hub_folder(str(spec), flag) if is_hub_id(str(spec)) else Path(spec).expanduser()
 
 
 def missing_entry_hint(path: Path) -> str:

@@ -7,7 +7,8 @@ for every file, its size and hash (the LFS sha256, else the git blob id). The fi
 needs are fetched from that commit with `jaxgpt.io.download.fetch_verified` (a file enters the
 cache only once its size and hash match): config.json, the weights (`model.safetensors`, or
 the index and every shard it lists), the tokenizer (`tokenizer.json`, `tokenizer_config.json`,
-a `chat_template.jinja` when there is one) and `generation_config.json` when present. What was
+a `chat_template.jinja` when there is one; a GPT-2 repository may lack them, its tokenizer is
+built in) and `generation_config.json` when present. What was
 verified is recorded beside the folder (`NAME.verified.json`), so later runs check sizes only,
 offline. `$HF_TOKEN` is sent as a bearer token (Llama's repositories are gated);
 `$JAXGPT_HF_ENDPOINT` replaces https://huggingface.co. Offline, or on any failure, one line
@@ -59,21 +60,40 @@ def _expected(entry: dict) -> Expected:
     raise VerificationError(f"the hub gives no size and hash for {entry.get('rfilename')}")
 
 
-def _files(info: dict, repo: str, base: str, commit: str, target: Path) -> dict[str, Expected]:
-    """The files to fetch (name -> what it must be): needed, optional, and the weights."""
+def _files(info: dict, repo: str, base: str, commit: str, target: Path, fetched: set[str]) -> dict[str, Expected]:
+    """The files to fetch (name -> what it must be): needed, optional, and the weights. Those it
+    had to read to decide (the shard index, a GPT-2 config.json) are fetched here, into `fetched`."""
     siblings = {s.get("rfilename"): s for s in info.get("siblings", []) if isinstance(s, dict)}
     if "model.safetensors" in siblings:
         weights = ["model.safetensors"]
     elif INDEX in siblings:
         fetch_verified(f"{base}/{repo}/resolve/{commit}/{INDEX}", target / INDEX, _expected(siblings[INDEX]),
                        label=f"{INDEX} of {repo}", headers=_headers())
+        fetched.add(INDEX)
         weights = [INDEX, *dict.fromkeys(json.loads((target / INDEX).read_text())["weight_map"].values())]
     else:
         raise VerificationError(f"{repo} has no model.safetensors (nor {INDEX})")
-    missing = [f for f in (*NEEDED, *weights) if f not in siblings]
+    needed = NEEDED
+    if "tokenizer.json" not in siblings and "config.json" in siblings:
+        fetched.add("config.json")
+        if _is_gpt2(siblings, repo, base, commit, target):
+            needed = ("config.json",)  # GPT-2's tokenizer is built in (tiktoken): its repos may lack tokenizer.json
+    missing = [f for f in (*needed, *weights) if f not in siblings]
     if missing:
         raise VerificationError(f"{repo} lacks {', '.join(missing)}")
-    return {f: _expected(siblings[f]) for f in (*NEEDED, *weights, *(o for o in OPTIONAL if o in siblings))}
+    present = [f for f in (*NEEDED, *OPTIONAL) if f in siblings]
+    return {f: _expected(siblings[f]) for f in dict.fromkeys((*needed, *weights, *present))}
+
+
+def _is_gpt2(siblings: dict, repo: str, base: str, commit: str, target: Path) -> bool:
+    """config.json (fetched and verified now) says `model_type: gpt2`."""
+    path = target / "config.json"
+    fetch_verified(f"{base}/{repo}/resolve/{commit}/config.json", path, _expected(siblings["config.json"]),
+                   label=f"config.json of {repo}", headers=_headers())
+    try:
+        return json.loads(path.read_text()).get("model_type", "gpt2") == "gpt2"
+    except (ValueError, AttributeError):
+        return False  # the loader says what is wrong with it
 
 
 def _recorded(target: Path) -> bool:
@@ -105,13 +125,12 @@ def _download(repo: str, revision: str, target: Path, base: str, page: str) -> P
         target.mkdir(parents=True, exist_ok=True)
         info = _get_json(f"{base}/api/models/{repo}/revision/{revision}?blobs=true")
         commit = info.get("sha") or revision
-        files = _files(info, repo, base, commit, target)
+        fetched: set[str] = set()
+        files = _files(info, repo, base, commit, target, fetched)
         for name, expected in files.items():
-            path = target / name
-            if path.is_file() and path.stat().st_size == expected.size and name == INDEX:
-                continue  # fetched and verified just now
-            fetch_verified(f"{base}/{repo}/resolve/{commit}/{name}", path, expected, label=f"{name} of {repo}",
-                           headers=_headers())
+            if name not in fetched:
+                fetch_verified(f"{base}/{repo}/resolve/{commit}/{name}", target / name, expected,
+                               label=f"{name} of {repo}", headers=_headers())
         record = {"repo": repo, "revision": commit,
                   "files": {f: {"size": e.size, "sha256": e.sha256, "git_sha1": e.git_sha1} for f, e in files.items()}}
         tmp = target.with_name(target.name + ".verified.json.tmp")

@@ -58,8 +58,9 @@ TASKS: dict[str, Task] = {
                  (Flag("--task", "data.task", "TASK", "verifiable task: arithmetic[:digits=1,operands=3,ops=+-,"
                                                       "style=chain] (the defaults) | gsm8k (sets data.task)"),)),
     "ppo": Task("jaxgpt.tasks.ppo", "RLHF with PPO against a reward model",
-                (Flag("--reward", "ppo.reward", "RUN", "the reward model: a `finetune.py reward` run directory "
-                                                       "(sets ppo.reward)"),)),
+                (Flag("--reward", "ppo.reward", "RUN", "the reward model: a `finetune.py reward` run, or a "
+                                                       "Hugging Face one-score *ForSequenceClassification folder "
+                                                       "or hub id (sets ppo.reward)"),)),
 }
 
 

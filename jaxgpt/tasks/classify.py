@@ -97,10 +97,12 @@ finetune_classifier = functools.partial(train, Classify)
 
 def load_classifier(spec: str | Path) -> tuple[ModelConfig, Any, list[str], int]:
     """`(model_cfg, plain params, labels, max_length)` of a classify run (LoRA adapters merged)
-    or of a Hugging Face `*ForSequenceClassification` folder (an export of one, or the hub's)."""
+    or of a Hugging Face `*ForSequenceClassification` folder (an export of one, or the hub's) or
+    hub id (downloaded once, as `--init` does)."""
     from jaxgpt.io.hf_load import hf_class_labels, load_hf_dir, read_json
+    from jaxgpt.io.hub import local_folder
 
-    path = Path(spec)
+    path = local_folder(spec)
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         labels = hf_class_labels(read_json(path / "config.json"))
         if not labels or len(labels) < 2:
@@ -120,10 +122,11 @@ def load_classifier(spec: str | Path) -> tuple[ModelConfig, Any, list[str], int]
 
 def class_labels(spec: str | Path) -> list[str] | None:
     """The class names of a classify run (`labels.json`) or of a Hugging Face classifier folder
-    (`id2label`); None for anything else."""
+    or hub id (`id2label`); None for anything else."""
     from jaxgpt.io.hf_load import hf_class_labels, read_json
+    from jaxgpt.io.hub import local_folder
 
-    path = Path(spec)
+    path = local_folder(spec)
     if (path / LABELS_FILE).is_file():
         return list(json.loads((path / LABELS_FILE).read_text())["labels"])
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():

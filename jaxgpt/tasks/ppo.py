@@ -57,7 +57,7 @@ class PPODataConfig:
 
 @dataclass(frozen=True)
 class PPOSection:
-    reward: str = ""  # --reward RUN: the reward model (a `finetune.py reward` run); required
+    reward: str = ""  # --reward RUN: the reward model (a `finetune.py reward` run, HF folder or hub id); required
     kl_coef: float = 0.2  # per-token KL penalty to the reference in the reward
     gamma: float = 1.0
     lam: float = 0.95
@@ -86,7 +86,8 @@ def validate_ppo(p: PPOSection, d: PPODataConfig) -> None:
     at_least(d, "data", 1, "eval_size")
     at_least(d, "data", 0, "seed", "max_prompt_tokens")
     if not p.reward:  # last: the default config has none, and the value checks above name their key
-        raise UserError("no reward model: pass --reward RUN (a `finetune.py reward` run directory)")
+        raise UserError("no reward model: pass --reward RUN (a `finetune.py reward` run, or a Hugging Face reward "
+                        "model folder or hub id)")
 
 
 def scorer(cfg: PPOConfig, policy_model, rm_cfg: ModelConfig, pad_id: int):

@@ -70,15 +70,17 @@ class _RewardRun:
     lora: LoRAConfig = field(default_factory=LoRAConfig)
 
 
-def load_reward_model(run_dir: str | Path) -> tuple[ModelConfig, Any]:
+def load_reward_model(run_dir: str | Path, flag: str = "--reward") -> tuple[ModelConfig, Any]:
     """`(model_cfg, params)` of a reward run's latest checkpoint (plain params: LoRA adapters
-    merged), or of a Hugging Face `*ForSequenceClassification` folder with one label (a reward
-    run's export), with a `score/kernel [n_embd, 1]` head, for `reward_scores`."""
+    merged), or of a Hugging Face `*ForSequenceClassification` folder or hub id with one label
+    (a reward run's export, or e.g. Skywork's Llama / Qwen3 reward models), with a
+    `score/kernel [n_embd, 1]` head, for `reward_scores`."""
     from jaxgpt.io import checkpoint
     from jaxgpt.io.hf_load import load_hf_dir
+    from jaxgpt.io.hub import local_folder
     from jaxgpt.models.lora import has_lora, merge_lora
 
-    run_dir = Path(run_dir)
+    run_dir = local_folder(run_dir, flag)
     if (run_dir / "config.json").is_file() and not (run_dir / "config.yaml").is_file():
         model_cfg, params = load_hf_dir(run_dir)
     elif not (run_dir / "config.yaml").is_file():
