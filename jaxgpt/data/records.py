@@ -12,8 +12,8 @@ records resolves its `data.path` here, so a spec means the same thing to all of 
 preference pairs, GSM8K): `spec` is a bundled data set (kinds json / jsonl), a `.json` /
 `.jsonl` file (optionally gzipped), a `.parquet` file or a tfds dataset (bytes features decoded
 as UTF-8). `read_examples` serves classification: bundled tsv/csv/json(l), a
-JSONL/JSON/CSV/TSV/parquet file, or a tfds dataset (`ClassLabel` ints become their names). Every problem is a one-line
-UserError naming the file and record, or the config key to set.
+JSONL/JSON/CSV/TSV/parquet file, or a tfds dataset (`ClassLabel` ints become their names).
+Every problem is a one-line UserError naming the file and record, or the config key to set.
 """
 from __future__ import annotations
 
