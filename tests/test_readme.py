@@ -72,6 +72,9 @@ def check_command(argv: list[str]) -> None:
         extras = re.findall(r"\[(\w+)\]", " ".join(argv))
         pyproject = (root / "pyproject.toml").read_text(encoding="utf-8")
         assert all(re.search(rf"^{e} = \[", pyproject, re.M) for e in extras), extras
+    elif argv[0] == "hf":  # huggingface_hub's CLI: the flags its `hf download --help` lists
+        assert argv[1] == "download" and {a for a in argv if a.startswith("--")} <= {
+            "--repo-type", "--include", "--exclude", "--local-dir", "--revision"}, argv
     elif argv[0] == "pytest":
         assert all((root / a).exists() for a in argv[1:] if a.startswith("tests/")), argv
     elif argv[:2] == ["python", "train.py"]:
