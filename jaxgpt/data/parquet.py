@@ -54,10 +54,6 @@ def open_parquet(path: Path):
         raise UserError(f"cannot read {path} as a parquet file: {e}") from None
 
 
-def columns(path: Path) -> list[str]:
-    return list(open_parquet(path).schema_arrow.names)
-
-
 def _check_columns(path: Path, have: list[str], required: Mapping[str, str]) -> None:
     for role, name in required.items():
         if name not in have:
