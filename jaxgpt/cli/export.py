@@ -1,16 +1,19 @@
-"""`python -m jaxgpt export --init SPEC --to-hf OUTDIR [--force]`: weights to a Hugging Face folder.
+"""`python -m jaxgpt export --init SPEC --to-hf OUTDIR [--adapter] [--force]`: weights to a Hugging Face folder.
 
 SPEC is anything `--init` accepts (a jaxgpt run directory, a Hugging Face or OpenAI GPT-2
 directory, or a preset such as `gpt2`). OUTDIR receives config.json and model.safetensors
 (`jaxgpt.io.hf_export.export_hf`); LoRA adapters are merged first. A language model is written
 as the family's *ForCausalLM (PPO's value head left out); a classify run (with its labels) or a
-reward run as its *ForSequenceClassification. A non-empty OUTDIR is refused unless --force,
-which replaces only a previous export.
+reward run as its *ForSequenceClassification. With --adapter, a LoRA run's adapters alone are
+written as a PEFT adapter (adapter_config.json, adapter_model.safetensors:
+`jaxgpt.io.peft_export`) for `peft.PeftModel.from_pretrained(base, OUTDIR)`. A non-empty OUTDIR
+is refused unless --force, which replaces only a previous export.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Sequence
 
 from jaxgpt.cli.common import exit_on_user_error, main_entry
@@ -23,6 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", required=True, metavar="SPEC", help=f"weights to export: {ACCEPTED}")
     p.add_argument("--to-hf", required=True, metavar="OUTDIR", dest="to_hf",
                    help="directory to write config.json and model.safetensors into")
+    p.add_argument("--adapter", action="store_true",
+                   help="write a LoRA run's adapters alone, as a PEFT adapter folder, instead of the merged model")
     p.add_argument("--force", action="store_true",
                    help="replace OUTDIR if it holds a previous export (config.json + model.safetensors only)")
     return p
@@ -31,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
 @exit_on_user_error
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.adapter:
+        return _export_adapter(args)
     check_export_dir(args.to_hf, args.force, source=args.init)  # fail before a long load, not after
     config, params = resolve_init(args.init)
     labels = class_labels(args.init) if score_classes(params) > 1 else None
@@ -39,6 +46,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {out} (config.json, model.safetensors) as {what}: n_layer={config.n_layer} n_head={config.n_head} "
           f"n_embd={config.n_embd} vocab_size={config.vocab_size} tied={config.tie_embeddings}"
           + (f" labels={','.join(labels)}" if labels else ""))
+    return 0
+
+
+def _export_adapter(args) -> int:
+    from jaxgpt.io.peft_export import export_adapter
+
+    out, peft = export_adapter(args.init, args.to_hf, force=args.force)
+    targets = peft["target_modules"]
+    shown = ", ".join(targets[:8]) + (f" and {len(targets) - 8} more" if len(targets) > 8 else "")
+    print(f"wrote {out} (adapter_config.json, adapter_model.safetensors) as a PEFT LoRA adapter: r={peft['r']} "
+          f"lora_alpha={peft['lora_alpha']} on {shown}; base {peft['base_model_name_or_path']}")
+    base = Path(peft["base_model_name_or_path"])
+    if (base / "config.yaml").is_file():  # a jaxgpt run: PEFT needs it as a Hugging Face folder
+        print(f"the base is a jaxgpt run: `python -m jaxgpt export --init {base} --to-hf BASE`, then load the "
+              "adapter on BASE (or set base_model_name_or_path to it)")
     return 0
 
 

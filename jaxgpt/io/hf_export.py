@@ -111,7 +111,8 @@ def write_safetensors(path: str | Path, tensors: dict[str, tuple[tuple[int, ...]
             del a
 
 
-EXPORT_FILES = frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES})
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT LoRA adapter (`jaxgpt.io.peft_export`)
+EXPORT_FILES = frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES, *ADAPTER_FILES})
 
 
 def check_export_dir(out_dir: str | Path, force: bool = False, source: str | Path | None = None) -> Path:
@@ -183,11 +184,18 @@ def export_hf(params: Params, model_config: ModelConfig, out_dir: str | Path, *,
     """
     out = check_export_dir(out_dir, force)
     tensors = hf_tensors(params, model_config)
+    return write_folder(out, lambda tmp: _write_export(tmp, params, model_config, tensors, labels))
+
+
+def write_folder(out: Path, write: Callable[[Path], None]) -> Path:
+    """Run `write(tmp)` on a temporary sibling folder of `out`, then rename it into place
+    (replacing what `check_export_dir` allowed), so an interrupted write or a full disk (one
+    `DiskFull` line) leaves nothing half-written at `out`."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         with disk_full_as("the export", out):  # one line (exit 2); the temporary folder goes below
-            _write_export(tmp, params, model_config, tensors, labels)
+            write(tmp)
         mask = os.umask(0)
         os.umask(mask)
         os.chmod(tmp, 0o777 & ~mask)  # mkdtemp made it private; an export is an ordinary folder

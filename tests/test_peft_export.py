@@ -1,0 +1,107 @@
+"""`python -m jaxgpt export --adapter`: a LoRA run's adapters as a PEFT adapter folder that
+`peft.PeftModel.from_pretrained` puts on the base model, giving the run's logits."""
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+from jaxgpt.config import save_config  # noqa: E402
+from jaxgpt.io.checkpoint import checkpoint_manager, save  # noqa: E402
+from jaxgpt.io.hf_export import export_hf  # noqa: E402
+from jaxgpt.models import build_model, init_params  # noqa: E402
+from jaxgpt.models.lora import LoRAConfig  # noqa: E402
+from jaxgpt.tasks.common import FinetuneConfig  # noqa: E402
+from jaxgpt.tasks.instruct import InstructConfig  # noqa: E402
+from tests.test_export_heads import _config  # noqa: E402
+
+TOKENS = np.array([[5, 90, 31, 7, 7, 200, 3], [1, 2, 3, 4, 5, 6, 7]])
+
+
+def _lora_run(tmp_path, name: str, lora: LoRAConfig, *, init: str = "base", classes: int = 0):
+    """A base model exported to HF, and a LoRA run on it whose adapters are random (not the
+    zeros a fresh lora_b holds, so the adapters change the logits)."""
+    cfg = _config(tmp_path, name)
+    extra = {"num_classes": classes} if classes else {}
+    base = init_params(cfg, jax.random.key(0), **extra)
+    base_dir = export_hf(jax.device_get(base), cfg, tmp_path / "base") if init == "base" else None
+    params = traverse_util.flatten_dict(jax.device_get(init_params(cfg, jax.random.key(1), lora=lora, **extra)))
+    flat_base = traverse_util.flatten_dict(jax.device_get(base))
+    rng = np.random.default_rng(2)
+    for path in params:
+        params[path] = (flat_base[path] if path in flat_base else
+                        rng.normal(0, 0.2, np.shape(params[path])).astype(np.float32))
+    params = traverse_util.unflatten_dict(params)
+    run = tmp_path / "run"
+    run.mkdir()
+    finetune = FinetuneConfig(init=str(base_dir) if base_dir else init, train_mode="lora")
+    save_config(InstructConfig(model=cfg, lora=lora, finetune=finetune), run / "config.yaml")
+    save(checkpoint_manager(run), 1, {"params": params, "step": np.int32(1)}, {})
+    return cfg, params, base_dir, run
+
+
+def _export(run, out, capsys=None) -> int:
+    from jaxgpt.cli.export import main
+
+    return main(["--init", str(run), "--to-hf", str(out), "--adapter"])
+
+
+@pytest.mark.parametrize("name, targets", [("gpt2", ("all",)), ("qwen3-untied", ("all",)),
+                                           ("gemma3-window4", ("q_proj", "layers_1/mlp/down_proj"))])
+def test_peft_puts_the_adapters_on_the_base_and_gives_the_runs_logits(tmp_path, capsys, name, targets):
+    lora = LoRAConfig(rank=4, alpha=8.0, targets=targets)
+    cfg, params, base_dir, run = _lora_run(tmp_path, name, lora)
+    out = tmp_path / "adapter"
+    assert _export(run, out) == 0
+    printed = capsys.readouterr().out
+    assert "as a PEFT LoRA adapter: r=4 lora_alpha=8.0" in printed and str(base_dir) in printed
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    want_targets = {"gpt2": ["c_attn", "c_fc", "c_proj"],
+                    "qwen3-untied": ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"],
+                    "gemma3-window4": ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj",
+                                       "model.layers.1.self_attn.q_proj"]}[name]
+    assert config["target_modules"] == want_targets and config["fan_in_fan_out"] == (name == "gpt2")
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        before = base(torch.from_numpy(TOKENS)).logits.numpy()
+        model = peft.PeftModel.from_pretrained(base, out).eval()
+        got = model(torch.from_numpy(TOKENS)).logits.numpy()
+    ours = np.asarray(build_model(cfg, lora=lora).apply({"params": params}, TOKENS))
+    assert np.abs(ours - before).max() > 1e-2  # the adapters matter
+    np.testing.assert_allclose(got, ours, atol=2e-4)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("full", "has no LoRA adapters (finetune.train_mode=full): export the model itself"),
+    ("split", "lora.split_qkv=true puts three adapters on the fused c_attn"),
+    ("random", "was trained from random weights (finetune.init is empty)"),
+    ("classifier", "the run is a classifier or reward model"),
+    ("not-a-run", "is no run directory (no config.yaml)")])
+def test_what_has_no_peft_form_is_one_line(tmp_path, capsys, case, message):
+    lora = LoRAConfig(rank=2, alpha=4.0, split_qkv=case == "split")
+    if case == "not-a-run":
+        run = tmp_path / "nothing"
+        run.mkdir()
+    elif case == "full":
+        cfg = _config(tmp_path, "gpt2")
+        run = tmp_path / "run"
+        run.mkdir()
+        save_config(InstructConfig(model=cfg, finetune=FinetuneConfig(init="gpt2")), run / "config.yaml")
+        save(checkpoint_manager(run), 1, {"params": jax.device_get(init_params(cfg, jax.random.key(0))),
+                                          "step": np.int32(1)}, {})
+    else:
+        run = _lora_run(tmp_path, "gpt2", lora, init="" if case == "random" else "base",
+                        classes=2 if case == "classifier" else 0)[3]
+    assert _export(run, tmp_path / "adapter") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "adapter").exists()
