@@ -6,7 +6,7 @@ directory, or a preset such as `gpt2`). OUTDIR receives config.json and model.sa
 as the family's *ForCausalLM (PPO's value head left out); a classify run (with its labels) or a
 reward run as its *ForSequenceClassification. With --adapter, a LoRA run's adapters alone are
 written as a PEFT adapter (adapter_config.json, adapter_model.safetensors:
-`jaxgpt.io.peft_export`) for `peft.PeftModel.from_pretrained(base, OUTDIR)`. A non-empty OUTDIR
+`jaxgpt.io.peft_adapters`) for `peft.PeftModel.from_pretrained(base, OUTDIR)`. A non-empty OUTDIR
 is refused unless --force, which replaces only a previous export.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _export_adapter(args) -> int:
-    from jaxgpt.io.peft_export import export_adapter
+    from jaxgpt.io.peft_adapters import export_adapter
 
     out, peft = export_adapter(args.init, args.to_hf, force=args.force)
     targets = peft["target_modules"]

@@ -111,7 +111,7 @@ def write_safetensors(path: str | Path, tensors: dict[str, tuple[tuple[int, ...]
             del a
 
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT LoRA adapter (`jaxgpt.io.peft_export`)
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT LoRA adapter (`jaxgpt.io.peft_adapters`)
 EXPORT_FILES = frozenset({"config.json", "model.safetensors", *TOKENIZER_FILES, *ADAPTER_FILES})
 
 

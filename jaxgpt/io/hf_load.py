@@ -189,7 +189,7 @@ def check_params(params: Params, config: ModelConfig, source: str = "params", nu
 # Hugging Face loaders
 
 
-def _safetensors_tensors(files: list[Path]) -> Iterator[Tensor]:
+def safetensors_tensors(files: list[Path]) -> Iterator[Tensor]:
     """Tensors of one or more .safetensors files, read one at a time from the mmap."""
     from safetensors import safe_open
 
@@ -283,7 +283,7 @@ def load_hf_dir(path: str | Path) -> tuple[ModelConfig, Params]:
         files = []
     if files:
         try:
-            return config, convert_tensors(_safetensors_tensors(files), config, None, str(files[0]), classes)
+            return config, convert_tensors(safetensors_tensors(files), config, None, str(files[0]), classes)
         except UserError:
             raise
         except Exception as e:  # a truncated or corrupt file

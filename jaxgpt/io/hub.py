@@ -6,7 +6,9 @@ Accepted forms, tried in this order:
    `jaxgpt.io.checkpoint.load_params`;
 2. a Hugging Face model directory of a family jaxgpt has (GPT-2, Llama, Qwen3, Gemma 3: `config.json`
    plus `model.safetensors`, a sharded `model.safetensors.index.json`, or `pytorch_model.bin`
-   when torch is installed; its `tokenizer.json` becomes the model's tokenizer);
+   when torch is installed; its `tokenizer.json` becomes the model's tokenizer), or a PEFT LoRA
+   adapter folder (`adapter_config.json`): its base model with the adapters merged
+   (`jaxgpt.io.peft_adapters`);
 3. OpenAI's original TensorFlow release directory (holds `hparams.json` and
    `model.ckpt.*`; needs TensorFlow);
 4. a preset name: `gpt2`, `gpt2-medium`, `gpt2-large`, `gpt2-xl` (or jaxgpt's names for the
@@ -85,8 +87,9 @@ REPO_PRESETS = {"llama-3.2-1b": "meta-llama/Llama-3.2-1B", "llama-3.2-3b": "meta
                 "gemma-3-4b": "google/gemma-3-4b-pt", "gemma-3-12b": "google/gemma-3-12b-pt",
                 "gemma-3-27b": "google/gemma-3-27b-pt"}
 ACCEPTED = ("a jaxgpt run directory (config.yaml + checkpoints/), a Hugging Face model directory "
-            "(config.json + model.safetensors), an OpenAI TensorFlow checkpoint directory "
-            "(hparams.json + model.ckpt.*), a hub id such as Qwen/Qwen3-0.6B, or a preset: "
+            "(config.json + model.safetensors), a PEFT LoRA adapter directory (adapter_config.json), an OpenAI "
+            "TensorFlow checkpoint directory (hparams.json + model.ckpt.*), a hub id such as Qwen/Qwen3-0.6B, "
+            "or a preset: "
             + ", ".join((*HF_PRESETS, *REPO_PRESETS)))
 
 
@@ -222,11 +225,16 @@ def resolve_init(spec: str, expect: ModelConfig | None = None) -> tuple[ModelCon
             config, params = _load_run_dir(path)
         elif (path / "config.json").is_file():
             config, params = load_hf_dir(path)
+        elif (path / "adapter_config.json").is_file():  # a PEFT LoRA adapter: its base, adapters merged
+            from jaxgpt.io.peft_adapters import load_adapter
+
+            config, params = load_adapter(path)
         elif (path / "hparams.json").is_file():
             config, params = load_openai_dir(path)
         else:
             raise UserError(f"{path} holds neither config.yaml (jaxgpt run), config.json (Hugging Face "
-                            f"model) nor hparams.json (OpenAI TensorFlow checkpoint)")
+                            f"model), adapter_config.json (PEFT adapter) nor hparams.json (OpenAI TensorFlow "
+                            "checkpoint)")
     elif spec in HF_PRESETS or spec in PRESET_ALIASES:
         config, params = load_hf_dir(download_preset(PRESET_ALIASES.get(spec, spec)))
     elif path.exists():

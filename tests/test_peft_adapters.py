@@ -1,7 +1,9 @@
-"""`python -m jaxgpt export --adapter`: a LoRA run's adapters as a PEFT adapter folder that
-`peft.PeftModel.from_pretrained` puts on the base model, giving the run's logits."""
+"""PEFT LoRA adapters: `python -m jaxgpt export --adapter` writes a run's as a folder that
+`peft.PeftModel.from_pretrained` puts on the base model, giving the run's logits; `--init
+ADAPTER` reads one PEFT saved onto its base, giving PEFT's logits."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -105,3 +107,54 @@ def test_what_has_no_peft_form_is_one_line(tmp_path, capsys, case, message):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("name, rslora", [("gpt2", False), ("qwen3-untied", True)])
+def test_init_from_an_adapter_peft_saved_gives_peft_logits(tmp_path, name, rslora):
+    """An adapter made and saved by PEFT itself (random A and B, rsLoRA's alpha / sqrt(r) for
+    Qwen3) read as `--init ADAPTER`: its base with the adapters merged, PEFT's logits; jaxgpt's
+    own export reads back to the run's merged params."""
+    from jaxgpt.io.hub import resolve_init
+    from jaxgpt.models.lora import merge_lora
+
+    cfg = _config(tmp_path, name)
+    base_dir = export_hf(jax.device_get(init_params(cfg, jax.random.key(0))), cfg, tmp_path / "base")
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir).eval()
+    targets = ["c_attn", "c_fc"] if name == "gpt2" else ["q_proj", "v_proj", "down_proj"]
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=6, target_modules=targets, use_rslora=rslora,
+                                                      fan_in_fan_out=name == "gpt2", init_lora_weights=False)).eval()
+    model.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        want = model(torch.from_numpy(TOKENS)).logits.numpy()
+        with model.disable_adapter():
+            plain = model(torch.from_numpy(TOKENS)).logits.numpy()
+    got_cfg, params = resolve_init(str(tmp_path / "theirs"))
+    assert dataclasses.replace(got_cfg, tokenizer=cfg.tokenizer) == cfg  # the base folder's tokenizer
+    ours = np.asarray(build_model(cfg).apply({"params": params}, TOKENS))
+    assert np.abs(want - plain).max() > 1e-2  # the adapters matter
+    np.testing.assert_allclose(ours, want, atol=2e-4)
+
+    lora = LoRAConfig(rank=4, alpha=8.0)
+    _, run_params, _, run = _lora_run(tmp_path / "mine", name, lora)
+    assert _export(run, tmp_path / "mine" / "adapter") == 0
+    _, back = resolve_init(str(tmp_path / "mine" / "adapter"))
+    merged = traverse_util.flatten_dict(jax.device_get(merge_lora(run_params, lora)))
+    for path, value in traverse_util.flatten_dict(back).items():
+        np.testing.assert_allclose(np.asarray(value), merged[path], atol=1e-6, err_msg="/".join(path))
+
+
+def test_adapters_jaxgpt_cannot_hold_are_one_line(tmp_path):
+    from jaxgpt.errors import UserError
+    from jaxgpt.io.hub import resolve_init
+
+    cfg, _, _, run = _lora_run(tmp_path, "gpt2", LoRAConfig(rank=2, alpha=4.0))
+    out = tmp_path / "adapter"
+    assert _export(run, out) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    for change, message in ((dict(use_dora=True), "sets use_dora, which jaxgpt's LoRA layers cannot hold"),
+                            (dict(peft_type="IA3"), "is a PEFT IA3 adapter; jaxgpt reads LoRA adapters only"),
+                            (dict(base_model_name_or_path=""), "names no base_model_name_or_path")):
+        (out / "adapter_config.json").write_text(json.dumps({**config, **change}))
+        with pytest.raises(UserError, match=message):
+            resolve_init(str(out))

@@ -1,9 +1,12 @@
-"""A LoRA run's adapters as a PEFT adapter folder (`python -m jaxgpt export --adapter`).
+"""LoRA adapters in PEFT's format, both ways: a LoRA run's adapters written as a PEFT adapter
+folder (`python -m jaxgpt export --adapter`), and a PEFT adapter folder read as `--init`.
 
     export_adapter("runs/qwen-sft", "qwen-sft-adapter")   # adapter_config.json + adapter_model.safetensors
 
     base = AutoModelForCausalLM.from_pretrained("Qwen/Qwen3-0.6B")
     model = peft.PeftModel.from_pretrained(base, "qwen-sft-adapter")   # the run's model, unmerged
+
+    config, params = load_adapter("some-peft-adapter")   # its base (adapter_config.json), adapters merged
 
 PEFT's LoRA layer computes `y = W x + B(A(x)) * lora_alpha / r`, jaxgpt's `x @ W + (x @ lora_a)
 @ lora_b * alpha / rank` (`jaxgpt.models.lora`), so an adapter is the same two matrices under
@@ -128,3 +131,73 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, *, force: bool = Fa
         write_safetensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
 
     return write_folder(out, write), peft_config
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a PEFT adapter (`--init ADAPTER_FOLDER`)
+
+
+def load_adapter(folder: str | Path) -> tuple[ModelConfig, Any]:
+    """`(config, params)` of a PEFT LoRA adapter folder: its base model
+    (`base_model_name_or_path`, anything `--init` takes: a hub id, a folder, a preset) with the
+    adapters merged into the kernels, `W += A.T @ B.T * lora_alpha / r` (`/ sqrt(r)` with
+    rsLoRA), the function `PeftModel` computes. What a LoRA adapter may hold that jaxgpt's dense
+    layers cannot take (DoRA, trained biases, saved modules, embedding adapters, per-module
+    alphas) is a one-line error."""
+    from jaxgpt.io.hf_load import safetensors_tensors
+    from jaxgpt.io.hub import resolve_init
+
+    folder = Path(folder).expanduser()
+    try:
+        peft_config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {folder}/adapter_config.json: {e}") from None
+    kind = peft_config.get("peft_type")
+    if kind != "LORA":
+        raise UserError(f"{folder} is a PEFT {kind} adapter; jaxgpt reads LoRA adapters only")
+    unsupported = [k for k, ok in (("use_dora", False), ("bias", "none"), ("modules_to_save", None),
+                                   ("alpha_pattern", {}), ("rank_pattern", {}))
+                   if peft_config.get(k, ok) not in (ok, None, [], {})]
+    if unsupported:
+        raise UserError(f"{folder}'s adapter sets {', '.join(unsupported)}, which jaxgpt's LoRA layers cannot hold")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        raise UserError(f"{folder} has no adapter_model.safetensors (a .bin adapter: save it again with "
+                        "safe_serialization=True)")
+    base = str(peft_config.get("base_model_name_or_path") or "")
+    if not base:
+        raise UserError(f"{folder}/adapter_config.json names no base_model_name_or_path")
+    config, params = resolve_init(base)
+    r, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
+    scale = alpha / (r ** 0.5 if peft_config.get("use_rslora") else r)
+    tensors = {t.name: np.asarray(t.load(), np.float32) for t in safetensors_tensors([weights])}  # bf16 too
+    return config, merge_adapter(params, config, tensors, scale, str(folder))
+
+
+def merge_adapter(params: Any, config: ModelConfig, tensors: dict[str, np.ndarray], scale: float,
+                  where: str) -> Any:
+    """`params` with each adapted kernel `W [in, out]` plus `A.T @ B.T * scale` (`A [r, in]`,
+    `B [out, r]` under PEFT's `base_model.model.<module>.lora_A|B.weight` keys)."""
+    family = family_of(config)
+    flat = traverse_util.flatten_dict(params)
+    by_module = {family.hf_key(path)[0].removesuffix(".weight"): path for path in flat
+                 if path[-1] == "kernel" and path[0] not in ("score", CRITIC)}
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in tensors.items():
+        head, _, leaf = key.removeprefix("base_model.model.").rpartition(".lora_")
+        if not head or leaf not in ("A.weight", "B.weight"):
+            raise UserError(f"{where}: adapter tensor {key} is not a LoRA A/B matrix of a linear layer")
+        pairs.setdefault(head.removesuffix(".default"), {})[leaf[0]] = value
+    for module, ab in sorted(pairs.items()):
+        path = by_module.get(module)
+        if path is None:
+            raise UserError(f"{where}: the adapter adapts {module}, which the base model has no linear layer of")
+        if set(ab) != {"A", "B"}:
+            raise UserError(f"{where}: {module} has lora_{'A' if 'A' not in ab else 'B'} missing")
+        kernel = np.asarray(jax.device_get(flat[path]), np.float32)
+        a, b = np.asarray(ab["A"], np.float32), np.asarray(ab["B"], np.float32)
+        if a.shape[1] != kernel.shape[0] or b.shape[0] != kernel.shape[1] or a.shape[0] != b.shape[1]:
+            raise UserError(f"{where}: {module}'s adapter ({list(a.shape)}, {list(b.shape)}) does not fit its "
+                            f"kernel {list(kernel.shape)}")
+        flat[path] = (kernel + (a.T @ b.T) * scale).astype(np.asarray(flat[path]).dtype)
+    return traverse_util.unflatten_dict(flat)
