@@ -93,8 +93,8 @@ def target_modules(params: Any, config: ModelConfig, adapted: list[str]) -> list
     return sorted(short) if every == set(adapted) else adapted
 
 
-def adapter_config(config: ModelConfig, lora: LoRAConfig, base: str, targets: list[str],
-                   fan_in_fan_out: bool) -> dict[str, Any]:
+def adapter_config(lora: LoRAConfig, base: str, targets: list[str], fan_in_fan_out: bool) -> dict[str, Any]:
+    """PEFT's adapter_config.json for jaxgpt's plain LoRA (scale alpha / r, no dropout at inference)."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
             "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0, "target_modules": targets,
             "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "use_dora": False,
@@ -123,8 +123,8 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, *, force: bool = Fa
         raise UserError(f"{run_dir} was trained from random weights (finetune.init is empty): there is no base model "
                         "for an adapter; export the merged model (without --adapter)")
     tensors, modules, fan_in_fan_out = adapter_tensors(params, cfg.model)
-    peft_config = adapter_config(cfg.model, cfg.lora, base_model_name(init),
-                                 target_modules(params, cfg.model, modules), fan_in_fan_out)
+    peft_config = adapter_config(cfg.lora, base_model_name(init), target_modules(params, cfg.model, modules),
+                                 fan_in_fan_out)
 
     def write(tmp: Path) -> None:
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
