@@ -79,6 +79,10 @@ def test_records_for_instructions_preferences_and_gsm8k(tmp_path):
     with pytest.raises(UserError, match=r"has no output column 'answer' \(columns: instruction, input, output, "
                                         r"text\); set data.output_field"):
         read_records(str(alpaca), {"instruction": "instruction", "output": "answer"})
+    chat = _write(tmp_path / "chat.parquet", {"prompt": ["Hi"], "chosen": [[{"role": "user", "content": "Hi"},
+                                                                          {"role": "assistant", "content": "Hello!"}]]})
+    with pytest.raises(UserError, match=r"row 1: field for chosen is a conversation \(a list of 2 messages\)"):
+        read_records(str(chat), {"instruction": "prompt", "chosen": "chosen"})
     gsm = _write(tmp_path / "test-00000-of-00001.parquet", {
         "question": ["Tom has 3 apples and buys 4. How many?"], "answer": ["3 + 4 = <<3+4=7>>7\n#### 7"]})
     (problem,) = Gsm8kTask(path=str(gsm)).problems()

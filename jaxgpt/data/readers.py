@@ -71,6 +71,9 @@ def _string(value, where: str, role: str) -> str:
         value = value.decode("utf-8")
     if isinstance(value, str):
         return value
+    if isinstance(value, list) and value and all(isinstance(m, Mapping) and "content" in m for m in value):
+        raise UserError(f"{where}: field for {role} is a conversation (a list of {len(value)} messages); jaxgpt reads "
+                        f"one string a field: point data.{role}_field at a text column")
     raise UserError(f"{where}: field for {role} must be a string, got {json.dumps(value, default=str)[:40]}")
 
 
