@@ -76,11 +76,13 @@ def test_a_corpus_is_tokenized_once_for_training(tmp_path, capsys):
     (["--data", "the-verdict", "--show", "2"], "--show prints windows: give --context-length T"),
     (["--context-length", "8", "hi"], "give --data SOURCE"),
     (["--data", "{tmp}/missing.txt"], "neither a bundled corpus"),
+    (["--data", "{tmp}/c.jsonl", "--text-field", "body"], "line 1 has no field 'body' (fields: text); give --text-field"),
     (["--data", "the-verdict", "--context-length", "100000", "--cache-dir", "{tmp}/cache"],
      "fewer than one window of context_length+1=100,001"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
     argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    (tmp_path / "c.jsonl").write_text('{"text": "a document"}\n')
     if not argv:
         with pytest.raises(SystemExit) as e:
             main(argv)

@@ -4,6 +4,7 @@ light (no jax) so `--help` is fast."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import sys
@@ -197,6 +198,21 @@ def check_step_overrides(cfg, overrides: Sequence[str]) -> None:
         if key in ("train.max_steps", "train.eval_interval"):
             raise UserError(f"--set {override.strip()} has no effect while train.epochs={cfg.train.epochs} "
                             f"(the run counts epochs); add --set train.epochs=0 to count steps instead")
+
+
+@contextlib.contextmanager
+def keys_as_flags(**flags: str):
+    """A `UserError` raised inside says `--text-field` where it said `set data.text_field`: a
+    command whose flag sets that key (`keys_as_flags(text_field="--text-field")`) names its flag."""
+    try:
+        yield
+    except UserError as e:
+        message = str(e)
+        for key, flag in flags.items():
+            message = message.replace(f"set data.{key}", f"give {flag}")
+        if message == str(e):
+            raise
+        raise UserError(message) from None
 
 
 def read_lines(path: str | Path, flag: str) -> list[str]:

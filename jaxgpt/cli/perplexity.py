@@ -29,7 +29,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from jaxgpt.cli.common import exit_on_user_error, main_entry
+from jaxgpt.cli.common import exit_on_user_error, keys_as_flags, main_entry
 from jaxgpt.errors import UserError
 from jaxgpt.io.files import atomic_write
 
@@ -109,7 +109,8 @@ def perplexities(args: argparse.Namespace) -> dict:
     if context > config.context_length:
         raise UserError(f"--context-length {context} is longer than the model's context ({config.context_length})")
     try:
-        tokens = prepare_tokens(args.data, args.cache_dir, args.text_field, tokenizer=tokenizer)
+        with keys_as_flags(text_field="--text-field"):
+            tokens = prepare_tokens(args.data, args.cache_dir, args.text_field, tokenizer=tokenizer)
         splits = make_splits(tokens, context, args.stride, args.val_ratio, name=repr(args.data), val_stride=args.stride)
         named = {"all": splits.train} if splits.val is None else {"train": splits.train, "val": splits.val}
         if args.max_windows:

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from jaxgpt.cli.common import exit_on_user_error
+from jaxgpt.cli.common import exit_on_user_error, keys_as_flags
 from jaxgpt.errors import UserError
 
 
@@ -83,7 +83,8 @@ def describe_corpus(args: argparse.Namespace, tokenizer) -> list[str]:
     from jaxgpt.data import make_splits
     from jaxgpt.data.tokens import prepare_token_file
 
-    path, n = prepare_token_file(args.data, args.cache_dir, args.text_field, tokenizer=tokenizer)
+    with keys_as_flags(text_field="--text-field"):
+        path, n = prepare_token_file(args.data, args.cache_dir, args.text_field, tokenizer=tokenizer)
     lines = [f"{args.data}: {n:,} tokens ({tokenizer.name}, {np.dtype(tokenizer.token_dtype).name}) -> {path} "
              f"({_size(path.stat().st_size)})"]
     if not args.context_length:
