@@ -110,12 +110,13 @@ def test_what_has_no_peft_form_is_one_line(tmp_path, capsys, case, message):
 
 
 @pytest.mark.parametrize("name, rslora", [("gpt2", False), ("qwen3-untied", True)])
-def test_init_from_an_adapter_peft_saved_gives_peft_logits(tmp_path, name, rslora):
+def test_init_from_an_adapter_peft_saved_gives_peft_logits(tmp_path, monkeypatch, name, rslora):
     """An adapter made and saved by PEFT itself (random A and B, rsLoRA's alpha / sqrt(r) for
-    Qwen3) read as `--init ADAPTER`: its base with the adapters merged, PEFT's logits; jaxgpt's
-    own export reads back to the run's merged params."""
+    Qwen3) read as `--init ADAPTER`, from a folder or a hub repository: its base with the
+    adapters merged, PEFT's logits; jaxgpt's own export reads back to the run's merged params."""
     from jaxgpt.io.hub import resolve_init
     from jaxgpt.models.lora import merge_lora
+    from tests.test_hf_folders import RepoServer
 
     cfg = _config(tmp_path, name)
     base_dir = export_hf(jax.device_get(init_params(cfg, jax.random.key(0))), cfg, tmp_path / "base")
@@ -134,6 +135,12 @@ def test_init_from_an_adapter_peft_saved_gives_peft_logits(tmp_path, name, rslor
     ours = np.asarray(build_model(cfg).apply({"params": params}, TOKENS))
     assert np.abs(want - plain).max() > 1e-2  # the adapters matter
     np.testing.assert_allclose(ours, want, atol=2e-4)
+    server = RepoServer(tmp_path / "theirs", "Org/Tiny-LoRA")  # the hub: the adapter only, its base local
+    monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JAXGPT_HF_ENDPOINT", server.endpoint)
+    _, hub = resolve_init("Org/Tiny-LoRA")
+    for path, value in traverse_util.flatten_dict(hub).items():
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(traverse_util.flatten_dict(params)[path]))
 
     lora = LoRAConfig(rank=4, alpha=8.0)
     _, run_params, _, run = _lora_run(tmp_path / "mine", name, lora)

@@ -58,9 +58,9 @@ def _export_adapter(args) -> int:
     print(f"wrote {out} (adapter_config.json, adapter_model.safetensors) as a PEFT LoRA adapter: r={peft['r']} "
           f"lora_alpha={peft['lora_alpha']} on {shown}; base {peft['base_model_name_or_path']}")
     base = Path(peft["base_model_name_or_path"])
-    if (base / "config.yaml").is_file():  # a jaxgpt run: PEFT needs it as a Hugging Face folder
-        print(f"the base is a jaxgpt run: `python -m jaxgpt export --init {base} --to-hf BASE`, then load the "
-              "adapter on BASE (or set base_model_name_or_path to it)")
+    if base.is_dir() and not (base / "config.json").is_file():  # a jaxgpt run, a PEFT adapter: not for PEFT
+        print(f"the base is no Hugging Face model folder: `python -m jaxgpt export --init {base} --to-hf BASE`, "
+              "then load the adapter on BASE (or set base_model_name_or_path to it)")
     return 0
 
 

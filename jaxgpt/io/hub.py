@@ -221,31 +221,33 @@ def resolve_init(spec: str, expect: ModelConfig | None = None) -> tuple[ModelCon
         raise UserError(f"--init is empty; give {ACCEPTED}")
     path = Path(spec).expanduser()
     if path.is_dir():
-        if (path / "config.yaml").is_file():
-            config, params = _load_run_dir(path)
-        elif (path / "config.json").is_file():
-            config, params = load_hf_dir(path)
-        elif (path / "adapter_config.json").is_file():  # a PEFT LoRA adapter: its base, adapters merged
-            from jaxgpt.io.peft_adapters import load_adapter
-
-            config, params = load_adapter(path)
-        elif (path / "hparams.json").is_file():
-            config, params = load_openai_dir(path)
-        else:
-            raise UserError(f"{path} holds neither config.yaml (jaxgpt run), config.json (Hugging Face "
-                            f"model), adapter_config.json (PEFT adapter) nor hparams.json (OpenAI TensorFlow "
-                            "checkpoint)")
+        config, params = _load_dir(path)
     elif spec in HF_PRESETS or spec in PRESET_ALIASES:
         config, params = load_hf_dir(download_preset(PRESET_ALIASES.get(spec, spec)))
     elif path.exists():
         raise UserError(f"--init {spec} is a file; give the directory that holds it ({ACCEPTED})")
     elif is_hub_id(spec):
-        config, params = load_hf_dir(hub_folder(spec))
+        config, params = _load_dir(hub_folder(spec))  # a model's or a PEFT adapter's repository
     else:
         raise UserError(f"--init {spec}: no such directory or preset; give {ACCEPTED}")
     if expect is not None:
         check_params(params, expect, spec)
     return config, params
+
+
+def _load_dir(path: Path) -> tuple[ModelConfig, Params]:
+    if (path / "config.yaml").is_file():
+        return _load_run_dir(path)
+    if (path / "config.json").is_file():
+        return load_hf_dir(path)
+    if (path / "adapter_config.json").is_file():  # a PEFT LoRA adapter: its base, adapters merged
+        from jaxgpt.io.peft_adapters import load_adapter
+
+        return load_adapter(path)
+    if (path / "hparams.json").is_file():
+        return load_openai_dir(path)
+    raise UserError(f"{path} holds neither config.yaml (jaxgpt run), config.json (Hugging Face model), "
+                    "adapter_config.json (PEFT adapter) nor hparams.json (OpenAI TensorFlow checkpoint)")
 
 
 def is_hub_id(spec: str) -> bool:

@@ -8,7 +8,8 @@ needs are fetched from that commit with `jaxgpt.io.download.fetch_verified` (a f
 cache only once its size and hash match): config.json, the weights (`model.safetensors`, or
 the index and every shard it lists), the tokenizer (`tokenizer.json`, `tokenizer_config.json`,
 a `chat_template.jinja` when there is one; a GPT-2 repository may lack them, its tokenizer is
-built in) and `generation_config.json` when present. What was
+built in) and `generation_config.json` when present; of a PEFT LoRA adapter's repository, its
+adapter_config.json and adapter_model.safetensors (its base is then resolved as `--init`). What was
 verified is recorded beside the folder (`NAME.verified.json`), so later runs check sizes only,
 offline. `$HF_TOKEN` is sent as a bearer token (Llama's repositories are gated);
 `$JAXGPT_HF_ENDPOINT` replaces https://huggingface.co. Offline, or on any failure, one line
@@ -29,6 +30,7 @@ from jaxgpt.io.download import Expected, VerificationError, fetch_verified, remo
 NEEDED = ("config.json", "tokenizer.json", "tokenizer_config.json")
 OPTIONAL = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
 INDEX = "model.safetensors.index.json"
+ADAPTER = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT LoRA adapter's repository
 
 
 def _endpoint() -> str:
@@ -64,6 +66,9 @@ def _files(info: dict, repo: str, base: str, commit: str, target: Path, fetched:
     """The files to fetch (name -> what it must be): needed, optional, and the weights. Those it
     had to read to decide (the shard index, a GPT-2 config.json) are fetched here, into `fetched`."""
     siblings = {s.get("rfilename"): s for s in info.get("siblings", []) if isinstance(s, dict)}
+    present = [f for f in (*NEEDED, *OPTIONAL) if f in siblings]
+    if "model.safetensors" not in siblings and INDEX not in siblings and all(f in siblings for f in ADAPTER):
+        return {f: _expected(siblings[f]) for f in (*ADAPTER, *present)}  # a PEFT adapter: its base comes next
     if "model.safetensors" in siblings:
         weights = ["model.safetensors"]
     elif INDEX in siblings:
@@ -81,7 +86,6 @@ def _files(info: dict, repo: str, base: str, commit: str, target: Path, fetched:
     missing = [f for f in (*needed, *weights) if f not in siblings]
     if missing:
         raise VerificationError(f"{repo} lacks {', '.join(missing)}")
-    present = [f for f in (*NEEDED, *OPTIONAL) if f in siblings]
     return {f: _expected(siblings[f]) for f in dict.fromkeys((*needed, *weights, *present))}
 
 
