@@ -76,7 +76,8 @@ def test_a_corpus_is_tokenized_once_for_training(tmp_path, capsys):
     (["--data", "the-verdict", "--show", "2"], "--show prints windows: give --context-length T"),
     (["--context-length", "8", "hi"], "give --data SOURCE"),
     (["--data", "{tmp}/missing.txt"], "neither a bundled corpus"),
-    (["--data", "{tmp}/c.jsonl", "--text-field", "body"], "line 1 has no field 'body' (fields: text); give --text-field"),
+    (["--data", "{tmp}/c.jsonl", "--text-field", "body"],
+     "line 1 has no field 'body' (fields: text); give --text-field"),
     (["--data", "the-verdict", "--context-length", "100000", "--cache-dir", "{tmp}/cache"],
      "fewer than one window of context_length+1=100,001"),
 ])

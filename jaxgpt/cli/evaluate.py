@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--task", required=True, metavar="TASK",
                         help="arithmetic[:digits=1,operands=3,...] | gsm8k[:verifier=math|strict]")
     parser.add_argument("--data", default="", metavar="FILE",
-                        help="gsm8k: a JSONL or parquet file of {question, answer} (default: the bundled GSM8K test split)")
+                        help="gsm8k: a JSONL or parquet file of {question, answer} "
+                             "(default: the bundled GSM8K test split)")
     parser.add_argument("--split", default="eval", choices=("eval", "rl", "val", "sft"),
                         help="which split of the task (default: eval, the held-out one GRPO reports)")
     parser.add_argument("--samples", type=int, default=0, metavar="K",
