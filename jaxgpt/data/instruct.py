@@ -5,7 +5,9 @@
     for b in data.eval_batches("val", batch_size): ...
 
 Records are `{"instruction", "input", "output"}` strings (roles; the file's field names are
-`data.instruction_field` / `data.input_field` / `data.output_field`), read by
+`data.instruction_field` / `data.input_field` / `data.output_field`), or conversations: a
+`messages` list of `{"role", "content"}` (`data.messages_field`; ShareGPT's from/value too),
+read by
 `jaxgpt.data.records.read_records` from a bundled name (default `instruction-data`, the book's
 1,100 records), a .json/.jsonl(.gz)/.parquet file or `tfds:NAME`; or, with `data.task`, the SFT splits
 of a verifiable task, which the caller passes in (`task_splits`: `jaxgpt.tasks.instruct` gets
@@ -21,6 +23,12 @@ Its row: `inputs = seq[:-1]`, `targets = seq[1:]`, right-padded with `<|endoftex
 `mask` is 1 on scored targets: the response tokens and the first `<|endoftext|>` (the model
 must learn to stop), plus the prompt tokens when `data.mask_prompt` is false; 0 on padding.
 Padding sits right of every real token, so causal attention needs no attention mask.
+
+A conversation is its chat template's rendering, and `mask` is 1 on the assistant's turns
+(`jaxgpt.data.conversations`: each answer and the token that ends it), so every answer of a
+multi-turn conversation trains; its test prompt is everything before the last answer that
+starts inside the context, and that answer is the reference. A model without a chat template
+(GPT-2) cannot take conversations: a one-line error says so.
 
 Batches are length-bucketed: each epoch is a seeded permutation cut into chunks of
 `data.sort_chunk` batches, sorted by length inside a chunk, cut into batches, and the
@@ -38,6 +46,7 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxgpt.data.conversations import as_messages, encode_conversation
 from jaxgpt.data.records import check_split_fractions, read_records
 from jaxgpt.errors import UserError
 from jaxgpt.text.prompts import prompt_format
@@ -56,6 +65,7 @@ class InstructDataConfig:
     instruction_field: str = "instruction"
     input_field: str = "input"  # optional in the records: missing reads as ""
     output_field: str = "output"
+    messages_field: str = "messages"  # a record holding this field is a conversation ([{role, content}])
     test_fraction: float = 0.1  # int(n * test) records; train gets int(n * (1 - test - val))
     val_fraction: float = 0.05  # val gets the rest
     seed: int = 123  # shuffle before splitting, and the epoch order of training batches
@@ -74,7 +84,7 @@ def validate_data(cfg: InstructDataConfig, context_length: int) -> None:
                         f"(0 = the context), got {cfg.max_length}")
     if cfg.bucket < 1 or cfg.sort_chunk < 1:
         raise UserError(f"data.bucket and data.sort_chunk must be >= 1, got {cfg.bucket}, {cfg.sort_chunk}")
-    for role in ROLES:
+    for role in (*ROLES, "messages"):
         if not getattr(cfg, f"{role}_field"):
             raise UserError(f"data.{role}_field must be non-empty")
 
@@ -112,9 +122,12 @@ def read_splits(cfg: InstructDataConfig, *, task_splits: dict[str, list[dict]] |
                                    "output": rec["output"], "where": where})
         return out
     rows = read_records(cfg.path, {"instruction": cfg.instruction_field, "output": cfg.output_field},
-                        {"input": cfg.input_field}, tfds_data_dir=tfds_data_dir)
+                        {"input": cfg.input_field}, instead={"messages": cfg.messages_field},
+                        tfds_data_dir=tfds_data_dir)
     for i, row in enumerate(rows):
         row["where"] = f"{cfg.path} record {i + 1}"
+        if "messages" in row:
+            row["messages"] = as_messages(row["messages"], row["where"])
     perm = np.random.default_rng(cfg.seed).permutation(len(rows))
     n_train, n_val, n_test = split_sizes(len(rows), cfg.val_fraction, cfg.test_fraction)
     rows = [rows[i] for i in perm]  # the book's order: train, test, val
@@ -138,14 +151,21 @@ def check_split_sizes(splits: dict[str, list], cfg: InstructDataConfig, batch_si
 
 @dataclass
 class Encoded:
-    """One split, tokenized. seqs[i]: `prompt + response + EOT` ids cut to max_length + 1;
-    prompt_lengths[i]: tokens of the prompt; lengths[i] = len(seqs[i]) - 1, the input length."""
+    """One split, tokenized. seqs[i]: `prompt + response + EOT` ids (a conversation's tokens)
+    cut to max_length + 1; prompt_lengths[i]: tokens of the prompt (a conversation: before the
+    answer its test prompt asks for); lengths[i] = len(seqs[i]) - 1, the input length;
+    scored[i]: bool [len(seqs[i])], the tokens the loss covers (default: from the prompt's end on)."""
 
-    records: list[dict[str, str]]
+    records: list[dict]
     seqs: list[np.ndarray]
     prompt_lengths: np.ndarray  # int32 [n]
     lengths: np.ndarray  # int32 [n], 1..max_length
     pad_id: int = field(default_factory=lambda: gpt2_tokenizer().pad_id)  # fills rows (never scored)
+    scored: list[np.ndarray] | None = None
+
+    def __post_init__(self):
+        if self.scored is None:
+            self.scored = [np.arange(len(s)) >= p for s, p in zip(self.seqs, self.prompt_lengths)]
 
     def __len__(self) -> int:
         return len(self.seqs)
@@ -155,23 +175,54 @@ class Encoded:
         return [s[:p].tolist() for s, p in zip(self.seqs, self.prompt_lengths)]
 
 
-def encode_split(records: list[dict[str, str]], max_length: int, tokenizer: Tokenizer | None = None) -> Encoded:
+def _too_long(where: str, prompt_tokens: int, max_length: int) -> UserError:
+    return UserError(f"{where}: its prompt is {prompt_tokens} tokens, which leaves no room for a response in the "
+                     f"context of {max_length} tokens; shorten it or use a model with a longer context "
+                     "(model.context_length / data.max_length)")
+
+
+def _encode_conversation(rec: dict, max_length: int, tokenizer: Tokenizer) -> tuple[dict, np.ndarray, np.ndarray, int]:
+    """`(record, seq, scored, prompt_length)` of a conversation record cut to `max_length + 1`
+    tokens; the record gains the test prompt's messages and the reference answer."""
+    where = rec.get("where", "a record")
+    conv = encode_conversation(rec["messages"], tokenizer, where)
+    if conv.turns[0][0] >= max_length:
+        raise _too_long(where, conv.turns[0][0], max_length)
+    j = max(j for j, (start, _) in enumerate(conv.turns) if start < max_length)
+    start, end = conv.turns[j]
+    answer = conv.ids[start:end].tolist()
+    if answer and answer[-1] in tokenizer.special_tokens.values():
+        answer = answer[:-1]
+    messages = rec["messages"][:conv.assistant[j]]
+    record = {"messages": messages, "output": tokenizer.decode(answer).strip(), "where": where}
+    return record, conv.ids[:max_length + 1], conv.scored[:max_length + 1], start
+
+
+def encode_split(records: list[dict], max_length: int, tokenizer: Tokenizer | None = None) -> Encoded:
     """Tokenize records (`tokenizer`: default GPT-2's); a prompt that leaves no room for a
     response token is a UserError."""
     tokenizer = tokenizer or gpt2_tokenizer()
     fmt = prompt_format(tokenizer)
-    prompts = tokenizer.encode_batch([fmt.prompt(r["instruction"], r.get("input", "")) for r in records])
-    responses = tokenizer.encode_batch([r["output"] for r in records])
-    seqs, prompt_lengths = [], []
-    for rec, p, r in zip(records, prompts, responses):
-        if len(p) >= max_length:
-            raise UserError(f"{rec.get('where', 'a record')}: its prompt is {len(p)} tokens, which leaves no room "
-                            f"for a response in the context of {max_length} tokens; shorten it or use a model "
-                            "with a longer context (model.context_length / data.max_length)")
-        seqs.append(np.asarray((p + r + [tokenizer.eos_id])[: max_length + 1], np.int32))
-        prompt_lengths.append(len(p))
+    singles = [r for r in records if "messages" not in r]
+    prompts = iter(tokenizer.encode_batch([fmt.prompt(r["instruction"], r.get("input", "")) for r in singles]))
+    responses = iter(tokenizer.encode_batch([r["output"] for r in singles]))
+    out, seqs, scored, prompt_lengths = [], [], [], []
+    for rec in records:
+        if "messages" in rec:
+            rec, seq, mask, p = _encode_conversation(rec, max_length, tokenizer)
+        else:
+            p, r = next(prompts), next(responses)
+            if len(p) >= max_length:
+                raise _too_long(rec.get("where", "a record"), len(p), max_length)
+            seq = np.asarray((p + r + [tokenizer.eos_id])[: max_length + 1], np.int32)
+            p = len(p)
+            mask = np.arange(len(seq)) >= p
+        out.append(rec)
+        seqs.append(seq)
+        scored.append(mask)
+        prompt_lengths.append(p)
     lengths = np.array([len(s) - 1 for s in seqs], np.int32)
-    return Encoded(records, seqs, np.array(prompt_lengths, np.int32), lengths, tokenizer.pad_id)
+    return Encoded(out, seqs, np.array(prompt_lengths, np.int32), lengths, tokenizer.pad_id, scored)
 
 
 def bucket_length(longest: int, bucket: int, max_length: int) -> int:
@@ -183,8 +234,8 @@ def make_batch(data: Encoded, idx, batch_size: int, length: int, mask_prompt: bo
     """Rows `idx` of `data` as one batch of `batch_size` rows and `length` tokens.
 
     inputs / targets `[B, L]` int32 (EOT-padded, targets shifted by one), mask `[B, L]`
-    float32: 1 on the response and the first EOT after it (and on the prompt's targets when
-    not `mask_prompt`), 0 on padding; rows beyond `len(idx)` are all padding (mask 0)."""
+    float32: 1 on the response and the first EOT after it, or on a conversation's answers (on
+    every target when not `mask_prompt`), 0 on padding; rows beyond `len(idx)` are all padding (mask 0)."""
     inputs = np.full((batch_size, length), data.pad_id, np.int32)
     targets = np.full((batch_size, length), data.pad_id, np.int32)
     mask = np.zeros((batch_size, length), np.float32)
@@ -193,8 +244,8 @@ def make_batch(data: Encoded, idx, batch_size: int, length: int, mask_prompt: bo
         n = len(seq) - 1
         inputs[row, :n] = seq[:-1]
         targets[row, :n] = seq[1:]
-        # targets[j] = seq[j + 1] is a response token (or the EOT) from j = prompt_length - 1 on.
-        mask[row, (data.prompt_lengths[i] - 1) if mask_prompt else 0:n] = 1.0
+        # targets[j] = seq[j + 1]: scored where that token is (a response token or the EOT).
+        mask[row, :n] = data.scored[i][1:n + 1] if mask_prompt else 1.0
     return {"inputs": inputs, "targets": targets, "mask": mask}
 
 

@@ -61,17 +61,19 @@ def _check_columns(path: Path, have: list[str], required: Mapping[str, str]) -> 
                             f"set data.{role}_field")
 
 
-def parquet_rows(path: Path, required: Mapping[str, str], optional: Iterable[str] = ()
-                 ) -> Iterator[tuple[str, dict]]:
+def parquet_rows(path: Path, required: Mapping[str, str], optional: Iterable[str] = (),
+                 alternatives: Iterable[str] = ()) -> Iterator[tuple[str, dict]]:
     """`("row N", {column: value})` for every row (N from 1), streamed a batch at a time.
 
     `required` maps roles to column names (`{"text": "sms"}`): each must exist, else a UserError
-    naming `data.<role>_field`. Only those and the `optional` columns that exist are read;
+    naming `data.<role>_field`, unless one of the `alternatives` columns (read in their place)
+    does. Only those and the `optional` columns that exist are read;
     values are Python objects (str, int, None, lists and dicts for nested columns)."""
     pf = open_parquet(path)
     have = list(pf.schema_arrow.names)
-    _check_columns(path, have, required)
-    wanted = list(dict.fromkeys([*required.values(), *(c for c in optional if c in have)]))
+    if not any(c in have for c in alternatives):
+        _check_columns(path, have, required)
+    wanted = list(dict.fromkeys([*(c for c in required.values() if c in have), *(c for c in optional if c in have)]))
     n = 0
     try:
         for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=wanted):

@@ -7,6 +7,10 @@ config keys: `data.instruction_field`, `data.input_field`, `data.chosen_field`,
 .json/.jsonl(.gz)/.parquet file or tfds:NAME). Default: the bundled `preference-data` (Raschka ch. 7
 DPO notebook: the 1,100 instructions with a polite `chosen` and an impolite `rejected` reply).
 
+Pairs may be conversational (TRL's layouts, e.g. UltraFeedback's): chosen and rejected are
+conversations that end with the two answers, the prompt the messages before them
+(`jaxgpt.data.conversations.preference_pair`), rendered by the model's chat template.
+
 A sequence is `prompt + response + eos`, the prompt in the model's format (`jaxgpt.text.prompts`:
 its chat template, else Alpaca; the same format instruction tuning trains on), prompt and response tokenized separately so
 the boundary is exact. Its *response mask* is 1 on the response tokens (the end-of-text
@@ -31,6 +35,7 @@ from typing import Iterator
 
 import numpy as np
 
+from jaxgpt.data.conversations import preference_pair, record_prompt
 from jaxgpt.data.instruct import epoch_batches
 from jaxgpt.data.records import check_split_fractions, read_records
 from jaxgpt.errors import UserError
@@ -72,13 +77,18 @@ def validate_data(cfg: PreferenceDataConfig, context_length: int) -> None:
             raise UserError(f"data.{role}_field must be non-empty")
 
 
-def read_pairs(cfg: PreferenceDataConfig, *, tfds_data_dir: str | None = None) -> list[dict[str, str]]:
-    """Every record as `{"instruction", "input", "chosen", "rejected"}` strings."""
-    required = {"instruction": cfg.instruction_field, "chosen": cfg.chosen_field, "rejected": cfg.rejected_field}
+def read_pairs(cfg: PreferenceDataConfig, *, tfds_data_dir: str | None = None) -> list[dict]:
+    """Every record as `{"instruction", "input", "chosen", "rejected"}` strings; a conversational
+    pair (chosen and rejected conversations) also has `messages`, the conversation its answers
+    continue (`jaxgpt.data.conversations.preference_pair`)."""
+    answers = {"chosen": cfg.chosen_field, "rejected": cfg.rejected_field}
+    required = {"instruction": cfg.instruction_field, **answers}
     optional = {"input": cfg.input_field} if cfg.input_field else {}
-    rows = read_records(cfg.path, required, optional, tfds_data_dir=tfds_data_dir)
-    for row in rows:
+    rows = read_records(cfg.path, required, optional, instead=answers, tfds_data_dir=tfds_data_dir)
+    for i, row in enumerate(rows):
         row.setdefault("input", "")
+        if any(isinstance(row[k], list) for k in answers):
+            rows[i] = preference_pair(row, f"{cfg.path} record {i + 1}")
     return rows
 
 
@@ -224,8 +234,8 @@ def encode_pairs(rows: list[dict[str, str]], max_length: int, source: str,
                  tokenizer: Tokenizer | None = None) -> tuple[dict[str, np.ndarray], int]:
     """Token columns (see `PreferenceSplit`) of `rows`, and how many responses were truncated."""
     tokenizer = tokenizer or gpt2_tokenizer()
-    fmt = prompt_format(tokenizer)
-    prompts = tokenizer.encode_batch([fmt.prompt(r["instruction"], r["input"]) for r in rows])
+    prompts = tokenizer.encode_batch([record_prompt({"where": f"{source} record {i + 1}", **r}, tokenizer)
+                                      for i, r in enumerate(rows)])
     responses = {k: [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch([r[k] for r in rows])]
                  for k in ("chosen", "rejected")}
     truncated = 0

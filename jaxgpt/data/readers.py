@@ -10,8 +10,10 @@ file and its TFDS build read the same records.
     texts, labels = read_file("spam.tsv", text_field="text", label_field="label")
 
 A role's field name is configurable (`data.<role>_field`), so errors name the config key to
-set; missing optional fields read as "". Formats come from the suffix before any `.gz`:
-`.json` is one array of objects or one object a line, `.jsonl` one object a line, `.csv` a
+set; missing optional fields read as "". A record where a field of `instead` holds a list (a
+conversation: `data.messages_field`, or conversational preference pairs) is read by those
+fields in place of the required roles, and its lists of messages are kept for
+`jaxgpt.data.conversations`. Formats come from the suffix before any `.gz`: `.json` is one array of objects or one object a line, `.jsonl` one object a line, `.csv` a
 header row then rows (the `csv` module), anything else TSV with a header naming the text and
 label columns, or headerless `label<TAB>text` lines (the SMS file's layout; the text is
 everything after the first TAB). A `.parquet` file (Hugging Face datasets' format) is a table
@@ -71,45 +73,68 @@ def _string(value, where: str, role: str) -> str:
         value = value.decode("utf-8")
     if isinstance(value, str):
         return value
-    if isinstance(value, list) and value and all(isinstance(m, Mapping) and "content" in m for m in value):
+    if _is_conversation(value):
         raise UserError(f"{where}: field for {role} is a conversation (a list of {len(value)} messages); jaxgpt reads "
-                        f"one string a field: point data.{role}_field at a text column")
+                        f"one string a field: point data.{role}_field at a text column (finetune.py instruct reads "
+                        "conversations from data.messages_field)")
     raise UserError(f"{where}: field for {role} must be a string, got {json.dumps(value, default=str)[:40]}")
 
 
-def pick_fields(record: object, where: str, required: Mapping[str, str],
-                optional: Mapping[str, str]) -> dict[str, str]:
-    """`{role: string}` from one record (see the module docstring)."""
+def _is_conversation(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(m, Mapping) and ("content" in m or "value" in m)
+                                                           for m in value)
+
+
+def pick_fields(record: object, where: str, required: Mapping[str, str], optional: Mapping[str, str],
+                instead: Mapping[str, str] | None = None) -> dict:
+    """`{role: value}` from one record (see the module docstring): strings, except in a record
+    where a field of `instead` holds a list (a conversation): that record is read by `instead`,
+    the other roles become optional, and any role may hold a list of messages (kept as it is,
+    for `jaxgpt.data.conversations.as_messages`)."""
     if not isinstance(record, Mapping):
         raise UserError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    chat = bool(instead) and any(isinstance(record.get(f), (list, tuple)) for f in instead.values())
+    if chat:
+        optional = {**{r: f for r, f in required.items() if r not in instead}, **optional}
+        required = instead
     out = {}
     for role, field in required.items():
         if field not in record:
             have = ", ".join(sorted(map(str, record))) or "none"
-            raise UserError(f"{where} has no {role} field {field!r} (it has: {have}); set data.{role}_field")
-        out[role] = _string(record[field], where, role)
+            alternative = "".join(f", or data.{r}_field for {r}" for r in (instead or {}) if r not in required)
+            chats = [k for k, v in record.items() if _is_conversation(v)]
+            if instead and chats and not chat:
+                alternative = (f"; its field {chats[0]!r} is a conversation: "
+                               f"set data.{next(iter(instead))}_field={chats[0]}")
+            raise UserError(f"{where} has no {role} field {field!r} (it has: {have}); set data.{role}_field"
+                            + alternative)
+        out[role] = record[field]
     for role, field in optional.items():
-        value = record.get(field)
-        out[role] = "" if value is None else _string(value, where, role)
-    return out
+        out[role] = "" if record.get(field) is None else record[field]
+    return {role: list(v) if chat and isinstance(v, (list, tuple)) else _string(v, where, role)
+            for role, v in out.items()}
 
 
-def read_record_file(path: Path, required: Mapping[str, str], optional: Mapping[str, str]) -> list[dict[str, str]]:
-    """`{role: string}` of every record of a .json/.jsonl(.gz) or .parquet file (see `pick_fields`)."""
+def read_record_file(path: Path, required: Mapping[str, str], optional: Mapping[str, str],
+                     instead: Mapping[str, str] | None = None) -> list[dict]:
+    """`{role: value}` of every record of a .json/.jsonl(.gz) or .parquet file (see `pick_fields`)."""
+    instead = dict(instead or {})
     if is_parquet(path):
-        rows = parquet_rows(path, required, optional.values())
-        return [pick_fields(row, f"{path} {where}", required, optional) for where, row in rows]
-    return read_json_records(path, required, optional)
+        rows = parquet_rows(path, required, [*optional.values(), *instead.values()], alternatives=instead.values())
+        return [pick_fields(row, f"{path} {where}", required, optional, instead) for where, row in rows]
+    return read_json_records(path, required, optional, instead)
 
 
-def read_json_records(path: Path, required: Mapping[str, str], optional: Mapping[str, str]) -> list[dict[str, str]]:
-    """`{role: string}` of every record of a .json/.jsonl(.gz) file (see `pick_fields`)."""
+def read_json_records(path: Path, required: Mapping[str, str], optional: Mapping[str, str],
+                      instead: Mapping[str, str] | None = None) -> list[dict]:
+    """`{role: value}` of every record of a .json/.jsonl(.gz) file (see `pick_fields`)."""
     text = read_text(path)
     if not text.strip():
         raise UserError(f"data file {path} is empty")
     if file_format(path) not in ("json", "jsonl"):
         raise UserError(f"data file {path}: expected .json or .jsonl (optionally .gz)")
-    return [pick_fields(value, f"{path} {where}", required, optional) for where, value in json_values(path, text)]
+    return [pick_fields(value, f"{path} {where}", required, optional, instead)
+            for where, value in json_values(path, text)]
 
 
 # ---------------------------------------------------------------------------------------

@@ -41,26 +41,28 @@ def check_split_fractions(val_fraction: float, test_fraction: float) -> None:
 # JSON records by role
 
 
-def _tfds_records(spec: str, required, optional, data_dir: str | None) -> list[dict[str, str]]:
+def _tfds_records(spec: str, required, optional, instead, data_dir: str | None) -> list[dict]:
     src = open_tfds(spec, data_dir)
-    return [pick_fields(rec, f"{spec} record {i}", required, optional) for i, rec in enumerate(iter_records(src))]
+    return [pick_fields(rec, f"{spec} record {i}", required, optional, instead)
+            for i, rec in enumerate(iter_records(src))]
 
 
 def read_records(spec: str, required: Mapping[str, str], optional: Mapping[str, str] | None = None, *,
-                 tfds_data_dir: str | None = None) -> list[dict[str, str]]:
-    """Every record of `spec` as `{role: string}` (see `jaxgpt.data.readers.pick_fields`)."""
+                 instead: Mapping[str, str] | None = None, tfds_data_dir: str | None = None) -> list[dict]:
+    """Every record of `spec` as `{role: value}` (see `jaxgpt.data.readers.pick_fields`: a record
+    holding a field of `instead`, a conversation's `messages`, is read by it instead of `required`)."""
     optional = dict(optional or {})
     spec = spec.strip()
     if not spec:
         raise UserError("data.path is empty; give a bundled data set name, a .json/.jsonl/.parquet file or tfds:NAME")
     if spec.startswith("tfds:"):
-        rows = _tfds_records(spec, required, optional, tfds_data_dir)
+        rows = _tfds_records(spec, required, optional, instead, tfds_data_dir)
     elif spec in datasets.BUNDLED:
         entry = datasets.BUNDLED[spec]
         if entry.kind not in ("json", "jsonl"):
             raise UserError(f"bundled data set {spec!r} is {entry.kind} data, not JSON records; "
                             f"JSON ones: {', '.join(datasets.bundled_names('json') + datasets.bundled_names('jsonl'))}")
-        rows = read_json_records(datasets.bundled_path(spec), required, optional)
+        rows = read_json_records(datasets.bundled_path(spec), required, optional, instead)
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
@@ -69,7 +71,7 @@ def read_records(spec: str, required: Mapping[str, str], optional: Mapping[str, 
             raise UserError(f"data.path {spec!r} not found: neither a file, a bundled data set "
                             f"({', '.join(datasets.bundled_names('json') + datasets.bundled_names('jsonl'))}) "
                             "nor tfds:NAME")
-        rows = read_record_file(path, required, optional)
+        rows = read_record_file(path, required, optional, instead)
     if not rows:
         raise UserError(f"{spec} has no records")
     return rows

@@ -140,13 +140,12 @@ def sample_responses(model_cfg: ModelConfig, params, records: list[dict], max_ne
                      tokenizer=None) -> list[str]:
     """Greedy responses to `records`' prompts, in one batch; `params` are plain (merged);
     `tokenizer` defaults to the model's."""
+    from jaxgpt.data.conversations import record_prompt
     from jaxgpt.generation.responses import greedy_responses
-    from jaxgpt.text.prompts import prompt_format
     from jaxgpt.text.tokenizer import tokenizer_of
 
     tokenizer = tokenizer or tokenizer_of(model_cfg)
-    fmt = prompt_format(tokenizer)
-    prompts = [tokenizer.encode(fmt.prompt(r["instruction"], r["input"])) for r in records]
+    prompts = [tokenizer.encode(record_prompt(r, tokenizer)) for r in records]
     return greedy_responses(params, model_cfg, prompts, key, max_new_tokens=max_new_tokens,
                             batch_size=max(len(prompts), 1), tokenizer=tokenizer)
 

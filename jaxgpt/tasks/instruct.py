@@ -1,8 +1,9 @@
-"""`finetune.py instruct`: instruction fine-tuning, Alpaca format (Raschka ch. 7).
+"""`finetune.py instruct`: instruction fine-tuning, Alpaca format (Raschka ch. 7), and chat SFT.
 
-The model keeps its LM head and learns to continue `format_prompt(instruction, input)` with
-the reference response and `<|endoftext|>` (`jaxgpt.data.instruct`: prompt tokens masked
-from the loss by default, length-bucketed batches). Training is the shared `train_step`
+The model keeps its LM head and learns to continue `format_prompt(instruction, input)` (or its
+chat template's prompt) with the reference response and its eos (`jaxgpt.data.instruct`:
+prompt tokens masked from the loss by default, length-bucketed batches); records that are
+conversations (`messages`) train on every assistant turn (`jaxgpt.data.conversations`). Training is the shared `train_step`
 through the shared engine (AdamW, full / last-block / LoRA label trees, pmapped data parallelism,
 checkpoints, `--resume`); the val loss is measured before the first update
 (`val_loss_before`) and at the end of every epoch. At the end the test records are answered
@@ -11,7 +12,8 @@ and scored against the references (`jaxgpt.text.scoring`: exact match, ROUGE-L F
 
 Run directory: config.yaml, metrics.jsonl (a step-0 record with `val_loss_before`'s value,
 then the train loop's records), metrics.json, loss.png, responses.json (the test records
-plus `model_response`, `exact_match`, `rougeL_f1`), checkpoints/. metrics.json: `train_loss`
+plus `model_response`, `exact_match`, `rougeL_f1`; a conversation's record is the `messages`
+before the answer scored, and that answer as `output`), checkpoints/. metrics.json: `train_loss`
 (running loss of the last updates), `val_loss_before`, `val_loss`, `test_loss` (token means
 over the scored tokens, dropout off), `test_exact_match`, `test_rougeL_f1`,
 `padding_fraction` (share of padded positions in an epoch's batches; `..._unbucketed`: the
@@ -93,8 +95,10 @@ def answer_and_score(params, cfg: InstructConfig, data: InstructData, key) -> tu
     answers = greedy_responses(params, cfg.model, test.prompts, key,
                                  max_new_tokens=cfg.generate.max_new_tokens, batch_size=cfg.generate.batch_size)
     scores = score_responses(answers, [r["output"] for r in test.records])
-    rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"],
-             "model_response": a, **s} for r, a, s in zip(test.records, answers, scores["per_record"])]
+    asked = [{"messages": r["messages"]} if "messages" in r else {"instruction": r["instruction"],
+                                                                    "input": r.get("input", "")} for r in test.records]
+    rows = [{**q, "output": r["output"], "model_response": a, **s}
+            for q, r, a, s in zip(asked, test.records, answers, scores["per_record"])]
     return rows, {"test_exact_match": scores["exact_match"], "test_rougeL_f1": scores["rougeL_f1"]}
 
 

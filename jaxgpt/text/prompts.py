@@ -91,6 +91,13 @@ class ChatFormat:
 
         return render_chat(self.template, messages, add_generation_prompt=True, **self.specials)
 
+    def rendered(self, messages: list[dict[str, str]]) -> tuple[str, list[tuple[int, int]] | None]:
+        """A whole conversation as trained on (no generation prompt) and the character spans of
+        its template's `{% generation %}` blocks (None without them; `jaxgpt.text.chat`)."""
+        from jaxgpt.text.chat import render_chat_spans
+
+        return render_chat_spans(self.template, messages, **self.specials)
+
 
 def prompt_format(tokenizer=None):
     """How a model with `tokenizer` is asked: its chat template when it has one, else Alpaca."""
