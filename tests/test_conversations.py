@@ -25,11 +25,13 @@ CHATML = ("{%- for m in messages %}{%- if m['role'] == 'assistant' %}{{- '<|im_s
           "{%- else %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endif %}"
           "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}")
 LLAMA3 = ("{{- bos_token }}{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\\n\\n' }}"
-          "{%- if m['role'] == 'assistant' %}{% generation %}{{- m['content'] | trim + '<|eot_id|>' }}{% endgeneration %}"
+          "{%- if m['role'] == 'assistant' %}{% generation %}{{- m['content'] | trim + '<|eot_id|>' }}"
+          "{% endgeneration %}"
           "{%- else %}{{- m['content'] | trim + '<|eot_id|>' }}{%- endif %}{%- endfor %}"
           "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}")
 # Gemma 3's layout: the system message joins the first user turn, the assistant is "model".
-GEMMA3 = ("{{- bos_token }}{%- set sys = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' %}"
+GEMMA3 = ("{{- bos_token }}"
+          "{%- set sys = messages[0]['content'] + '\\n\\n' if messages[0]['role'] == 'system' else '' %}"
           "{%- for m in (messages[1:] if sys else messages) %}{%- if m['role'] == 'assistant' %}"
           "{{- '<start_of_turn>model\\n' }}{% generation %}{{- m['content'] | trim + '<end_of_turn>' }}"
           "{% endgeneration %}{{- '\\n' }}{%- else %}{{- '<start_of_turn>user\\n' + (sys if loop.first else '') + "

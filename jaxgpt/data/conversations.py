@@ -8,18 +8,18 @@ the prompts of conversation records; conversational preference pairs.
     conv.turns    # [(start, end)]: each turn's token span, in order
 
 Fine-tuning on a conversation trains what the assistant says, as TRL's `assistant_only_loss`
-does: the loss covers each assistant turn (its content and the token that ends the turn:
-Llama 3's `<|eot_id|>`, Qwen's `<|im_end|>`, Gemma's `<end_of_turn>`), not the system and
-user messages nor the template's headers. Where the template marks the assistant's text with
-`{% generation %}` blocks (what transformers' `return_assistant_tokens_mask` reads), those
-blocks are the turns. Otherwise each message's content is found in the rendered text in order
-(an assistant's only after the message before it; templates may trim it, and Qwen3's leaves
-an earlier answer's <think> block out and writes an empty one before the last), a turn takes
-in a `<think>...</think>` block the template writes right before the answer, and it runs on
-to the first special token after the answer when only whitespace comes between; when none does, the last turn gets the tokenizer's eos
-(the model must learn to stop). The text is tokenized piece by piece, cut where turns start and
-end, as a prompt is tokenized alone before the model writes (`jaxgpt.data.instruct` does the
-same for a prompt and its response).
+does: the loss covers each assistant turn (its content and the token that ends the turn: Llama
+3's `<|eot_id|>`, Qwen's `<|im_end|>`, Gemma's `<end_of_turn>`), not the system and user
+messages nor the template's headers. Where the template marks the assistant's text with `{%
+generation %}` blocks (what transformers' `return_assistant_tokens_mask` reads), those blocks
+are the turns. Otherwise each message's content is found in the rendered text in order (an
+assistant's only after the message before it; templates may trim it, and Qwen3's leaves an
+earlier answer's <think> block out and writes an empty one before the last), a turn takes in a
+`<think>...</think>` block the template writes right before the answer, and it runs on to the
+first special token after the answer when only whitespace comes between; when none does, the
+last turn gets the tokenizer's eos (the model must learn to stop). The text is tokenized piece
+by piece, cut where turns start and end, as a prompt is tokenized alone before the model writes
+(`jaxgpt.data.instruct` does the same for a prompt and its response).
 """
 from __future__ import annotations
 

@@ -11,10 +11,11 @@ Pairs may be conversational (TRL's layouts, e.g. UltraFeedback's): chosen and re
 conversations that end with the two answers, the prompt the messages before them
 (`jaxgpt.data.conversations.preference_pair`), rendered by the model's chat template.
 
-A sequence is `prompt + response + eos`, the prompt in the model's format (`jaxgpt.text.prompts`:
-its chat template, else Alpaca; the same format instruction tuning trains on), prompt and response tokenized separately so
-the boundary is exact. Its *response mask* is 1 on the response tokens (the end-of-text
-included) and 0 on the prompt and the padding: what `jaxgpt.train.losses.sequence_logprobs` scores.
+A sequence is `prompt + response + eos`, the prompt in the model's format
+(`jaxgpt.text.prompts`: its chat template, else Alpaca; the same format instruction tuning
+trains on), prompt and response tokenized separately so the boundary is exact. Its *response
+mask* is 1 on the response tokens (the end-of-text included) and 0 on the prompt and the
+padding: what `jaxgpt.train.losses.sequence_logprobs` scores.
 
 Sequences hold at most `max_length` tokens (`data.max_length`, 0 = the model's context). A
 prompt that leaves no room for a response is an error (naming the record); responses that do

@@ -9,16 +9,17 @@ file and its TFDS build read the same records.
     rows[0]   # {"instruction": "...", "input": ""}: keys are roles, values strings
     texts, labels = read_file("spam.tsv", text_field="text", label_field="label")
 
-A role's field name is configurable (`data.<role>_field`), so errors name the config key to
-set; missing optional fields read as "". A record where a field of `instead` holds a list (a
-conversation: `data.messages_field`, or conversational preference pairs) is read by those
-fields in place of the required roles, and its lists of messages are kept for
-`jaxgpt.data.conversations`. Formats come from the suffix before any `.gz`: `.json` is one array of objects or one object a line, `.jsonl` one object a line, `.csv` a
-header row then rows (the `csv` module), anything else TSV with a header naming the text and
-label columns, or headerless `label<TAB>text` lines (the SMS file's layout; the text is
-everything after the first TAB). A `.parquet` file (Hugging Face datasets' format) is a table
-whose columns are the fields; a `datasets` ClassLabel column reads as its names. Every problem
-is a one-line UserError naming the file and line (or row).
+A role's field name is configurable (`data.<role>_field`), so errors name the config key to set;
+missing optional fields read as "". A record where a field of `instead` holds a list (a
+conversation: `data.messages_field`, or conversational preference pairs) is read by those fields
+in place of the required roles, and its lists of messages are kept for
+`jaxgpt.data.conversations`. Formats come from the suffix before any `.gz`: `.json` is one array
+of objects or one object a line, `.jsonl` one object a line, `.csv` a header row then rows (the
+`csv` module), anything else TSV with a header naming the text and label columns, or headerless
+`label<TAB>text` lines (the SMS file's layout; the text is everything after the first TAB). A
+`.parquet` file (Hugging Face datasets' format) is a table whose columns are the fields; a
+`datasets` ClassLabel column reads as its names. Every problem is a one-line UserError naming
+the file and line (or row).
 """
 from __future__ import annotations
 

@@ -1,14 +1,15 @@
 """`finetune.py instruct`: instruction fine-tuning, Alpaca format (Raschka ch. 7), and chat SFT.
 
 The model keeps its LM head and learns to continue `format_prompt(instruction, input)` (or its
-chat template's prompt) with the reference response and its eos (`jaxgpt.data.instruct`:
-prompt tokens masked from the loss by default, length-bucketed batches); records that are
-conversations (`messages`) train on every assistant turn (`jaxgpt.data.conversations`). Training is the shared `train_step`
-through the shared engine (AdamW, full / last-block / LoRA label trees, pmapped data parallelism,
-checkpoints, `--resume`); the val loss is measured before the first update
+chat template's prompt) with the reference response and its eos (`jaxgpt.data.instruct`: prompt
+tokens masked from the loss by default, length-bucketed batches); records that are conversations
+(`messages`) train on every assistant turn (`jaxgpt.data.conversations`). Training is the shared
+`train_step` through the shared engine (AdamW, full / last-block / LoRA label trees, pmapped
+data parallelism, checkpoints, `--resume`); the val loss is measured before the first update
 (`val_loss_before`) and at the end of every epoch. At the end the test records are answered
-greedily (KV cache, batched, `jaxgpt.generation.decode.generate_tokens`, stopping at `<|endoftext|>`)
-and scored against the references (`jaxgpt.text.scoring`: exact match, ROUGE-L F1).
+greedily (KV cache, batched, `jaxgpt.generation.decode.generate_tokens`, stopping at
+`<|endoftext|>`) and scored against the references (`jaxgpt.text.scoring`: exact match, ROUGE-L
+F1).
 
 Run directory: config.yaml, metrics.jsonl (a step-0 record with `val_loss_before`'s value,
 then the train loop's records), metrics.json, loss.png, responses.json (the test records
