@@ -147,10 +147,10 @@ def preference_pair(row: Mapping, where: str) -> dict:
             "chosen": answers["chosen"][-1]["content"], "rejected": answers["rejected"][-1]["content"]}
 
 
-def encode_conversation(messages: Sequence[dict[str, str]], tokenizer, where: str) -> EncodedConversation:
-    """Token ids of a conversation and which of them the loss covers (see the module docstring)."""
-    fmt = chat_format(tokenizer, where)
-    text, spans = fmt.rendered(list(messages))
+def _pieces(messages: Sequence[dict[str, str]], tokenizer, where: str) -> tuple[list[str], list, int, bool]:
+    """The rendered conversation cut at its turns' edges: `(texts, turn of each piece (None
+    outside the turns), number of turns, whether the last turn gets an eos)`."""
+    text, spans = chat_format(tokenizer, where).rendered(list(messages))
     add_eos = False
     if spans is None:
         spans, ended = _content_spans(text, messages, list(tokenizer.special_tokens), where)
@@ -158,26 +158,42 @@ def encode_conversation(messages: Sequence[dict[str, str]], tokenizer, where: st
     if not spans:
         raise UserError(f"{where}: the chat template's {{% generation %}} blocks hold no text; nothing to learn from")
     cuts = sorted({0, len(text), *(i for span in spans for i in span)})
-    pieces = tokenizer.encode_batch([text[a:b] for a, b in zip(cuts, cuts[1:])])
-    turn_of = {a: j for a in cuts for j, (start, end) in enumerate(spans) if start <= a < end}
-    ids, scored, turns = [], [], [[None, None] for _ in spans]
-    for a, piece in zip(cuts, pieces):
-        j = turn_of.get(a)
-        if j is not None and turns[j][0] is None:
-            turns[j][0] = len(ids)
-        ids += piece
-        scored += [j is not None] * len(piece)
-        if j is not None:
-            turns[j][1] = len(ids)
-    if add_eos:
-        ids.append(tokenizer.eos_id)
-        scored.append(True)
-        turns[-1][1] = len(ids)
-    order = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
-    assistant = [order[min(j, len(order) - 1)] for j in range(len(turns))]
-    return EncodedConversation(np.asarray(ids, np.int32), np.asarray(scored, bool), [tuple(t) for t in turns],
-                               assistant)
+    turn_of = [next((j for j, (start, end) in enumerate(spans) if start <= a < end), None) for a in cuts[:-1]]
+    return [text[a:b] for a, b in zip(cuts, cuts[1:])], turn_of, len(spans), add_eos
+
+
+def encode_conversations(conversations: Sequence[Sequence[dict[str, str]]], tokenizer,
+                         wheres: Sequence[str]) -> list[EncodedConversation]:
+    """Token ids of each conversation and which of them the loss covers (see the module
+    docstring); every piece of every conversation is tokenized in one batch."""
+    cut = [_pieces(messages, tokenizer, where) for messages, where in zip(conversations, wheres)]
+    tokens = iter(tokenizer.encode_batch([t for texts, *_ in cut for t in texts]))
+    out = []
+    for messages, (texts, turn_of, n_turns, add_eos) in zip(conversations, cut):
+        ids, scored, turns = [], [], [[None, None] for _ in range(n_turns)]
+        for j in turn_of:
+            piece = next(tokens)
+            if j is not None and turns[j][0] is None:
+                turns[j][0] = len(ids)
+            ids += piece
+            scored += [j is not None] * len(piece)
+            if j is not None:
+                turns[j][1] = len(ids)
+        if add_eos:
+            ids.append(tokenizer.eos_id)
+            scored.append(True)
+            turns[-1][1] = len(ids)
+        order = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
+        assistant = [order[min(j, len(order) - 1)] for j in range(n_turns)]
+        out.append(EncodedConversation(np.asarray(ids, np.int32), np.asarray(scored, bool),
+                                       [tuple(t) for t in turns], assistant))
+    return out
+
+
+def encode_conversation(messages: Sequence[dict[str, str]], tokenizer, where: str) -> EncodedConversation:
+    """`encode_conversations` of one conversation."""
+    return encode_conversations([messages], tokenizer, [where])[0]
 
 
 __all__ = ["EncodedConversation", "SHAREGPT_ROLES", "as_messages", "chat_format", "encode_conversation",
-           "preference_pair", "record_prompt"]
+           "encode_conversations", "preference_pair", "record_prompt"]

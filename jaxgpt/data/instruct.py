@@ -46,7 +46,7 @@ from typing import Iterator
 
 import numpy as np
 
-from jaxgpt.data.conversations import as_messages, encode_conversation
+from jaxgpt.data.conversations import EncodedConversation, as_messages, encode_conversations
 from jaxgpt.data.records import check_split_fractions, read_records
 from jaxgpt.errors import UserError
 from jaxgpt.text.prompts import prompt_format
@@ -181,11 +181,11 @@ def _too_long(where: str, prompt_tokens: int, max_length: int) -> UserError:
                      "(model.context_length / data.max_length)")
 
 
-def _encode_conversation(rec: dict, max_length: int, tokenizer: Tokenizer) -> tuple[dict, np.ndarray, np.ndarray, int]:
+def _conversation_row(rec: dict, conv: EncodedConversation, max_length: int, tokenizer: Tokenizer
+                      ) -> tuple[dict, np.ndarray, np.ndarray, int]:
     """`(record, seq, scored, prompt_length)` of a conversation record cut to `max_length + 1`
-    tokens; the record gains the test prompt's messages and the reference answer."""
+    tokens; the record becomes the test prompt's messages and the reference answer."""
     where = rec.get("where", "a record")
-    conv = encode_conversation(rec["messages"], tokenizer, where)
     if conv.turns[0][0] >= max_length:
         raise _too_long(where, conv.turns[0][0], max_length)
     j = max(j for j, (start, _) in enumerate(conv.turns) if start < max_length)
@@ -193,8 +193,8 @@ def _encode_conversation(rec: dict, max_length: int, tokenizer: Tokenizer) -> tu
     answer = conv.ids[start:end].tolist()
     if answer and answer[-1] in tokenizer.special_tokens.values():
         answer = answer[:-1]
-    messages = rec["messages"][:conv.assistant[j]]
-    record = {"messages": messages, "output": tokenizer.decode(answer).strip(), "where": where}
+    record = {"messages": rec["messages"][:conv.assistant[j]], "output": tokenizer.decode(answer).strip(),
+              "where": where}
     return record, conv.ids[:max_length + 1], conv.scored[:max_length + 1], start
 
 
@@ -204,12 +204,15 @@ def encode_split(records: list[dict], max_length: int, tokenizer: Tokenizer | No
     tokenizer = tokenizer or gpt2_tokenizer()
     fmt = prompt_format(tokenizer)
     singles = [r for r in records if "messages" not in r]
+    chats = [r for r in records if "messages" in r]
     prompts = iter(tokenizer.encode_batch([fmt.prompt(r["instruction"], r.get("input", "")) for r in singles]))
     responses = iter(tokenizer.encode_batch([r["output"] for r in singles]))
+    convs = iter(encode_conversations([r["messages"] for r in chats], tokenizer,
+                                      [r.get("where", "a record") for r in chats]))
     out, seqs, scored, prompt_lengths = [], [], [], []
     for rec in records:
         if "messages" in rec:
-            rec, seq, mask, p = _encode_conversation(rec, max_length, tokenizer)
+            rec, seq, mask, p = _conversation_row(rec, next(convs), max_length, tokenizer)
         else:
             p, r = next(prompts), next(responses)
             if len(p) >= max_length:
