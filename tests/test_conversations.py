@@ -202,6 +202,30 @@ def test_conversational_preference_pairs(tmp_path):
     assert cols["rejected_mask"][0].tolist() == [0] * n + [1] * 3 + [0] * (32 - n - 3)
 
 
+def test_ppo_prompts_that_are_conversations(tmp_path):
+    """A PPO prompt record whose prompt field is a list of messages (TRL's conversational
+    prompts) is continued in the chat template; text records in the same file keep theirs."""
+    from types import SimpleNamespace
+
+    from jaxgpt.rl.prompt_sets import load_prompts
+    from jaxgpt.text.prompts import ChatFormat
+
+    tok = load_tokenizer(str(folder_with(tmp_path, unmarked(CHATML))))
+    chat = [{"role": "system", "content": "w9"}, {"role": "user", "content": "w1 w2"}]
+    rows = [{"prompt": chat}, {"prompt": "w3"}] * 3
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    data = SimpleNamespace(path=str(tmp_path / "prompts.jsonl"), instruction_field="prompt", input_field="input",
+                           eval_size=2, seed=0, max_prompt_tokens=0)
+    cfg = SimpleNamespace(data=data, rollout=SimpleNamespace(max_new_tokens=4),
+                          model=SimpleNamespace(context_length=32))
+    out = load_prompts(cfg, tok)
+    fmt = ChatFormat(tok)
+    want = {tuple(tok.encode(fmt.conversation(chat))), tuple(tok.encode(fmt.prompt("w3")))}
+    tokens, mask, dropped = out["train"]
+    got = {tuple(t[m.astype(bool)].tolist()) for t, m in zip(tokens, mask)}
+    assert got == want and dropped == 0 and set(out["eval_text"]) <= {"w1 w2", "w3"}
+
+
 def test_finetune_on_conversations_from_parquet(tmp_path):
     """`finetune.py instruct --data chats.parquet` on a Qwen3 with a ChatML template: a parquet
     messages column (datasets' layout) trains every answer; responses.json holds each test

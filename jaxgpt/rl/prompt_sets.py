@@ -10,6 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxgpt.data.conversations import as_messages, record_prompt
 from jaxgpt.data.records import read_records
 from jaxgpt.errors import UserError
 from jaxgpt.text.prompts import prompt_format
@@ -105,16 +106,23 @@ def token_newlines(tokenizer: Tokenizer | None = None):
 
 def load_prompts(cfg, tokenizer: Tokenizer | None = None) -> dict:
     """`{"train"|"eval": (tokens [n, P], mask [n, P], dropped)}` from a PPO config's
-    instruction records, and `eval_text` (each eval prompt as "instruction [input]")."""
-    d = cfg.data
-    rows = read_records(d.path, {"instruction": d.instruction_field}, {"input": d.input_field})
+    instruction records, and `eval_text` (each eval prompt as "instruction [input]"). A record
+    whose instruction field is a list of messages is a conversation the model continues, in
+    its chat template (eval_text: the last user message)."""
+    d, tokenizer = cfg.data, tokenizer or gpt2_tokenizer()
+    prompt = {"instruction": d.instruction_field}
+    rows = read_records(d.path, prompt, {"input": d.input_field}, instead=prompt)
+    for i, row in enumerate(rows):
+        if isinstance(row["instruction"], list):  # a conversation to continue (TRL's conversational prompts)
+            row["messages"] = as_messages(row["instruction"], f"{d.path} record {i + 1}", answered=False)
+            row["where"] = f"{d.path} record {i + 1}"
+            row["instruction"] = next((m["content"] for m in row["messages"][::-1] if m["role"] == "user"), "")
     if len(rows) <= d.eval_size:
         raise UserError(f"{d.path} has {len(rows)} records, not more than data.eval_size={d.eval_size}")
     order = np.random.default_rng(d.seed).permutation(len(rows))
     out = {}
     for split, index in (("eval", order[: d.eval_size]), ("train", order[d.eval_size:])):
-        fmt = prompt_format(tokenizer)
-        ids = encode_prompts([fmt.prompt(rows[i]["instruction"], rows[i]["input"]) for i in index], tokenizer)
+        ids = encode_prompts([record_prompt(rows[i], tokenizer) for i in index], tokenizer)
         tokens, mask, kept = prompt_arrays(ids, max_prompt_tokens=d.max_prompt_tokens,
                                            max_new_tokens=cfg.rollout.max_new_tokens,
                                            context_length=cfg.model.context_length, what=f"{d.path} {split}")
