@@ -133,6 +133,7 @@ def test_a_gemma_style_turn_end_ends_responses(tmp_path):
     tok = load_tokenizer(str(folder))
     turn_end = tok._backend.token_to_id("<end_of_turn>")
     assert plain.eos_id == tok._backend.token_to_id("<|end|>") != turn_end and tok.eos_id == turn_end
+    assert plain.turn_end == "<end_of_turn>" and tok.turn_end is None  # where chat-format answers stop too
     theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|end|>",
                                                   bos_token="<|begin|>", pad_token="<|pad|>")
     theirs.chat_template = GEMMA3

@@ -249,7 +249,9 @@ def test_finetune_on_conversations_from_parquet(tmp_path):
     assert np.isfinite(metrics["val_loss"]) and np.isfinite(metrics["test_loss"])
     rows = json.loads((tmp_path / "sft" / "responses.json").read_text())
     assert len(rows) == 4 and all(len(r["messages"]) == 3 and r["output"].endswith(" w3") for r in rows)
-    assert all(isinstance(r["model_response"], str) for r in rows)
+    # the template ends an answer with <|im_end|>, not the eos (<|end|>): answers end there too
+    assert load_tokenizer(str(folder)).turn_end == "<|im_end|>"
+    assert all("<|im_end|>" not in r["model_response"] for r in rows)
     # DPO from that run on conversational pairs (TRL's implicit-prompt layout, no prompt field)
     pairs = [{"chosen": chat[:1] + [{"role": "assistant", "content": chat[1]["content"]}],
               "rejected": chat[:1] + [{"role": "assistant", "content": "w2 w2"}]} for chat in chats]

@@ -163,7 +163,7 @@ def _chat(monkeypatch, capsys, model, lines, *flags):
     monkeypatch.setattr("sys.stdin", io.StringIO("".join(f"{line}\n" for line in lines)))
     rc = chat.main(["--init", "x", "--max-new-tokens", "6", *flags])
     out, err = capsys.readouterr()
-    answers = [block.split("\n", 1)[1].rstrip("\n") for block in out.split("you> ")[1:]]
+    answers = [block.split("\n", 1)[1].rstrip() for block in out.split("you> ")[1:]]
     return rc, answers, err
 
 
@@ -186,11 +186,12 @@ def test_chat_sends_the_whole_conversation_through_the_template(tmp_path, monkey
     (first, n1), (second, n2), (third, _) = reused
     assert first == 0 and second > n1 and 0 < third < n1
 
-    def ask(messages):  # what transformers' apply_chat_template + greedy generate would give
+    def ask(messages):  # transformers' apply_chat_template + greedy generate, ending at the template's turn end
         from jaxgpt.text.chat import render_chat
 
         prompt = render_chat(tok.chat_template, messages, add_generation_prompt=True, eos_token=tok.eos_token)
-        return generate(params, cfg, [tok.encode(prompt)], max_new_tokens=6, tokenizer=tok)[0].strip()
+        return generate(params, cfg, [tok.encode(prompt)], max_new_tokens=6, tokenizer=tok,
+                        stop=[tok.turn_end])[0].strip()
 
     system = [{"role": "system", "content": "w9"}]
     first = ask(system + [{"role": "user", "content": "w1 w2"}])

@@ -163,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 system=args.system, thinking=not args.no_thinking)
     if not conversation.chat:
         print("(no chat template: each message is asked alone, in the Alpaca format)", file=sys.stderr)
+    stop += [tokenizer.turn_end] if getattr(tokenizer, "turn_end", None) else []  # the template's end of an answer
     session = DecodeSession(params, config)
     root = jax.random.key(args.seed)
     for turn, message in enumerate(read_messages()):

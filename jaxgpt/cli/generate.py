@@ -166,6 +166,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxgpt.text.prompts import prompt_format
 
         prompts = [prompt_format(tokenizer).prompt(*prompts[0])]
+        stop += [tokenizer.turn_end] if getattr(tokenizer, "turn_end", None) else []
     on_text = None
     if args.stream:
         on_text = Printer(skip_leading_space=args.instruction is not None)

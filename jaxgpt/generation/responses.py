@@ -14,7 +14,8 @@ from jaxgpt.generation.decode import generate_tokens, pad_prompts
 def greedy_responses(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], key, *,
                      max_new_tokens: int, batch_size: int, tokenizer=None) -> list[str]:
     """Greedy responses to token-id prompts, in order. Prompts are sorted by length and
-    decoded `batch_size` at a time (left-padded, KV cache, stopping at the tokenizer's eos);
+    decoded `batch_size` at a time (left-padded, KV cache, stopping at the tokenizer's eos; an
+    answer ends at the chat template's `turn_end` too, where that is another token);
     a batch gets `min(max_new_tokens, context - its longest prompt)` new tokens. `params` are
     plain (LoRA merged); `tokenizer` defaults to the model's. The last batch is filled with
     copies so every batch has one shape."""
@@ -42,5 +43,6 @@ def greedy_responses(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[
             ids = toks[row, :lengths[row]].tolist()
             if ids and ids[-1] == eos:
                 ids = ids[:-1]
-            out[i] = tokenizer.decode(ids).strip()
+            text = tokenizer.decode(ids)
+            out[i] = (text.split(tokenizer.turn_end)[0] if getattr(tokenizer, "turn_end", None) else text).strip()
     return out

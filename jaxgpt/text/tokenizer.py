@@ -37,6 +37,7 @@ class Tokenizer:
     eos_id: int  # ends a response; generation stops on it
     pad_id: int  # fills rows (never scored)
     bos_id: int | None = None  # the begin-of-text token, if it has one (chat templates write it themselves)
+    turn_end: str | None = None  # the special token the chat template ends an answer with, where it is not eos
     special_tokens: dict[str, int]
     chat_template: str | None = None  # jinja2 (`jaxgpt.text.chat`); None: the Alpaca format
 
@@ -127,19 +128,16 @@ class HFTokenizer(Tokenizer):
             template = (folder / "chat_template.jinja").read_text(encoding="utf-8")
         self.chat_template = template
         self.bos_token = None if bos is None else self.decode([bos], skip_special=False)
-        self.eos_id = self._turn_end(folder) or self.eos_id
+        written = self._template_turn_end()
+        self.eos_id = self._turn_end(folder, written) or self.eos_id
+        self.turn_end = None if written in (None, self.eos_id) else self.decode([written], skip_special=False)
 
     _MARK = "\x00response\x00"
 
-    def _turn_end(self, folder: Path) -> int | None:
-        """The token the chat template closes an assistant turn with, where it is not
-        `eos_token` but `generation_config.json` lists both as ends: Gemma's instruction-tuned
-        models name `<eos>` their eos and end a turn with `<end_of_turn>`, so a response (an SFT
-        target, where generation stops) ends with `<end_of_turn>`, as they were trained. None
-        elsewhere (Qwen3's and Llama 3's templates end a turn with their eos_token)."""
-        ends = _read_json(folder / "generation_config.json").get("eos_token_id")
-        ends = set(ends) if isinstance(ends, list) else {ends}
-        if not self.chat_template or self.eos_id not in ends or len(ends) < 2:
+    def _template_turn_end(self) -> int | None:
+        """The first special token the chat template writes after an answer (None without a
+        template or such a token)."""
+        if not self.chat_template:
             return None
         from jaxgpt.text.chat import render_chat
 
@@ -152,8 +150,22 @@ class HFTokenizer(Tokenizer):
         if self._MARK not in text:
             return None
         specials = set(self.special_tokens.values())
-        first = next((i for i in self.encode(text.split(self._MARK, 1)[1]) if i in specials), None)
-        return first if first in ends and first != self.eos_id else None
+        return next((i for i in self.encode(text.split(self._MARK, 1)[1]) if i in specials), None)
+
+    def _turn_end(self, folder: Path, written: int | None) -> int | None:
+        """The token the chat template closes an assistant turn with, where it is not
+        `eos_token` but `generation_config.json` lists both as ends: Gemma's instruction-tuned
+        models name `<eos>` their eos and end a turn with `<end_of_turn>`, so a response (an SFT
+        target, where generation stops) ends with `<end_of_turn>`, as they were trained. None
+        elsewhere (Qwen3's and Llama 3's templates end a turn with their eos_token). A base
+        model's template may end an answer with another token than its eos (Qwen3-Base:
+        `<|im_end|>`, eos `<|endoftext|>`): that is `turn_end`, where answers in the chat format
+        stop too (`chat`, `generate --instruction`, the answers scored after fine-tuning)."""
+        ends = _read_json(folder / "generation_config.json").get("eos_token_id")
+        ends = set(ends) if isinstance(ends, list) else {ends}
+        if self.eos_id not in ends or len(ends) < 2:
+            return None
+        return written if written in ends and written != self.eos_id else None
 
     def _id_of(self, token, key: str, where: Path) -> int | None:
         if isinstance(token, dict):  # {"content": "<|im_end|>", ...}
