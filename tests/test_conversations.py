@@ -128,7 +128,13 @@ def test_batches_score_the_answers_and_the_test_prompt_is_the_last_one(tmp_path)
     batch = make_batch(enc, [0, 1], 2, 32, mask_prompt=True)
     n = len(conv.ids) - 1
     assert batch["mask"][0, :n].tolist() == conv.scored[1:].astype(float).tolist() and not batch["mask"][0, n:].any()
-    assert batch["mask"][1].sum() == 2  # "w2" and the eos
+    assert batch["mask"][1].sum() == 2  # "w2" and the end of the answer
+    # an instruction record is the one-turn conversation, ending where the template ends an answer
+    # (<|im_end|>, not this tokenizer's eos <|end|>: Qwen3-Base's layout); decoding stops at either
+    assert enc.seqs[1].tolist() == encode_conversation([{"role": "user", "content": "w1"},
+                                                        {"role": "assistant", "content": "w2"}], tok, "r2").ids.tolist()
+    assert enc.seqs[1][-1] == tok.answer_end_id == tok.special_tokens["<|im_end|>"] != tok.eos_id
+    assert tok.stop_ids == (tok.eos_id, tok.answer_end_id)
     assert enc.records[0]["messages"] == CONVERSATION[:4] and enc.records[0]["output"] == "w6 w7"
     assert tok.decode(enc.prompts[0], skip_special=False) == tok.decode(
         tok.encode(ChatFormat(tok).conversation(CONVERSATION[:4])), skip_special=False)
@@ -198,13 +204,14 @@ def test_conversational_preference_pairs(tmp_path):
     prompt = tok.encode(ChatFormat(tok).conversation([user]))
     n = len(prompt)
     assert cols["prompt_lengths"][0] == n and truncated == 0
-    assert cols["chosen"][0, :n + 2].tolist() == prompt + tok.encode("w3") + [tok.eos_id]
+    assert cols["chosen"][0, :n + 2].tolist() == prompt + tok.encode("w3") + [tok.answer_end_id]
     assert cols["rejected_mask"][0].tolist() == [0] * n + [1] * 3 + [0] * (32 - n - 3)
 
 
 def test_ppo_prompts_that_are_conversations(tmp_path):
     """A PPO prompt record whose prompt field is a list of messages (TRL's conversational
-    prompts) is continued in the chat template; text records in the same file keep theirs."""
+    prompts) is continued in the chat template; text records in the same file keep theirs;
+    rollouts stop at the template's end of an answer."""
     from types import SimpleNamespace
 
     from jaxgpt.rl.prompt_sets import load_prompts
@@ -224,6 +231,11 @@ def test_ppo_prompts_that_are_conversations(tmp_path):
     tokens, mask, dropped = out["train"]
     got = {tuple(t[m.astype(bool)].tolist()) for t, m in zip(tokens, mask)}
     assert got == want and dropped == 0 and set(out["eval_text"]) <= {"w1 w2", "w3"}
+    # rollouts of these prompts end at the template's end of an answer (<|im_end|>) as at the eos
+    from jaxgpt.rl.common import token_kwargs
+
+    ends = token_kwargs(tok, SimpleNamespace(vocab_size=tok.vocab_size))["eos_id"]
+    assert ends == (tok.eos_id, tok.special_tokens["<|im_end|>"])
 
 
 def test_finetune_on_conversations_from_parquet(tmp_path):

@@ -160,6 +160,9 @@ def test_completion_texts_cut_at_eos():
     assert completion_texts({**out, "tokens": np.array([[9, 9, 15, 16, 50256, 0]])[:, :6],
                              "lengths": np.array([3]), "completion_mask": np.ones((1, 4), bool)},
                             50256) == [decode([15, 16])]
+    # several end ids (Tokenizer.stop_ids): whichever ends the row is dropped
+    assert completion_texts(out, (7, 3), tokenizer=type("T", (), {"decode": staticmethod(
+        lambda ids: ",".join(map(str, ids)))})) == ["40,41", "42,43,44,45"]
 
 
 def test_inverse_cdf_sampler_has_the_categorical_distribution():

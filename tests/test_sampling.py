@@ -146,6 +146,34 @@ def test_stops_at_eos_per_row():
     assert (both["tokens"][:, first0 + 1:] == 0).all()
 
 
+def test_stops_at_any_of_several_ids():
+    """eos_id=(a, b): a row ends at whichever comes first (a chat model's eos and its template's
+    end of an answer); the first id pads; `generate` drops either from the text."""
+    prompts = [[3, 1, 4, 1, 5], [9, 2, 6]]
+    free = _run(prompts, 10)["tokens"]
+    a, b = int(free[0, 4]), int(free[1, 2])
+    stops = [min([i for i, t in enumerate(row.tolist()) if t in (a, b)]) for row in free]
+    out = _run(prompts, 10, eos_id=(a, b))
+    assert out["lengths"].tolist() == [s + 1 for s in stops]
+    for row, s in enumerate(stops):
+        assert out["tokens"][row, :s + 1].tolist() == free[row, :s + 1].tolist()
+        assert (out["tokens"][row, s + 1:] == a).all()
+    assert generate(_params(CFG), CFG, prompts[1:], max_new_tokens=10, eos_id=[a, b],
+                    tokenizer=_IdsText())[0] == _IdsText().decode(free[1, :stops[1]])
+
+
+class _IdsText:
+    """A tokenizer of ids written as text: `decode([3, 4]) == "3,4"`."""
+
+    vocab_size = CFG.vocab_size
+
+    def encode(self, text):
+        return [int(t) for t in text.split(",")]
+
+    def decode(self, ids):
+        return ",".join(str(int(i)) for i in ids)
+
+
 def test_compiles_once_for_same_shapes():
     prompts = [[1, 2, 3], [4, 5, 6, 7]]
     _run(prompts, 6, key=0, temperature=0.7, top_p=0.9)

@@ -163,7 +163,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 system=args.system, thinking=not args.no_thinking)
     if not conversation.chat:
         print("(no chat template: each message is asked alone, in the Alpaca format)", file=sys.stderr)
-    stop += [tokenizer.turn_end] if getattr(tokenizer, "turn_end", None) else []  # the template's end of an answer
     session = DecodeSession(params, config)
     root = jax.random.key(args.seed)
     for turn, message in enumerate(read_messages()):
@@ -185,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         answer = run_interruptibly(lambda: generate(
             params, config, [ids], max_new_tokens=new_tokens, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, repetition_penalty=args.repetition_penalty, key=jax.random.fold_in(root, turn),
-            tokenizer=tokenizer, stop=stop,
+            tokenizer=tokenizer, stop=stop, eos_id=getattr(tokenizer, "stop_ids", None),  # or the template's turn end
             on_text=Printer(skip_leading_space=True, interrupt=interrupt), prompt_bucket=CHAT_BUCKET,
             session=session)[0], interrupt)
         print(" [stopped]" if interrupt.is_set() else "")

@@ -166,7 +166,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jaxgpt.text.prompts import prompt_format
 
         prompts = [prompt_format(tokenizer).prompt(*prompts[0])]
-        stop += [tokenizer.turn_end] if getattr(tokenizer, "turn_end", None) else []
     on_text = None
     if args.stream:
         on_text = Printer(skip_leading_space=args.instruction is not None)
@@ -176,6 +175,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         params, config, prompts,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, seed=args.seed, stop_at_eos=not args.ignore_eos, tokenizer=tokenizer,
+        # in the chat format an answer also ends at the template's end of an answer
+        eos_id=getattr(tokenizer, "stop_ids", None) if args.instruction is not None else None,
         stop=stop, on_text=on_text, repetition_penalty=args.repetition_penalty,
     )
     if args.stream:

@@ -217,7 +217,7 @@ def encode_split(records: list[dict], max_length: int, tokenizer: Tokenizer | No
             p, r = next(prompts), next(responses)
             if len(p) >= max_length:
                 raise _too_long(rec.get("where", "a record"), len(p), max_length)
-            seq = np.asarray((p + r + [tokenizer.eos_id])[: max_length + 1], np.int32)
+            seq = np.asarray((p + r + [tokenizer.answer_end_id])[: max_length + 1], np.int32)
             p = len(p)
             mask = np.arange(len(seq)) >= p
         out.append(rec)

@@ -103,9 +103,10 @@ def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) 
 
 
 def response_ids(response: str, tokenizer: Tokenizer | None = None) -> list[int]:
-    """Token ids of a response as trained on: the text, then the end-of-text token."""
+    """Token ids of a response as trained on: the text, then the token that ends an answer
+    (`Tokenizer.answer_end_id`: eos, or the chat template's end of an answer)."""
     tokenizer = tokenizer or gpt2_tokenizer()
-    return tokenizer.encode(response) + [tokenizer.eos_id]
+    return tokenizer.encode(response) + [tokenizer.answer_end_id]
 
 
 def encode_example(instruction: str, input: str, response: str,
@@ -237,7 +238,7 @@ def encode_pairs(rows: list[dict[str, str]], max_length: int, source: str,
     tokenizer = tokenizer or gpt2_tokenizer()
     prompts = tokenizer.encode_batch([record_prompt({"where": f"{source} record {i + 1}", **r}, tokenizer)
                                       for i, r in enumerate(rows)])
-    responses = {k: [ids + [tokenizer.eos_id] for ids in tokenizer.encode_batch([r[k] for r in rows])]
+    responses = {k: [ids + [tokenizer.answer_end_id] for ids in tokenizer.encode_batch([r[k] for r in rows])]
                  for k in ("chosen", "rejected")}
     truncated = 0
     cols: dict[str, np.ndarray] = {"prompt_lengths": np.array([len(p) for p in prompts], np.int32)}

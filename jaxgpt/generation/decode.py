@@ -9,7 +9,8 @@ Three layers, each usable on its own from research code:
   `tokens`, `mask`, `logprobs`, `lengths` (`[batch, max_new_tokens]` / `[batch]`). One jitted
   function: it prefills a fixed-size KV cache (`P + max_new_tokens` slots) with the whole
   left-padded prompt in one model call, then decodes a token per `lax.while_loop` step
-  (`decode_loop`) until every row has emitted `eos_id`. The rollout engine of RL fine-tuning too.
+  (`decode_loop`) until every row has emitted `eos_id` (one id, or several: a chat model's
+  eos and its template's end of an answer). The rollout engine of RL fine-tuning too.
 * `generate(params, config, prompts, ...)` -> `list[str]`: tokenize, left-pad (prompt length
   bucketed so different lengths reuse compilations), generate, decode.
 
@@ -125,7 +126,8 @@ def decode_loop(model, params, cache, logits, n_real, key, pick, seen, sink, *, 
                 stream):
     """Token 0 from the prompt's last logits `[b, V]`, then one token per `lax.while_loop`
     step through `cache` (which holds the prompt; `n_real [b]`: its real tokens a row, so token
-    i is fed at position `n_real + i`). Rows end at `eos_id` or when the host sink says so.
+    i is fed at position `n_real + i`). Rows end at an id of `eos_id` (a tuple of ids, or None)
+    or when the host sink says so.
     Returns `(tokens, logprobs, mask)`, each `[b, max_new_tokens]`, and the cache after the
     last token fed (every sampled token but the last)."""
     b, n = logits.shape[0], max_new_tokens
@@ -136,7 +138,7 @@ def decode_loop(model, params, cache, logits, n_real, key, pick, seen, sink, *, 
     tokens = jnp.full((b, n), pad_id, jnp.int32).at[:, 0].set(tok)
     logprobs = jnp.zeros((b, n), jnp.float32).at[:, 0].set(lp)
     cmask = jnp.zeros((b, n), bool).at[:, 0].set(True)
-    done = (tok == eos_id) if eos_id is not None else jnp.zeros((b,), bool)
+    done = ends_row(tok, eos_id)
     if stream:
         done = done | host_stop(sink, 0, tok, jnp.ones((b,), bool))
 
@@ -159,14 +161,28 @@ def decode_loop(model, params, cache, logits, n_real, key, pick, seen, sink, *, 
         logprobs = jax.lax.dynamic_update_slice(logprobs, lp[:, None], (0, i))
         cmask = jax.lax.dynamic_update_slice(cmask, ~done[:, None], (0, i))
         stop = host_stop(sink, i, tok, ~done) if stream else False
-        if eos_id is not None:
-            stop = stop | (tok == eos_id)
-        done = done | stop
+        done = done | stop | ends_row(tok, eos_id)
         return i + 1, cache, tok, done, tokens, logprobs, cmask, seen
 
     carry = (jnp.int32(1), cache, tok, done, tokens, logprobs, cmask, seen)
     _, cache, _, _, tokens, logprobs, cmask, _ = jax.lax.while_loop(cond, body, carry)
     return tokens, logprobs, cmask, cache
+
+
+def ends_row(tok, eos_ids: tuple[int, ...] | None):
+    """`[b]` bool: which of the tokens `tok [b]` end their row (any id of `eos_ids`)."""
+    done = jnp.zeros(tok.shape, bool)
+    for i in eos_ids or ():
+        done = done | (tok == i)
+    return done
+
+
+def as_stop_ids(eos_id) -> tuple[int, ...] | None:
+    """`eos_id` (None, an id, or a sequence of ids) as the tuple of ids the decode loop stops on."""
+    if eos_id is None:
+        return None
+    ids = tuple(int(i) for i in np.atleast_1d(np.asarray(eos_id)).ravel())
+    return ids or None
 
 
 def generate_tokens(
@@ -180,7 +196,7 @@ def generate_tokens(
     temperature: float = 0.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     pad_id: int | None = None,
     vocab_limit: int | None = None,
     method: str = "gumbel",
@@ -196,7 +212,9 @@ def generate_tokens(
 
     Returns a dict:
       tokens `[batch, max_new_tokens]` int32: sampled ids; after a row emits `eos_id` it
-        emits `pad_id` (default: `eos_id`, else 0).
+        emits `pad_id` (default: `eos_id`, else 0). eos_id may be several ids (a row ends at
+        any of them; the first pads): an instruction model's eos and its chat template's end
+        of an answer (`Tokenizer.stop_ids`).
       mask `[batch, max_new_tokens]` bool: True on completion tokens (the eos included).
       logprobs `[batch, max_new_tokens]` float32: log p(token) under the model's
         untempered, unfiltered distribution; 0 where mask is False.
@@ -254,13 +272,14 @@ def sampling_settings(temperature, top_k, top_p, eos_id, pad_id, vocab_limit, me
     if method not in SAMPLERS:
         raise ValueError(f"method must be one of {SAMPLERS}, got {method!r}")
     use_top_p = top_p is not None and not (_is_number(top_p) and top_p >= 1.0)
+    eos_id = as_stop_ids(eos_id)
     if pad_id is None:
-        pad_id = eos_id if eos_id is not None else 0
+        pad_id = eos_id[0] if eos_id is not None else 0
     traced = {"temperature": jnp.asarray(temperature, jnp.float32),
               "top_p": jnp.asarray(top_p if use_top_p else 1.0, jnp.float32),
               "penalty": jnp.asarray(repetition_penalty or 1.0, jnp.float32)}
     static = {"greedy": _is_number(temperature) and temperature == 0, "top_k": None if top_k is None else int(top_k),
-              "use_top_p": use_top_p, "eos_id": None if eos_id is None else int(eos_id), "pad_id": int(pad_id),
+              "use_top_p": use_top_p, "eos_id": eos_id, "pad_id": int(pad_id),
               "vocab_limit": None if vocab_limit is None else int(vocab_limit), "method": method,
               "use_penalty": repetition_penalty is not None and repetition_penalty != 1}
     return traced, static
@@ -321,7 +340,7 @@ def generate(
     seed: int = 0,
     key: Array | None = None,
     stop_at_eos: bool = True,
-    eos_id: int | None = None,
+    eos_id: int | Sequence[int] | None = None,
     tokenizer: Any = None,
     stop: Sequence[str] = (),
     on_text: Callable[[int, str], None] | None = None,
@@ -336,8 +355,8 @@ def generate(
     (default: the model's, `config.tokenizer`: GPT-2's BPE unless the model names another;
     any object with `encode`/`decode` works). The batch is left-padded with the prompt length
     bucketed (see `pad_prompts`) and run through `generate_tokens`; the continuation is cut
-    before the first eos (`eos_id`, default the tokenizer's: GPT-2's `<|endoftext|>` = 50256)
-    when `stop_at_eos`. A prompt that does not fit in the context together with
+    before the first eos (`eos_id`, default the tokenizer's: GPT-2's `<|endoftext|>` = 50256;
+    several ids end it at any of them) when `stop_at_eos`. A prompt that does not fit in the context together with
     `max_new_tokens` is an error (UserError), not truncated.
 
     stop: strings that end a row's text where they first appear (the text stops before them,
@@ -371,8 +390,7 @@ def generate(
             raise UserError(f"token id {bad[0]} is outside the model's vocabulary of {config.vocab_size}")
     if stop_at_eos and eos_id is None:  # a tiktoken Encoding calls it eot_token
         eos_id = getattr(tokenizer, "eos_id", getattr(tokenizer, "eot_token", None))
-    if not stop_at_eos:
-        eos_id = None
+    eos_id = as_stop_ids(eos_id) if stop_at_eos else None
     tokens, mask = pad_prompts(token_lists, max_new_tokens=max_new_tokens,
                                context_length=config.context_length, bucket=prompt_bucket)
     if key is None:
@@ -396,7 +414,7 @@ def generate(
     texts = []
     for row, length in zip(new_tokens, lengths):
         ids = row[:length].tolist()
-        if eos_id is not None and ids and ids[-1] == eos_id:
+        if eos_id is not None and ids and ids[-1] in eos_id:
             ids = ids[:-1]
         texts.append(tokenizer.decode(ids))
     return texts

@@ -14,15 +14,15 @@ from jaxgpt.generation.decode import generate_tokens, pad_prompts
 def greedy_responses(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[int]], key, *,
                      max_new_tokens: int, batch_size: int, tokenizer=None) -> list[str]:
     """Greedy responses to token-id prompts, in order. Prompts are sorted by length and
-    decoded `batch_size` at a time (left-padded, KV cache, stopping at the tokenizer's eos; an
-    answer ends at the chat template's `turn_end` too, where that is another token);
+    decoded `batch_size` at a time (left-padded, KV cache, stopping at the tokenizer's eos or,
+    where that is another token, the chat template's end of an answer: `Tokenizer.stop_ids`);
     a batch gets `min(max_new_tokens, context - its longest prompt)` new tokens. `params` are
     plain (LoRA merged); `tokenizer` defaults to the model's. The last batch is filled with
     copies so every batch has one shape."""
     from jaxgpt.text.tokenizer import tokenizer_of
 
     tokenizer = tokenizer or tokenizer_of(model_cfg)
-    eos = tokenizer.eos_id
+    ends = tokenizer.stop_ids
     out: list[str] = [""] * len(prompts)
     order = np.argsort([len(p) for p in prompts], kind="stable")
     for start in range(0, len(order), batch_size):
@@ -37,12 +37,11 @@ def greedy_responses(params, model_cfg: ModelConfig, prompts: Sequence[Sequence[
                                    pad_id=tokenizer.pad_id)
         limit = tokenizer.vocab_size if model_cfg.vocab_size > tokenizer.vocab_size else None
         res = generate_tokens(params, model_cfg, tokens, mask, key, max_new_tokens=new, temperature=0.0,
-                              eos_id=eos, vocab_limit=limit)
+                              eos_id=ends, vocab_limit=limit)
         toks, lengths = np.asarray(res["tokens"]), np.asarray(res["lengths"])
         for row, i in enumerate(idx):
             ids = toks[row, :lengths[row]].tolist()
-            if ids and ids[-1] == eos:
+            if ids and ids[-1] in ends:
                 ids = ids[:-1]
-            text = tokenizer.decode(ids)
-            out[i] = (text.split(tokenizer.turn_end)[0] if getattr(tokenizer, "turn_end", None) else text).strip()
+            out[i] = tokenizer.decode(ids).strip()
     return out

@@ -146,16 +146,16 @@ class TextStream:
         return longest
 
 
-def text_sink(streams: list[TextStream], eos_id: int | None, on_text=None) -> Callable:
+def text_sink(streams: list[TextStream], eos_id: tuple[int, ...] | None, on_text=None) -> Callable:
     """An `on_token` for `generate_tokens` (what `generate` uses): each live row's token goes
-    into its TextStream (an eos ends the row's text and is not part of it), each new piece of
+    into its TextStream (an id of `eos_id` ends the row's text and is not part of it), each new piece of
     text to `on_text(row, piece)`, and the rows whose stop string appeared, or for which
     `on_text` returned True, are stopped."""
 
     def on_token(step, tokens, live):
         for row in np.flatnonzero(live):
             stream = streams[row]
-            if eos_id is not None and tokens[row] == eos_id:
+            if eos_id is not None and tokens[row] in eos_id:
                 piece = stream.finish()
                 stream.stopped = True
             else:

@@ -58,11 +58,12 @@ def sampling_kwargs(r: RolloutConfig) -> dict:
 
 
 def token_kwargs(tokenizer, model_cfg) -> dict:
-    """What every rollout of a model takes from its tokenizer: the eos that ends a completion,
+    """What every rollout of a model takes from its tokenizer: the ids that end a completion (eos,
+    and the chat template's end of an answer where that differs: `Tokenizer.stop_ids`),
     and `vocab_limit` when the embedding has rows the tokenizer never produces (Qwen3: 151,936
     rows, 151,669 ids), which must never be sampled."""
     limit = tokenizer.vocab_size if model_cfg.vocab_size > tokenizer.vocab_size else None
-    return {"eos_id": tokenizer.eos_id, "vocab_limit": limit}
+    return {"eos_id": tokenizer.stop_ids, "vocab_limit": limit}
 
 
 def prompt_indices(iteration: int, batch: int, n: int, seed: int) -> np.ndarray:

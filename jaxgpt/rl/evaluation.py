@@ -42,7 +42,7 @@ def sample_completions(params, model_cfg, tokens: np.ndarray, mask: np.ndarray, 
     outs = generate_all(params, model_cfg, tokens, mask, key, batch=max(1, min(batch // samples, len(tokens))),
                         group_size=samples, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                         **token_kwargs(tokenizer, model_cfg))
-    texts = [t for out in outs for t in completion_texts(out, tokenizer.eos_id, tokenizer)]
+    texts = [t for out in outs for t in completion_texts(out, tokenizer.stop_ids, tokenizer)]
     return texts, np.concatenate([out["lengths"] for out in outs])
 
 

@@ -43,11 +43,11 @@ def _one_try(recipe, params, idx, key) -> tuple[dict, float]:
                                      group_size=g.group_size, max_new_tokens=n, **token_kwargs(tok, cfg.model),
                                      **sampling_kwargs(r)))
     out = {k: np.asarray(v) for k, v in out.items()}
-    texts = completion_texts(out, tok.eos_id, tok)
+    texts = completion_texts(out, tok.stop_ids, tok)
     rows = [problems[i] for i in np.repeat(idx, g.group_size)]
     out["rewards"] = np.array([data.task.reward(t, p) for t, p in zip(texts, rows)], np.float32)
     out["answered"] = np.array([data.task.extract(t) is not None for t in texts], np.float32)
-    out["truncated"] = ((out["lengths"] == n) & (out["tokens"][:, -1] != tok.eos_id)).astype(np.float32)
+    out["truncated"] = ((out["lengths"] == n) & ~np.isin(out["tokens"][:, -1], tok.stop_ids)).astype(np.float32)
     shaping = (overlong_penalty(out["lengths"], n, s.overlong_buffer, s.overlong_penalty)
                if s.overlong == "penalty" else np.zeros(len(texts), np.float32))
     out["shaping"] = shaping

@@ -2,7 +2,7 @@
 
 Sampling is `jaxgpt.generation.decode.generate_tokens` (a fixed-size KV cache, one prefill call
 of each prompt, its cache copied to the prompt's G rows (`group_size`), then a `lax.while_loop` that emits a token per step and stops once every row has emitted
-`<|endoftext|>`; no Python loop over tokens). A rollout batch lays the left-padded prompt
+`<|endoftext|>`, or the chat template's end of an answer; no Python loop over tokens). A rollout batch lays the left-padded prompt
 and its completion side by side:
 
     tokens          [rows, P + N]  int32  left-padded prompt | completion (padding after eos)
@@ -137,18 +137,20 @@ def right_padded(tokens, attention_mask, pad_id: int = 0):
     return jnp.where(keep, moved, pad_id).astype(jnp.int32), lengths
 
 
-def completion_texts(out: dict, eos_id: int | None, tokenizer=None) -> list[str]:
-    """Decoded completions of a rollout dict (its last N columns cut at `lengths`, the final
-    eos dropped)."""
+def completion_texts(out: dict, eos_id, tokenizer=None) -> list[str]:
+    """Decoded completions of a rollout dict (its last N columns cut at `lengths`, a final id
+    of `eos_id` (an id or a tuple of them: `Tokenizer.stop_ids`) dropped)."""
+    from jaxgpt.generation.decode import as_stop_ids
     from jaxgpt.text.tokenizer import gpt2_tokenizer
 
     dec = (tokenizer or gpt2_tokenizer()).decode
     n = out["completion_mask"].shape[1]
     tokens, lengths = np.asarray(out["tokens"])[:, -n:] if n else np.zeros((len(out["lengths"]), 0), int), np.asarray(out["lengths"])
+    ends = as_stop_ids(eos_id) or ()
     texts = []
     for row, k in zip(tokens, lengths):
         ids = row[:k].tolist()
-        if eos_id is not None and ids and ids[-1] == eos_id:
+        if ids and ids[-1] in ends:
             ids = ids[:-1]
         texts.append(dec(ids))
     return texts

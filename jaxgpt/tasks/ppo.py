@@ -179,7 +179,7 @@ class PPO(RLTask):
         last = np.asarray(out["tokens"])[np.arange(len(lengths)), -r.max_new_tokens + np.maximum(lengths - 1, 0)]
         stats = {"score": float(np.mean(scores)), "reward": float(np.sum(rewards) / len(lengths)),
                  "kl": float(np.mean(np.sum(np.asarray((logp - ref) * mask), axis=1))),
-                 "completion_len": float(lengths.mean()), "terminated": float(np.mean(last == self.tokenizer.eos_id)),
+                 "completion_len": float(lengths.mean()), "terminated": float(np.mean(np.isin(last, self.tokenizer.stop_ids))),
                  "rollout_tokens_per_sec": float(lengths.sum() / timer.seconds), "rollout_seconds": timer.seconds}
         return batch, stats
 
@@ -202,7 +202,7 @@ class PPO(RLTask):
         scores = np.concatenate([np.asarray(score(out)[3]) for out in greedy])
         kls = [np.sum(np.asarray(logp - ref) * out["completion_mask"], axis=1)
                for out, (logp, _, ref, _) in ((o, score(o)) for o in sampled)]
-        self.eval_texts = [t for out in greedy for t in completion_texts(out, self.tokenizer.eos_id, self.tokenizer)]
+        self.eval_texts = [t for out in greedy for t in completion_texts(out, self.tokenizer.stop_ids, self.tokenizer)]
         self.eval_scores = scores.tolist()
         return {"eval_reward": float(np.mean(scores)), "eval_kl": float(np.mean(np.concatenate(kls))),
                 "eval_completion_len": float(np.mean(np.concatenate([o["lengths"] for o in greedy])))}

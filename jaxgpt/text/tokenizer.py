@@ -38,6 +38,7 @@ class Tokenizer:
     pad_id: int  # fills rows (never scored)
     bos_id: int | None = None  # the begin-of-text token, if it has one (chat templates write it themselves)
     turn_end: str | None = None  # the special token the chat template ends an answer with, where it is not eos
+    turn_end_id: int | None = None  # its id
     special_tokens: dict[str, int]
     chat_template: str | None = None  # jinja2 (`jaxgpt.text.chat`); None: the Alpaca format
 
@@ -53,6 +54,18 @@ class Tokenizer:
     @property
     def eos_token(self) -> str:
         return self.decode([self.eos_id])
+
+    @property
+    def answer_end_id(self) -> int:
+        """The id a response in the model's format ends with, as its chat template writes it: the
+        template's `turn_end` where it has one (Qwen3-Base: `<|im_end|>`), else eos."""
+        return self.eos_id if self.turn_end_id is None else self.turn_end_id
+
+    @property
+    def stop_ids(self) -> tuple[int, ...]:
+        """The ids an answer in the model's format ends at: eos, and `turn_end` where there is one
+        (what `generate_tokens(eos_id=...)` takes: rollouts, scored answers)."""
+        return (self.eos_id,) if self.turn_end_id is None else (self.eos_id, self.turn_end_id)
 
     @property
     def token_dtype(self) -> str:
@@ -130,7 +143,8 @@ class HFTokenizer(Tokenizer):
         self.bos_token = None if bos is None else self.decode([bos], skip_special=False)
         written = self._template_turn_end()
         self.eos_id = self._turn_end(folder, written) or self.eos_id
-        self.turn_end = None if written in (None, self.eos_id) else self.decode([written], skip_special=False)
+        self.turn_end_id = None if written in (None, self.eos_id) else written
+        self.turn_end = None if self.turn_end_id is None else self.decode([written], skip_special=False)
 
     _MARK = "\x00response\x00"
 
