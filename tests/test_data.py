@@ -188,8 +188,8 @@ def test_split_fractions_are_checked_by_every_record_task(module, cls, val, test
 # The package's layers (issue 17): no import cycle, no import in a function to dodge one
 
 # Bottom first: a module may import only modules listed before it.
-DATA_LAYERS = ["bundled", "text", "parquet", "conversations", "readers", "tfds_builders", "tfds_source", "records",
-               "tokens", "windows", "classification", "instruct", "preference", "__init__"]
+DATA_LAYERS = ["bundled", "text", "parquet", "hub_datasets", "conversations", "readers", "tfds_builders", "tfds_source",
+               "records", "tokens", "windows", "classification", "instruct", "preference", "__init__"]
 DATA_DIR = Path(data_pkg.__file__).parent
 # Slow to import or optional: only tfds: sources and .parquet files pay for them.
 LAZY_ALLOWED = {"tensorflow_datasets", "pyarrow", "pyarrow.parquet"}

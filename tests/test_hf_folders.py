@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import json
 import threading
+import urllib.parse
 from pathlib import Path
 
 import jax
@@ -89,12 +90,14 @@ def test_bad_folders_exit_2_before_anything_is_written(tmp_path, capsys, change,
 class RepoServer:
     """The hub's metadata API and file downloads for one repository, on loopback."""
 
-    def __init__(self, folder: Path, repo: str, token: str = ""):
-        self.files = {f.name: f.read_bytes() for f in folder.iterdir() if f.is_file()}
+    def __init__(self, folder: Path, repo: str, token: str = "", kind: str = "models"):
+        """kind: "models" or "datasets" (a data set's files are served at their paths below `folder`)."""
+        self.files = {f.relative_to(folder).as_posix(): f.read_bytes()
+                      for f in sorted(folder.rglob("*")) if f.is_file()}
         siblings = []
         for name, data in self.files.items():
             entry = {"rfilename": name, "size": len(data)}
-            if name.endswith(".safetensors"):
+            if name.endswith((".safetensors", ".parquet")):  # LFS files: sha256
                 entry["lfs"] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
             else:
                 entry["blobId"] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
@@ -113,10 +116,11 @@ class RepoServer:
                     self.send_response(401)
                     self.end_headers()
                     return
-                name = self.path.rsplit("/", 1)[-1]
-                if self.path == f"/api/models/{repo}/revision/main?blobs=true":
+                files = f"{'/datasets' if kind == 'datasets' else ''}/{repo}/resolve/c0ffee/"
+                name = urllib.parse.unquote(self.path[len(files):])
+                if self.path == f"/api/{kind}/{repo}/revision/main?blobs=true":
                     body = info
-                elif self.path.startswith(f"/{repo}/resolve/c0ffee/") and name in owner.files:
+                elif self.path.startswith(files) and name in owner.files:
                     body = owner.files[name]
                 else:
                     self.send_response(404)

@@ -116,6 +116,28 @@ def pick_fields(record: object, where: str, required: Mapping[str, str], optiona
             for role, v in out.items()}
 
 
+RECORD_FORMATS = ("json", "jsonl", "parquet")  # JSON records by role
+EXAMPLE_FORMATS = ("json", "jsonl", "csv", "tsv", "parquet")  # labelled examples
+
+
+def data_format(path: Path) -> str | None:
+    """`json`, `jsonl`, `csv`, `tsv` or `parquet` from the suffix before any `.gz`; None for other files."""
+    name = path.name.lower().removesuffix(".gz")
+    return next((f for f in ("jsonl", "json", "csv", "tsv", "parquet") if name.endswith("." + f)), None)
+
+
+def files_below(folder: Path, formats: tuple[str, ...]) -> list[Path]:
+    """The files of `formats` below `folder` (recursively; sorted by path: shards in order). A
+    folder of record shards (a Hugging Face data set's `data/train-0000N-of-0000M.parquet`) is
+    read as one file of all their records. UserError if there is none."""
+    files = sorted((p for p in folder.rglob("*") if p.is_file() and data_format(p) in formats
+                    and not any(part.startswith(".") for part in p.relative_to(folder).parts)),
+                   key=lambda p: p.relative_to(folder).as_posix())
+    if not files:
+        raise UserError(f"folder {folder} has no {', '.join('.' + f for f in formats)} files (optionally .gz) to read")
+    return files
+
+
 def read_record_file(path: Path, required: Mapping[str, str], optional: Mapping[str, str],
                      instead: Mapping[str, str] | None = None) -> list[dict]:
     """`{role: value}` of every record of a .json/.jsonl(.gz) or .parquet file (see `pick_fields`)."""

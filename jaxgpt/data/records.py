@@ -1,4 +1,4 @@
-"""A `data.path` -> its records: bundled name, local file or `tfds:NAME[:SPLIT]`, one dispatch.
+"""A `data.path` -> its records: bundled name, local file or folder, `hf:ORG/NAME` or `tfds:NAME`, one dispatch.
 
     rows = read_records("instruction-data", required={"instruction": "instruction", "output": "output"},
                         optional={"input": "input"})
@@ -10,9 +10,12 @@ readers (`jaxgpt.data.readers`), below the task datasets: every task whose examp
 records resolves its `data.path` here, so a spec means the same thing to all of them.
 `read_records` serves the tasks whose records are JSON objects (instruction tuning,
 preference pairs, GSM8K): `spec` is a bundled data set (kinds json / jsonl), a `.json` /
-`.jsonl` file (optionally gzipped), a `.parquet` file or a tfds dataset (bytes features decoded
-as UTF-8). `read_examples` serves classification: bundled tsv/csv/json(l), a
-JSONL/JSON/CSV/TSV/parquet file, or a tfds dataset (`ClassLabel` ints become their names).
+`.jsonl` file (optionally gzipped), a `.parquet` file, a folder of such files (shards, read in
+path order as one), a Hugging Face hub data set's split (`hf:ORG/NAME[:SUBSET][:SPLIT]`,
+downloaded once: `jaxgpt.data.hub_datasets`) or a tfds dataset (bytes features decoded as
+UTF-8). `read_examples` serves classification: bundled tsv/csv/json(l), a
+JSONL/JSON/CSV/TSV/parquet file or a folder of them, `hf:...`, or a tfds dataset (`ClassLabel`
+ints become their names).
 Every problem is a one-line UserError naming the file and record, or the config key to set.
 """
 from __future__ import annotations
@@ -21,7 +24,9 @@ from pathlib import Path
 from typing import Mapping
 
 from jaxgpt.data import bundled as datasets
-from jaxgpt.data.readers import label_text, pick_fields, read_file, read_json_records, read_record_file
+from jaxgpt.data.hub_datasets import hub_split, is_hub_spec
+from jaxgpt.data.readers import (EXAMPLE_FORMATS, RECORD_FORMATS, files_below, label_text, pick_fields, read_file,
+                                 read_json_records, read_record_file)
 from jaxgpt.data.tfds_source import iter_records, open_tfds, text_of
 from jaxgpt.errors import UserError
 
@@ -54,7 +59,8 @@ def read_records(spec: str, required: Mapping[str, str], optional: Mapping[str, 
     optional = dict(optional or {})
     spec = spec.strip()
     if not spec:
-        raise UserError("data.path is empty; give a bundled data set name, a .json/.jsonl/.parquet file or tfds:NAME")
+        raise UserError("data.path is empty; give a bundled data set name, a .json/.jsonl/.parquet file or folder, "
+                        "hf:ORG/NAME or tfds:NAME")
     if spec.startswith("tfds:"):
         rows = _tfds_records(spec, required, optional, instead, tfds_data_dir)
     elif spec in datasets.BUNDLED:
@@ -64,14 +70,16 @@ def read_records(spec: str, required: Mapping[str, str], optional: Mapping[str, 
                             f"JSON ones: {', '.join(datasets.bundled_names('json') + datasets.bundled_names('jsonl'))}")
         rows = read_json_records(datasets.bundled_path(spec), required, optional, instead)
     else:
-        path = Path(spec).expanduser()
+        path = local_path(spec)
         if path.is_dir():
-            raise UserError(f"data.path {spec} is a folder; give a .json, .jsonl or .parquet file")
-        if not path.is_file():
-            raise UserError(f"data.path {spec!r} not found: neither a file, a bundled data set "
-                            f"({', '.join(datasets.bundled_names('json') + datasets.bundled_names('jsonl'))}) "
-                            "nor tfds:NAME")
-        rows = read_record_file(path, required, optional, instead)
+            rows = [row for f in files_below(path, RECORD_FORMATS)
+                    for row in read_record_file(f, required, optional, instead)]
+        elif path.is_file():
+            rows = read_record_file(path, required, optional, instead)
+        else:
+            raise UserError(f"data.path {spec!r} not found: neither a file or folder, a bundled data set "
+                            f"({', '.join(datasets.bundled_names('json') + datasets.bundled_names('jsonl'))}), "
+                            "hf:ORG/NAME nor tfds:NAME")
     if not rows:
         raise UserError(f"{spec} has no records")
     return rows
@@ -112,7 +120,7 @@ def _tfds_examples(spec: str, text_field: str, label_field: str, data_dir: str |
 
 def read_examples(spec: str, text_field: str = "text", label_field: str = "label", *,
                   tfds_data_dir: str | None = None) -> tuple[list[str], list[str]]:
-    """(texts, labels) of `data.path`: a bundled name, a file, or tfds:NAME[:SPLIT]."""
+    """(texts, labels) of `data.path`: a bundled name, a file or folder, hf:ORG/NAME, or tfds:NAME[:SPLIT]."""
     spec = spec.strip()
     if spec.startswith("tfds:"):
         return _tfds_examples(spec, text_field, label_field, tfds_data_dir)
@@ -123,11 +131,20 @@ def read_examples(spec: str, text_field: str = "text", label_field: str = "label
                             f"labelled: {', '.join(n for n in datasets.bundled_names() if datasets.BUNDLED[n].kind != 'text')}")
         # Bundled TSVs are headerless label<TAB>text whatever the field names are.
         return read_file(datasets.bundled_path(spec), text_field, label_field)
-    path = Path(spec).expanduser()
+    path = local_path(spec)
     if path.is_file():
         return read_file(path, text_field, label_field)
-    if path.exists():
-        raise UserError(f"data.path {spec} is a folder; give a .jsonl, .json, .csv, .tsv or .parquet file")
+    if path.is_dir():
+        pairs = [read_file(f, text_field, label_field) for f in files_below(path, EXAMPLE_FORMATS)]
+        return [t for texts, _ in pairs for t in texts], [label for _, labels in pairs for label in labels]
     labelled = [n for n in datasets.bundled_names() if datasets.BUNDLED[n].kind != "text"]
-    raise UserError(f"data.path {spec!r} not found: neither a file, a bundled data set "
-                    f"({', '.join(labelled)}) nor tfds:NAME")
+    raise UserError(f"data.path {spec!r} not found: neither a file or folder, a bundled data set "
+                    f"({', '.join(labelled)}), hf:ORG/NAME nor tfds:NAME")
+
+
+def local_path(spec: str) -> Path:
+    """A file or folder `data.path` on this machine: `hf:...` is the downloaded split's folder
+    (`jaxgpt.data.hub_datasets`), anything else a path."""
+    if is_hub_spec(spec):
+        return hub_split(spec)
+    return Path(spec).expanduser()

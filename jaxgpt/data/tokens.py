@@ -9,6 +9,8 @@ A *source* (`data.path`) is one of
   `text_field` column is a document,
 * a folder: every `*.txt`, `*.txt.gz`, `*.jsonl`, `*.jsonl.gz` and `*.parquet` below it,
   recursively, in sorted relative-path order,
+* `"hf:ORG/NAME[:SUBSET][:SPLIT]"`: a Hugging Face hub data set's split (default train),
+  downloaded once into the cache and read as a folder (`jaxgpt.data.hub_datasets`),
 * `"tfds:NAME"` or `"tfds:NAME:SPLIT"` (split defaults to `train`; NAME may carry a config
   and version, `"tfds:wiki/en:1.0.0:train[:10%]"`), read with `tensorflow_datasets.data_source`
   (random access over array_record; no TensorFlow). Each record's `text_field` is a document.
@@ -49,6 +51,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from jaxgpt.data import bundled as datasets
+from jaxgpt.data.hub_datasets import hub_split, is_hub_spec
 from jaxgpt.data.parquet import is_parquet, parquet_documents
 from jaxgpt.data.text import CHUNK_CHARS, Source, is_jsonl, is_text, jsonl_documents, read_text_chunks, slugify
 from jaxgpt.data.tfds_source import tfds_source
@@ -80,7 +83,8 @@ def resolve_source(
 ) -> Source:
     """Interpret `data.path`; UserError if it names nothing usable."""
     if not spec or not spec.strip():
-        raise UserError("data.path is empty; give a bundled corpus name, a text file, a folder or tfds:NAME")
+        raise UserError("data.path is empty; give a bundled corpus name, a text file, a folder, hf:ORG/NAME or "
+                        "tfds:NAME")
     if spec.startswith("tfds:"):
         return tfds_source(spec, text_field, tfds_data_dir, chunk_chars)
     if spec in datasets.BUNDLED:
@@ -93,7 +97,7 @@ def resolve_source(
         path = datasets.bundled_path(spec)
         return Source(spec, f"bundled:{spec}", slugify(spec), {"files": [_file_fingerprint(path, entry.file)]},
                       lambda: [read_text_chunks(path, chunk_chars)])
-    path = Path(spec).expanduser()
+    path = hub_split(spec) if is_hub_spec(spec) else Path(spec).expanduser()
     if path.is_file():
         path = path.resolve()
         fp = {"files": [_file_fingerprint(path, path.name)]}
@@ -120,7 +124,7 @@ def resolve_source(
                       lambda: _folder_documents(files, text_field, chunk_chars))
     raise UserError(
         f"data.path {spec!r} is neither a bundled corpus ({', '.join(datasets.bundled_names('text'))}) "
-        "nor an existing file or folder, nor tfds:NAME"
+        "nor an existing file or folder, nor hf:ORG/NAME or tfds:NAME"
     )
 
 

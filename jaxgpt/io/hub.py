@@ -34,7 +34,6 @@ import difflib
 import http.client
 import json
 import os
-import re
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -46,10 +45,10 @@ from jaxgpt.io.download import Expected, VerificationError, fetch_verified, file
 from jaxgpt.errors import UserError
 from jaxgpt.models.lora import LoRAConfig, has_lora, merge_lora
 from jaxgpt.io.hf_load import check_params, load_hf_dir
+from jaxgpt.io.hub_repos import REPO_ID, cache_root  # noqa: F401 - where they were, for callers
 from jaxgpt.io.openai_tf import load_openai_dir
 
 Params = dict[str, Any]
-REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # organisation/name on the hub
 
 HF_ORG = "openai-community"
 HF_BASE_URL = f"https://huggingface.co/{HF_ORG}"  # + /NAME/resolve/REVISION/FILE
@@ -91,11 +90,6 @@ ACCEPTED = ("a jaxgpt run directory (config.yaml + checkpoints/), a Hugging Face
             "TensorFlow checkpoint directory (hparams.json + model.ckpt.*), a hub id such as Qwen/Qwen3-0.6B, "
             "or a preset: "
             + ", ".join((*HF_PRESETS, *REPO_PRESETS)))
-
-
-def cache_root() -> Path:
-    """`$JAXGPT_CACHE` or `~/.cache/jaxgpt`; presets live under `hf/NAME` in it."""
-    return Path(os.environ.get("JAXGPT_CACHE") or "~/.cache/jaxgpt").expanduser()
 
 
 def preset_dir(name: str) -> Path:

@@ -17,9 +17,11 @@ says which files to put where by hand.
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
+import re
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,29 +33,34 @@ NEEDED = ("config.json", "tokenizer.json", "tokenizer_config.json")
 OPTIONAL = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
 INDEX = "model.safetensors.index.json"
 ADAPTER = ("adapter_config.json", "adapter_model.safetensors")  # a PEFT LoRA adapter's repository
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # organisation/name on the hub
 
 
-def _endpoint() -> str:
+def hub_endpoint() -> str:
     return os.environ.get("JAXGPT_HF_ENDPOINT", "").rstrip("/") or "https://huggingface.co"
 
 
-def _headers() -> dict[str, str]:
+def auth_headers() -> dict[str, str]:
     token = os.environ.get("HF_TOKEN", "").strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
 
 
-def repo_dir(repo: str) -> Path:
-    from jaxgpt.io.hub import cache_root
+def cache_root() -> Path:
+    """`$JAXGPT_CACHE` or `~/.cache/jaxgpt`; models live under `hf/NAME` in it, data sets under
+    `hf/datasets/NAME`."""
+    return Path(os.environ.get("JAXGPT_CACHE") or "~/.cache/jaxgpt").expanduser()
 
+
+def repo_dir(repo: str) -> Path:
     return cache_root() / "hf" / repo.replace("/", "--")
 
 
-def _get_json(url: str):
-    with urllib.request.urlopen(urllib.request.Request(url, headers=_headers()), timeout=60) as response:
+def get_json(url: str):
+    with urllib.request.urlopen(urllib.request.Request(url, headers=auth_headers()), timeout=60) as response:
         return json.loads(response.read(64 << 20).decode())
 
 
-def _expected(entry: dict) -> Expected:
+def expected_of(entry: dict) -> Expected:
     lfs = entry.get("lfs") or {}
     if lfs.get("sha256"):
         return Expected(int(lfs.get("size", entry.get("size"))), sha256=lfs["sha256"])
@@ -68,12 +75,12 @@ def _files(info: dict, repo: str, base: str, commit: str, target: Path, fetched:
     siblings = {s.get("rfilename"): s for s in info.get("siblings", []) if isinstance(s, dict)}
     present = [f for f in (*NEEDED, *OPTIONAL) if f in siblings]
     if "model.safetensors" not in siblings and INDEX not in siblings and all(f in siblings for f in ADAPTER):
-        return {f: _expected(siblings[f]) for f in (*ADAPTER, *present)}  # a PEFT adapter: its base comes next
+        return {f: expected_of(siblings[f]) for f in (*ADAPTER, *present)}  # a PEFT adapter: its base comes next
     if "model.safetensors" in siblings:
         weights = ["model.safetensors"]
     elif INDEX in siblings:
-        fetch_verified(f"{base}/{repo}/resolve/{commit}/{INDEX}", target / INDEX, _expected(siblings[INDEX]),
-                       label=f"{INDEX} of {repo}", headers=_headers())
+        fetch_verified(f"{base}/{repo}/resolve/{commit}/{INDEX}", target / INDEX, expected_of(siblings[INDEX]),
+                       label=f"{INDEX} of {repo}", headers=auth_headers())
         fetched.add(INDEX)
         weights = [INDEX, *dict.fromkeys(json.loads((target / INDEX).read_text())["weight_map"].values())]
     else:
@@ -86,21 +93,21 @@ def _files(info: dict, repo: str, base: str, commit: str, target: Path, fetched:
     missing = [f for f in (*needed, *weights) if f not in siblings]
     if missing:
         raise VerificationError(f"{repo} lacks {', '.join(missing)}")
-    return {f: _expected(siblings[f]) for f in dict.fromkeys((*needed, *weights, *present))}
+    return {f: expected_of(siblings[f]) for f in dict.fromkeys((*needed, *weights, *present))}
 
 
 def _is_gpt2(siblings: dict, repo: str, base: str, commit: str, target: Path) -> bool:
     """config.json (fetched and verified now) says `model_type: gpt2`."""
     path = target / "config.json"
-    fetch_verified(f"{base}/{repo}/resolve/{commit}/config.json", path, _expected(siblings["config.json"]),
-                   label=f"config.json of {repo}", headers=_headers())
+    fetch_verified(f"{base}/{repo}/resolve/{commit}/config.json", path, expected_of(siblings["config.json"]),
+                   label=f"config.json of {repo}", headers=auth_headers())
     try:
         return json.loads(path.read_text()).get("model_type", "gpt2") == "gpt2"
     except (ValueError, AttributeError):
         return False  # the loader says what is wrong with it
 
 
-def _recorded(target: Path) -> bool:
+def is_recorded(target: Path) -> bool:
     """The folder holds every file a previous download verified, at its recorded size."""
     try:
         record = json.loads(target.with_name(target.name + ".verified.json").read_text())
@@ -114,9 +121,9 @@ def _recorded(target: Path) -> bool:
 def download_repo(repo: str, revision: str = "main") -> Path:
     """The local folder of hub repository `repo` (`ORG/NAME`), downloading what is missing."""
     target = repo_dir(repo)
-    if _recorded(target):
+    if is_recorded(target):
         return target
-    base, page = _endpoint(), f"https://huggingface.co/{repo}"
+    base, page = hub_endpoint(), f"https://huggingface.co/{repo}"
     try:
         return _download(repo, revision, target, base, page)
     except UserError:
@@ -124,22 +131,12 @@ def download_repo(repo: str, revision: str = "main") -> Path:
         raise
 
 
-def _download(repo: str, revision: str, target: Path, base: str, page: str) -> Path:
+@contextlib.contextmanager
+def explained_failures(repo: str, page: str, offline: str):
+    """A failed download of `repo` as one line: gated (set HF_TOKEN), not found, a file that did
+    not verify, or no network (`offline`: what to do by hand)."""
     try:
-        target.mkdir(parents=True, exist_ok=True)
-        info = _get_json(f"{base}/api/models/{repo}/revision/{revision}?blobs=true")
-        commit = info.get("sha") or revision
-        fetched: set[str] = set()
-        files = _files(info, repo, base, commit, target, fetched)
-        for name, expected in files.items():
-            if name not in fetched:
-                fetch_verified(f"{base}/{repo}/resolve/{commit}/{name}", target / name, expected,
-                               label=f"{name} of {repo}", headers=_headers())
-        record = {"repo": repo, "revision": commit,
-                  "files": {f: {"size": e.size, "sha256": e.sha256, "git_sha1": e.git_sha1} for f, e in files.items()}}
-        tmp = target.with_name(target.name + ".verified.json.tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, target.with_name(target.name + ".verified.json"))
+        yield
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise UserError(f"{repo} is gated or private (HTTP {e.code}): accept its licence on {page} and set "
@@ -150,10 +147,34 @@ def _download(repo: str, revision: str, target: Path, base: str, page: str) -> P
                         "again") from None
     except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:
         reason = getattr(e, "reason", None) or e
-        raise UserError(f"cannot download {repo} (offline?): put config.json, the model*.safetensors weights "
-                        f"(with {INDEX} if sharded), tokenizer.json and tokenizer_config.json from {page} into a "
-                        f"folder and pass --init FOLDER [{reason}]") from None
+        raise UserError(f"cannot download {repo} (offline?): {offline} [{reason}]") from None
+
+
+def write_record(target: Path, repo: str, commit: str, files: dict[str, Expected]) -> None:
+    """What was verified, beside `target` (`NAME.verified.json`), written atomically."""
+    record = {"repo": repo, "revision": commit,
+              "files": {f: {"size": e.size, "sha256": e.sha256, "git_sha1": e.git_sha1} for f, e in files.items()}}
+    tmp = target.with_name(target.name + ".verified.json.tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, target.with_name(target.name + ".verified.json"))
+
+
+def _download(repo: str, revision: str, target: Path, base: str, page: str) -> Path:
+    offline = (f"put config.json, the model*.safetensors weights (with {INDEX} if sharded), tokenizer.json and "
+               f"tokenizer_config.json from {page} into a folder and pass --init FOLDER")
+    with explained_failures(repo, page, offline):
+        target.mkdir(parents=True, exist_ok=True)
+        info = get_json(f"{base}/api/models/{repo}/revision/{revision}?blobs=true")
+        commit = info.get("sha") or revision
+        fetched: set[str] = set()
+        files = _files(info, repo, base, commit, target, fetched)
+        for name, expected in files.items():
+            if name not in fetched:
+                fetch_verified(f"{base}/{repo}/resolve/{commit}/{name}", target / name, expected,
+                               label=f"{name} of {repo}", headers=auth_headers())
+        write_record(target, repo, commit, files)
     return target
 
 
-__all__ = ["download_repo", "repo_dir"]
+__all__ = ["REPO_ID", "auth_headers", "cache_root", "download_repo", "expected_of", "explained_failures", "get_json",
+           "hub_endpoint", "is_recorded", "repo_dir", "write_record"]
