@@ -65,8 +65,8 @@ def test_pretraining_from_scratch_resumes_exactly(tmp_path, family):
 
 def test_qwen3_sft_with_a_chat_template_and_uint32_tokens(tmp_path):
     """Instruction SFT of a Qwen3 whose tokenizer (70,000 ids) and ChatML template are the
-    test's own: prompts are the template's, the loss covers the response and the eos
-    (`<|end|>`), and the run keeps a copy of the tokenizer (generation after the folder is
+    test's own: prompts are the template's, the loss covers the response and the token the
+    template ends an answer with (`<|im_end|>`; the eos is `<|end|>`), and the run keeps a copy of the tokenizer (generation after the folder is
     gone still works)."""
     from jaxgpt.cli import generate as cli
     from jaxgpt.tasks.instruct import InstructConfig, load_instruct_run
@@ -92,7 +92,7 @@ def test_qwen3_sft_with_a_chat_template_and_uint32_tokens(tmp_path):
     prompt = prompt_format(tok).prompt("w1 w60000")
     assert prompt == "<|im_start|>user\nw1 w60000<|im_end|>\n<|im_start|>assistant\n"
     enc = encode_split([{"instruction": "w1 w60000", "output": "w60000"}], 48, tok)
-    assert enc.seqs[0].tolist() == tok.encode(prompt) + tok.encode("w60000") + [tok.eos_id]
+    assert enc.seqs[0].tolist() == tok.encode(prompt) + tok.encode("w60000") + [tok.special_tokens["<|im_end|>"]]
     assert enc.prompt_lengths[0] == len(tok.encode(prompt)) and max(enc.seqs[0]) > 65_536
     import shutil
 
