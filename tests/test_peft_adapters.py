@@ -28,11 +28,11 @@ TOKENS = np.array([[5, 90, 31, 7, 7, 200, 3], [1, 2, 3, 4, 5, 6, 7]])
 
 
 def _lora_run(tmp_path, name: str, lora: LoRAConfig, *, init: str = "base", classes: int = 0):
-    """A base model exported to HF, and a LoRA run on it whose adapters are random (not the
-    zeros a fresh lora_b holds, so the adapters change the logits)."""
+    """A base language model exported to HF, and a LoRA run on it (a classifier's with `classes`)
+    whose adapters are random (not the zeros a fresh lora_b holds, so the adapters change the logits)."""
     cfg = _config(tmp_path, name)
     extra = {"num_classes": classes} if classes else {}
-    base = init_params(cfg, jax.random.key(0), **extra)
+    base = init_params(cfg, jax.random.key(0))
     base_dir = export_hf(jax.device_get(base), cfg, tmp_path / "base") if init == "base" else None
     params = traverse_util.flatten_dict(jax.device_get(init_params(cfg, jax.random.key(1), lora=lora, **extra)))
     flat_base = traverse_util.flatten_dict(jax.device_get(base))
@@ -82,11 +82,31 @@ def test_peft_puts_the_adapters_on_the_base_and_gives_the_runs_logits(tmp_path, 
     np.testing.assert_allclose(got, ours, atol=2e-4)
 
 
+@pytest.mark.parametrize("name, classes", [("gpt2", 3), ("qwen3-untied", 1)])
+def test_a_classifiers_adapter_saves_its_score_head(tmp_path, capsys, name, classes):
+    """A LoRA classifier (3 classes) or reward model (1) is a SEQ_CLS adapter: PEFT on
+    `AutoModelForSequenceClassification` of the base gives the run's scores."""
+    lora = LoRAConfig(rank=2, alpha=6.0)
+    cfg, params, base_dir, run = _lora_run(tmp_path, name, lora, classes=classes)
+    assert _export(run, tmp_path / "adapter") == 0
+    shown = capsys.readouterr().out
+    assert f"from_pretrained(BASE, num_labels={classes}, id2label={{0: 'LABEL_0'" in shown  # no labels.json here
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=classes,
+                                                                           pad_token_id=0).eval()  # no 0 in TOKENS
+    with torch.no_grad():
+        before = base(torch.from_numpy(TOKENS)).logits.numpy()
+        got = peft.PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(torch.from_numpy(TOKENS)).logits.numpy()
+    ours = np.asarray(build_model(cfg, lora=lora, num_classes=classes).apply({"params": params}, TOKENS))[:, -1]
+    assert got.shape == (2, classes) and np.abs(ours - before).max() > 1e-2  # the head and adapters matter
+    np.testing.assert_allclose(got, ours, atol=2e-4)
+
+
 @pytest.mark.parametrize("case, message", [
     ("full", "has no LoRA adapters (finetune.train_mode=full): export the model itself"),
     ("split", "lora.split_qkv=true puts three adapters on the fused c_attn"),
     ("random", "was trained from random weights (finetune.init is empty)"),
-    ("classifier", "the run is a classifier or reward model"),
     ("not-a-run", "is no run directory (no config.yaml)")])
 def test_what_has_no_peft_form_is_one_line(tmp_path, capsys, case, message):
     lora = LoRAConfig(rank=2, alpha=4.0, split_qkv=case == "split")
@@ -101,8 +121,7 @@ def test_what_has_no_peft_form_is_one_line(tmp_path, capsys, case, message):
         save(checkpoint_manager(run), 1, {"params": jax.device_get(init_params(cfg, jax.random.key(0))),
                                           "step": np.int32(1)}, {})
     else:
-        run = _lora_run(tmp_path, "gpt2", lora, init="" if case == "random" else "base",
-                        classes=2 if case == "classifier" else 0)[3]
+        run = _lora_run(tmp_path, "gpt2", lora, init="" if case == "random" else "base")[3]
     assert _export(run, tmp_path / "adapter") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err

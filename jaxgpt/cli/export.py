@@ -52,11 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _export_adapter(args) -> int:
     from jaxgpt.io.peft_adapters import export_adapter
 
-    out, peft = export_adapter(args.init, args.to_hf, force=args.force)
+    out, peft, head = export_adapter(args.init, args.to_hf, force=args.force, labels=class_labels(args.init))
     targets = peft["target_modules"]
     shown = ", ".join(targets[:8]) + (f" and {len(targets) - 8} more" if len(targets) > 8 else "")
     print(f"wrote {out} (adapter_config.json, adapter_model.safetensors) as a PEFT LoRA adapter: r={peft['r']} "
           f"lora_alpha={peft['lora_alpha']} on {shown}; base {peft['base_model_name_or_path']}")
+    if head:  # a classifier's: what its base needs is not in adapter_config.json
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in head.items())
+        print(f"a classifier's adapter (its score head saved whole): PeftModel.from_pretrained("
+              f"AutoModelForSequenceClassification.from_pretrained(BASE, {kwargs}), {str(out)!r})")
     base = Path(peft["base_model_name_or_path"])
     if base.is_dir() and not (base / "config.json").is_file():  # a jaxgpt run, a PEFT adapter: not for PEFT
         print(f"the base is no Hugging Face model folder: `python -m jaxgpt export --init {base} --to-hf BASE`, "

@@ -15,9 +15,12 @@ PEFT's names: `base_model.model.<HF module>.lora_A.weight = lora_a.T [r, in]` an
 rename table names (`Family.hf_key`); GPT-2's Conv1D layers are PEFT's `fan_in_fan_out`. The
 adapter is a few MB where the merged model (`export --init RUN`) is the whole model.
 
-Only a language model's adapters are PEFT adapters: a classifier's or reward model's `score`
-head is new, not the base's, and `lora.split_qkv`'s three adapters on one fused layer have no
-PEFT form; both are one-line errors that say to export the merged model. The base is the run's
+A classifier's or reward model's adapters are a `SEQ_CLS` adapter: its `score` head is new, not
+the base's, so it is saved whole (PEFT's `modules_to_save`: `base_model.model.score.weight
+[classes, n_embd]`, its own adapter merged in), and `PeftModel.from_pretrained(
+AutoModelForSequenceClassification.from_pretrained(base, num_labels=N), ADAPTER)` is the run's
+classifier. `lora.split_qkv`'s three adapters on one fused layer have no PEFT form: a one-line
+error that says to export the merged model. PPO's value head is left out. The base is the run's
 `finetune.init` (a preset or hub id as its hub repository, a folder as its path); a run started
 from random weights has no base to adapt.
 """
@@ -36,10 +39,12 @@ from jaxgpt.config import ModelConfig
 from jaxgpt.errors import UserError
 from jaxgpt.io.hf_export import CRITIC, check_export_dir, write_folder, write_safetensors
 from jaxgpt.models import family_of
-from jaxgpt.models.lora import LORA_LEAVES, LoRAConfig, has_lora
+from jaxgpt.models.lora import LORA_LEAVES, LoRAConfig, has_lora, merge_lora
 
 Tensors = dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]
 PEFT_NAMES = {"lora_a": "lora_A", "lora_b": "lora_B"}
+HEADS = ("score", CRITIC)  # not the base model's layers
+SCORE = "base_model.model.score.weight"
 
 
 def base_model_name(init: str) -> str:
@@ -55,19 +60,18 @@ def base_model_name(init: str) -> str:
     return init if is_hub_id(init) else str(Path(init).expanduser().absolute())
 
 
-def adapter_tensors(params: Any, config: ModelConfig) -> tuple[Tensors, list[str], bool]:
+def adapter_tensors(params: Any, config: ModelConfig,
+                    lora: LoRAConfig | None = None) -> tuple[Tensors, list[str], bool]:
     """`(tensors, modules, fan_in_fan_out)`: PEFT key -> (shape, load) for every adapter (float32,
-    transposed to PEFT's `[r, in]` / `[out, r]`), the HF names of the adapted modules, and whether
-    their base weights are stored `[in, out]` (GPT-2's Conv1D)."""
+    transposed to PEFT's `[r, in]` / `[out, r]`) and a classifier's whole `score` head (`lora`: the
+    run's section, for its alpha), the HF names of the adapted modules, and whether their base
+    weights are stored `[in, out]` (GPT-2's Conv1D)."""
     family = family_of(config)
     tensors: Tensors = {}
     modules, fan_in_fan_out = set(), False
     for path, leaf in traverse_util.flatten_dict(params).items():
-        if path[-1] not in LORA_LEAVES or path[0] == CRITIC:
+        if path[-1] not in LORA_LEAVES or path[0] in HEADS:
             continue
-        if path[0] == "score":
-            raise UserError("the run is a classifier or reward model: its score head is not part of a base model, so "
-                            "its adapters are no PEFT adapter for one; export the merged model (without --adapter)")
         if np.ndim(leaf) != 2:
             raise UserError("lora.split_qkv=true puts three adapters on the fused c_attn, which PEFT cannot hold; "
                             "export the merged model (without --adapter)")
@@ -80,6 +84,13 @@ def adapter_tensors(params: Any, config: ModelConfig) -> tuple[Tensors, list[str
             return np.ascontiguousarray(np.asarray(jax.device_get(leaf), dtype=np.float32).T)
 
         tensors[f"base_model.model.{module}.{PEFT_NAMES[path[-1]]}.weight"] = (tuple(np.shape(leaf))[::-1], load)
+    if "score" in params:  # a classifier's head, saved whole (`modules_to_save`), its adapter merged
+
+        def score(head=params["score"]):
+            kernel = merge_lora({"score": jax.device_get(head)}, lora)["score"]["kernel"]
+            return np.ascontiguousarray(np.asarray(kernel, np.float32).T)
+
+        tensors[SCORE] = (tuple(np.shape(params["score"]["kernel"]))[::-1], score)
     return dict(sorted(tensors.items())), sorted(modules), fan_in_fan_out
 
 
@@ -89,22 +100,28 @@ def target_modules(params: Any, config: ModelConfig, adapted: list[str]) -> list
     family = family_of(config)
     short = {m.rsplit(".", 1)[-1] for m in adapted}
     every = {family.hf_key(path)[0].removesuffix(".weight") for path in traverse_util.flatten_dict(params)
-             if path[-1] == "kernel" and len(path) > 1 and path[-2] in short and path[0] not in ("score", CRITIC)}
+             if path[-1] == "kernel" and len(path) > 1 and path[-2] in short and path[0] not in HEADS}
     return sorted(short) if every == set(adapted) else adapted
 
 
-def adapter_config(lora: LoRAConfig, base: str, targets: list[str], fan_in_fan_out: bool) -> dict[str, Any]:
-    """PEFT's adapter_config.json for jaxgpt's plain LoRA (scale alpha / r, no dropout at inference)."""
-    return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+def adapter_config(lora: LoRAConfig, base: str, targets: list[str], fan_in_fan_out: bool,
+                   classifier: bool = False) -> dict[str, Any]:
+    """PEFT's adapter_config.json for jaxgpt's plain LoRA (scale alpha / r, no dropout at inference);
+    a classifier's is a SEQ_CLS adapter that saves its `score` head."""
+    task = "SEQ_CLS" if classifier else "CAUSAL_LM"
+    return {"peft_type": "LORA", "task_type": task, "base_model_name_or_path": base,
             "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0, "target_modules": targets,
             "fan_in_fan_out": fan_in_fan_out, "bias": "none", "use_rslora": False, "use_dora": False,
-            "modules_to_save": None, "inference_mode": True, "revision": None}
+            "modules_to_save": ["score"] if classifier else None, "inference_mode": True, "revision": None}
 
 
-def export_adapter(run_dir: str | Path, out_dir: str | Path, *, force: bool = False) -> tuple[Path, dict[str, Any]]:
+def export_adapter(run_dir: str | Path, out_dir: str | Path, *, force: bool = False,
+                   labels: list[str] | None = None) -> tuple[Path, dict[str, Any], dict[str, Any]]:
     """Write `run_dir`'s LoRA adapters into `out_dir` as PEFT's adapter_config.json and
     adapter_model.safetensors (renamed into place whole, as `export_hf` writes); returns the
-    folder and the adapter config."""
+    folder, the adapter config, and for a classifier what `AutoModelForSequenceClassification.
+    from_pretrained(base, **kwargs)` needs to be its base (`num_labels`, `id2label` from `labels`,
+    `pad_token_id`, as `export_hf` writes them; none of it is in adapter_config.json)."""
     from jaxgpt.io.checkpoint import load_params
     from jaxgpt.io.hub import ModelSection
 
@@ -122,15 +139,23 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, *, force: bool = Fa
     if not init:
         raise UserError(f"{run_dir} was trained from random weights (finetune.init is empty): there is no base model "
                         "for an adapter; export the merged model (without --adapter)")
-    tensors, modules, fan_in_fan_out = adapter_tensors(params, cfg.model)
+    tensors, modules, fan_in_fan_out = adapter_tensors(params, cfg.model, cfg.lora)
     peft_config = adapter_config(cfg.lora, base_model_name(init), target_modules(params, cfg.model, modules),
-                                 fan_in_fan_out)
+                                 fan_in_fan_out, classifier=SCORE in tensors)
 
     def write(tmp: Path) -> None:
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
         write_safetensors(tmp / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
 
-    return write_folder(out, write), peft_config
+    head = {}
+    if SCORE in tensors:
+        from jaxgpt.io.hf_export import classifier_config, score_classes
+
+        classes = score_classes(params)
+        hf = classifier_config(cfg.model, classes, labels)
+        head = {"num_labels": classes, "id2label": {int(i): n for i, n in hf["id2label"].items()},
+                "pad_token_id": hf["pad_token_id"]}
+    return write_folder(out, write), peft_config, head
 
 
 # ---------------------------------------------------------------------------------------
@@ -181,7 +206,7 @@ def merge_adapter(params: Any, config: ModelConfig, tensors: dict[str, np.ndarra
     family = family_of(config)
     flat = traverse_util.flatten_dict(params)
     by_module = {family.hf_key(path)[0].removesuffix(".weight"): path for path in flat
-                 if path[-1] == "kernel" and path[0] not in ("score", CRITIC)}
+                 if path[-1] == "kernel" and path[0] not in HEADS}
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, value in tensors.items():
         head, _, leaf = key.removeprefix("base_model.model.").rpartition(".lora_")
