@@ -180,7 +180,9 @@ def test_adapters_jaxgpt_cannot_hold_are_one_line(tmp_path):
     config = json.loads((out / "adapter_config.json").read_text())
     for change, message in ((dict(use_dora=True), "sets use_dora, which jaxgpt's LoRA layers cannot hold"),
                             (dict(peft_type="IA3"), "is a PEFT IA3 adapter; jaxgpt reads LoRA adapters only"),
-                            (dict(base_model_name_or_path=""), "names no base_model_name_or_path")):
+                            (dict(base_model_name_or_path=""), "names no base_model_name_or_path"),
+                            (dict(task_type="SEQ_CLS", modules_to_save=["score"]),
+                             "is a classifier's adapter .* merge it in PEFT")):
         (out / "adapter_config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(UserError, match=message):
             resolve_init(str(out))

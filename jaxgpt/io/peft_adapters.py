@@ -180,6 +180,9 @@ def load_adapter(folder: str | Path) -> tuple[ModelConfig, Any]:
     kind = peft_config.get("peft_type")
     if kind != "LORA":
         raise UserError(f"{folder} is a PEFT {kind} adapter; jaxgpt reads LoRA adapters only")
+    if peft_config.get("task_type") == "SEQ_CLS":
+        raise UserError(f"{folder} is a classifier's adapter (task_type SEQ_CLS); --init reads a language model's: "
+                        "merge it in PEFT (merge_and_unload, save_pretrained) and give that folder")
     unsupported = [k for k, ok in (("use_dora", False), ("bias", "none"), ("modules_to_save", None),
                                    ("alpha_pattern", {}), ("rank_pattern", {}))
                    if peft_config.get(k, ok) not in (ok, None, [], {})]
