@@ -121,6 +121,35 @@ def test_a_hub_split_downloads_once_and_reads_as_datasets_loads_it(tmp_path, mon
         read_records("hf:Org/Instr:validation", ROLES)
 
 
+def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+    import errno
+
+    from jaxgpt.io import download
+
+    _repo(tmp_path / "repo")
+    server = RepoServer(tmp_path / "repo", "Org/Instr", kind="datasets")
+    monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JAXGPT_HF_ENDPOINT", server.endpoint)
+    class Full:  # a download's file, whose writes fail as on a full disk
+        def __init__(self, path, mode):
+            self.f = open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(download, "open", Full, raising=False)
+    with pytest.raises(UserError, match=r"^the disk is full: could not write the files of Org/Instr .*; free space, "
+                                         r"or set \$JAXGPT_CACHE to another disk$"):
+        read_records("hf:Org/Instr", ROLES)
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+
+
 def test_which_files_a_spec_names():
     names = ["README.md", "chat/part-0.parquet", "data/test-00000-of-00001.parquet",
              "data/train-00000-of-00002.parquet", "data/train-00001-of-00002.parquet", "data/unused-extra.jsonl",

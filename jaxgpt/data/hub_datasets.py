@@ -202,7 +202,7 @@ def hub_split(spec: str) -> Path:
         return root / resolved[key]
     base = hub_endpoint()
     offline = f"download the data files from {s.page} and give their folder as data.path"
-    with explained_failures(s.repo, s.page, offline):
+    with explained_failures(s.repo, s.page, offline, root):
         info = get_json(f"{base}/api/datasets/{s.repo}/revision/main?blobs=true")
         commit = info.get("sha") or "main"
         siblings = {e["rfilename"]: e for e in info.get("siblings", []) if isinstance(e, dict) and "rfilename" in e}

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from jaxgpt.errors import UserError
 from jaxgpt.io.download import Expected, VerificationError, fetch_verified, remove_if_empty
+from jaxgpt.io.files import DiskFull, disk_full_as
 
 NEEDED = ("config.json", "tokenizer.json", "tokenizer_config.json")
 OPTIONAL = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -132,11 +133,15 @@ def download_repo(repo: str, revision: str = "main") -> Path:
 
 
 @contextlib.contextmanager
-def explained_failures(repo: str, page: str, offline: str):
-    """A failed download of `repo` as one line: gated (set HF_TOKEN), not found, a file that did
-    not verify, or no network (`offline`: what to do by hand)."""
+def explained_failures(repo: str, page: str, offline: str, target: Path):
+    """A failed download of `repo` into `target` as one line: gated (set HF_TOKEN), not found, a
+    file that did not verify, a full disk (`DiskFull`; the partial file is gone), or no network
+    (`offline`: what to do by hand)."""
     try:
-        yield
+        with disk_full_as(f"the files of {repo}", target):
+            yield
+    except DiskFull as e:
+        raise UserError(f"{e}; free space, or set $JAXGPT_CACHE to another disk") from None
     except urllib.error.HTTPError as e:
         if e.code in (401, 403):
             raise UserError(f"{repo} is gated or private (HTTP {e.code}): accept its licence on {page} and set "
@@ -162,7 +167,7 @@ def write_record(target: Path, repo: str, commit: str, files: dict[str, Expected
 def _download(repo: str, revision: str, target: Path, base: str, page: str) -> Path:
     offline = (f"put config.json, the model*.safetensors weights (with {INDEX} if sharded), tokenizer.json and "
                f"tokenizer_config.json from {page} into a folder and pass --init FOLDER")
-    with explained_failures(repo, page, offline):
+    with explained_failures(repo, page, offline, target):
         target.mkdir(parents=True, exist_ok=True)
         info = get_json(f"{base}/api/models/{repo}/revision/{revision}?blobs=true")
         commit = info.get("sha") or revision
