@@ -6,6 +6,8 @@ import statistics
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
@@ -17,6 +19,7 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.slow
 def test_gpu_check_smoke(tmp_path, capsys):
     gpu_check = _load("gpu_check")
     out = tmp_path / "gpu_check.json"
@@ -95,6 +98,7 @@ def test_decode_streamed_smoke(capsys):
     assert "| jaxgpt, streamed (on_token" in out and "Greedy tokens, same weights: identical" in out
 
 
+@pytest.mark.slow
 def test_chat_turns_smoke(tmp_path, capsys):
     """A conversation on jaxgpt's `DecodeSession` and on transformers' `generate` continuing
     from its last cache (tiny Llama, same weights): the same greedy answers, turn after turn."""

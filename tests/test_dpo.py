@@ -221,6 +221,7 @@ def test_run_directory_and_margin(dpo_run):
     np.testing.assert_allclose(np.asarray(response_logprobs(GPT(cfg), params, batch)[0]), ref_c, rtol=1e-5)
 
 
+@pytest.mark.slow  # the engine's LoRA resume is also checked on instruct and GRPO runs in the default suite
 def test_lora_run_and_resume_match_a_straight_run(dpo_run, tmp_path):
     _, init, data = dpo_run
     extra = ["train.num_devices=1", "lora.rank=2", "train.lr=3e-3", "dpo.num_responses=1"]

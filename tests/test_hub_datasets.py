@@ -102,14 +102,6 @@ def test_a_hub_split_downloads_once_and_reads_as_datasets_loads_it(tmp_path, mon
     got = read_records("hf:Org/Instr:chat", ROLES, instead={"messages": "messages"})
     theirs = datasets.load_dataset(str(tmp_path / "repo"), "chat", split="train", cache_dir=hf_cache)
     assert [r["messages"] for r in got] == chats == theirs["messages"]
-    # the command line: instruction tuning on the hub split
-    from tests.cli_helpers import run_finetune
-    from tests.test_instruct import TINY, _argv
-
-    sets = [s for s in TINY if not s.startswith(("train.epochs", "train.batch_size", "data."))] + [
-        "train.epochs=1", "train.batch_size=4", "data.val_fraction=0.2", "data.test_fraction=0.2"]
-    assert run_finetune(_argv("--data", "hf:Org/Instr", "--out", tmp_path / "sft", sets=sets)) == 0
-    assert len(json.loads((tmp_path / "sft" / "responses.json").read_text())) == 1
     # verified once: offline afterwards, with no request at all
     asked = len(server.requests)
     server.server.shutdown()
@@ -119,6 +111,21 @@ def test_a_hub_split_downloads_once_and_reads_as_datasets_loads_it(tmp_path, mon
     assert len(server.requests) == asked
     with pytest.raises(UserError, match=r"cannot download Org/Instr \(offline\?\): download the data files"):
         read_records("hf:Org/Instr:validation", ROLES)
+
+
+@pytest.mark.slow
+def test_finetune_instruct_on_a_hub_split(tmp_path, monkeypatch):
+    from tests.cli_helpers import run_finetune
+    from tests.test_instruct import TINY, _argv
+
+    _repo(tmp_path / "repo")
+    server = RepoServer(tmp_path / "repo", "Org/Instr", kind="datasets")
+    monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("JAXGPT_HF_ENDPOINT", server.endpoint)
+    sets = [s for s in TINY if not s.startswith(("train.epochs", "train.batch_size", "data."))] + [
+        "train.epochs=1", "train.batch_size=4", "data.val_fraction=0.2", "data.test_fraction=0.2"]
+    assert run_finetune(_argv("--data", "hf:Org/Instr", "--out", tmp_path / "sft", sets=sets)) == 0
+    assert len(json.loads((tmp_path / "sft" / "responses.json").read_text())) == 1
 
 
 def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):

@@ -239,6 +239,7 @@ def test_bad_input_exits_2_and_writes_nothing(runs, tmp_path, capsys, extra, mes
     assert_refused(run_finetune, argv, capsys, message, tmp_path / "run")
 
 
+@pytest.mark.slow  # 20 s: the pmapped engine's equivalence is also checked by pretraining and GRPO runs
 def test_ppo_updates_are_the_same_on_1_and_4_devices(runs):
     """The pmapped update (4 fake CPU devices, each minibatch split 4 ways, gradients psum'd)
     trains the same policy as one device: equal rollouts and metrics to float tolerance."""

@@ -177,6 +177,7 @@ def test_load_reward_model_and_cli(reward_run, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow  # the engine's LoRA resume is also checked on instruct and GRPO runs in the default suite
 def test_lora_from_an_instruct_like_run_and_resume(reward_run, tmp_path):
     """--init a run whose config.yaml has another task's sections; LoRA reward model; N steps,
     stop, --resume == 2N straight; the merged params score like the LoRA model."""
