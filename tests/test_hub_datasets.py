@@ -128,7 +128,7 @@ def test_finetune_instruct_on_a_hub_split(tmp_path, monkeypatch):
     assert len(json.loads((tmp_path / "sft" / "responses.json").read_text())) == 1
 
 
-def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
+def test_no_pyarrow_or_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):
     import errno
 
     from jaxgpt.io import download
@@ -137,6 +137,15 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatc
     server = RepoServer(tmp_path / "repo", "Org/Instr", kind="datasets")
     monkeypatch.setenv("JAXGPT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("JAXGPT_HF_ENDPOINT", server.endpoint)
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    with monkeypatch.context() as m:  # parquet files without pyarrow: said before anything is downloaded
+        m.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pyarrow" else find_spec(name, *a))
+        with pytest.raises(UserError, match=r"Org/Instr's train files are parquet, which needs pyarrow"):
+            read_records("hf:Org/Instr", ROLES)
+    assert not (tmp_path / "cache" / "hf" / "datasets" / "Org--Instr" / "default").exists()
+
     class Full:  # a download's file, whose writes fail as on a full disk
         def __init__(self, path, mode):
             self.f = open(path, mode)

@@ -25,6 +25,7 @@ is what the readers get (a folder of record shards, `jaxgpt.data.records`; a cor
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -215,6 +216,9 @@ def hub_split(spec: str) -> Path:
         subset, split, files = pick_files(s, sorted(siblings), readme)
         if not files:
             raise UserError(f"{s.repo} has no data files matching {s.files!r}; see {s.page}")
+        if any(n.lower().endswith(".parquet") for n in files) and importlib.util.find_spec("pyarrow") is None:
+            raise UserError(f"{s.repo}'s {split} files are parquet, which needs pyarrow (not installed): "
+                            "pip install -e \".[parquet]\" (or pip install pyarrow)")
         target = root / subset / split
         expected = {name: expected_of(siblings[name]) for name in files}
         for name, exp in expected.items():
