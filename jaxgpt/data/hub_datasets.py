@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import urllib.parse
 import urllib.request
@@ -38,6 +37,7 @@ import yaml
 
 from jaxgpt.errors import UserError
 from jaxgpt.io.download import fetch_verified
+from jaxgpt.io.files import atomic_write
 from jaxgpt.io.hub_repos import (REPO_ID, auth_headers, cache_root, expected_of, explained_failures, get_json,
                                  hub_endpoint, is_recorded, write_record)
 
@@ -226,7 +226,7 @@ def hub_split(spec: str) -> Path:
             fetch_verified(f"{base}/datasets/{s.repo}/resolve/{commit}/{urllib.parse.quote(name)}", target / name,
                            exp, label=f"{name} of {s.repo}", headers=auth_headers())
         write_record(target, s.repo, commit, expected)
-        _write_json(root / "specs.json", {**_read_json(root / "specs.json"), key: f"{subset}/{split}"})
+        atomic_write(root / "specs.json", json.dumps({**_read_json(root / "specs.json"), key: f"{subset}/{split}"}))
     return target
 
 
@@ -236,12 +236,6 @@ def _read_json(path: Path) -> dict:
     except (OSError, ValueError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1))
-    os.replace(tmp, path)
 
 
 __all__ = ["HubSpec", "glob_regex", "hub_split", "is_hub_spec", "parse_spec", "pick_files", "readme_subsets",

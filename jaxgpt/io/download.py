@@ -1,6 +1,8 @@
 """Verified downloads: a file reaches its destination only once its size and hash match.
 
-`fetch_verified(url, dest, expected)` streams `url` into `dest.part` while hashing it, checks
+`fetch_verified(url, dest, expected)` streams `url` into a temporary beside `dest` (`.NAME.tmp-PID`:
+one per process, so the hosts of a multi-host run fetching the same file at once do not write
+into each other's) while hashing it, checks
 the byte count and the hash (sha256, or git's blob sha1, which is how the Hugging Face hub
 names files kept outside LFS), and only then renames it to `dest`. A file cut short (with or
 without a Content-Length) or one whose bytes differ is deleted and fetched once more, with a
@@ -16,6 +18,8 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+
+from jaxgpt.io.files import temporary_for
 
 CHUNK = 1 << 20
 
@@ -96,7 +100,7 @@ def _fetch_once(url: str, dest: Path, expected: Expected, label: str, headers: d
     """One attempt: None when `dest` is now in place and verified, else the problem."""
     from tqdm import tqdm
 
-    part = dest.with_name(dest.name + ".part")
+    part = temporary_for(dest)
     sha256, sha1 = hashlib.sha256(), hashlib.sha1(b"blob %d\0" % expected.size)
     done = 0
     try:

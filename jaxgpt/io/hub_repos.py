@@ -28,7 +28,7 @@ from pathlib import Path
 
 from jaxgpt.errors import UserError
 from jaxgpt.io.download import Expected, VerificationError, fetch_verified, remove_if_empty
-from jaxgpt.io.files import DiskFull, disk_full_as
+from jaxgpt.io.files import DiskFull, atomic_write, disk_full_as
 
 NEEDED = ("config.json", "tokenizer.json", "tokenizer_config.json")
 OPTIONAL = ("generation_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -159,9 +159,7 @@ def write_record(target: Path, repo: str, commit: str, files: dict[str, Expected
     """What was verified, beside `target` (`NAME.verified.json`), written atomically."""
     record = {"repo": repo, "revision": commit,
               "files": {f: {"size": e.size, "sha256": e.sha256, "git_sha1": e.git_sha1} for f, e in files.items()}}
-    tmp = target.with_name(target.name + ".verified.json.tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, target.with_name(target.name + ".verified.json"))
+    atomic_write(target.with_name(target.name + ".verified.json"), json.dumps(record, indent=1))
 
 
 def _download(repo: str, revision: str, target: Path, base: str, page: str) -> Path:
