@@ -33,8 +33,8 @@ from jaxgpt.errors import UserError
 from jaxgpt.models import build_model, init_cache
 from jaxgpt.models.kv_cache import repeat_rows
 from jaxgpt.generation.stream import TextStream, check_stop_strings, host_stop, registered_sink, text_sink
-from jaxgpt.generation.samplers import (SAMPLERS, _is_number, _sample, categorical_inverse_cdf,  # noqa: F401
-                                        repetition_penalty, sample_logits)
+from jaxgpt.generation.samplers import (SAMPLERS, _is_number, _sample, as_stop_ids,  # noqa: F401
+                                        categorical_inverse_cdf, ends_row, repetition_penalty, sample_logits)
 
 Array = jax.Array
 
@@ -167,22 +167,6 @@ def decode_loop(model, params, cache, logits, n_real, key, pick, seen, sink, *, 
     carry = (jnp.int32(1), cache, tok, done, tokens, logprobs, cmask, seen)
     _, cache, _, _, tokens, logprobs, cmask, _ = jax.lax.while_loop(cond, body, carry)
     return tokens, logprobs, cmask, cache
-
-
-def ends_row(tok, eos_ids: tuple[int, ...] | None):
-    """`[b]` bool: which of the tokens `tok [b]` end their row (any id of `eos_ids`)."""
-    done = jnp.zeros(tok.shape, bool)
-    for i in eos_ids or ():
-        done = done | (tok == i)
-    return done
-
-
-def as_stop_ids(eos_id) -> tuple[int, ...] | None:
-    """`eos_id` (None, an id, or a sequence of ids) as the tuple of ids the decode loop stops on."""
-    if eos_id is None:
-        return None
-    ids = tuple(int(i) for i in np.atleast_1d(np.asarray(eos_id)).ravel())
-    return ids or None
 
 
 def generate_tokens(

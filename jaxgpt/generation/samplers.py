@@ -1,7 +1,8 @@
 """Sampling one token per row from logits `[batch, vocab]`, with static shapes so it can sit
 inside `jit`, `lax.scan` or `lax.while_loop`: greedy (temperature 0), temperature, top-k,
 top-p (nucleus), a repetition penalty, and the token draw itself (a Gumbel variate per vocabulary entry, or an exact
-inverse-CDF draw that is ~30x cheaper on a CPU). `jaxgpt.generation.decode` builds the decode loop on it.
+inverse-CDF draw that is ~30x cheaper on a CPU), and which sampled ids end a row (`ends_row`: one
+eos, or several). `jaxgpt.generation.decode` builds the decode loop on it.
 """
 from __future__ import annotations
 
@@ -147,3 +148,17 @@ def sample_logits(
 
 def _is_number(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+def ends_row(tok, eos_ids: tuple[int, ...] | None):
+    """`[b]` bool: which of the tokens `tok [b]` end their row (any id of `eos_ids`)."""
+    done = jnp.zeros(tok.shape, bool)
+    for i in eos_ids or ():
+        done = done | (tok == i)
+    return done
+
+
+def as_stop_ids(eos_id) -> tuple[int, ...] | None:
+    """`eos_id` (None, an id, or a sequence of ids) as the tuple of ids the decode loop stops on."""
+    if eos_id is None:
+        return None
+    ids = tuple(int(i) for i in np.atleast_1d(np.asarray(eos_id)).ravel())
+    return ids or None

@@ -140,7 +140,7 @@ def right_padded(tokens, attention_mask, pad_id: int = 0):
 def completion_texts(out: dict, eos_id, tokenizer=None) -> list[str]:
     """Decoded completions of a rollout dict (its last N columns cut at `lengths`, a final id
     of `eos_id` (an id or a tuple of them: `Tokenizer.stop_ids`) dropped)."""
-    from jaxgpt.generation.decode import as_stop_ids
+    from jaxgpt.generation.samplers import as_stop_ids
     from jaxgpt.text.tokenizer import gpt2_tokenizer
 
     dec = (tokenizer or gpt2_tokenizer()).decode
