@@ -101,6 +101,40 @@ def test_a_classifiers_adapter_saves_its_score_head(tmp_path, capsys, name, clas
     ours = np.asarray(build_model(cfg, lora=lora, num_classes=classes).apply({"params": params}, TOKENS))[:, -1]
     assert got.shape == (2, classes) and np.abs(ours - before).max() > 1e-2  # the head and adapters matter
     np.testing.assert_allclose(got, ours, atol=2e-4)
+    # and back: the adapter as --init is the run's classifier (labels as transformers names them)
+    from jaxgpt.errors import UserError
+    from jaxgpt.tasks.classify import load_classifier
+    from jaxgpt.tasks.reward import load_reward_model
+
+    if classes > 1:
+        back_cfg, back, labels, _ = load_classifier(tmp_path / "adapter")
+        assert labels == [f"LABEL_{i}" for i in range(classes)]
+    else:
+        back_cfg, back = load_reward_model(tmp_path / "adapter")
+        with pytest.raises(UserError, match="is not a classifier's adapter: it is a reward model's"):
+            load_classifier(tmp_path / "adapter")
+    again = np.asarray(build_model(back_cfg, num_classes=classes).apply({"params": back}, TOKENS))[:, -1]
+    np.testing.assert_allclose(again, ours, atol=2e-5)
+
+
+def test_init_from_a_classifier_adapter_peft_saved(tmp_path):
+    """A SEQ_CLS adapter PEFT made and saved itself (its default modules_to_save, random A and B,
+    a trained score head) read as a classifier: PEFT's scores."""
+    from jaxgpt.tasks.classify import load_classifier
+
+    cfg = _config(tmp_path, "qwen3-untied")
+    base_dir = export_hf(jax.device_get(init_params(cfg, jax.random.key(0))), cfg, tmp_path / "base")
+    torch.manual_seed(0)
+    base = transformers.AutoModelForSequenceClassification.from_pretrained(base_dir, num_labels=3, pad_token_id=0)
+    model = peft.get_peft_model(base, peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, init_lora_weights=False,
+                                                      target_modules=["q_proj", "v_proj"])).eval()
+    model.save_pretrained(tmp_path / "theirs")
+    with torch.no_grad():
+        want = model(torch.from_numpy(TOKENS)).logits.numpy()
+    got_cfg, params, labels, _ = load_classifier(tmp_path / "theirs")
+    ours = np.asarray(build_model(got_cfg, num_classes=3).apply({"params": params}, TOKENS))[:, -1]
+    assert labels == ["LABEL_0", "LABEL_1", "LABEL_2"] and "lm_head" not in params
+    np.testing.assert_allclose(ours, want, atol=2e-4)
 
 
 @pytest.mark.parametrize("case, message", [
@@ -181,8 +215,9 @@ def test_adapters_jaxgpt_cannot_hold_are_one_line(tmp_path):
     for change, message in ((dict(use_dora=True), "sets use_dora, which jaxgpt's LoRA layers cannot hold"),
                             (dict(peft_type="IA3"), "is a PEFT IA3 adapter; jaxgpt reads LoRA adapters only"),
                             (dict(base_model_name_or_path=""), "names no base_model_name_or_path"),
+                            (dict(modules_to_save=["lm_head"]), "sets modules_to_save, which jaxgpt's"),
                             (dict(task_type="SEQ_CLS", modules_to_save=["score"]),
-                             "is a classifier's adapter .* merge it in PEFT")):
+                             r"is a classifier's adapter \(SEQ_CLS\) without its score head")):
         (out / "adapter_config.json").write_text(json.dumps({**config, **change}))
         with pytest.raises(UserError, match=message):
             resolve_init(str(out))

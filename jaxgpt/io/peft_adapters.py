@@ -19,7 +19,8 @@ A classifier's or reward model's adapters are a `SEQ_CLS` adapter: its `score` h
 the base's, so it is saved whole (PEFT's `modules_to_save`: `base_model.model.score.weight
 [classes, n_embd]`, its own adapter merged in), and `PeftModel.from_pretrained(
 AutoModelForSequenceClassification.from_pretrained(base, num_labels=N), ADAPTER)` is the run's
-classifier. `lora.split_qkv`'s three adapters on one fused layer have no PEFT form: a one-line
+classifier; read back (`load_adapter`, PEFT's own SEQ_CLS adapters too) it is a classifier again.
+`lora.split_qkv`'s three adapters on one fused layer have no PEFT form: a one-line
 error that says to export the merged model. PPO's value head is left out. The base is the run's
 `finetune.init` (a preset or hub id as its hub repository, a folder as its path); a run started
 from random weights has no base to adapt.
@@ -45,6 +46,7 @@ Tensors = dict[str, tuple[tuple[int, ...], Callable[[], np.ndarray]]]
 PEFT_NAMES = {"lora_a": "lora_A", "lora_b": "lora_B"}
 HEADS = ("score", CRITIC)  # not the base model's layers
 SCORE = "base_model.model.score.weight"
+SEQ_CLS_HEADS = {"classifier", "score", "pre_classifier"}  # PEFT's modules_to_save for SEQ_CLS: `score` here
 
 
 def base_model_name(init: str) -> str:
@@ -162,13 +164,19 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, *, force: bool = Fa
 # Reading a PEFT adapter (`--init ADAPTER_FOLDER`)
 
 
+def is_adapter_folder(path: Path) -> bool:
+    """A PEFT adapter folder (adapter_config.json), not a jaxgpt run (config.yaml)."""
+    return (path / "adapter_config.json").is_file() and not (path / "config.yaml").is_file()
+
+
 def load_adapter(folder: str | Path) -> tuple[ModelConfig, Any]:
     """`(config, params)` of a PEFT LoRA adapter folder: its base model
     (`base_model_name_or_path`, anything `--init` takes: a hub id, a folder, a preset) with the
     adapters merged into the kernels, `W += A.T @ B.T * lora_alpha / r` (`/ sqrt(r)` with
-    rsLoRA), the function `PeftModel` computes. What a LoRA adapter may hold that jaxgpt's dense
-    layers cannot take (DoRA, trained biases, saved modules, embedding adapters, per-module
-    alphas) is a one-line error."""
+    rsLoRA), the function `PeftModel` computes. A classifier's (SEQ_CLS) adapter gives a
+    classifier: its saved `score` head in place of the LM head. What a LoRA adapter may hold
+    that jaxgpt's dense layers cannot take (DoRA, trained biases, other saved modules, embedding
+    adapters, per-module alphas) is a one-line error."""
     from jaxgpt.io.hf_load import safetensors_tensors
     from jaxgpt.io.hub import resolve_init
 
@@ -180,12 +188,11 @@ def load_adapter(folder: str | Path) -> tuple[ModelConfig, Any]:
     kind = peft_config.get("peft_type")
     if kind != "LORA":
         raise UserError(f"{folder} is a PEFT {kind} adapter; jaxgpt reads LoRA adapters only")
-    if peft_config.get("task_type") == "SEQ_CLS":
-        raise UserError(f"{folder} is a classifier's adapter (task_type SEQ_CLS); --init reads a language model's: "
-                        "merge it in PEFT (merge_and_unload, save_pretrained) and give that folder")
-    unsupported = [k for k, ok in (("use_dora", False), ("bias", "none"), ("modules_to_save", None),
-                                   ("alpha_pattern", {}), ("rank_pattern", {}))
+    classifier = peft_config.get("task_type") == "SEQ_CLS"
+    unsupported = [k for k, ok in (("use_dora", False), ("bias", "none"), ("alpha_pattern", {}), ("rank_pattern", {}))
                    if peft_config.get(k, ok) not in (ok, None, [], {})]
+    if set(peft_config.get("modules_to_save") or ()) - (SEQ_CLS_HEADS if classifier else set()):
+        unsupported.append("modules_to_save")
     if unsupported:
         raise UserError(f"{folder}'s adapter sets {', '.join(unsupported)}, which jaxgpt's LoRA layers cannot hold")
     weights = folder / "adapter_model.safetensors"
@@ -199,7 +206,22 @@ def load_adapter(folder: str | Path) -> tuple[ModelConfig, Any]:
     r, alpha = int(peft_config["r"]), float(peft_config["lora_alpha"])
     scale = alpha / (r ** 0.5 if peft_config.get("use_rslora") else r)
     tensors = {t.name: np.asarray(t.load(), np.float32) for t in safetensors_tensors([weights])}  # bf16 too
-    return config, merge_adapter(params, config, tensors, scale, str(folder))
+    head = tensors.pop(SCORE, None)
+    params = merge_adapter(params, config, tensors, scale, str(folder))
+    return config, with_score_head(params, config, head, str(folder)) if classifier else params
+
+
+def with_score_head(params: Any, config: ModelConfig, head: np.ndarray | None, where: str) -> Any:
+    """A SEQ_CLS adapter's model: `params` with its saved `score.weight [classes, n_embd]` as
+    `score/kernel [n_embd, classes]` and no LM head (what `*ForSequenceClassification` holds)."""
+    if head is None:
+        raise UserError(f"{where} is a classifier's adapter (SEQ_CLS) without its score head ({SCORE}); save it "
+                        "with modules_to_save=['score']")
+    if head.ndim != 2 or head.shape[1] != config.n_embd:
+        raise UserError(f"{where}: its score head is {list(head.shape)}, not [classes, {config.n_embd}] for its base")
+    dtype = np.asarray(jax.tree.leaves(params)[0]).dtype
+    return {**{k: v for k, v in params.items() if k not in ("lm_head", "score")},
+            "score": {"kernel": np.ascontiguousarray(head.T).astype(dtype)}}
 
 
 def merge_adapter(params: Any, config: ModelConfig, tensors: dict[str, np.ndarray], scale: float,

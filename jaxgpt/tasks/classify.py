@@ -96,13 +96,23 @@ finetune_classifier = functools.partial(train, Classify)
 
 
 def load_classifier(spec: str | Path) -> tuple[ModelConfig, Any, list[str], int]:
-    """`(model_cfg, plain params, labels, max_length)` of a classify run (LoRA adapters merged)
-    or of a Hugging Face `*ForSequenceClassification` folder (an export of one, or the hub's) or
-    hub id (downloaded once, as `--init` does)."""
+    """`(model_cfg, plain params, labels, max_length)` of a classify run (LoRA adapters merged),
+    of a Hugging Face `*ForSequenceClassification` folder (an export of one, or the hub's) or
+    hub id (downloaded once, as `--init` does), or of a PEFT classifier (SEQ_CLS) adapter on its
+    base (no label names: `LABEL_i`, as transformers names them)."""
+    from jaxgpt.io.hf_export import score_classes
     from jaxgpt.io.hf_load import hf_class_labels, load_hf_dir, read_json
     from jaxgpt.io.hub import local_folder
+    from jaxgpt.io.peft_adapters import is_adapter_folder, load_adapter
 
     path = local_folder(spec)
+    if is_adapter_folder(path):
+        model_cfg, params = load_adapter(path)
+        classes = score_classes(params)
+        if classes < 2:
+            what = "a reward model's (one score): use it as --reward" if classes else "a language model's"
+            raise UserError(f"{path} is not a classifier's adapter: it is {what}")
+        return model_cfg, params, [f"LABEL_{i}" for i in range(classes)], model_cfg.context_length
     if (path / "config.json").is_file() and not (path / "config.yaml").is_file():
         labels = hf_class_labels(read_json(path / "config.json"))
         if not labels or len(labels) < 2:

@@ -74,14 +74,18 @@ def load_reward_model(run_dir: str | Path, flag: str = "--reward") -> tuple[Mode
     """`(model_cfg, params)` of a reward run's latest checkpoint (plain params: LoRA adapters
     merged), or of a Hugging Face `*ForSequenceClassification` folder or hub id with one label
     (a reward run's export, or e.g. Skywork's Llama / Qwen3 reward models), with a
-    `score/kernel [n_embd, 1]` head, for `reward_scores`."""
+    `score/kernel [n_embd, 1]` head, for `reward_scores`; or a PEFT SEQ_CLS adapter of one label
+    on its base."""
     from jaxgpt.io import checkpoint
     from jaxgpt.io.hf_load import load_hf_dir
     from jaxgpt.io.hub import local_folder
+    from jaxgpt.io.peft_adapters import is_adapter_folder, load_adapter
     from jaxgpt.models.lora import has_lora, merge_lora
 
     run_dir = local_folder(run_dir, flag)
-    if (run_dir / "config.json").is_file() and not (run_dir / "config.yaml").is_file():
+    if is_adapter_folder(run_dir):
+        model_cfg, params = load_adapter(run_dir)
+    elif (run_dir / "config.json").is_file() and not (run_dir / "config.yaml").is_file():
         model_cfg, params = load_hf_dir(run_dir)
     elif not (run_dir / "config.yaml").is_file():
         raise UserError(f"{run_dir} is not a jaxgpt run directory (no config.yaml)")
