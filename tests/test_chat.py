@@ -134,6 +134,11 @@ def test_a_gemma_style_turn_end_ends_responses(tmp_path):
     turn_end = tok._backend.token_to_id("<end_of_turn>")
     assert plain.eos_id == tok._backend.token_to_id("<|end|>") != turn_end and tok.eos_id == turn_end
     assert plain.turn_end == "<end_of_turn>" and tok.turn_end is None  # where chat-format answers stop too
+    # generation ends at every end generation_config.json lists (as transformers' generate), chat answers
+    # at the template's end of an answer too
+    end = plain.eos_id
+    assert tok.end_ids == tok.stop_ids == (turn_end, end) and plain.end_ids == (end,)
+    assert plain.stop_ids == (end, turn_end)
     theirs = transformers.PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"), eos_token="<|end|>",
                                                   bos_token="<|begin|>", pad_token="<|pad|>")
     theirs.chat_template = GEMMA3

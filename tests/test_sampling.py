@@ -160,6 +160,9 @@ def test_stops_at_any_of_several_ids():
         assert (out["tokens"][row, s + 1:] == a).all()
     assert generate(_params(CFG), CFG, prompts[1:], max_new_tokens=10, eos_id=[a, b],
                     tokenizer=_IdsText())[0] == _IdsText().decode(free[1, :stops[1]])
+    ends = type("Ends", (_IdsText,), {"end_ids": (a, b)})()  # a tokenizer's generation_config ends: the default
+    assert generate(_params(CFG), CFG, prompts[1:], max_new_tokens=10, tokenizer=ends)[0] == ends.decode(
+        free[1, :stops[1]])
 
 
 class _IdsText:

@@ -339,8 +339,9 @@ def generate(
     (default: the model's, `config.tokenizer`: GPT-2's BPE unless the model names another;
     any object with `encode`/`decode` works). The batch is left-padded with the prompt length
     bucketed (see `pad_prompts`) and run through `generate_tokens`; the continuation is cut
-    before the first eos (`eos_id`, default the tokenizer's: GPT-2's `<|endoftext|>` = 50256;
-    several ids end it at any of them) when `stop_at_eos`. A prompt that does not fit in the context together with
+    before the first eos (`eos_id`, default the tokenizer's `end_ids`: GPT-2's `<|endoftext|>` =
+    50256, and every end a model's generation_config.json lists; several ids end it at any of
+    them) when `stop_at_eos`. A prompt that does not fit in the context together with
     `max_new_tokens` is an error (UserError), not truncated.
 
     stop: strings that end a row's text where they first appear (the text stops before them,
@@ -372,8 +373,9 @@ def generate(
         bad = [t for t in ids if not 0 <= t < config.vocab_size]
         if bad:
             raise UserError(f"token id {bad[0]} is outside the model's vocabulary of {config.vocab_size}")
-    if stop_at_eos and eos_id is None:  # a tiktoken Encoding calls it eot_token
-        eos_id = getattr(tokenizer, "eos_id", getattr(tokenizer, "eot_token", None))
+    if stop_at_eos and eos_id is None:  # every end the model's generation_config lists; tiktoken's eot_token
+        eos_id = (getattr(tokenizer, "end_ids", None)
+                  or getattr(tokenizer, "eos_id", getattr(tokenizer, "eot_token", None)))
     eos_id = as_stop_ids(eos_id) if stop_at_eos else None
     tokens, mask = pad_prompts(token_lists, max_new_tokens=max_new_tokens,
                                context_length=config.context_length, bucket=prompt_bucket)

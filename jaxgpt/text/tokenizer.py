@@ -39,6 +39,7 @@ class Tokenizer:
     bos_id: int | None = None  # the begin-of-text token, if it has one (chat templates write it themselves)
     turn_end: str | None = None  # the special token the chat template ends an answer with, where it is not eos
     turn_end_id: int | None = None  # its id
+    generation_ends: tuple[int, ...] = ()  # the ends generation_config.json lists (`end_ids`)
     special_tokens: dict[str, int]
     chat_template: str | None = None  # jinja2 (`jaxgpt.text.chat`); None: the Alpaca format
 
@@ -62,10 +63,17 @@ class Tokenizer:
         return self.eos_id if self.turn_end_id is None else self.turn_end_id
 
     @property
+    def end_ids(self) -> tuple[int, ...]:
+        """The ids generation ends at: eos, and every other end `generation_config.json` lists, as
+        transformers' `generate` stops (Llama 3.x Instruct: `<|eot_id|>`, `<|eom_id|>`,
+        `<|end_of_text|>`; Qwen3: `<|im_end|>`, `<|endoftext|>`)."""
+        return tuple(dict.fromkeys((self.eos_id, *self.generation_ends)))
+
+    @property
     def stop_ids(self) -> tuple[int, ...]:
-        """The ids an answer in the model's format ends at: eos, and `turn_end` where there is one
-        (what `generate_tokens(eos_id=...)` takes: rollouts, scored answers)."""
-        return (self.eos_id,) if self.turn_end_id is None else (self.eos_id, self.turn_end_id)
+        """The ids an answer in the model's format ends at: `end_ids`, and `turn_end` where there is
+        one (what `generate_tokens(eos_id=...)` takes: chat, rollouts, scored answers)."""
+        return self.end_ids if self.turn_end_id is None else tuple(dict.fromkeys((*self.end_ids, self.turn_end_id)))
 
     @property
     def token_dtype(self) -> str:
@@ -144,6 +152,9 @@ class HFTokenizer(Tokenizer):
         written = self._template_turn_end()
         self.eos_id = self._turn_end(folder, written) or self.eos_id
         self.turn_end_id = None if written in (None, self.eos_id) else written
+        ends = _read_json(folder / "generation_config.json").get("eos_token_id")
+        ends = ends if isinstance(ends, list) else [ends]
+        self.generation_ends = tuple(int(i) for i in ends if isinstance(i, int) and 0 <= i < self.vocab_size)
         self.turn_end = None if self.turn_end_id is None else self.decode([written], skip_special=False)
 
     _MARK = "\x00response\x00"
