@@ -234,9 +234,9 @@ def _load_dir(path: Path) -> tuple[ModelConfig, Params]:
         return _load_run_dir(path)
     if (path / "config.json").is_file():
         return load_hf_dir(path)
-    if (path / "adapter_config.json").is_file():  # a PEFT LoRA adapter: its base, adapters merged
-        from jaxgpt.io.peft_adapters import load_adapter
+    from jaxgpt.io.peft_adapters import is_adapter_folder, load_adapter
 
+    if is_adapter_folder(path):  # a PEFT LoRA adapter: its base, adapters merged
         return load_adapter(path)
     if (path / "hparams.json").is_file():
         return load_openai_dir(path)

@@ -165,8 +165,10 @@ def export_adapter(run_dir: str | Path, out_dir: str | Path, *, force: bool = Fa
 
 
 def is_adapter_folder(path: Path) -> bool:
-    """A PEFT adapter folder (adapter_config.json), not a jaxgpt run (config.yaml)."""
-    return (path / "adapter_config.json").is_file() and not (path / "config.yaml").is_file()
+    """A PEFT adapter folder (adapter_config.json), not a jaxgpt run (config.yaml) nor a model folder
+    (config.json): what `--init` reads as an adapter (`jaxgpt.io.hub`)."""
+    others = ("config.yaml", "config.json")
+    return (path / "adapter_config.json").is_file() and not any((path / f).is_file() for f in others)
 
 
 def load_adapter(folder: str | Path) -> tuple[ModelConfig, Any]:
