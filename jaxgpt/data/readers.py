@@ -40,11 +40,14 @@ from jaxgpt.errors import UserError
 
 def file_format(path: Path) -> str:
     """`jsonl`, `json`, `csv` or `tsv` (anything else), from the suffix before any `.gz`."""
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes = suffixes[:-1]
-    ext = suffixes[-1] if suffixes else ""
-    return {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}.get(ext, "tsv")
+    kind = data_format(path)
+    return kind if kind in ("jsonl", "json", "csv") else "tsv"
+
+
+def data_format(path: Path) -> str | None:
+    """`json`, `jsonl`, `csv`, `tsv` or `parquet` from the suffix before any `.gz`; None for other files."""
+    name = path.name.lower().removesuffix(".gz")
+    return next((f for f in ("jsonl", "json", "csv", "tsv", "parquet") if name.endswith("." + f)), None)
 
 
 def json_values(path: Path, text: str) -> Iterator[tuple[str, object]]:
@@ -118,12 +121,6 @@ def pick_fields(record: object, where: str, required: Mapping[str, str], optiona
 
 RECORD_FORMATS = ("json", "jsonl", "parquet")  # JSON records by role
 EXAMPLE_FORMATS = ("json", "jsonl", "csv", "tsv", "parquet")  # labelled examples
-
-
-def data_format(path: Path) -> str | None:
-    """`json`, `jsonl`, `csv`, `tsv` or `parquet` from the suffix before any `.gz`; None for other files."""
-    name = path.name.lower().removesuffix(".gz")
-    return next((f for f in ("jsonl", "json", "csv", "tsv", "parquet") if name.endswith("." + f)), None)
 
 
 def files_below(folder: Path, formats: tuple[str, ...]) -> list[Path]:
