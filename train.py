@@ -14,8 +14,8 @@ from jaxgpt.cli.hostmem import reexec_with_huge_pages
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split(".")[0])
     add_config_args(parser)
-    parser.add_argument("--data", help="corpus: bundled name, text file, .jsonl(.gz), folder of .txt/.jsonl, "
-                        "or tfds:NAME (sets data.path)")
+    parser.add_argument("--data", help="corpus: bundled name, text file, .jsonl(.gz), .parquet, a folder of them, "
+                        "hf:ORG/NAME[:SUBSET][:SPLIT] or tfds:NAME (sets data.path)")
     parser.add_argument("--out", help="run directory (default: runs/train-<timestamp>)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
     parser.add_argument("--init", metavar="SPEC", help="start from weights (their shape): a run directory, a Hugging "

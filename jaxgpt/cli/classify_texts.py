@@ -17,8 +17,8 @@ from jaxgpt.errors import UserError
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxgpt classify", description=__doc__.split("\n")[0])
     parser.add_argument("--init", metavar="RUN", required=True,
-                        help="a `finetune.py classify` run, or a Hugging Face *ForSequenceClassification folder "
-                             "or hub id")
+                        help="a `finetune.py classify` run, a Hugging Face *ForSequenceClassification folder "
+                             "or hub id, or a PEFT classifier (SEQ_CLS) adapter")
     parser.add_argument("texts", nargs="*", metavar="TEXT", help="texts to classify")
     parser.add_argument("--file", help="a UTF-8 file with one text per line")
     parser.add_argument("--batch-size", type=int, default=32)

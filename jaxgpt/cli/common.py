@@ -114,11 +114,13 @@ def add_finetune_args(parser: argparse.ArgumentParser) -> None:
         if action.dest == "config":
             action.help = "YAML config file (default: configs/finetune/<task>.yaml)"
     parser.add_argument("--init", metavar="SPEC",
-                        help="start from weights: a run directory, an HF GPT-2 directory, or gpt2/gpt2-medium/... "
-                             "(default: random init; sets finetune.init)")
+                        help="start from weights: a run directory, a Hugging Face model folder or hub id "
+                             "(Qwen/Qwen3-0.6B), a PEFT adapter, or a preset such as gpt2 (default: random init; "
+                             "sets finetune.init)")
     parser.add_argument("--train-mode", metavar="MODE",
                         help=f"which params train: {' | '.join(TRAIN_MODES)} (sets finetune.train_mode)")
-    parser.add_argument("--data", help="data: bundled name, file, or tfds:NAME (sets data.path)")
+    parser.add_argument("--data", help="data: a bundled name, a file or folder, hf:ORG/NAME[:SUBSET][:SPLIT] or "
+                                       "tfds:NAME (sets data.path)")
     parser.add_argument("--out", help="run directory (default: runs/<task>-<timestamp>)")
     parser.add_argument("--resume", metavar="RUN", help="continue the run in RUN from its latest checkpoint")
 

@@ -39,12 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "verifiable task's held-out split.")
     parser.add_argument("--init", required=True, metavar="SPEC",
                         help="the model: a run directory (e.g. a finetune.py instruct or grpo run), a Hugging Face "
-                             "GPT-2 directory or a preset name")
+                             "model folder or hub id, a PEFT adapter, or a preset name")
     parser.add_argument("--task", required=True, metavar="TASK",
                         help="arithmetic[:digits=1,operands=3,...] | gsm8k[:verifier=math|strict]")
-    parser.add_argument("--data", default="", metavar="FILE",
-                        help="gsm8k: a JSONL or parquet file of {question, answer} "
-                             "(default: the bundled GSM8K test split)")
+    parser.add_argument("--data", default="", metavar="SOURCE",
+                        help="gsm8k: {question, answer} records: a JSONL or parquet file or folder, or a hub data set "
+                             "(hf:openai/gsm8k:main:test; default: the bundled GSM8K test split)")
     parser.add_argument("--split", default="eval", choices=("eval", "rl", "val", "sft"),
                         help="which split of the task (default: eval, the held-out one GRPO reports)")
     parser.add_argument("--samples", type=int, default=0, metavar="K",

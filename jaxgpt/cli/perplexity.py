@@ -38,10 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m jaxgpt perplexity",
                                      description="Next-token loss, perplexity and bits per byte of a model on a corpus.")
     parser.add_argument("--init", required=True, metavar="SPEC",
-                        help="the model: a run directory, a Hugging Face model directory or a preset name (gpt2, ...)")
+                        help="the model: a run directory, a Hugging Face model folder or hub id, a PEFT adapter, or a "
+                             "preset name (gpt2, ...)")
     parser.add_argument("--data", default="the-verdict", metavar="SOURCE",
                         help="bundled corpus name, text file, .jsonl(.gz), .parquet, folder of .txt/.jsonl/.parquet "
-                             "files or tfds:NAME[:SPLIT] (default: the-verdict)")
+                             "files, hf:ORG/NAME[:SUBSET][:SPLIT] or tfds:NAME[:SPLIT] (default: the-verdict)")
     parser.add_argument("--context-length", type=int, default=0, metavar="T",
                         help="tokens a window (default: 0, the model's context)")
     parser.add_argument("--stride", type=int, default=0, metavar="S",
