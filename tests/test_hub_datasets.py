@@ -199,6 +199,11 @@ def test_folders_of_record_shards(tmp_path):
     (tmp_path / "c" / "1.csv").write_text("text,label\nhi,ham\n")
     (tmp_path / "c" / "2.jsonl").write_text('{"text": "win", "label": "spam"}\n')
     assert read_examples(str(tmp_path / "c")) == (["hi", "win"], ["ham", "spam"])
+    for read in (lambda spec: read_records(spec, ROLES), read_examples):  # a hub id without hf:
+        with pytest.raises(UserError, match=r"not found: .*; did you mean hf:tatsu-lab/alpaca\?$"):
+            read("tatsu-lab/alpaca")
+    with pytest.raises(UserError, match=r"not found: .*tfds:NAME$"):  # a missing file's path: no hint
+        read_records("data/train.jsonl", ROLES)
     (tmp_path / "e").mkdir()
     with pytest.raises(UserError, match=r"folder .*e has no \.json, \.jsonl, \.parquet files"):
         read_records(str(tmp_path / "e"), ROLES)

@@ -64,6 +64,13 @@ def is_hub_spec(spec: str) -> bool:
     return spec.strip().startswith(PREFIX)
 
 
+def hub_hint(spec: str) -> str:
+    """For a data.path that was not found: "; did you mean hf:SPEC?" when it reads as a hub id (not
+    as a data file's path)."""
+    repo = spec.strip().split(":")[0]
+    return f"; did you mean hf:{spec.strip()}?" if REPO_ID.fullmatch(repo) and not is_data_file(repo) else ""
+
+
 def parse_spec(spec: str) -> HubSpec:
     """`hf:ORG/NAME`, `hf:ORG/NAME:SPLIT`, `hf:ORG/NAME:SUBSET:SPLIT` or `hf:ORG/NAME/GLOB`."""
     body = spec.strip()[len(PREFIX):]

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Mapping
 
 from jaxgpt.data import bundled as datasets
-from jaxgpt.data.hub_datasets import hub_split, is_hub_spec
+from jaxgpt.data.hub_datasets import hub_hint, hub_split, is_hub_spec
 from jaxgpt.data.readers import (EXAMPLE_FORMATS, RECORD_FORMATS, files_below, label_text, pick_fields, read_file,
                                  read_json_records, read_record_file)
 from jaxgpt.data.tfds_source import iter_records, open_tfds, text_of
@@ -79,7 +79,7 @@ def read_records(spec: str, required: Mapping[str, str], optional: Mapping[str, 
         else:
             raise UserError(f"data.path {spec!r} not found: neither a file or folder, a bundled data set "
                             f"({', '.join(datasets.bundled_names('json') + datasets.bundled_names('jsonl'))}), "
-                            "hf:ORG/NAME nor tfds:NAME")
+                            f"hf:ORG/NAME nor tfds:NAME{hub_hint(spec)}")
     if not rows:
         raise UserError(f"{spec} has no records")
     return rows
@@ -139,7 +139,7 @@ def read_examples(spec: str, text_field: str = "text", label_field: str = "label
         return [t for texts, _ in pairs for t in texts], [label for _, labels in pairs for label in labels]
     labelled = [n for n in datasets.bundled_names() if datasets.BUNDLED[n].kind != "text"]
     raise UserError(f"data.path {spec!r} not found: neither a file or folder, a bundled data set "
-                    f"({', '.join(labelled)}), hf:ORG/NAME nor tfds:NAME")
+                    f"({', '.join(labelled)}), hf:ORG/NAME nor tfds:NAME{hub_hint(spec)}")
 
 
 def local_path(spec: str) -> Path:

@@ -51,7 +51,7 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from jaxgpt.data import bundled as datasets
-from jaxgpt.data.hub_datasets import hub_split, is_hub_spec
+from jaxgpt.data.hub_datasets import hub_hint, hub_split, is_hub_spec
 from jaxgpt.data.parquet import is_parquet, parquet_documents
 from jaxgpt.data.text import CHUNK_CHARS, Source, is_jsonl, is_text, jsonl_documents, read_text_chunks, slugify
 from jaxgpt.data.tfds_source import tfds_source
@@ -124,7 +124,7 @@ def resolve_source(
                       lambda: _folder_documents(files, text_field, chunk_chars))
     raise UserError(
         f"data.path {spec!r} is neither a bundled corpus ({', '.join(datasets.bundled_names('text'))}) "
-        "nor an existing file or folder, nor hf:ORG/NAME or tfds:NAME"
+        f"nor an existing file or folder, nor hf:ORG/NAME or tfds:NAME{hub_hint(spec)}"
     )
 
 
