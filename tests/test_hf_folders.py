@@ -118,7 +118,7 @@ class RepoServer:
                     return
                 files = f"{'/datasets' if kind == 'datasets' else ''}/{repo}/resolve/c0ffee/"
                 name = urllib.parse.unquote(self.path[len(files):])
-                if self.path == f"/api/{kind}/{repo}/revision/main?blobs=true":
+                if self.path.startswith(f"/api/{kind}/{repo}/revision/") and self.path.endswith("?blobs=true"):
                     body = info
                 elif self.path.startswith(files) and name in owner.files:
                     body = owner.files[name]

@@ -96,6 +96,10 @@ def test_a_hub_split_downloads_once_and_reads_as_datasets_loads_it(tmp_path, mon
         got = read_records(spec, ROLES, {"input": "input"})
         assert got == [{k: r[k] for k in ("instruction", "output", "input")} for r in want], spec
     folder = tmp_path / "cache" / "hf" / "datasets" / "Org--Instr" / "default" / "train"
+    # at a revision (a tag, branch or commit): asked of the hub, kept apart
+    assert read_records("hf:Org/Instr@v1.0:test", ROLES) == read_records("hf:Org/Instr:test", ROLES)
+    assert any("/revision/v1.0?" in r for r in server.requests)
+    assert (folder.parent.parent / "@v1.0" / "default" / "test.verified.json").is_file()
     assert sorted(p.name for p in folder.rglob("*") if p.is_file()) == [
         "train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     # the subset `chat` by name (its one split), as conversations
@@ -180,7 +184,7 @@ def test_which_files_a_spec_names():
     for spec, message in (("hf:O/N:valid", r"no split 'valid' \(its splits: train, test\); e.g. hf:O/N:train"),
                           ("hf:O/N:nope:train", r"no subset 'nope' \(its subsets: default, chat\)"),
                           ("hf:O", "give hf:ORG/NAME"), ("hf:O/N:a:b:c", "give hf:ORG/NAME"),
-                          ("hf:O/N/x.parquet:train", "give hf:ORG/NAME")):
+                          ("hf:O/N/x.parquet:train", "give hf:ORG/NAME"), ("hf:O/N@a b", "NAME@REV")):
         with pytest.raises(UserError, match=message):
             pick_files(parse_spec(spec), names, CARD)
     with pytest.raises(UserError, match="no data files jaxgpt reads"):

@@ -1,8 +1,9 @@
-"""`data.path: hf:ORG/NAME[:SUBSET][:SPLIT]`: a Hugging Face hub data set, downloaded once, read as files.
+"""`data.path: hf:ORG/NAME[@REV][:SUBSET][:SPLIT]`: a Hugging Face hub data set, downloaded once, read as files.
 
     folder = hub_split("hf:tatsu-lab/alpaca")        # the train split's files, in the cache
     folder = hub_split("hf:openai/gsm8k:main:test")  # subset (config) main, split test
     folder = hub_split("hf:ORG/NAME/data/*.parquet") # files of the repository, by a glob
+    folder = hub_split("hf:ORG/NAME@v1.0:test")      # at a tag, branch or commit (default: main)
 
 A spec names a data set repository and, optionally, a subset and a split. The split defaults to
 `train` (or to the only split there is); one name after the repository is a subset if the README
@@ -16,9 +17,10 @@ repository reads as the hub's viewer shows it:
 4. else every data file is the train split.
 
 Data files are .parquet, .json, .jsonl, .csv, .tsv and .txt, each optionally gzipped. They are
-fetched from the commit the hub names at the first download, each checked against the size and
-hash the hub gives (`jaxgpt.io.download.fetch_verified`), into
-`$JAXGPT_CACHE/hf/datasets/ORG--NAME/SUBSET/SPLIT/` at their paths in the repository. That folder
+fetched from the commit the hub names for the revision (`@REV`, default `main`) at the first
+download, each checked against the size and hash the hub gives (`jaxgpt.io.download.fetch_verified`),
+into `$JAXGPT_CACHE/hf/datasets/ORG--NAME/SUBSET/SPLIT/` (`.../@REV/SUBSET/SPLIT/` for another
+revision) at their paths in the repository; `SPLIT.verified.json` beside it names the commit. That folder
 is what the readers get (a folder of record shards, `jaxgpt.data.records`; a corpus folder,
 `jaxgpt.data.tokens`); once verified it is read from there, offline. `$HF_TOKEN` and
 `$JAXGPT_HF_ENDPOINT` work as for models (`jaxgpt.io.hub_repos`).
@@ -54,6 +56,7 @@ class HubSpec:
     repo: str
     names: tuple[str, ...] = ()  # what follows the repository: (), (subset or split,), (subset, split)
     files: str = ""  # a glob of paths in the repository, instead of a split
+    revision: str = "main"  # a branch, tag or commit
 
     @property
     def page(self) -> str:
@@ -72,15 +75,19 @@ def hub_hint(spec: str) -> str:
 
 
 def parse_spec(spec: str) -> HubSpec:
-    """`hf:ORG/NAME`, `hf:ORG/NAME:SPLIT`, `hf:ORG/NAME:SUBSET:SPLIT` or `hf:ORG/NAME/GLOB`."""
+    """`hf:ORG/NAME`, `hf:ORG/NAME:SPLIT`, `hf:ORG/NAME:SUBSET:SPLIT` or `hf:ORG/NAME/GLOB`, NAME
+    optionally `NAME@REV`."""
     body = spec.strip()[len(PREFIX):]
     where, *names = body.split(":")
     parts = where.split("/")
-    repo, files = "/".join(parts[:2]), "/".join(parts[2:])
-    if not REPO_ID.fullmatch(repo) or len(names) > 2 or not all(names) or (files and names):
+    name, _, revision = parts[1].partition("@") if len(parts) > 1 else ("", "", "")
+    repo, files = f"{parts[0]}/{name}", "/".join(parts[2:])
+    if (not REPO_ID.fullmatch(repo) or len(names) > 2 or not all(names) or (files and names)
+            or (revision and not re.fullmatch(r"[\w.-]+", revision))):
         raise UserError(f"data.path {spec!r}: give hf:ORG/NAME, hf:ORG/NAME:SPLIT, hf:ORG/NAME:SUBSET:SPLIT or "
-                        "hf:ORG/NAME/PATH (a file or glob in the repository)")
-    return HubSpec(repo, tuple(names), files)
+                        "hf:ORG/NAME/PATH (a file or glob in the repository), NAME optionally NAME@REV (a tag, "
+                        "branch or commit)")
+    return HubSpec(repo, tuple(names), files, revision or "main")
 
 
 def glob_regex(pattern: str) -> re.Pattern:
@@ -204,15 +211,15 @@ def hub_split(spec: str) -> Path:
     """The local folder holding the data files `spec` names, downloading what is missing."""
     s = parse_spec(spec)
     root = cache_root() / "hf" / "datasets" / s.repo.replace("/", "--")
-    key = ":".join([s.files or "", *s.names])  # what the spec said; the folder it resolved to is remembered
+    key = ":".join([s.revision, s.files or "", *s.names])  # what the spec said; the folder it resolved to is kept
     resolved = _read_json(root / "specs.json")
     if key in resolved and is_recorded(root / resolved[key]):
         return root / resolved[key]
     base = hub_endpoint()
     offline = f"download the data files from {s.page} and give their folder as data.path"
     with explained_failures(s.repo, s.page, offline, root):
-        info = get_json(f"{base}/api/datasets/{s.repo}/revision/main?blobs=true")
-        commit = info.get("sha") or "main"
+        info = get_json(f"{base}/api/datasets/{s.repo}/revision/{s.revision}?blobs=true")
+        commit = info.get("sha") or s.revision
         siblings = {e["rfilename"]: e for e in info.get("siblings", []) if isinstance(e, dict) and "rfilename" in e}
         readme = ""
         if "README.md" in siblings and not s.files:
@@ -226,14 +233,15 @@ def hub_split(spec: str) -> Path:
         if any(n.lower().endswith(".parquet") for n in files) and importlib.util.find_spec("pyarrow") is None:
             raise UserError(f"{s.repo}'s {split} files are parquet, which needs pyarrow (not installed): "
                             "pip install -e \".[parquet]\" (or pip install pyarrow)")
-        target = root / subset / split
+        target = root / ("" if s.revision == "main" else f"@{s.revision}") / subset / split
         expected = {name: expected_of(siblings[name]) for name in files}
         for name, exp in expected.items():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             fetch_verified(f"{base}/datasets/{s.repo}/resolve/{commit}/{urllib.parse.quote(name)}", target / name,
                            exp, label=f"{name} of {s.repo}", headers=auth_headers())
         write_record(target, s.repo, commit, expected)
-        atomic_write(root / "specs.json", json.dumps({**_read_json(root / "specs.json"), key: f"{subset}/{split}"}))
+        atomic_write(root / "specs.json", json.dumps({**_read_json(root / "specs.json"),
+                                                       key: target.relative_to(root).as_posix()}))
     return target
 
 
