@@ -90,6 +90,8 @@ def test_bad_folders_exit_2_before_anything_is_written(tmp_path, capsys, change,
 class RepoServer:
     """The hub's metadata API and file downloads for one repository, on loopback."""
 
+    SHA = ("c0ffee" * 7)[:40]  # the commit every revision names
+
     def __init__(self, folder: Path, repo: str, token: str = "", kind: str = "models"):
         """kind: "models" or "datasets" (a data set's files are served at their paths below `folder`)."""
         self.files = {f.relative_to(folder).as_posix(): f.read_bytes()
@@ -102,7 +104,7 @@ class RepoServer:
             else:
                 entry["blobId"] = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
             siblings.append(entry)
-        info = json.dumps({"sha": "c0ffee", "siblings": siblings}).encode()
+        info = json.dumps({"sha": self.SHA, "siblings": siblings}).encode()
         owner = self
         self.requests: list[str] = []
 
@@ -116,7 +118,7 @@ class RepoServer:
                     self.send_response(401)
                     self.end_headers()
                     return
-                files = f"{'/datasets' if kind == 'datasets' else ''}/{repo}/resolve/c0ffee/"
+                files = f"{'/datasets' if kind == 'datasets' else ''}/{repo}/resolve/{owner.SHA}/"
                 name = urllib.parse.unquote(self.path[len(files):])
                 if self.path.startswith(f"/api/{kind}/{repo}/revision/") and self.path.endswith("?blobs=true"):
                     body = info

@@ -14,7 +14,7 @@ datasets = pytest.importorskip("datasets")
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from jaxgpt.data.hub_datasets import parse_spec, pick_files, readme_subsets, splits_by_name  # noqa: E402
+from jaxgpt.data.hub_datasets import parse_spec, pick_files, pinned, readme_subsets, splits_by_name  # noqa: E402
 from jaxgpt.data.records import read_examples, read_records  # noqa: E402
 from jaxgpt.errors import UserError  # noqa: E402
 from tests.test_hf_folders import RepoServer  # noqa: E402
@@ -111,6 +111,10 @@ def test_a_hub_split_downloads_once_and_reads_as_datasets_loads_it(tmp_path, mon
     server.server.shutdown()
     server.server.server_close()  # connections refused: offline
     assert read_records("hf:Org/Instr", ROLES) == read_records(str(folder), ROLES)
+    # pinned to the commit it was read from (what a run's config.yaml keeps): found in the cache, offline
+    exact = pinned("hf:Org/Instr")
+    assert exact == f"hf:Org/Instr@{RepoServer.SHA}:default:train" and pinned("the-verdict") == "the-verdict"
+    assert read_records(exact, ROLES) == read_records(str(folder), ROLES)
     assert len(read_records("hf:Org/Instr:chat", ROLES, instead={"messages": "messages"})) == 4
     assert len(server.requests) == asked
     with pytest.raises(UserError, match=r"cannot download Org/Instr \(offline\?\): download the data files"):
@@ -130,6 +134,11 @@ def test_finetune_instruct_on_a_hub_split(tmp_path, monkeypatch):
         "train.epochs=1", "train.batch_size=4", "data.val_fraction=0.2", "data.test_fraction=0.2"]
     assert run_finetune(_argv("--data", "hf:Org/Instr", "--out", tmp_path / "sft", sets=sets)) == 0
     assert len(json.loads((tmp_path / "sft" / "responses.json").read_text())) == 1
+    # the run keeps the commit it read: --resume reads the same records wherever it runs
+    import yaml
+
+    saved = yaml.safe_load((tmp_path / "sft" / "config.yaml").read_text())["data"]["path"]
+    assert saved == f"hf:Org/Instr@{RepoServer.SHA}:default:train"
 
 
 def test_no_pyarrow_or_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path, monkeypatch):

@@ -49,6 +49,7 @@ KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid"
             "test": ("test", "testing", "eval", "evaluation")}
 SEP = "[-._ 0-9]"  # what may stand beside a split keyword in a name (`datasets`' non-word characters)
 SHARDED = re.compile(r"data/(?P<split>\w+)-\d{5}-of-\d{5}[^/]*\.[^/]+")
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -210,11 +211,15 @@ def _slug(text: str) -> str:
 def hub_split(spec: str) -> Path:
     """The local folder holding the data files `spec` names, downloading what is missing."""
     s = parse_spec(spec)
-    root = cache_root() / "hf" / "datasets" / s.repo.replace("/", "--")
-    key = ":".join([s.revision, s.files or "", *s.names])  # what the spec said; the folder it resolved to is kept
+    root, key = _root(s), _key(s)
     resolved = _read_json(root / "specs.json")
     if key in resolved and is_recorded(root / resolved[key]):
         return root / resolved[key]
+    for rel in resolved.values() if COMMIT.fullmatch(s.revision) else ():  # that commit, fetched by another spec
+        where = root / rel
+        if (_commit_of(where) == s.revision and is_recorded(where)
+                and rel.split("/")[-2:] == (["files", _slug(s.files)] if s.files else list(s.names[-2:]))):
+            return where
     base = hub_endpoint()
     offline = f"download the data files from {s.page} and give their folder as data.path"
     with explained_failures(s.repo, s.page, offline, root):
@@ -245,6 +250,36 @@ def hub_split(spec: str) -> Path:
     return target
 
 
+def _root(s: HubSpec) -> Path:
+    return cache_root() / "hf" / "datasets" / s.repo.replace("/", "--")
+
+
+def _key(s: HubSpec) -> str:
+    """What a spec said; `specs.json` keeps the folder it resolved to."""
+    return ":".join([s.revision, s.files or "", *s.names])
+
+
+def _commit_of(folder: Path) -> str | None:
+    return _read_json(folder.with_name(folder.name + ".verified.json")).get("revision")
+
+
+def pinned(spec: str) -> str:
+    """A downloaded `hf:` spec as the exact files it resolved to, `hf:ORG/NAME@COMMIT:SUBSET:SPLIT`
+    (`@COMMIT/GLOB`): what a run's config.yaml keeps, so that `--resume` anywhere reads the same
+    data. Anything else (and a spec not yet downloaded) as it is."""
+    if not is_hub_spec(spec):
+        return spec
+    s = parse_spec(spec)
+    rel = _read_json(_root(s) / "specs.json").get(_key(s))
+    commit = _commit_of(_root(s) / rel) if rel else None
+    if not commit or not COMMIT.fullmatch(commit):
+        return spec
+    if s.files:
+        return f"{PREFIX}{s.repo}@{commit}/{s.files}"
+    subset, split = rel.split("/")[-2:]
+    return f"{PREFIX}{s.repo}@{commit}:{subset}:{split}"
+
+
 def _read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
@@ -253,5 +288,5 @@ def _read_json(path: Path) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-__all__ = ["HubSpec", "glob_regex", "hub_split", "is_hub_spec", "parse_spec", "pick_files", "readme_subsets",
-           "splits_by_name"]
+__all__ = ["HubSpec", "glob_regex", "hub_split", "is_hub_spec", "parse_spec", "pick_files", "pinned",
+           "readme_subsets", "splits_by_name"]

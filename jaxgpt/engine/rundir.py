@@ -34,6 +34,21 @@ MARKER = ".jaxgpt-run"
 LOCK = ".lock"
 
 
+def pin_data(cfg):
+    """`cfg` whose `hf:` data.path names the commit, subset and split it was read from
+    (`jaxgpt.data.hub_datasets.pinned`): `--resume` on any machine, after the data set has moved
+    on, reads the same records."""
+    import dataclasses
+
+    from jaxgpt.data.hub_datasets import pinned
+
+    data = getattr(cfg, "data", None)
+    path = getattr(data, "path", None)
+    if not isinstance(path, str) or pinned(path) == path:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, path=pinned(path)))
+
+
 def is_main_process() -> bool:
     import jax
 
@@ -86,15 +101,15 @@ class RunDir:
 
     def create(self, cfg) -> None:
         """The marker, the model's tokenizer files (`RUN/tokenizer/`, unless GPT-2's), then
-        config.yaml; a fresh run clears the metrics.jsonl that a run stopped before its first
-        checkpoint left behind."""
+        config.yaml (a hub data set's `data.path` pinned to the commit it was read from); a fresh
+        run clears the metrics.jsonl that a run stopped before its first checkpoint left behind."""
         from jaxgpt.config import save_config
 
         if is_main_process():
             with disk_full_as("the run directory", self.path):
                 self.path.mkdir(parents=True, exist_ok=True)
             mark_run(self.path)
-            save_config(self.keep_tokenizer(cfg), self.path / "config.yaml")
+            save_config(pin_data(self.keep_tokenizer(cfg)), self.path / "config.yaml")
             if not self.resume:
                 self.metrics_jsonl.unlink(missing_ok=True)
 
